@@ -1,0 +1,204 @@
+"""Configuration: a TOML file with named defaults, overridden by POLICYD_* environment variables.
+
+Every key has a default, so policyd runs with no file at all (SQLite and keys under ./var/).
+An environment variable overrides one key: `POLICYD_<SECTION>_<KEY>`, upper-case, nested
+sections joined by `_` (e.g. POLICYD_SERVER_ADDRESS, POLICYD_SERVER_TLS_CERT_FILE). The
+file is found at --config, else $POLICYD_CONFIG, else ./policyd.toml when it exists.
+Unknown keys, wrong types and invalid values are one-line ConfigErrors naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from policyd.errors import ConfigError
+from policyd.keys import ALGORITHMS
+
+DEFAULT_FILE = "policyd.toml"
+
+
+@dataclass
+class TLSConfig:
+    # Server certificate chain and key (PEM). Both set = TLS.
+    cert_file: str = ""
+    key_file: str = ""
+    # CA bundle for client certificates. Set = mutual TLS (clients must present one).
+    client_ca_file: str = ""
+
+
+@dataclass
+class ServerConfig:
+    address: str = "127.0.0.1:50051"
+    # Processes sharing the port (SO_REUSEPORT); one per core is a good start.
+    workers: int = 1
+    # Threads per process handling calls.
+    threads: int = 16
+    # On SIGTERM: stop accepting, let in-flight calls finish for up to this long.
+    grace_seconds: float = 10.0
+    tls: TLSConfig = field(default_factory=TLSConfig)
+
+
+@dataclass
+class ClientConfig:
+    """How the CLI reaches a running server (policyd check)."""
+
+    address: str = ""  # default: server.address
+    ca_file: str = ""  # set = TLS
+    cert_file: str = ""  # with key_file = mutual TLS
+    key_file: str = ""
+    timeout_seconds: float = 5.0
+
+
+@dataclass
+class StoreConfig:
+    path: str = "var/policyd.db"
+
+
+@dataclass
+class TokensConfig:
+    issuer: str = "http://127.0.0.1:8080"
+    audience: str = "policyd-hub"
+    leeway_seconds: float = 30.0
+    max_token_bytes: int = 8192
+    ttl_seconds: int = 3600
+    key_dir: str = "var/keys"
+    algorithm: str = "ES256"
+    cache_size: int = 100_000
+
+
+@dataclass
+class EngineConfig:
+    max_body_bytes: int = 1 << 20
+
+
+@dataclass
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    tokens: TokensConfig = field(default_factory=TokensConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def validate(self) -> None:
+        s = self.server
+        _address("server.address", s.address)
+        if self.client.address:
+            _address("client.address", self.client.address)
+        _at_least("server.workers", s.workers, 1)
+        _at_least("server.threads", s.threads, 1)
+        _at_least("server.grace_seconds", s.grace_seconds, 0)
+        if bool(s.tls.cert_file) != bool(s.tls.key_file):
+            raise ConfigError("server.tls: set both cert_file and key_file, or neither")
+        if s.tls.client_ca_file and not s.tls.cert_file:
+            raise ConfigError("server.tls.client_ca_file needs cert_file and key_file")
+        for key, path in (
+            ("server.tls.cert_file", s.tls.cert_file),
+            ("server.tls.key_file", s.tls.key_file),
+            ("server.tls.client_ca_file", s.tls.client_ca_file),
+            ("client.ca_file", self.client.ca_file),
+            ("client.cert_file", self.client.cert_file),
+            ("client.key_file", self.client.key_file),
+        ):
+            if path and not Path(path).is_file():
+                raise ConfigError(f"{key}: no such file {path!r}")
+        if bool(self.client.cert_file) != bool(self.client.key_file):
+            raise ConfigError("client: set both cert_file and key_file, or neither")
+        t = self.tokens
+        if not t.issuer:
+            raise ConfigError("tokens.issuer must not be empty")
+        if not t.audience:
+            raise ConfigError("tokens.audience must not be empty")
+        if not 0 <= t.leeway_seconds <= 300:
+            raise ConfigError("tokens.leeway_seconds must be between 0 and 300")
+        _at_least("tokens.max_token_bytes", t.max_token_bytes, 256)
+        _at_least("tokens.ttl_seconds", t.ttl_seconds, 1)
+        _at_least("tokens.cache_size", t.cache_size, 1)
+        if t.algorithm not in ALGORITHMS:
+            raise ConfigError(f"tokens.algorithm must be one of {', '.join(ALGORITHMS)}")
+        _at_least("engine.max_body_bytes", self.engine.max_body_bytes, 1)
+        if not self.store.path:
+            raise ConfigError("store.path must not be empty")
+
+    @property
+    def client_address(self) -> str:
+        return self.client.address or self.server.address
+
+
+def _address(key: str, value: str) -> None:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(f"{key} must be HOST:PORT, not {value!r}")
+
+
+def _at_least(key: str, value: float, low: float) -> None:
+    if value < low:
+        raise ConfigError(f"{key} must be at least {low}, not {value}")
+
+
+def _apply(obj: Any, data: Mapping[str, Any], prefix: str) -> None:
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if name not in fields:
+            raise ConfigError(f"unknown config key {key!r}")
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {key!r} must be a table")
+            _apply(current, value, key + ".")
+        else:
+            setattr(obj, name, _coerce(key, value, type(current)))
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"config key {key!r} must be {kind.__name__}, not {value!r}")
+
+
+def _from_env(key: str, text: str, kind: type) -> Any:
+    try:
+        if kind is bool:
+            if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(text)
+            return text.lower() in ("1", "true", "yes")
+        return kind(text)
+    except ValueError:
+        raise ConfigError(f"environment {key} must be {kind.__name__}, not {text!r}") from None
+
+
+def _env_overrides(obj: Any, env: Mapping[str, str], prefix: str) -> None:
+    for f in dataclasses.fields(obj):
+        current = getattr(obj, f.name)
+        name = f"{prefix}_{f.name.upper()}"
+        if dataclasses.is_dataclass(current):
+            _env_overrides(current, env, name)
+        elif name in env:
+            setattr(obj, f.name, _from_env(name, env[name], type(current)))
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Read, override and validate the configuration."""
+    env = os.environ if env is None else env
+    config = Config()
+    explicit = path or env.get("POLICYD_CONFIG")
+    file = Path(explicit) if explicit else Path(DEFAULT_FILE)
+    if explicit or file.exists():
+        try:
+            data = tomllib.loads(file.read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {file}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config {file} is not valid TOML: {exc}") from None
+        _apply(config, data, "")
+    _env_overrides(config, env, "POLICYD")
+    config.validate()
+    return config

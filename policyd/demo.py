@@ -1,0 +1,66 @@
+"""The demo data that `make run` seeds: one app, two users, three data sources, some grants."""
+
+from __future__ import annotations
+
+from policyd.errors import Conflict
+from policyd.keys import KeyRing
+from policyd.model import Access
+from policyd.store import Store
+
+DEMO_APP = "demo-app"
+DATA_SOURCES = {
+    "edge-historian": ("Process historian at the edge gateway", {"site": "north"}),
+    "plant-mes": ("Manufacturing execution system", {"site": "north"}),
+    "lab-lims": ("Laboratory information system", {"class": "safety"}),
+}
+USERS = {"alice": "Alice Operator", "bob": "Bob Engineer"}
+USER_ACCESS = {
+    "alice": {"edge-historian": Access.WRITE, "plant-mes": Access.READ, "lab-lims": Access.READ},
+    "bob": {"edge-historian": Access.READ, "plant-mes": Access.READ},
+}
+CONSENTS = {"alice": ["UserInfo", "DataRead", "DataWrite"], "bob": ["UserInfo", "DataRead"]}
+GRANTS = {
+    "alice": {"edge-historian": Access.WRITE, "lab-lims": Access.READ},
+    "bob": {"plant-mes": Access.READ},
+}
+
+
+def seed(store: Store, keyring: KeyRing, algorithm: str = "ES256") -> list[str]:
+    """Create whatever of the demo is missing. Returns what was created, one line each."""
+    created: list[str] = []
+    try:
+        store.add_app(
+            DEMO_APP,
+            "Demo Historian Viewer",
+            redirect_uris=["http://127.0.0.1:8090/callback"],
+            scopes=["UserInfo", "DataRead", "DataWrite", "AccountDebit"],
+            confidential=False,
+        )
+        created.append(f"app {DEMO_APP}")
+    except Conflict:
+        pass
+    for user_id, name in USERS.items():
+        try:
+            store.add_user(user_id, name)
+            created.append(f"user {user_id}")
+        except Conflict:
+            pass
+    for ds, (description, labels) in DATA_SOURCES.items():
+        try:
+            store.add_data_source(ds, description, labels)
+            created.append(f"data source {ds}")
+        except Conflict:
+            pass
+    if created:
+        for user_id, access in USER_ACCESS.items():
+            for ds, role in access.items():
+                store.set_user_access(user_id, ds, role)
+        for user_id, scopes in CONSENTS.items():
+            store.set_consent(user_id, DEMO_APP, scopes)
+        for user_id, grants in GRANTS.items():
+            for ds, level in grants.items():
+                store.add_grant(user_id, DEMO_APP, ds, level)
+        created.append("access, consents and grants")
+    if not any(k.state == "active" for k in store.list_signing_keys()):
+        created.append(f"signing key {keyring.rotate(algorithm)}")
+    return created

@@ -1,0 +1,221 @@
+"""The decision-time view of the store, cached exactly.
+
+Every decision starts with `Facts.view()`, which reads the store's generation (one indexed
+read of a one-row table). Every write to a table that changes decisions bumps the
+generation in the same transaction (migrations.DECISION_TABLES), from whatever process made
+it. A view uses the caches only when they were filled under the very generation it read;
+otherwise it starts new caches. So a revocation is never served from a cache once its write
+has committed, in this process or any other sharing the file, and a cache entry is never
+older than the generation it is filed under: values are read after the generation, and a
+cache is only ever replaced by one of a newer generation.
+
+The caches hold what decisions ask for again and again: app rows, consents, grants, the
+user's own access, revoked token ids, signing keys and verified token claims.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from cachetools import TLRUCache
+
+from policyd.errors import StoreUnavailable
+from policyd.model import Access
+from policyd.store import Store
+
+_GENERATION = "SELECT value FROM generation WHERE id = 1"
+_APP = "SELECT enabled, allowed_scopes FROM apps WHERE client_id = ?"
+_CONSENT = "SELECT scopes FROM consents WHERE user_id = ? AND client_id = ?"
+_GRANT = (
+    "SELECT access FROM grants WHERE user_id = ? AND client_id = ? AND data_source = ?"
+    " AND revoked_at IS NULL"
+)
+_USER_ACCESS = "SELECT role FROM user_access WHERE user_id = ? AND data_source = ?"
+_GRANTED_LIST = (
+    "SELECT g.data_source, g.access, u.role FROM grants g JOIN user_access u"
+    " ON u.user_id = g.user_id AND u.data_source = g.data_source"
+    " WHERE g.user_id = ? AND g.client_id = ? AND g.revoked_at IS NULL ORDER BY g.data_source"
+)
+_REVOKED = "SELECT 1 FROM revoked_tokens WHERE jti = ?"
+_KEY = "SELECT alg, state, public_pem FROM signing_keys WHERE kid = ?"
+
+_ACCESS = {"read": Access.READ, "write": Access.WRITE}
+_MISSING = object()
+
+
+@dataclass(frozen=True, slots=True)
+class AppFacts:
+    enabled: bool
+    allowed_scopes: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class KeyFacts:
+    alg: str
+    state: str
+    public_pem: str
+
+
+class _Caches:
+    """All caches filled under one store generation."""
+
+    __slots__ = ("extra", "generation", "rows", "token_lock", "tokens")
+
+    def __init__(self, generation: int, token_cache_size: int) -> None:
+        self.generation = generation
+        # Keyed by (kind, *args). Bounded crudely: cleared whole when it reaches the limit.
+        self.rows: dict[tuple[str, ...], Any] = {}
+        # Verified token claims, each until its token expires (time-to-use = exp + leeway).
+        self.tokens: TLRUCache[str, tuple[dict[str, Any], float]] = TLRUCache(
+            maxsize=token_cache_size, ttu=lambda _k, v, _now: v[1], timer=time.time
+        )
+        self.token_lock = threading.Lock()
+        # Objects derived from rows (e.g. parsed public keys), owned by other modules.
+        self.extra: dict[str, Any] = {}
+
+
+class Facts:
+    """Cached, exactly invalidated reads for decisions. Thread-safe."""
+
+    def __init__(
+        self, store: Store, *, row_cache_size: int = 200_000, token_cache_size: int = 100_000
+    ) -> None:
+        self._store = store
+        self._row_limit = row_cache_size
+        self._token_limit = token_cache_size
+        self._swap = threading.Lock()
+        self._caches = _Caches(-1, token_cache_size)
+
+    def view(self) -> View:
+        """Start a decision: read the generation and pick the caches that are exact for it."""
+        try:
+            conn = self._store.conn()
+            generation = conn.execute(_GENERATION).fetchone()[0]
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"store unreadable: {exc}") from exc
+        caches = self._caches
+        if caches.generation != generation:
+            with self._swap:
+                caches = self._caches
+                if generation > caches.generation:
+                    caches = self._caches = _Caches(generation, self._token_limit)
+            if caches.generation != generation:
+                # This view read an older generation than the current caches: it must
+                # neither use nor fill them. Give it private caches.
+                caches = _Caches(generation, 16)
+        return View(conn, caches, self._row_limit)
+
+
+class View:
+    """The facts one decision sees. Not shared between threads."""
+
+    __slots__ = ("_caches", "_conn", "_limit", "_rows")
+
+    def __init__(self, conn: sqlite3.Connection, caches: _Caches, limit: int) -> None:
+        self._conn = conn
+        self._caches = caches
+        self._rows = caches.rows
+        self._limit = limit
+
+    @property
+    def generation(self) -> int:
+        return self._caches.generation
+
+    def _one(
+        self,
+        key: tuple[str, ...],
+        sql: str,
+        args: tuple[str, ...],
+        convert: Callable[[tuple[Any, ...]], Any],
+    ) -> Any:
+        """One row by key, converted, or None when there is no row; cached."""
+        value = self._rows.get(key, _MISSING)
+        if value is _MISSING:
+            try:
+                row = self._conn.execute(sql, args).fetchone()
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"store unreadable: {exc}") from exc
+            value = None if row is None else convert(row)
+            if len(self._rows) >= self._limit:
+                self._rows.clear()
+            self._rows[key] = value
+        return value
+
+    def app(self, client_id: str) -> AppFacts | None:
+        return self._one(  # type: ignore[no-any-return]
+            ("app", client_id),
+            _APP,
+            (client_id,),
+            lambda r: AppFacts(bool(r[0]), frozenset(r[1].split())),
+        )
+
+    def consent(self, user_id: str, client_id: str) -> frozenset[str] | None:
+        return self._one(  # type: ignore[no-any-return]
+            ("consent", user_id, client_id),
+            _CONSENT,
+            (user_id, client_id),
+            lambda r: frozenset(r[0].split()),
+        )
+
+    def grant(self, user_id: str, client_id: str, data_source: str) -> Access | None:
+        return self._one(  # type: ignore[no-any-return]
+            ("grant", user_id, client_id, data_source),
+            _GRANT,
+            (user_id, client_id, data_source),
+            lambda r: _ACCESS[r[0]],
+        )
+
+    def user_access(self, user_id: str, data_source: str) -> Access | None:
+        return self._one(  # type: ignore[no-any-return]
+            ("user-access", user_id, data_source),
+            _USER_ACCESS,
+            (user_id, data_source),
+            lambda r: _ACCESS[r[0]],
+        )
+
+    def granted(self, user_id: str, client_id: str, need: Access) -> tuple[str, ...]:
+        """Data sources granted to the app at `need` or more that the user still reaches."""
+        key = ("granted", user_id, client_id, need.label)
+        value = self._rows.get(key, _MISSING)
+        if value is _MISSING:
+            try:
+                rows = self._conn.execute(_GRANTED_LIST, (user_id, client_id)).fetchall()
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"store unreadable: {exc}") from exc
+            value = tuple(
+                ds for ds, access, role in rows if _ACCESS[access] >= need and _ACCESS[role] >= need
+            )
+            self._rows[key] = value
+        return value  # type: ignore[no-any-return]
+
+    def token_revoked(self, jti: str) -> bool:
+        return self._one(("revoked", jti), _REVOKED, (jti,), bool) is not None
+
+    def key(self, kid: str) -> KeyFacts | None:
+        return self._one(  # type: ignore[no-any-return]
+            ("key", kid), _KEY, (kid,), lambda r: KeyFacts(r[0], r[1], r[2])
+        )
+
+    def derived(self, name: str, build: Callable[[], Any]) -> Any:
+        """A value derived from facts of this generation (built once, then cached)."""
+        extra = self._caches.extra
+        value = extra.get(name, _MISSING)
+        if value is _MISSING:
+            value = extra[name] = build()
+        return value
+
+    def cached_claims(self, token: str) -> dict[str, Any] | None:
+        caches = self._caches
+        with caches.token_lock:
+            hit = caches.tokens.get(token)
+        return None if hit is None else hit[0]
+
+    def cache_claims(self, token: str, claims: dict[str, Any], until: float) -> None:
+        caches = self._caches
+        with caches.token_lock:
+            caches.tokens[token] = (claims, until)

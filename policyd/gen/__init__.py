@@ -1,0 +1,1 @@
+"""Generated code lives below this package; see scripts/gen_proto.py."""

@@ -1,0 +1,117 @@
+"""Numbered schema migrations of the policy store, applied in order, each in a transaction.
+
+Applied migrations are recorded by sqlite-utils in `_sqlite_migrations`. Never edit a
+migration that has shipped; add a new one.
+"""
+
+from __future__ import annotations
+
+from sqlite_utils import Database
+from sqlite_utils.migrations import Migrations
+
+migrations = Migrations("policyd")
+
+# Tables whose rows change decisions. Any write to them bumps `generation.value` (by
+# trigger, so writes from any process or tool count); readers compare the generation to
+# know whether their caches are still exact.
+DECISION_TABLES = (
+    "apps",
+    "users",
+    "data_sources",
+    "user_access",
+    "consents",
+    "grants",
+    "signing_keys",
+    "revoked_tokens",
+)
+
+
+@migrations()
+def m001_initial(db: Database) -> None:
+    db.table("apps").create(
+        {
+            "client_id": str,
+            "name": str,
+            "redirect_uris": str,  # JSON array
+            "allowed_scopes": str,  # space-separated
+            "confidential": int,
+            "secret_hash": str,  # sha256 hex of a 256-bit random secret; NULL for public apps
+            "enabled": int,
+            "created_at": float,
+        },
+        pk="client_id",
+        not_null=["name", "redirect_uris", "allowed_scopes", "confidential", "enabled"],
+    )
+    db.table("users").create(
+        {"user_id": str, "name": str, "password_hash": str, "created_at": float},
+        pk="user_id",
+        not_null=["name"],
+    )
+    db.table("data_sources").create(
+        {"name": str, "description": str, "labels": str, "created_at": float},
+        pk="name",
+        not_null=["description", "labels"],
+    )
+    db.execute(
+        """CREATE TABLE user_access (
+            user_id TEXT NOT NULL REFERENCES users(user_id) ON DELETE CASCADE,
+            data_source TEXT NOT NULL REFERENCES data_sources(name) ON DELETE CASCADE,
+            role TEXT NOT NULL CHECK (role IN ('read', 'write')),
+            created_at REAL,
+            PRIMARY KEY (user_id, data_source)
+        ) WITHOUT ROWID"""
+    )
+    db.execute(
+        """CREATE TABLE consents (
+            user_id TEXT NOT NULL REFERENCES users(user_id) ON DELETE CASCADE,
+            client_id TEXT NOT NULL REFERENCES apps(client_id) ON DELETE CASCADE,
+            scopes TEXT NOT NULL,
+            created_at REAL,
+            updated_at REAL,
+            PRIMARY KEY (user_id, client_id)
+        ) WITHOUT ROWID"""
+    )
+    db.execute(
+        """CREATE TABLE grants (
+            id INTEGER PRIMARY KEY,
+            user_id TEXT NOT NULL REFERENCES users(user_id) ON DELETE CASCADE,
+            client_id TEXT NOT NULL REFERENCES apps(client_id) ON DELETE CASCADE,
+            data_source TEXT NOT NULL REFERENCES data_sources(name) ON DELETE CASCADE,
+            access TEXT NOT NULL CHECK (access IN ('read', 'write')),
+            granted_at REAL NOT NULL,
+            revoked_at REAL
+        )"""
+    )
+    # At most one live grant per (user, app, data source); revoked rows stay as history.
+    db.execute(
+        "CREATE UNIQUE INDEX grants_live ON grants (user_id, client_id, data_source) "
+        "WHERE revoked_at IS NULL"
+    )
+    db.table("signing_keys").create(
+        {
+            "kid": str,
+            "alg": str,
+            "state": str,  # active | retiring | retired
+            "public_pem": str,
+            "created_at": float,
+            "retired_at": float,
+        },
+        pk="kid",
+        not_null=["alg", "state", "public_pem"],
+    )
+    db.execute(
+        """CREATE TABLE revoked_tokens (
+            jti TEXT PRIMARY KEY,
+            expires_at REAL NOT NULL,
+            revoked_at REAL NOT NULL
+        ) WITHOUT ROWID"""
+    )
+    db.execute("CREATE INDEX revoked_tokens_expiry ON revoked_tokens (expires_at)")
+    db.execute("CREATE TABLE generation (id INTEGER PRIMARY KEY CHECK (id = 1), value INTEGER)")
+    db.execute("INSERT INTO generation (id, value) VALUES (1, 0)")
+    for table in DECISION_TABLES:
+        for event in ("INSERT", "UPDATE", "DELETE"):
+            db.execute(
+                f"CREATE TRIGGER {table}_{event.lower()}_generation AFTER {event} ON {table} "
+                "BEGIN UPDATE generation SET value = value + 1 WHERE id = 1; END"
+            )

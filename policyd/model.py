@@ -1,0 +1,73 @@
+"""Plain data passed into and out of the engine. No transport types here."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from policyd.reasons import Reason
+
+
+class Access(enum.IntEnum):
+    """An access level on a data source. A higher level includes the lower ones."""
+
+    READ = 1
+    WRITE = 2
+
+    @classmethod
+    def parse(cls, text: str) -> Access:
+        try:
+            return cls[text.strip().upper()]
+        except KeyError:
+            raise ValueError(f"access level must be 'read' or 'write', not {text!r}") from None
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+@dataclass(frozen=True, slots=True)
+class HttpTarget:
+    """An HTTP request as the gateway saw it (path still percent-encoded)."""
+
+    method: str
+    path: str
+    query: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class ActionTarget:
+    """An action the caller already knows, with the data sources it touches."""
+
+    action: str
+    data_sources: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class CheckInput:
+    token: str
+    target: HttpTarget | ActionTarget | None
+    request_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    sub: str
+    client_id: str
+    scopes: tuple[str, ...]
+    jti: str
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    reason: Reason
+    message: str
+    decision_id: str
+    principal: Principal | None = None
+    rule_id: str = ""
+    action: str = ""
+    data_sources: tuple[str, ...] = ()
+    policy_version: str = ""

@@ -1,0 +1,353 @@
+"""Route rules: which action an HTTP request is, what it needs, and which data sources it names.
+
+A route rule maps methods + a path template (`/api/data/tags/{dsn}`) to an action, the
+scopes it requires, the access level it needs, and where the data-source names are: a path
+parameter, a query parameter, or a JSON pointer into the body (the keys of an object, the
+elements of an array, or one string). Matching walks a trie of path segments, so its cost
+does not grow with the number of rules; a literal segment wins over a parameter.
+
+Paths are matched after strict percent-decoding of each segment. Anything that could be
+read two ways is refused (PATH_AMBIGUOUS) rather than guessed: an encoded '/' or '\\', a
+'.' or '..' segment, an empty segment, a bad escape, control characters. Bodies must be
+JSON without duplicate keys and within the size limit.
+
+BUILTIN_RULES is the hub's data API until policy files (policies/) replace it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import parse_qsl, unquote
+
+from policyd.model import Access
+from policyd.reasons import Reason
+
+_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_PARAM = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+
+
+class RequestProblem(Exception):
+    """The request cannot be decided as given; carries the deny reason."""
+
+    def __init__(self, reason: Reason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class DataSourceRef:
+    """Where a rule finds data-source names in a request."""
+
+    where: Literal["path", "query", "body"]
+    # The path parameter name, the query parameter name, or a JSON pointer (RFC 6901).
+    name: str
+    # For body refs: the names are the object's keys, the array's items, or one string.
+    shape: Literal["keys", "items", "value"] = "value"
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRule:
+    id: str
+    methods: frozenset[str]
+    path: str
+    action: str
+    scopes_all: frozenset[str] = frozenset()
+    scopes_any: frozenset[str] = frozenset()
+    access: Access | None = None
+    data_sources: tuple[DataSourceRef, ...] = ()
+    # The action lists data sources: the decision reports every data source granted.
+    lists_granted: bool = False
+    public: bool = False
+    segments: tuple[str, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "segments", tuple(self.path.strip("/").split("/")))
+
+    @property
+    def needs_body(self) -> bool:
+        return any(ref.where == "body" for ref in self.data_sources)
+
+
+@dataclass(slots=True)
+class _Node:
+    literal: dict[str, _Node] = field(default_factory=dict)
+    param: _Node | None = None
+    param_name: str = ""
+    rules: dict[str, RouteRule] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    rule: RouteRule
+    params: dict[str, str]
+
+
+def split_path(raw: str) -> list[str]:
+    """Decode a request path into segments, refusing anything ambiguous."""
+    if not raw.startswith("/"):
+        raise RequestProblem(Reason.REQUEST_INVALID, "path must start with '/'")
+    if "?" in raw or "#" in raw:
+        raise RequestProblem(Reason.PATH_AMBIGUOUS, "path contains '?' or '#'")
+    if _ESCAPE.search(raw):
+        raise RequestProblem(Reason.PATH_AMBIGUOUS, "path has a malformed percent-escape")
+    if raw == "/":
+        return []
+    segments = []
+    for part in raw[1:].split("/"):
+        try:
+            seg = unquote(part, errors="strict")
+        except UnicodeDecodeError:
+            raise RequestProblem(Reason.PATH_AMBIGUOUS, "path is not UTF-8") from None
+        if not seg:
+            raise RequestProblem(Reason.PATH_AMBIGUOUS, "path has an empty segment")
+        if seg in (".", "..") or "/" in seg or "\\" in seg:
+            raise RequestProblem(
+                Reason.PATH_AMBIGUOUS, "path has a dot segment or an encoded slash"
+            )
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in seg):
+            raise RequestProblem(Reason.PATH_AMBIGUOUS, "path has control characters")
+        segments.append(seg)
+    return segments
+
+
+class RouteTable:
+    """Rules indexed for matching by path trie and by action name."""
+
+    def __init__(self, rules: list[RouteRule] | tuple[RouteRule, ...]) -> None:
+        self.rules = tuple(rules)
+        self._root = _Node()
+        self._actions: dict[str, RouteRule] = {}
+        for rule in self.rules:
+            self._insert(rule)
+            self._actions.setdefault(rule.action, rule)
+        digest = hashlib.sha256(repr(self.rules).encode()).hexdigest()
+        self.version = "builtin-" + digest[:12]
+
+    def _insert(self, rule: RouteRule) -> None:
+        node = self._root
+        for seg in rule.segments if rule.path != "/" else ():
+            m = _PARAM.match(seg)
+            if m:
+                if node.param is None:
+                    node.param = _Node(param_name=m.group(1))
+                elif node.param.param_name != m.group(1):
+                    raise ValueError(
+                        f"rule {rule.id}: parameter {{{m.group(1)}}} conflicts with"
+                        f" {{{node.param.param_name}}} at the same place"
+                    )
+                node = node.param
+            else:
+                node = node.literal.setdefault(seg, _Node())
+        for method in rule.methods:
+            if method in node.rules:
+                raise ValueError(f"rules {node.rules[method].id} and {rule.id} overlap")
+            node.rules[method] = rule
+
+    def match(self, method: str, segments: list[str]) -> Match | None:
+        params: dict[str, str] = {}
+        node = self._find(self._root, segments, 0, params)
+        if node is None:
+            return None
+        rule = node.rules.get(method)
+        return None if rule is None else Match(rule, params)
+
+    def _find(
+        self, node: _Node, segments: list[str], i: int, params: dict[str, str]
+    ) -> _Node | None:
+        if i == len(segments):
+            return node if node.rules else None
+        child = node.literal.get(segments[i])
+        if child is not None:
+            found = self._find(child, segments, i + 1, params)
+            if found is not None:
+                return found
+        if node.param is not None:
+            found = self._find(node.param, segments, i + 1, params)
+            if found is not None:
+                params[node.param.param_name] = segments[i]
+                return found
+        return None
+
+    def by_action(self, action: str) -> RouteRule | None:
+        return self._actions.get(action)
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise RequestProblem(Reason.BODY_INVALID, f"body has duplicate key {key[:40]!r}")
+        out[key] = value
+    return out
+
+
+def parse_body(body: bytes, limit: int) -> Any:
+    if len(body) > limit:
+        raise RequestProblem(Reason.BODY_TOO_LARGE, f"body is larger than {limit} bytes")
+    if not body:
+        raise RequestProblem(Reason.BODY_INVALID, "body is empty; this route needs JSON")
+    try:
+        return json.loads(body, object_pairs_hook=_no_duplicate_keys)
+    except RequestProblem:
+        raise
+    except (ValueError, RecursionError):
+        raise RequestProblem(Reason.BODY_INVALID, "body is not valid JSON") from None
+
+
+def resolve_pointer(doc: Any, pointer: str) -> Any:
+    """RFC 6901 JSON pointer lookup; a missing member is a BODY_INVALID problem."""
+    if pointer in ("", "/"):
+        return doc
+    node = doc
+    for token in pointer.lstrip("/").split("/"):
+        token = token.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict) and token in node:
+            node = node[token]
+        elif isinstance(node, list) and token.isdigit() and int(token) < len(node):
+            node = node[int(token)]
+        else:
+            raise RequestProblem(Reason.BODY_INVALID, f"body has nothing at {pointer}")
+    return node
+
+
+def extract_data_sources(
+    rule: RouteRule, params: dict[str, str], query: str, body: bytes, body_limit: int
+) -> tuple[str, ...]:
+    """The data-source names an HTTP request names, in first-seen order, without repeats."""
+    names: list[str] = []
+    doc: Any = None
+    for ref in rule.data_sources:
+        if ref.where == "path":
+            names.append(params[ref.name])
+        elif ref.where == "query":
+            values = [v for k, v in parse_qsl(query, keep_blank_values=True) if k == ref.name]
+            if not values:
+                raise RequestProblem(Reason.REQUEST_INVALID, f"query parameter {ref.name} missing")
+            names.extend(values)
+        else:
+            if doc is None:
+                doc = parse_body(body, body_limit)
+            value = resolve_pointer(doc, ref.name)
+            if ref.shape == "keys":
+                if not isinstance(value, dict):
+                    raise RequestProblem(Reason.BODY_INVALID, f"{ref.name} must be an object")
+                names.extend(value)
+            elif ref.shape == "items":
+                if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                    raise RequestProblem(
+                        Reason.BODY_INVALID, f"{ref.name} must be an array of strings"
+                    )
+                names.extend(value)
+            else:
+                if not isinstance(value, str):
+                    raise RequestProblem(Reason.BODY_INVALID, f"{ref.name} must be a string")
+                names.append(value)
+    for name in names:
+        if not name:
+            raise RequestProblem(Reason.REQUEST_INVALID, "empty data-source name")
+    return tuple(dict.fromkeys(names))
+
+
+_READ = Access.READ
+_WRITE = Access.WRITE
+_BODY_TAGS = (DataSourceRef("body", "/tags", "keys"),)
+_PATH_DSN = (DataSourceRef("path", "dsn"),)
+_GET = frozenset({"GET"})
+_POST = frozenset({"POST"})
+_PUT = frozenset({"PUT"})
+_READ_SCOPE = frozenset({"DataRead"})
+_WRITE_SCOPE = frozenset({"DataWrite"})
+
+
+def _body_read(rule_id: str, path: str, action: str) -> RouteRule:
+    return RouteRule(
+        rule_id, _POST, path, action, _READ_SCOPE, access=_READ, data_sources=_BODY_TAGS
+    )
+
+
+BUILTIN_RULES: tuple[RouteRule, ...] = (
+    RouteRule("service-info", _GET, "/api/info", "service.info", public=True),
+    RouteRule("user-profile", _GET, "/api/user/me", "user.profile", frozenset({"UserInfo"})),
+    RouteRule(
+        "datasources-list",
+        _GET,
+        "/api/data/datasources",
+        "datasources.list",
+        _READ_SCOPE,
+        access=_READ,
+        lists_granted=True,
+    ),
+    RouteRule(
+        "datasources-get",
+        _GET,
+        "/api/data/datasources/{dsn}",
+        "datasources.get",
+        _READ_SCOPE,
+        access=_READ,
+        data_sources=_PATH_DSN,
+    ),
+    RouteRule(
+        "tags-search",
+        _GET,
+        "/api/data/tags/{dsn}",
+        "tags.search",
+        _READ_SCOPE,
+        access=_READ,
+        data_sources=_PATH_DSN,
+    ),
+    RouteRule(
+        "tags-get",
+        _GET,
+        "/api/data/tags/{dsn}/{tag}",
+        "tags.get",
+        _READ_SCOPE,
+        access=_READ,
+        data_sources=_PATH_DSN,
+    ),
+    _body_read("values-snapshot", "/api/data/v2/snapshot", "values.snapshot"),
+    _body_read("values-raw", "/api/data/v2/raw", "values.raw"),
+    _body_read("values-plot", "/api/data/v2/plot", "values.plot"),
+    _body_read("values-processed", "/api/data/v2/processed", "values.processed"),
+    _body_read("values-at-times", "/api/data/v2/values-at-times", "values.at_times"),
+    RouteRule(
+        "values-write-snapshot",
+        _PUT,
+        "/api/data/v2/snapshot/{dsn}",
+        "values.write_snapshot",
+        _WRITE_SCOPE,
+        access=_WRITE,
+        data_sources=_PATH_DSN,
+    ),
+    RouteRule(
+        "values-write-history",
+        _PUT,
+        "/api/data/v2/history/{dsn}",
+        "values.write_history",
+        _WRITE_SCOPE,
+        access=_WRITE,
+        data_sources=_PATH_DSN,
+    ),
+    RouteRule(
+        "account-debit", _POST, "/api/account/debit", "account.debit", frozenset({"AccountDebit"})
+    ),
+    RouteRule(
+        "account-refund",
+        _POST,
+        "/api/account/refund",
+        "account.refund",
+        frozenset({"AccountDebit"}),
+    ),
+)
+
+# Scopes known to the built-in policy; True when the scope needs data-source grants.
+BUILTIN_SCOPES: dict[str, bool] = {
+    "UserInfo": False,
+    "DataRead": True,
+    "DataWrite": True,
+    "AccountDebit": False,
+}

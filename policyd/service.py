@@ -1,0 +1,55 @@
+"""The gRPC door of the Decision API: protobuf in, engine, protobuf out. Nothing else."""
+
+from __future__ import annotations
+
+import grpc
+
+from policyd.engine import Engine
+from policyd.gen.v1 import decision_pb2, decision_pb2_grpc
+from policyd.model import ActionTarget, CheckInput, Decision, HttpTarget
+
+SERVICE_NAME = decision_pb2.DESCRIPTOR.services_by_name["Decision"].full_name
+
+
+def to_input(request: decision_pb2.CheckRequest) -> CheckInput:
+    which = request.WhichOneof("target")
+    target: HttpTarget | ActionTarget | None
+    if which == "http":
+        h = request.http
+        target = HttpTarget(h.method, h.path, h.query, dict(h.headers) if h.headers else {}, h.body)
+    elif which == "action":
+        a = request.action
+        target = ActionTarget(a.action, tuple(a.data_sources))
+    else:
+        target = None
+    return CheckInput(request.token, target, request.request_id)
+
+
+def to_response(decision: Decision) -> decision_pb2.CheckResponse:
+    response = decision_pb2.CheckResponse(
+        allowed=decision.allowed,
+        reason=decision.reason.value,  # type: ignore[arg-type]
+        message=decision.message,
+        rule_id=decision.rule_id,
+        action=decision.action,
+        data_sources=decision.data_sources,
+        decision_id=decision.decision_id,
+        policy_version=decision.policy_version,
+    )
+    p = decision.principal
+    if p is not None:
+        response.principal.sub = p.sub
+        response.principal.client_id = p.client_id
+        response.principal.scopes.extend(p.scopes)
+        response.principal.jti = p.jti
+    return response
+
+
+class DecisionServicer(decision_pb2_grpc.DecisionServicer):
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def Check(
+        self, request: decision_pb2.CheckRequest, context: grpc.ServicerContext
+    ) -> decision_pb2.CheckResponse:
+        return to_response(self.engine.decide(to_input(request)))

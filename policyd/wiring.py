@@ -1,0 +1,43 @@
+"""Builds the core objects from a Config; shared by the server, the CLI and the tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from policyd.config import Config
+from policyd.engine import Engine, EngineSettings
+from policyd.facts import Facts
+from policyd.keys import KeyRing
+from policyd.routes import BUILTIN_RULES, RouteTable
+from policyd.store import Store
+from policyd.tokens import TokenSettings, Verifier
+
+
+def token_settings(config: Config) -> TokenSettings:
+    t = config.tokens
+    return TokenSettings(
+        issuer=t.issuer,
+        audience=t.audience,
+        leeway_seconds=t.leeway_seconds,
+        max_token_bytes=t.max_token_bytes,
+        ttl_seconds=t.ttl_seconds,
+    )
+
+
+def open_store(config: Config) -> Store:
+    return Store(Path(config.store.path))
+
+
+def keyring(config: Config, store: Store) -> KeyRing:
+    return KeyRing(store, config.tokens.key_dir)
+
+
+def build_engine(config: Config, store: Store | None = None) -> Engine:
+    store = store or open_store(config)
+    facts = Facts(store, token_cache_size=config.tokens.cache_size)
+    return Engine(
+        facts,
+        Verifier(token_settings(config)),
+        RouteTable(BUILTIN_RULES),
+        EngineSettings(max_body_bytes=config.engine.max_body_bytes),
+    )

@@ -1,0 +1,214 @@
+"""Shared test helpers: a policyd home in a temp folder, and real server processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from policyd.config import Config, load_config
+from policyd.gen.v1 import decision_pb2, decision_pb2_grpc
+from policyd.keys import KeyRing
+from policyd.model import Access
+from policyd.store import Store
+from policyd.tokens import issue_token
+from policyd.wiring import token_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Home:
+    """A policyd configuration, store and key folder under one temp directory."""
+
+    root: Path
+    extra_config: str = ""
+    config_path: Path = field(init=False)
+    config: Config = field(init=False)
+    store: Store = field(init=False)
+    keyring: KeyRing = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.config_path = self.root / "policyd.toml"
+        self.write_config(self.extra_config)
+
+    def write_config(self, extra: str = "") -> None:
+        self.config_path.write_text(
+            f'[store]\npath = "{self.root / "policyd.db"}"\n'
+            f'[tokens]\nkey_dir = "{self.root / "keys"}"\n'
+            'issuer = "https://auth.test"\naudience = "hub-test"\n' + extra
+        )
+        self.config = load_config(self.config_path, env={})
+        self.store = Store(self.config.store.path)
+        self.keyring = KeyRing(self.store, self.config.tokens.key_dir)
+
+    def seed(self) -> None:
+        """app1 (enabled) and app-off (disabled); alice with ds-a (write), ds-b, ds-c (read);
+        alice consented UserInfo DataRead DataWrite to app1, granted ds-a write, ds-b read."""
+        s = self.store
+        scopes = ["UserInfo", "DataRead", "DataWrite", "AccountDebit"]
+        s.add_app(
+            "app1",
+            "App One",
+            redirect_uris=["https://app1.test/cb"],
+            scopes=scopes,
+            confidential=True,
+        )
+        s.add_app("app-off", "Disabled", redirect_uris=[], scopes=scopes, confidential=False)
+        s.set_app_enabled("app-off", False)
+        for user in ("alice", "bob"):
+            s.add_user(user)
+        for ds in ("ds-a", "ds-b", "ds-c"):
+            s.add_data_source(ds)
+        s.set_user_access("alice", "ds-a", Access.WRITE)
+        s.set_user_access("alice", "ds-b", Access.READ)
+        s.set_user_access("alice", "ds-c", Access.READ)
+        s.set_consent("alice", "app1", ["UserInfo", "DataRead", "DataWrite"])
+        s.set_consent("alice", "app-off", ["UserInfo", "DataRead"])
+        s.add_grant("alice", "app1", "ds-a", Access.WRITE)
+        s.add_grant("alice", "app1", "ds-b", Access.READ)
+        self.keyring.ensure_active()
+
+    def token(
+        self,
+        sub: str = "alice",
+        client_id: str = "app1",
+        scopes: tuple[str, ...] = ("UserInfo", "DataRead"),
+        **kw: Any,
+    ) -> str:
+        token, _ = issue_token(
+            self.keyring,
+            token_settings(self.config),
+            sub=sub,
+            client_id=client_id,
+            scopes=scopes,
+            **kw,
+        )
+        return token
+
+    def cli(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        """Run the real `policyd` command in a subprocess against this home."""
+        return subprocess.run(
+            [sys.executable, "-m", "policyd", "--config", str(self.config_path), *args],
+            capture_output=True,
+            text=True,
+            input=stdin,
+            timeout=60,
+            cwd=self.root,
+            env=_env(),
+        )
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("POLICYD_")}
+
+
+@dataclass
+class ServerProcess:
+    address: str
+    process: subprocess.Popen[str]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+
+def wait_serving(
+    address: str,
+    timeout: float = 20.0,
+    credentials: grpc.ChannelCredentials | None = None,
+    options: list[tuple[str, Any]] | None = None,
+) -> None:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        channel = (
+            grpc.secure_channel(address, credentials, options=options)
+            if credentials
+            else grpc.insecure_channel(address)
+        )
+        try:
+            stub = health_pb2_grpc.HealthStub(channel)
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.RpcError as exc:
+            last = exc
+        finally:
+            channel.close()
+        time.sleep(0.1)
+    raise TimeoutError(f"policyd at {address} did not become healthy: {last}")
+
+
+@contextmanager
+def run_server(
+    home: Home, *extra_args: str, port: int | None = None, wait: bool = True, **wait_kw: Any
+) -> Iterator[ServerProcess]:
+    """Start `policyd serve` as a real process on a free port; always stop it."""
+    port = port or free_port()
+    address = f"127.0.0.1:{port}"
+    log_path = home.root / f"server-{port}-{time.monotonic_ns()}.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "policyd",
+                "--config",
+                str(home.config_path),
+                "serve",
+                "--address",
+                address,
+                *extra_args,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=home.root,
+            env=_env(),
+        )
+    server = ServerProcess(address, process, log_path)
+    try:
+        if wait:
+            wait_serving(address, **wait_kw)
+        yield server
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def check_request(
+    token: str, method: str = "GET", path: str = "/api/user/me", query: str = "", body: bytes = b""
+) -> decision_pb2.CheckRequest:
+    req = decision_pb2.CheckRequest(token=token, request_id="test")
+    req.http.method = method
+    req.http.path = path
+    req.http.query = query
+    req.http.body = body
+    return req
+
+
+def decision_stub(channel: grpc.Channel) -> decision_pb2_grpc.DecisionStub:
+    return decision_pb2_grpc.DecisionStub(channel)  # type: ignore[no-untyped-call]
