@@ -3,8 +3,11 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# Where `make run` keeps its demo token (the store and keys follow policyd's config,
+# ./var/ by default; POLICYD_* environment variables override them).
+VAR ?= var
 
-.PHONY: run test test-fast lint format proto bench setup clean
+.PHONY: run test test-fast lint format proto docs bench setup clean
 
 setup: $(STAMP)
 
@@ -15,12 +18,12 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 run: $(STAMP)
-	@mkdir -p var
-	@$(BIN)/policyd demo seed
+	@mkdir -p $(VAR)
+	@$(BIN)/policyd demo seed --token-file $(VAR)/demo-alice.token
 	@echo
-	@echo "policyd is starting on 127.0.0.1:50051 (Ctrl-C stops it). In another terminal, try:"
-	@echo "  $(BIN)/policyd check --token @var/demo-alice.token --path /api/data/tags/edge-historian"
-	@echo "  $(BIN)/policyd check --token @var/demo-alice.token --path /api/data/tags/plant-mes"
+	@echo "policyd is starting (Ctrl-C stops it). In another terminal, try:"
+	@echo "  $(BIN)/policyd check --token @$(VAR)/demo-alice.token --path /api/data/tags/edge-historian"
+	@echo "  $(BIN)/policyd check --token @$(VAR)/demo-alice.token --path /api/data/tags/plant-mes"
 	@echo
 	@exec $(BIN)/policyd serve
 
@@ -41,6 +44,9 @@ format: $(STAMP)
 
 proto: $(STAMP)
 	$(BIN)/python scripts/gen_proto.py
+
+docs: $(STAMP)
+	$(BIN)/python scripts/gen_cli_docs.py
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

@@ -132,7 +132,7 @@ def serve(obj: Context, address: str | None, workers: int | None) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    sys.exit(run(config))
+    sys.exit(run(config, obj.config_path))
 
 
 # -- apps -------------------------------------------------------------------------------
@@ -552,7 +552,10 @@ def _read_token(token: str) -> str:
             raise InvalidInput("give the token as an argument or on stdin")
         return sys.stdin.read().strip()
     if token.startswith("@"):
-        return Path(token[1:]).read_text().strip()
+        try:
+            return Path(token[1:]).read_text().strip()
+        except UnicodeDecodeError:
+            raise InvalidInput(f"token file {token[1:]} is not text") from None
     return token.strip()
 
 
@@ -594,7 +597,7 @@ def check(
     raw_token = _read_token(token) if token in ("-",) or token.startswith("@") else token
     raw_body = b""
     if body is not None:
-        raw_body = Path(body[1:]).read_bytes() if body.startswith("@") else body.encode()
+        raw_body = Path(body[1:]).read_bytes() if body.startswith("@") else os.fsencode(body)
     target: HttpTarget | ActionTarget
     if path:
         target = HttpTarget(method.upper(), path, query.lstrip("?"), {}, raw_body)

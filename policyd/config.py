@@ -93,6 +93,10 @@ class Config:
         _at_least("server.workers", s.workers, 1)
         _at_least("server.threads", s.threads, 1)
         _at_least("server.grace_seconds", s.grace_seconds, 0)
+        if not self.client.timeout_seconds > 0:
+            raise ConfigError(
+                f"client.timeout_seconds must be above 0, not {self.client.timeout_seconds}"
+            )
         if bool(s.tls.cert_file) != bool(s.tls.key_file):
             raise ConfigError("server.tls: set both cert_file and key_file, or neither")
         if s.tls.client_ca_file and not s.tls.cert_file:
@@ -137,7 +141,7 @@ def _address(key: str, value: str) -> None:
 
 
 def _at_least(key: str, value: float, low: float) -> None:
-    if value < low:
+    if not value >= low:  # also catches NaN
         raise ConfigError(f"{key} must be at least {low}, not {value}")
 
 
@@ -196,6 +200,8 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
             data = tomllib.loads(file.read_text())
         except OSError as exc:
             raise ConfigError(f"cannot read config {file}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config {file} is not UTF-8 text") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config {file} is not valid TOML: {exc}") from None
         _apply(config, data, "")

@@ -36,7 +36,7 @@ from policyd.routes import (
     extract_data_sources,
     split_path,
 )
-from policyd.tokens import TokenError, Verifier, principal_of
+from policyd.tokens import TokenError, Verifier
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +87,7 @@ class Engine:
                     policy_version=routes.version,
                 )
             view = self.facts.view()
-            claims = self.verifier.verify(view, request.token)
-            principal = principal_of(claims)
+            principal = self.verifier.verify(view, request.token).principal
             self._check_principal(view, principal)
             if problem is not None:
                 raise _Deny(problem.reason, problem.message)

@@ -70,8 +70,8 @@ class _Caches:
         self.generation = generation
         # Keyed by (kind, *args). Bounded crudely: cleared whole when it reaches the limit.
         self.rows: dict[tuple[str, ...], Any] = {}
-        # Verified token claims, each until its token expires (time-to-use = exp + leeway).
-        self.tokens: TLRUCache[str, tuple[dict[str, Any], float]] = TLRUCache(
+        # Verified tokens, each until it expires (time-to-use = exp + leeway).
+        self.tokens: TLRUCache[str, tuple[Any, float]] = TLRUCache(
             maxsize=token_cache_size, ttu=lambda _k, v, _now: v[1], timer=time.time
         )
         self.token_lock = threading.Lock()
@@ -85,7 +85,7 @@ class Facts:
     def __init__(
         self, store: Store, *, row_cache_size: int = 200_000, token_cache_size: int = 100_000
     ) -> None:
-        self._store = store
+        self.store = store
         self._row_limit = row_cache_size
         self._token_limit = token_cache_size
         self._swap = threading.Lock()
@@ -94,7 +94,7 @@ class Facts:
     def view(self) -> View:
         """Start a decision: read the generation and pick the caches that are exact for it."""
         try:
-            conn = self._store.conn()
+            conn = self.store.conn()
             generation = conn.execute(_GENERATION).fetchone()[0]
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"store unreadable: {exc}") from exc
@@ -209,13 +209,14 @@ class View:
             value = extra[name] = build()
         return value
 
-    def cached_claims(self, token: str) -> dict[str, Any] | None:
+    def cached_token(self, token: str) -> Any:
+        """What cache_token stored for this token, if it has not expired."""
         caches = self._caches
         with caches.token_lock:
             hit = caches.tokens.get(token)
         return None if hit is None else hit[0]
 
-    def cache_claims(self, token: str, claims: dict[str, Any], until: float) -> None:
+    def cache_token(self, token: str, verified: Any, until: float) -> None:
         caches = self._caches
         with caches.token_lock:
-            caches.tokens[token] = (claims, until)
+            caches.tokens[token] = (verified, until)

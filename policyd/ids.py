@@ -1,27 +1,27 @@
-"""Decision ids: 26-character ULIDs, sortable by time (48-bit ms clock + 80 random bits)."""
+"""Decision ids: UUIDv7 (RFC 9562), time-sortable: 48-bit Unix milliseconds, then random bits.
+
+Ids need uniqueness, not secrecy: the module RNG is seeded from os.urandom at start and
+re-seeded in forked children, and costs a tenth of an os.urandom system call.
+"""
 
 from __future__ import annotations
 
-import os
+import random
 import time
 
-_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # Crockford base32
+_VERSION_7 = 0x7 << 76
+_VARIANT = 0b10 << 62
 
 
 def new_id(now_ms: int | None = None) -> str:
-    """Return a new ULID string; ids made in a later millisecond sort after earlier ones."""
+    """A new UUIDv7 string; ids made in a later millisecond sort after earlier ones."""
     ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
-    value = (ms << 80) | int.from_bytes(os.urandom(10), "big")
-    out = []
-    for _ in range(26):
-        out.append(_ALPHABET[value & 31])
-        value >>= 5
-    return "".join(reversed(out))
+    rand = random.getrandbits(74)
+    value = (ms << 80) | _VERSION_7 | ((rand >> 62) << 64) | _VARIANT | (rand & ((1 << 62) - 1))
+    h = f"{value:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
-def id_time_ms(ulid: str) -> int:
-    """The millisecond timestamp inside a ULID made by new_id."""
-    value = 0
-    for ch in ulid[:10]:
-        value = value * 32 + _ALPHABET.index(ch)
-    return value
+def id_time_ms(decision_id: str) -> int:
+    """The Unix millisecond timestamp inside an id made by new_id."""
+    return int(decision_id[:8] + decision_id[9:13], 16)

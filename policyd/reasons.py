@@ -2,7 +2,7 @@
 
 One enum, used by every door: the gRPC response, the Envoy and ASGI deny bodies, the audit
 log and the metrics. The numbers match `policyd.v1.Reason` in proto/policyd/v1/decision.proto
-(tests/test_reasons.py checks that). Never renumber or rename a member; add new ones at the
+(tests/test_reason_docs.py checks that). Never renumber or rename a member; add new ones at the
 end. docs/reason-codes.md describes each.
 """
 

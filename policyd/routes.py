@@ -27,7 +27,10 @@ from policyd.model import Access
 from policyd.reasons import Reason
 
 _ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_UNSAFE_RAW = re.compile(r"[?#\\\x00-\x20\x7f]")
+_UNSAFE_DECODED = re.compile(r"[\\\x00-\x1f\x7f]")
 _PARAM = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+_INDEX = re.compile(r"0|[1-9][0-9]*")
 
 
 class RequestProblem(Exception):
@@ -91,27 +94,30 @@ def split_path(raw: str) -> list[str]:
     """Decode a request path into segments, refusing anything ambiguous."""
     if not raw.startswith("/"):
         raise RequestProblem(Reason.REQUEST_INVALID, "path must start with '/'")
-    if "?" in raw or "#" in raw:
-        raise RequestProblem(Reason.PATH_AMBIGUOUS, "path contains '?' or '#'")
-    if _ESCAPE.search(raw):
-        raise RequestProblem(Reason.PATH_AMBIGUOUS, "path has a malformed percent-escape")
+    if _UNSAFE_RAW.search(raw):
+        raise RequestProblem(
+            Reason.PATH_AMBIGUOUS, "path has '?', '#', a backslash or control characters"
+        )
     if raw == "/":
         return []
-    segments = []
-    for part in raw[1:].split("/"):
+    segments = raw[1:].split("/")
+    if "%" in raw:
+        if _ESCAPE.search(raw):
+            raise RequestProblem(Reason.PATH_AMBIGUOUS, "path has a malformed percent-escape")
         try:
-            seg = unquote(part, errors="strict")
+            segments = [unquote(part, errors="strict") for part in segments]
         except UnicodeDecodeError:
             raise RequestProblem(Reason.PATH_AMBIGUOUS, "path is not UTF-8") from None
+        for seg in segments:
+            if "/" in seg or _UNSAFE_DECODED.search(seg):
+                raise RequestProblem(
+                    Reason.PATH_AMBIGUOUS, "path has an encoded slash or control character"
+                )
+    for seg in segments:
         if not seg:
             raise RequestProblem(Reason.PATH_AMBIGUOUS, "path has an empty segment")
-        if seg in (".", "..") or "/" in seg or "\\" in seg:
-            raise RequestProblem(
-                Reason.PATH_AMBIGUOUS, "path has a dot segment or an encoded slash"
-            )
-        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in seg):
-            raise RequestProblem(Reason.PATH_AMBIGUOUS, "path has control characters")
-        segments.append(seg)
+        if seg == "." or seg == "..":
+            raise RequestProblem(Reason.PATH_AMBIGUOUS, "path has a dot segment")
     return segments
 
 
@@ -125,8 +131,8 @@ class RouteTable:
         for rule in self.rules:
             self._insert(rule)
             self._actions.setdefault(rule.action, rule)
-        digest = hashlib.sha256(repr(self.rules).encode()).hexdigest()
-        self.version = "builtin-" + digest[:12]
+        canonical = json.dumps([_canonical(r) for r in self.rules], sort_keys=True)
+        self.version = "builtin-" + hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
     def _insert(self, rule: RouteRule) -> None:
         node = self._root
@@ -150,24 +156,22 @@ class RouteTable:
 
     def match(self, method: str, segments: list[str]) -> Match | None:
         params: dict[str, str] = {}
-        node = self._find(self._root, segments, 0, params)
-        if node is None:
-            return None
-        rule = node.rules.get(method)
+        rule = self._find(self._root, method, segments, 0, params)
         return None if rule is None else Match(rule, params)
 
     def _find(
-        self, node: _Node, segments: list[str], i: int, params: dict[str, str]
-    ) -> _Node | None:
+        self, node: _Node, method: str, segments: list[str], i: int, params: dict[str, str]
+    ) -> RouteRule | None:
+        """The rule for method at segments[i:] below node; a literal beats a parameter."""
         if i == len(segments):
-            return node if node.rules else None
+            return node.rules.get(method)
         child = node.literal.get(segments[i])
         if child is not None:
-            found = self._find(child, segments, i + 1, params)
+            found = self._find(child, method, segments, i + 1, params)
             if found is not None:
                 return found
         if node.param is not None:
-            found = self._find(node.param, segments, i + 1, params)
+            found = self._find(node.param, method, segments, i + 1, params)
             if found is not None:
                 params[node.param.param_name] = segments[i]
                 return found
@@ -175,6 +179,26 @@ class RouteTable:
 
     def by_action(self, action: str) -> RouteRule | None:
         return self._actions.get(action)
+
+
+def _canonical(rule: RouteRule) -> dict[str, Any]:
+    """A rule as JSON-able data with sets sorted, so the version hash is stable."""
+    return {
+        "id": rule.id,
+        "methods": sorted(rule.methods),
+        "path": rule.path,
+        "action": rule.action,
+        "scopes_all": sorted(rule.scopes_all),
+        "scopes_any": sorted(rule.scopes_any),
+        "access": rule.access.label if rule.access else None,
+        "data_sources": [[r.where, r.name, r.shape] for r in rule.data_sources],
+        "lists_granted": rule.lists_granted,
+        "public": rule.public,
+    }
+
+
+def _no_constants(name: str) -> Any:
+    raise RequestProblem(Reason.BODY_INVALID, f"body has the non-JSON number {name}")
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -192,7 +216,11 @@ def parse_body(body: bytes, limit: int) -> Any:
     if not body:
         raise RequestProblem(Reason.BODY_INVALID, "body is empty; this route needs JSON")
     try:
-        return json.loads(body, object_pairs_hook=_no_duplicate_keys)
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RequestProblem(Reason.BODY_INVALID, "body is not UTF-8") from None
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constants)
     except RequestProblem:
         raise
     except (ValueError, RecursionError):
@@ -201,14 +229,16 @@ def parse_body(body: bytes, limit: int) -> Any:
 
 def resolve_pointer(doc: Any, pointer: str) -> Any:
     """RFC 6901 JSON pointer lookup; a missing member is a BODY_INVALID problem."""
-    if pointer in ("", "/"):
+    if pointer == "":
         return doc
+    if not pointer.startswith("/"):
+        raise ValueError(f"JSON pointer must be empty or start with '/': {pointer!r}")
     node = doc
-    for token in pointer.lstrip("/").split("/"):
+    for token in pointer[1:].split("/"):
         token = token.replace("~1", "/").replace("~0", "~")
         if isinstance(node, dict) and token in node:
             node = node[token]
-        elif isinstance(node, list) and token.isdigit() and int(token) < len(node):
+        elif isinstance(node, list) and _INDEX.fullmatch(token) and int(token) < len(node):
             node = node[int(token)]
         else:
             raise RequestProblem(Reason.BODY_INVALID, f"body has nothing at {pointer}")
@@ -247,9 +277,15 @@ def extract_data_sources(
                 if not isinstance(value, str):
                     raise RequestProblem(Reason.BODY_INVALID, f"{ref.name} must be a string")
                 names.append(value)
+    if not names:
+        raise RequestProblem(Reason.REQUEST_INVALID, "the request names no data source")
     for name in names:
         if not name:
             raise RequestProblem(Reason.REQUEST_INVALID, "empty data-source name")
+        try:
+            name.encode()
+        except UnicodeEncodeError:
+            raise RequestProblem(Reason.BODY_INVALID, "data-source name is not text") from None
     return tuple(dict.fromkeys(names))
 
 

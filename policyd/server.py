@@ -15,23 +15,28 @@ finish (up to server.grace_seconds), then the process exits 0.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 from concurrent import futures
 from pathlib import Path
 from types import FrameType
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from policyd.config import Config, TLSConfig
 from policyd.engine import Engine
-from policyd.errors import ConfigError
+from policyd.errors import ConfigError, PolicydError
 from policyd.gen.v1 import decision_pb2_grpc
 from policyd.service import SERVICE_NAME, DecisionServicer
 from policyd.wiring import build_engine
@@ -41,18 +46,50 @@ log = logging.getLogger("policyd.server")
 WORKER_ENV = "POLICYD_WORKER_INDEX"
 
 
+def _pem(key: str, path: str, private: bool = False) -> bytes:
+    """Read a PEM file, refusing (with the config key named) anything that isn't one."""
+    try:
+        data = Path(path).read_bytes()
+        if private:
+            serialization.load_pem_private_key(data, password=None)
+        else:
+            x509.load_pem_x509_certificates(data)
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from None
+    except (ValueError, TypeError):
+        kind = "an unencrypted PEM private key" if private else "PEM certificates"
+        raise ConfigError(f"{key}: {path} does not hold {kind}") from None
+    return data
+
+
 def server_credentials(tls: TLSConfig) -> grpc.ServerCredentials | None:
     if not tls.cert_file:
         return None
-    chain = Path(tls.cert_file).read_bytes()
-    key = Path(tls.key_file).read_bytes()
+    chain = _pem("server.tls.cert_file", tls.cert_file)
+    key = _pem("server.tls.key_file", tls.key_file, private=True)
     if tls.client_ca_file:
         return grpc.ssl_server_credentials(
             [(key, chain)],
-            root_certificates=Path(tls.client_ca_file).read_bytes(),
+            root_certificates=_pem("server.tls.client_ca_file", tls.client_ca_file),
             require_client_auth=True,
         )
     return grpc.ssl_server_credentials([(key, chain)])
+
+
+def ensure_free(address: str) -> None:
+    """Fail with one line when the address is taken (grpc only says 'Failed to bind')."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, int(port)))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(f"server.address: {address} is already in use") from None
+            raise ConfigError(
+                f"server.address: cannot listen on {address}: {exc.strerror}"
+            ) from None
 
 
 class Server:
@@ -62,9 +99,14 @@ class Server:
         self.config = config
         self.engine = engine or build_engine(config)
         self.health = health.HealthServicer()
+        self.stopping = threading.Event()
+        # Only the workers of one supervisor share a port; a lone server must own it.
+        worker = WORKER_ENV in os.environ
+        if not worker:
+            ensure_free(config.server.address)
         self.grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.server.threads),
-            options=[("grpc.so_reuseport", 1)],
+            options=[("grpc.so_reuseport", int(worker))],
         )
         servicer = DecisionServicer(self.engine)
         decision_pb2_grpc.add_DecisionServicer_to_server(servicer, self.grpc)  # type: ignore[no-untyped-call]
@@ -89,6 +131,7 @@ class Server:
 
     def stop(self, grace: float | None = None) -> None:
         """Refuse new calls, let calls in flight finish, then stop."""
+        self.stopping.set()
         self.health.enter_graceful_shutdown()
         grace = self.config.server.grace_seconds if grace is None else grace
         self.grpc.stop(grace).wait()
@@ -109,12 +152,14 @@ def _wait_for_signal() -> int:
     return received[0]
 
 
-def serve(config: Config) -> int:
+def serve(config: Config, config_path: str | None = None) -> int:
     """Run until SIGTERM/SIGINT. With workers > 1, supervise that many serving processes."""
     if config.server.workers > 1 and WORKER_ENV not in os.environ:
-        return _supervise(config)
+        return _supervise(config, config_path)
     server = Server(config)
     server.start()
+    janitor = threading.Thread(target=_purge_revocations, args=(server,), daemon=True)
+    janitor.start()
     tls = config.server.tls
     mode = "mTLS" if tls.client_ca_file else ("TLS" if tls.cert_file else "plaintext")
     log.info(
@@ -127,30 +172,51 @@ def serve(config: Config) -> int:
     return 0
 
 
-def _supervise(config: Config) -> int:
+def _purge_revocations(server: Server, every: float = 300.0) -> None:
+    """Forget revoked token ids once their tokens have expired anyway."""
+    store = server.engine.facts.store
+    leeway = server.config.tokens.leeway_seconds
+    while not server.stopping.wait(every):
+        try:
+            store.purge_expired_revocations(time.time(), leeway)
+        except PolicydError as exc:
+            log.warning("purging expired revocations failed: %s", exc)
+
+
+def _supervise(config: Config, config_path: str | None) -> int:
     """Start config.server.workers copies of `policyd serve` sharing one port."""
-    children: list[subprocess.Popen[bytes]] = []
-    for index in range(config.server.workers):
-        env = dict(os.environ, **{WORKER_ENV: str(index)})
-        children.append(subprocess.Popen([sys.executable, "-m", "policyd", *sys.argv[1:]], env=env))
-    log.info("supervising %d workers on %s", len(children), config.server.address)
+    ensure_free(config.server.address)
     stop = threading.Event()
 
     def handler(_signum: int, _frame: FrameType | None) -> None:
         stop.set()
 
+    # Handlers first: a SIGTERM while workers start must still stop every one of them.
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
-    code = 0
+    command = [sys.executable, "-m", "policyd"]
+    if config_path:
+        command += ["--config", config_path]
+    command += ["serve", "--address", config.server.address, "--workers", "1"]
+    children: list[subprocess.Popen[bytes]] = []
+    for index in range(config.server.workers):
+        if stop.is_set():
+            break
+        env = dict(os.environ, **{WORKER_ENV: str(index)})
+        children.append(subprocess.Popen(command, env=env))
+    log.info("supervising %d workers on %s", len(children), config.server.address)
+    failed = False
     while not stop.wait(0.5):
         if any(child.poll() is not None for child in children):
             log.error("a worker exited; stopping the others")
-            code = 1
+            failed = True
             break
     for child in children:
         if child.poll() is None:
             child.send_signal(signal.SIGTERM)
     for child in children:
         child.wait()
-        code = code or child.returncode
-    return code
+        # A worker stopped by our SIGTERM before its handler was installed is a clean stop.
+        if child.returncode not in (0, -signal.SIGTERM):
+            failed = True
+    return 1 if failed else 0

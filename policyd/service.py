@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 
 from policyd.engine import Engine
 from policyd.gen.v1 import decision_pb2, decision_pb2_grpc
 from policyd.model import ActionTarget, CheckInput, Decision, HttpTarget
+from policyd.reasons import Reason
+
+log = logging.getLogger(__name__)
 
 SERVICE_NAME = decision_pb2.DESCRIPTOR.services_by_name["Decision"].full_name
 
@@ -52,4 +57,14 @@ class DecisionServicer(decision_pb2_grpc.DecisionServicer):
     def Check(
         self, request: decision_pb2.CheckRequest, context: grpc.ServicerContext
     ) -> decision_pb2.CheckResponse:
-        return to_response(self.engine.decide(to_input(request)))
+        decision = self.engine.decide(to_input(request))
+        try:
+            return to_response(decision)
+        except Exception:  # e.g. text protobuf cannot encode: still a deny, never an error
+            log.exception("decision %s could not be encoded", decision.decision_id)
+            return decision_pb2.CheckResponse(
+                allowed=False,
+                reason=Reason.INTERNAL_ERROR.value,  # type: ignore[arg-type]
+                message="internal error",
+                decision_id=decision.decision_id,
+            )

@@ -39,6 +39,12 @@ class TokenSettings:
     ttl_seconds: int = 3600
 
 
+@dataclass(frozen=True, slots=True)
+class VerifiedToken:
+    claims: dict[str, Any]
+    principal: Principal
+
+
 class TokenError(Exception):
     def __init__(self, reason: Reason, message: str) -> None:
         super().__init__(message)
@@ -97,15 +103,16 @@ class Verifier:
         self.settings = settings
         self._jwt = jwt.PyJWT()
 
-    def verify(self, view: View, token: str) -> dict[str, Any]:
-        """The token's claims, or TokenError. Repeat calls are served from the cache."""
-        cached = view.cached_claims(token)
+    def verify(self, view: View, token: str) -> VerifiedToken:
+        """The verified token, or TokenError. Repeat calls are served from the cache."""
+        cached: VerifiedToken | None = view.cached_token(token)
         if cached is not None:
             return cached
         claims = self._verify(view, token)
+        verified = VerifiedToken(claims, principal_of(claims))
         # Cached until exp (+ leeway): after that, verification fails with TOKEN_EXPIRED.
-        view.cache_claims(token, claims, claims["exp"] + self.settings.leeway_seconds)
-        return claims
+        view.cache_token(token, verified, claims["exp"] + self.settings.leeway_seconds)
+        return verified
 
     def _verify(self, view: View, token: str) -> dict[str, Any]:
         s = self.settings
@@ -119,7 +126,7 @@ class Verifier:
             raise TokenError(Reason.TOKEN_MALFORMED, "token is not a compact JWS (3 parts)")
         try:
             header = jwt.get_unverified_header(token)
-        except jwt.DecodeError:
+        except jwt.InvalidTokenError:
             raise TokenError(Reason.TOKEN_MALFORMED, "token header is not valid") from None
         alg = header.get("alg")
         if alg not in ALGORITHMS:
@@ -138,50 +145,77 @@ class Verifier:
             )
         public_key = view.derived("pub:" + kid, lambda: load_public_key(key.public_pem))
         try:
+            # pyjwt checks the signature (and the JSON); the claims are checked below, so
+            # that each problem gets its own reason code and typ is checked first.
             decoded = self._jwt.decode_complete(
-                token,
-                public_key,
-                algorithms=[key.alg],
-                options={
-                    "require": list(REQUIRED_CLAIMS),
-                    "verify_aud": True,
-                    "verify_iss": True,
-                    "verify_exp": True,
-                    "verify_nbf": True,
-                    "verify_iat": True,
-                },
-                audience=s.audience,
-                issuer=s.issuer,
-                leeway=s.leeway_seconds,
+                token, public_key, algorithms=[key.alg], options=_SIGNATURE_ONLY
             )
         except jwt.InvalidSignatureError:
             raise TokenError(Reason.TOKEN_SIGNATURE_INVALID, "signature does not verify") from None
-        except jwt.ExpiredSignatureError:
-            raise TokenError(Reason.TOKEN_EXPIRED, "token has expired") from None
-        except jwt.ImmatureSignatureError:
-            raise TokenError(Reason.TOKEN_NOT_YET_VALID, "token is not valid yet") from None
-        except jwt.InvalidAudienceError:
-            raise TokenError(
-                Reason.TOKEN_AUDIENCE_MISMATCH, "token is for another audience"
-            ) from None
-        except jwt.InvalidIssuerError:
-            raise TokenError(Reason.TOKEN_ISSUER_MISMATCH, "token is from another issuer") from None
-        except jwt.MissingRequiredClaimError as exc:
-            raise TokenError(
-                Reason.TOKEN_CLAIM_INVALID, f"token lacks claim {exc.claim!r}"
-            ) from None
-        except jwt.InvalidIssuedAtError as exc:
-            raise TokenError(Reason.TOKEN_CLAIM_INVALID, f"invalid claim: {exc}") from None
-        except jwt.DecodeError:
+        except jwt.InvalidTokenError:
             raise TokenError(Reason.TOKEN_MALFORMED, "token payload is not valid") from None
-        except jwt.InvalidTokenError as exc:
-            raise TokenError(Reason.TOKEN_MALFORMED, f"token is not valid: {exc}") from None
-        if decoded["header"].get("typ") not in (ACCESS_TOKEN_TYP, "application/at+jwt"):
+        if decoded["header"].get("typ") not in _ACCESS_TOKEN_TYPES:
             raise TokenError(Reason.TOKEN_TYPE_INVALID, "token is not an access token (typ)")
         claims: dict[str, Any] = decoded["payload"]
-        for name in ("sub", "client_id", "jti"):
-            if not isinstance(claims[name], str) or not claims[name]:
-                raise TokenError(Reason.TOKEN_CLAIM_INVALID, f"claim {name!r} must be a string")
-        if not isinstance(claims.get("scope", ""), str):
-            raise TokenError(Reason.TOKEN_CLAIM_INVALID, "claim 'scope' must be a string")
+        self._check_claims(claims, time.time())
         return claims
+
+    def _check_claims(self, claims: dict[str, Any], now: float) -> None:
+        s = self.settings
+        for name in REQUIRED_CLAIMS:
+            if name not in claims or claims[name] is None:
+                raise TokenError(Reason.TOKEN_CLAIM_INVALID, f"token lacks claim {name!r}")
+        for name in ("iss", "sub", "client_id", "jti", "scope"):
+            if name in claims and not _is_text(claims[name], empty_ok=name == "scope"):
+                raise TokenError(
+                    Reason.TOKEN_CLAIM_INVALID, f"claim {name!r} must be a non-empty string"
+                )
+        for name in ("exp", "iat", "nbf"):
+            if name in claims and not _is_time(claims[name]):
+                raise TokenError(Reason.TOKEN_CLAIM_INVALID, f"claim {name!r} must be a time")
+        aud = claims["aud"]
+        audiences = [aud] if isinstance(aud, str) else aud
+        if not isinstance(audiences, list) or not all(_is_text(a) for a in audiences):
+            raise TokenError(Reason.TOKEN_CLAIM_INVALID, "claim 'aud' must be string(s)")
+        if claims["iss"] != s.issuer:
+            raise TokenError(Reason.TOKEN_ISSUER_MISMATCH, "token is from another issuer")
+        if s.audience not in audiences:
+            raise TokenError(Reason.TOKEN_AUDIENCE_MISMATCH, "token is for another audience")
+        if claims["exp"] <= now - s.leeway_seconds:
+            raise TokenError(Reason.TOKEN_EXPIRED, "token has expired")
+        if claims.get("nbf", 0) > now + s.leeway_seconds:
+            raise TokenError(Reason.TOKEN_NOT_YET_VALID, "token is not valid yet (nbf)")
+        if claims["iat"] > now + s.leeway_seconds:
+            raise TokenError(Reason.TOKEN_NOT_YET_VALID, "token was issued in the future (iat)")
+
+
+_ACCESS_TOKEN_TYPES = (ACCESS_TOKEN_TYP, "application/at+jwt")
+_SIGNATURE_ONLY: Any = {
+    "verify_signature": True,
+    "verify_exp": False,
+    "verify_nbf": False,
+    "verify_iat": False,
+    "verify_aud": False,
+    "verify_iss": False,
+    "verify_sub": False,
+    "verify_jti": False,
+    "require": [],
+}
+_LATEST_TIME = 1e11  # year 5138: anything later is not a real expiry
+
+
+def _is_text(value: Any, empty_ok: bool = False) -> bool:
+    """A string that can be stored and sent on (UTF-8 encodable, no lone surrogates)."""
+    if not isinstance(value, str) or (not value and not empty_ok):
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _is_time(value: Any) -> bool:
+    return (
+        isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < _LATEST_TIME
+    )

@@ -1,0 +1,499 @@
+"""The policy store and its decision-time view, on real SQLite files.
+
+store.py: migrations, file modes, WAL, the generation counter, grant history, consents and
+client secrets. facts.py: the caches are exact, across Store objects and processes.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlite_utils import Database
+
+from policyd.errors import NotFound
+from policyd.facts import Facts
+from policyd.keys import KeyRing
+from policyd.migrations import DECISION_TABLES, migrations
+from policyd.model import Access
+from policyd.store import Store
+from tests.helpers import Home
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def _raw(path: Path) -> sqlite3.Connection:
+    """A plain sqlite3 connection, as another tool or process would open the file."""
+    return sqlite3.connect(path, isolation_level=None, timeout=5)
+
+
+def _db(home: Home) -> Path:
+    return Path(home.config.store.path)
+
+
+@pytest.fixture
+def permissive_umask() -> Iterator[None]:
+    """Umask 0, so that any restrictive file mode comes from policyd, not the umask."""
+    old = os.umask(0)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+# -- migrations, files, WAL -------------------------------------------------------------
+
+
+def _registered_migrations() -> list[str]:
+    return [m.name for m in migrations.pending(Database(memory=True))]
+
+
+def _applied(path: Path) -> list[tuple[str, str]]:
+    with _raw(path) as conn:
+        rows = conn.execute(
+            "SELECT name, applied_at FROM _sqlite_migrations WHERE migration_set = 'policyd'"
+            " ORDER BY rowid"
+        ).fetchall()
+    conn.close()
+    return [(r[0], r[1]) for r in rows]
+
+
+def test_migrations_are_applied_once_and_recorded(tmp_path: Path) -> None:
+    path = tmp_path / "policyd.db"
+    store = Store(path)
+    registered = _registered_migrations()
+    assert registered, "no migrations registered"
+    first = _applied(path)
+    assert [name for name, _ in first] == registered
+    store.add_user("carol")
+    generation = store.generation()
+
+    Store(path)  # as a second process starting on the same file would
+    Store(path).migrate()
+
+    assert _applied(path) == first, "a migration was applied again"
+    assert Store(path).generation() == generation
+    assert [u["user_id"] for u in Store(path).list_users()] == ["carol"]
+
+
+@pytest.mark.slow
+def test_processes_opening_a_new_store_together_apply_migrations_once(tmp_path: Path) -> None:
+    path = tmp_path / "policyd.db"
+    code = "import sys; from policyd.store import Store; Store(sys.argv[1]).add_user(sys.argv[2])"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(path), f"user{i}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(4)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+    assert [name for name, _ in _applied(path)] == _registered_migrations()
+    assert sorted(u["user_id"] for u in Store(path).list_users()) == [f"user{i}" for i in range(4)]
+
+
+def test_store_file_and_its_wal_files_are_private(tmp_path: Path, permissive_umask: None) -> None:
+    path = tmp_path / "data" / "policyd.db"
+    store = Store(path)
+    store.add_user("carol")  # a write, so the WAL and shared-memory files exist
+    files = [path, path.with_name("policyd.db-wal"), path.with_name("policyd.db-shm")]
+    files.append(path.with_name("policyd.db.migrate-lock"))
+    for file in files:
+        assert file.exists(), file
+        assert _mode(file) == 0o600, f"{file.name} has mode {_mode(file):o}"
+
+
+def test_private_signing_keys_are_0600_in_a_0700_folder(
+    tmp_path: Path, permissive_umask: None
+) -> None:
+    key_dir = tmp_path / "keys"
+    key_dir.mkdir(mode=0o755)
+    os.chmod(key_dir, 0o755)
+    ring = KeyRing(Store(tmp_path / "policyd.db"), key_dir)
+    kids = [ring.rotate("ES256"), ring.rotate("EdDSA")]
+    assert _mode(key_dir) == 0o700
+    for kid in kids:
+        assert _mode(key_dir / f"{kid}.pem") == 0o600
+    assert sorted(p.name for p in key_dir.iterdir()) == sorted(f"{k}.pem" for k in kids)
+
+
+def test_store_uses_write_ahead_logging(tmp_path: Path) -> None:
+    path = tmp_path / "policyd.db"
+    Store(path)
+    conn = _raw(path)
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        conn.close()
+
+
+# -- the generation counter -------------------------------------------------------------
+
+
+def _retire_previous_key(home: Home) -> None:
+    old = home.keyring.ensure_active()
+    home.keyring.rotate()
+    home.keyring.retire(old)
+
+
+def _purge_one(home: Home) -> None:
+    home.store.revoke_token("long-gone", time.time() - 3600)
+    assert home.store.purge_expired_revocations(time.time(), 30) == 1
+
+
+STORE_WRITES: dict[str, Callable[[Home], Any]] = {
+    "add_app": lambda h: h.store.add_app(
+        "app2", "App 2", redirect_uris=[], scopes=["UserInfo"], confidential=False
+    ),
+    "set_app_enabled": lambda h: h.store.set_app_enabled("app1", False),
+    "rotate_secret": lambda h: h.store.rotate_secret("app1"),
+    "add_user": lambda h: h.store.add_user("carol"),
+    "add_data_source": lambda h: h.store.add_data_source("ds-new"),
+    "set_user_access": lambda h: h.store.set_user_access("bob", "ds-a", Access.READ),
+    "change_user_access": lambda h: h.store.set_user_access("alice", "ds-a", Access.READ),
+    "remove_user_access": lambda h: h.store.remove_user_access("alice", "ds-c"),
+    "set_consent": lambda h: h.store.set_consent("bob", "app1", ["UserInfo"]),
+    "revoke_consent": lambda h: h.store.revoke_consent("alice", "app1"),
+    "add_grant": lambda h: h.store.add_grant("alice", "app1", "ds-c", Access.READ),
+    "replace_grant": lambda h: h.store.add_grant("alice", "app1", "ds-a", Access.READ),
+    "revoke_grant": lambda h: h.store.revoke_grant("alice", "app1", "ds-a"),
+    "rotate_key": lambda h: h.keyring.rotate(),
+    "retire_key": _retire_previous_key,
+    "revoke_token": lambda h: h.store.revoke_token("jti-1", time.time() + 60),
+    "purge_expired_revocations": _purge_one,
+}
+
+
+@pytest.mark.parametrize("write", sorted(STORE_WRITES))
+def test_every_store_write_bumps_the_generation_seen_by_other_connections(
+    seeded: Home, write: str
+) -> None:
+    other = Store(_db(seeded), migrate=False)
+    before = other.generation()
+    STORE_WRITES[write](seeded)
+    assert other.generation() > before
+    assert seeded.store.generation() == other.generation()
+
+
+# One row per decision table, written with the plain sqlite3 module (no policyd code).
+RAW_WRITES: dict[str, tuple[str, str, str]] = {
+    "apps": (
+        "INSERT INTO apps (client_id, name, redirect_uris, allowed_scopes, confidential, enabled)"
+        " VALUES ('raw', 'Raw', '[]', 'UserInfo', 0, 1)",
+        "UPDATE apps SET enabled = 0 WHERE client_id = 'raw'",
+        "DELETE FROM apps WHERE client_id = 'raw'",
+    ),
+    "users": (
+        "INSERT INTO users (user_id, name) VALUES ('raw', 'Raw')",
+        "UPDATE users SET name = 'Raw 2' WHERE user_id = 'raw'",
+        "DELETE FROM users WHERE user_id = 'raw'",
+    ),
+    "data_sources": (
+        "INSERT INTO data_sources (name, description, labels) VALUES ('raw', '', '{}')",
+        "UPDATE data_sources SET description = 'x' WHERE name = 'raw'",
+        "DELETE FROM data_sources WHERE name = 'raw'",
+    ),
+    "user_access": (
+        "INSERT INTO user_access (user_id, data_source, role) VALUES ('bob', 'ds-a', 'read')",
+        "UPDATE user_access SET role = 'write' WHERE user_id = 'bob'",
+        "DELETE FROM user_access WHERE user_id = 'bob'",
+    ),
+    "consents": (
+        "INSERT INTO consents (user_id, client_id, scopes) VALUES ('bob', 'app1', 'UserInfo')",
+        "UPDATE consents SET scopes = 'UserInfo DataRead' WHERE user_id = 'bob'",
+        "DELETE FROM consents WHERE user_id = 'bob'",
+    ),
+    "grants": (
+        "INSERT INTO grants (user_id, client_id, data_source, access, granted_at)"
+        " VALUES ('bob', 'app1', 'ds-c', 'read', 0)",
+        "UPDATE grants SET revoked_at = 1 WHERE user_id = 'bob'",
+        "DELETE FROM grants WHERE user_id = 'bob'",
+    ),
+    "signing_keys": (
+        "INSERT INTO signing_keys (kid, alg, state, public_pem)"
+        " VALUES ('raw', 'ES256', 'retiring', 'x')",
+        "UPDATE signing_keys SET state = 'retired' WHERE kid = 'raw'",
+        "DELETE FROM signing_keys WHERE kid = 'raw'",
+    ),
+    "revoked_tokens": (
+        "INSERT INTO revoked_tokens (jti, expires_at, revoked_at) VALUES ('raw', 0, 0)",
+        "UPDATE revoked_tokens SET expires_at = 1 WHERE jti = 'raw'",
+        "DELETE FROM revoked_tokens WHERE jti = 'raw'",
+    ),
+}
+
+
+def test_raw_writes_cover_every_decision_table() -> None:
+    assert sorted(RAW_WRITES) == sorted(DECISION_TABLES)
+
+
+@pytest.mark.parametrize("table", sorted(RAW_WRITES))
+def test_plain_sqlite_writes_to_a_decision_table_bump_the_generation(
+    seeded: Home, table: str
+) -> None:
+    conn = _raw(_db(seeded))
+    try:
+        for sql in RAW_WRITES[table]:
+            before = seeded.store.generation()
+            cur = conn.execute(sql)
+            assert cur.rowcount == 1, sql
+            assert seeded.store.generation() == before + 1, sql
+    finally:
+        conn.close()
+
+
+# -- grants and consents ----------------------------------------------------------------
+
+
+def test_replacing_and_revoking_grants_keeps_history_with_one_live_grant(seeded: Home) -> None:
+    s = seeded.store
+    s.add_grant("alice", "app1", "ds-c", Access.READ)
+    s.add_grant("alice", "app1", "ds-c", Access.WRITE)  # replaces the live grant
+    live = s.list_grants("alice", "app1", "ds-c")
+    assert [(g.access, g.revoked_at) for g in live] == [(Access.WRITE, None)]
+
+    s.revoke_grant("alice", "app1", "ds-c")
+    assert s.list_grants("alice", "app1", "ds-c") == []
+    history = s.list_grants("alice", "app1", "ds-c", include_revoked=True)
+    assert [g.access for g in history] == [Access.READ, Access.WRITE]
+    assert all(g.revoked_at is not None for g in history)
+    with pytest.raises(NotFound):
+        s.revoke_grant("alice", "app1", "ds-c")
+
+    s.add_grant("alice", "app1", "ds-c", Access.READ)
+    assert len(s.list_grants("alice", "app1", "ds-c", include_revoked=True)) == 3
+    assert len(s.list_grants("alice", "app1", "ds-c")) == 1
+
+
+def test_the_file_refuses_a_second_live_grant_for_the_same_triple(seeded: Home) -> None:
+    conn = _raw(_db(seeded))
+    try:
+        with pytest.raises(sqlite3.IntegrityError):
+            conn.execute(
+                "INSERT INTO grants (user_id, client_id, data_source, access, granted_at)"
+                " VALUES ('alice', 'app1', 'ds-a', 'read', 0)"
+            )
+        # A revoked row for the same triple is history and is allowed.
+        conn.execute(
+            "INSERT INTO grants (user_id, client_id, data_source, access, granted_at, revoked_at)"
+            " VALUES ('alice', 'app1', 'ds-a', 'read', 0, 1)"
+        )
+    finally:
+        conn.close()
+    assert len(seeded.store.list_grants("alice", "app1", "ds-a")) == 1
+
+
+def test_revoking_a_consent_revokes_only_that_pairs_grants(seeded: Home) -> None:
+    s = seeded.store
+    s.set_consent("bob", "app1", ["UserInfo", "DataRead"])
+    s.set_user_access("bob", "ds-a", Access.READ)
+    s.add_grant("bob", "app1", "ds-a", Access.READ)
+    s.add_grant("alice", "app-off", "ds-a", Access.READ)
+
+    assert s.revoke_consent("alice", "app1") == 2
+
+    assert s.list_consents("alice", "app1") == []
+    assert s.list_grants("alice", "app1") == []
+    revoked = s.list_grants("alice", "app1", include_revoked=True)
+    assert sorted(g.data_source for g in revoked) == ["ds-a", "ds-b"]
+    assert all(g.revoked_at is not None for g in revoked)
+    assert [g.data_source for g in s.list_grants("bob", "app1")] == ["ds-a"]
+    assert [g.data_source for g in s.list_grants("alice", "app-off")] == ["ds-a"]
+    assert [c["client_id"] for c in s.list_consents("alice")] == ["app-off"]
+    with pytest.raises(NotFound):
+        s.revoke_consent("alice", "app1")
+
+
+# -- client secrets ---------------------------------------------------------------------
+
+
+def _file_bytes(db: Path) -> bytes:
+    """The database and its WAL and shared-memory files, as an attacker copying them gets."""
+    return b"".join(p.read_bytes() for p in sorted(db.parent.glob(db.name + "*")))
+
+
+def test_client_secrets_are_stored_hashed_and_verify(tmp_path: Path) -> None:
+    db = tmp_path / "policyd.db"
+    s = Store(db)
+    secret = s.add_app(
+        "conf", "Confidential", redirect_uris=["https://c.test/cb"], scopes=[], confidential=True
+    )
+    assert secret is not None and len(secret) >= 32
+    assert s.add_app("pub", "Public", redirect_uris=[], scopes=[], confidential=False) is None
+
+    assert secret.encode() not in _file_bytes(db)
+    assert s.verify_client_secret("conf", secret)
+    assert not s.verify_client_secret("conf", secret + "x")
+    assert not s.verify_client_secret("conf", "")
+    assert not s.verify_client_secret("pub", "")
+    assert not s.verify_client_secret("pub", secret)
+    assert not s.verify_client_secret("nobody", secret)
+
+    rotated = s.rotate_secret("conf")
+    assert rotated != secret
+    data = _file_bytes(db)
+    assert secret.encode() not in data
+    assert rotated.encode() not in data
+    assert s.verify_client_secret("conf", rotated)
+    assert not s.verify_client_secret("conf", secret)
+
+
+# -- facts.py: exact caches -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FactChange:
+    read: Callable[[Facts, Home], Any]
+    write: Callable[[Store, Home], Any]
+    before: Any
+    after: Any
+
+
+def _key_state(facts: Facts, kid: str) -> str | None:
+    key = facts.view().key(kid)
+    return None if key is None else key.state
+
+
+def _retire_first_key(store: Store, home: Home) -> None:
+    ring = KeyRing(store, home.config.tokens.key_dir)
+    first = store.list_signing_keys()[0].kid
+    ring.rotate()
+    ring.retire(first)
+
+
+FACT_CHANGES: dict[str, FactChange] = {
+    "grant revoked": FactChange(
+        lambda f, _h: f.view().grant("alice", "app1", "ds-a"),
+        lambda s, _h: s.revoke_grant("alice", "app1", "ds-a"),
+        Access.WRITE,
+        None,
+    ),
+    "grant added": FactChange(
+        lambda f, _h: f.view().grant("alice", "app1", "ds-c"),
+        lambda s, _h: s.add_grant("alice", "app1", "ds-c", Access.READ),
+        None,
+        Access.READ,
+    ),
+    "granted list": FactChange(
+        lambda f, _h: f.view().granted("alice", "app1", Access.READ),
+        lambda s, _h: s.revoke_grant("alice", "app1", "ds-b"),
+        ("ds-a", "ds-b"),
+        ("ds-a",),
+    ),
+    "app disabled": FactChange(
+        lambda f, _h: f.view().app("app1").enabled,  # type: ignore[union-attr]
+        lambda s, _h: s.set_app_enabled("app1", False),
+        True,
+        False,
+    ),
+    "consent revoked": FactChange(
+        lambda f, _h: f.view().consent("alice", "app1"),
+        lambda s, _h: s.revoke_consent("alice", "app1"),
+        frozenset({"UserInfo", "DataRead", "DataWrite"}),
+        None,
+    ),
+    "user access removed": FactChange(
+        lambda f, _h: f.view().user_access("alice", "ds-b"),
+        lambda s, _h: s.remove_user_access("alice", "ds-b"),
+        Access.READ,
+        None,
+    ),
+    "token revoked": FactChange(
+        lambda f, _h: f.view().token_revoked("jti-x"),
+        lambda s, _h: s.revoke_token("jti-x", time.time() + 60),
+        False,
+        True,
+    ),
+    "key retired": FactChange(
+        lambda f, h: _key_state(f, h.store.list_signing_keys()[0].kid),
+        _retire_first_key,
+        "active",
+        "retired",
+    ),
+}
+
+
+@pytest.mark.parametrize("change", sorted(FACT_CHANGES))
+def test_a_write_through_another_store_is_seen_by_the_next_view(seeded: Home, change: str) -> None:
+    c = FACT_CHANGES[change]
+    facts = Facts(seeded.store)
+    assert c.read(facts, seeded) == c.before
+    assert c.read(facts, seeded) == c.before  # now from the cache
+    other = Store(_db(seeded), migrate=False)  # another process, as far as SQLite knows
+    c.write(other, seeded)
+    assert c.read(facts, seeded) == c.after
+
+
+@pytest.mark.slow
+def test_a_revocation_by_another_process_is_seen_by_the_next_view(seeded: Home) -> None:
+    facts = Facts(seeded.store)
+    assert facts.view().grant("alice", "app1", "ds-a") == Access.WRITE
+    assert facts.view().consent("alice", "app1") is not None
+    result = seeded.cli("grants", "revoke", "alice", "app1", "ds-a")
+    assert result.returncode == 0, result.stderr
+    assert facts.view().grant("alice", "app1", "ds-a") is None
+    result = seeded.cli("consents", "revoke", "alice", "app1")
+    assert result.returncode == 0, result.stderr
+    view = facts.view()
+    assert view.consent("alice", "app1") is None
+    assert view.grant("alice", "app1", "ds-b") is None
+
+
+def test_view_serves_cached_facts_until_the_generation_changes(seeded: Home) -> None:
+    facts = Facts(seeded.store)
+    assert facts.view().grant("alice", "app1", "ds-a") == Access.WRITE
+    conn = _raw(_db(seeded))
+    try:
+        # A change the generation does not record (trigger dropped) is not seen: the
+        # caches are in use, and the generation is what invalidates them.
+        conn.execute("DROP TRIGGER grants_update_generation")
+        conn.execute("UPDATE grants SET revoked_at = 1 WHERE data_source = 'ds-a'")
+        assert facts.view().grant("alice", "app1", "ds-a") == Access.WRITE
+        conn.execute("UPDATE generation SET value = value + 1")
+        assert facts.view().grant("alice", "app1", "ds-a") is None
+    finally:
+        conn.close()
+
+
+def test_a_view_of_an_older_generation_does_not_poison_the_cache(seeded: Home) -> None:
+    store = seeded.store
+    facts = Facts(store)
+    assert facts.view().grant("alice", "app1", "ds-a") == Access.WRITE
+    conn = store.conn()  # this thread's connection, which facts.view() here uses
+    conn.execute("BEGIN")
+    try:
+        old_generation = conn.execute("SELECT value FROM generation").fetchone()[0]
+        # Another process revokes; another thread of this one starts a view of the new
+        # generation (swapping the caches) but reads nothing yet.
+        Store(_db(seeded), migrate=False).revoke_grant("alice", "app1", "ds-a")
+        seen: list[int] = []
+        thread = threading.Thread(target=lambda: seen.append(facts.view().generation))
+        thread.start()
+        thread.join()
+        assert seen == [old_generation + 1]
+        # This thread is still in a read transaction of the old generation: its view sees
+        # the old grant, and must not file it under the new generation.
+        old = facts.view()
+        assert old.generation == old_generation
+        assert old.grant("alice", "app1", "ds-a") == Access.WRITE
+    finally:
+        conn.execute("ROLLBACK")
+    new = facts.view()
+    assert new.generation == old_generation + 1
+    assert new.grant("alice", "app1", "ds-a") is None
