@@ -604,7 +604,7 @@ def check(
     else:
         assert action is not None
         target = ActionTarget(action, data_sources)
-    request = CheckInput(raw_token, target, request_id)
+    request = CheckInput(raw_token, target, request_id, "cli")
     if local:
         from policyd.wiring import build_engine
 
@@ -621,7 +621,9 @@ def _remote_check(config: Config, address: str, request: CheckInput) -> Decision
     from policyd.gen.v1 import decision_pb2
     from policyd.model import Principal
 
-    message = decision_pb2.CheckRequest(token=request.token, request_id=request.request_id)
+    message = decision_pb2.CheckRequest(
+        token=request.token, request_id=request.request_id, door=request.door
+    )
     target = request.target
     if isinstance(target, HttpTarget):
         message.http.method = target.method

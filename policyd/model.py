@@ -50,6 +50,8 @@ class CheckInput:
     token: str
     target: HttpTarget | ActionTarget | None
     request_id: str = ""
+    # Which door asked: "grpc", "envoy", "asgi", "cli". For the audit log only.
+    door: str = "grpc"
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,7 +27,7 @@ def to_input(request: decision_pb2.CheckRequest) -> CheckInput:
         target = ActionTarget(a.action, tuple(a.data_sources))
     else:
         target = None
-    return CheckInput(request.token, target, request.request_id)
+    return CheckInput(request.token, target, request.request_id, request.door or "grpc")
 
 
 def to_response(decision: Decision) -> decision_pb2.CheckResponse:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19policyd/v1/decision.proto\x12\npolicyd.v1\"\x91\x01\n\x0c\x43heckRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\'\n\x04http\x18\x03 \x01(\x0b\x32\x17.policyd.v1.HttpRequestH\x00\x12+\n\x06\x61\x63tion\x18\x04 \x01(\x0b\x32\x19.policyd.v1.ActionRequestH\x00\x42\x08\n\x06target\"\xaf\x01\n\x0bHttpRequest\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\r\n\x05query\x18\x03 \x01(\t\x12\x35\n\x07headers\x18\x04 \x03(\x0b\x32$.policyd.v1.HttpRequest.HeadersEntry\x12\x0c\n\x04\x62ody\x18\x05 \x01(\x0c\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"5\n\rActionRequest\x12\x0e\n\x06\x61\x63tion\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x61ta_sources\x18\x02 \x03(\t\"H\n\tPrincipal\x12\x0b\n\x03sub\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x0e\n\x06scopes\x18\x03 \x03(\t\x12\x0b\n\x03jti\x18\x04 \x01(\t\"\xe3\x01\n\rCheckResponse\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12\"\n\x06reason\x18\x02 \x01(\x0e\x32\x12.policyd.v1.Reason\x12\x0f\n\x07message\x18\x03 \x01(\t\x12(\n\tprincipal\x18\x04 \x01(\x0b\x32\x15.policyd.v1.Principal\x12\x0f\n\x07rule_id\x18\x05 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x06 \x01(\t\x12\x14\n\x0c\x64\x61ta_sources\x18\x07 \x03(\t\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x08 \x01(\t\x12\x16\n\x0epolicy_version\x18\t \x01(\t*\x96\x05\n\x06Reason\x12\x16\n\x12REASON_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x41LLOWED\x10\x01\x12\x11\n\rTOKEN_MISSING\x10\x02\x12\x13\n\x0fTOKEN_MALFORMED\x10\x03\x12\x15\n\x11TOKEN_KEY_UNKNOWN\x10\x04\x12\x1b\n\x17TOKEN_ALGORITHM_INVALID\x10\x05\x12\x1b\n\x17TOKEN_SIGNATURE_INVALID\x10\x06\x12\x16\n\x12TOKEN_TYPE_INVALID\x10\x07\x12\x17\n\x13TOKEN_CLAIM_INVALID\x10\x08\x12\x19\n\x15TOKEN_ISSUER_MISMATCH\x10\t\x12\x1b\n\x17TOKEN_AUDIENCE_MISMATCH\x10\n\x12\x11\n\rTOKEN_EXPIRED\x10\x0b\x12\x17\n\x13TOKEN_NOT_YET_VALID\x10\x0c\x12\x11\n\rTOKEN_REVOKED\x10\r\x12\x0f\n\x0b\x41PP_UNKNOWN\x10\x0e\x12\x10\n\x0c\x41PP_DISABLED\x10\x0f\x12\x13\n\x0f\x43ONSENT_MISSING\x10\x10\x12\x18\n\x14\x43ONSENT_INSUFFICIENT\x10\x11\x12\x0c\n\x08NO_ROUTE\x10\x12\x12\x11\n\rSCOPE_MISSING\x10\x13\x12\x1b\n\x17\x44\x41TA_SOURCE_NOT_GRANTED\x10\x14\x12#\n\x1f\x44\x41TA_SOURCE_ACCESS_INSUFFICIENT\x10\x15\x12\x17\n\x13USER_ACCESS_MISSING\x10\x16\x12\x13\n\x0fREQUEST_INVALID\x10\x17\x12\x12\n\x0ePATH_AMBIGUOUS\x10\x18\x12\x10\n\x0c\x42ODY_INVALID\x10\x19\x12\x12\n\x0e\x42ODY_TOO_LARGE\x10\x1a\x12\x15\n\x11STORE_UNAVAILABLE\x10\x1b\x12\x12\n\x0eINTERNAL_ERROR\x10\x1c\x32H\n\x08\x44\x65\x63ision\x12<\n\x05\x43heck\x12\x18.policyd.v1.CheckRequest\x1a\x19.policyd.v1.CheckResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19policyd/v1/decision.proto\x12\npolicyd.v1\"\x9f\x01\n\x0c\x43heckRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\'\n\x04http\x18\x03 \x01(\x0b\x32\x17.policyd.v1.HttpRequestH\x00\x12+\n\x06\x61\x63tion\x18\x04 \x01(\x0b\x32\x19.policyd.v1.ActionRequestH\x00\x12\x0c\n\x04\x64oor\x18\x05 \x01(\tB\x08\n\x06target\"\xaf\x01\n\x0bHttpRequest\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\r\n\x05query\x18\x03 \x01(\t\x12\x35\n\x07headers\x18\x04 \x03(\x0b\x32$.policyd.v1.HttpRequest.HeadersEntry\x12\x0c\n\x04\x62ody\x18\x05 \x01(\x0c\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"5\n\rActionRequest\x12\x0e\n\x06\x61\x63tion\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x61ta_sources\x18\x02 \x03(\t\"H\n\tPrincipal\x12\x0b\n\x03sub\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x0e\n\x06scopes\x18\x03 \x03(\t\x12\x0b\n\x03jti\x18\x04 \x01(\t\"\xe3\x01\n\rCheckResponse\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12\"\n\x06reason\x18\x02 \x01(\x0e\x32\x12.policyd.v1.Reason\x12\x0f\n\x07message\x18\x03 \x01(\t\x12(\n\tprincipal\x18\x04 \x01(\x0b\x32\x15.policyd.v1.Principal\x12\x0f\n\x07rule_id\x18\x05 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x06 \x01(\t\x12\x14\n\x0c\x64\x61ta_sources\x18\x07 \x03(\t\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x08 \x01(\t\x12\x16\n\x0epolicy_version\x18\t \x01(\t*\x96\x05\n\x06Reason\x12\x16\n\x12REASON_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x41LLOWED\x10\x01\x12\x11\n\rTOKEN_MISSING\x10\x02\x12\x13\n\x0fTOKEN_MALFORMED\x10\x03\x12\x15\n\x11TOKEN_KEY_UNKNOWN\x10\x04\x12\x1b\n\x17TOKEN_ALGORITHM_INVALID\x10\x05\x12\x1b\n\x17TOKEN_SIGNATURE_INVALID\x10\x06\x12\x16\n\x12TOKEN_TYPE_INVALID\x10\x07\x12\x17\n\x13TOKEN_CLAIM_INVALID\x10\x08\x12\x19\n\x15TOKEN_ISSUER_MISMATCH\x10\t\x12\x1b\n\x17TOKEN_AUDIENCE_MISMATCH\x10\n\x12\x11\n\rTOKEN_EXPIRED\x10\x0b\x12\x17\n\x13TOKEN_NOT_YET_VALID\x10\x0c\x12\x11\n\rTOKEN_REVOKED\x10\r\x12\x0f\n\x0b\x41PP_UNKNOWN\x10\x0e\x12\x10\n\x0c\x41PP_DISABLED\x10\x0f\x12\x13\n\x0f\x43ONSENT_MISSING\x10\x10\x12\x18\n\x14\x43ONSENT_INSUFFICIENT\x10\x11\x12\x0c\n\x08NO_ROUTE\x10\x12\x12\x11\n\rSCOPE_MISSING\x10\x13\x12\x1b\n\x17\x44\x41TA_SOURCE_NOT_GRANTED\x10\x14\x12#\n\x1f\x44\x41TA_SOURCE_ACCESS_INSUFFICIENT\x10\x15\x12\x17\n\x13USER_ACCESS_MISSING\x10\x16\x12\x13\n\x0fREQUEST_INVALID\x10\x17\x12\x12\n\x0ePATH_AMBIGUOUS\x10\x18\x12\x10\n\x0c\x42ODY_INVALID\x10\x19\x12\x12\n\x0e\x42ODY_TOO_LARGE\x10\x1a\x12\x15\n\x11STORE_UNAVAILABLE\x10\x1b\x12\x12\n\x0eINTERNAL_ERROR\x10\x1c\x32H\n\x08\x44\x65\x63ision\x12<\n\x05\x43heck\x12\x18.policyd.v1.CheckRequest\x1a\x19.policyd.v1.CheckResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,20 +34,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_HTTPREQUEST_HEADERSENTRY']._loaded_options = None
   _globals['_HTTPREQUEST_HEADERSENTRY']._serialized_options = b'8\001'
-  _globals['_REASON']._serialized_start=727
-  _globals['_REASON']._serialized_end=1389
+  _globals['_REASON']._serialized_start=741
+  _globals['_REASON']._serialized_end=1403
   _globals['_CHECKREQUEST']._serialized_start=42
-  _globals['_CHECKREQUEST']._serialized_end=187
-  _globals['_HTTPREQUEST']._serialized_start=190
-  _globals['_HTTPREQUEST']._serialized_end=365
-  _globals['_HTTPREQUEST_HEADERSENTRY']._serialized_start=319
-  _globals['_HTTPREQUEST_HEADERSENTRY']._serialized_end=365
-  _globals['_ACTIONREQUEST']._serialized_start=367
-  _globals['_ACTIONREQUEST']._serialized_end=420
-  _globals['_PRINCIPAL']._serialized_start=422
-  _globals['_PRINCIPAL']._serialized_end=494
-  _globals['_CHECKRESPONSE']._serialized_start=497
-  _globals['_CHECKRESPONSE']._serialized_end=724
-  _globals['_DECISION']._serialized_start=1391
-  _globals['_DECISION']._serialized_end=1463
+  _globals['_CHECKREQUEST']._serialized_end=201
+  _globals['_HTTPREQUEST']._serialized_start=204
+  _globals['_HTTPREQUEST']._serialized_end=379
+  _globals['_HTTPREQUEST_HEADERSENTRY']._serialized_start=333
+  _globals['_HTTPREQUEST_HEADERSENTRY']._serialized_end=379
+  _globals['_ACTIONREQUEST']._serialized_start=381
+  _globals['_ACTIONREQUEST']._serialized_end=434
+  _globals['_PRINCIPAL']._serialized_start=436
+  _globals['_PRINCIPAL']._serialized_end=508
+  _globals['_CHECKRESPONSE']._serialized_start=511
+  _globals['_CHECKRESPONSE']._serialized_end=738
+  _globals['_DECISION']._serialized_start=1405
+  _globals['_DECISION']._serialized_end=1477
 # @@protoc_insertion_point(module_scope)

@@ -70,16 +70,18 @@ STORE_UNAVAILABLE: Reason
 INTERNAL_ERROR: Reason
 
 class CheckRequest(_message.Message):
-    __slots__ = ("token", "request_id", "http", "action")
+    __slots__ = ("token", "request_id", "http", "action", "door")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     HTTP_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
+    DOOR_FIELD_NUMBER: _ClassVar[int]
     token: str
     request_id: str
     http: HttpRequest
     action: ActionRequest
-    def __init__(self, token: _Optional[str] = ..., request_id: _Optional[str] = ..., http: _Optional[_Union[HttpRequest, _Mapping]] = ..., action: _Optional[_Union[ActionRequest, _Mapping]] = ...) -> None: ...
+    door: str
+    def __init__(self, token: _Optional[str] = ..., request_id: _Optional[str] = ..., http: _Optional[_Union[HttpRequest, _Mapping]] = ..., action: _Optional[_Union[ActionRequest, _Mapping]] = ..., door: _Optional[str] = ...) -> None: ...
 
 class HttpRequest(_message.Message):
     __slots__ = ("method", "path", "query", "headers", "body")
