@@ -606,9 +606,9 @@ def check(
         target = ActionTarget(action, data_sources)
     request = CheckInput(raw_token, target, request_id, "cli")
     if local:
-        from policyd.wiring import build_engine
+        from policyd.wiring import build_decider
 
-        decision = build_engine(obj.config, obj.store).decide(request)
+        decision = build_decider(obj.config, obj.store).check(request)
     else:
         decision = _remote_check(obj.config, address or obj.config.client_address, request)
     _print_decision(decision, as_json)
@@ -782,3 +782,13 @@ def main(argv: Iterable[str] | None = None) -> int:
         click.echo(f"policyd: internal error: {type(exc).__name__}: {exc}", err=True)
         return 1
     return 0
+
+
+def _register_command_groups() -> None:
+    """Command groups that live in their own modules."""
+    from policyd.audit_cli import audit
+
+    cli.add_command(audit)
+
+
+_register_command_groups()

@@ -78,12 +78,31 @@ class EngineConfig:
 
 
 @dataclass
+class AuditConfig:
+    enabled: bool = True
+    # The audit log's own SQLite file, and the key of its hash chain (mode 0600).
+    path: str = "var/audit.db"
+    key_file: str = "var/audit.key"
+    # "normal": a committed record survives a crash or kill -9 of the server;
+    # "full": it also survives power loss (one fsync per group commit).
+    sync: str = "normal"
+    # How long a decision may wait for its record to commit before it is denied.
+    timeout_seconds: float = 5.0
+    # Retention, applied while serving: records older than this are pruned (0 = keep).
+    max_age_days: float = 90.0
+    # Prune the oldest records when the file's data exceeds this many bytes (0 = no limit).
+    max_bytes: int = 0
+    retention_interval_seconds: float = 60.0
+
+
+@dataclass
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     tokens: TokensConfig = field(default_factory=TokensConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
     def validate(self) -> None:
         s = self.server
@@ -128,6 +147,17 @@ class Config:
         _at_least("engine.max_body_bytes", self.engine.max_body_bytes, 1)
         if not self.store.path:
             raise ConfigError("store.path must not be empty")
+        a = self.audit
+        if a.sync not in ("normal", "full"):
+            raise ConfigError(f"audit.sync must be 'normal' or 'full', not {a.sync!r}")
+        if a.enabled and not (a.path and a.key_file):
+            raise ConfigError("audit.path and audit.key_file must not be empty")
+        if not a.timeout_seconds > 0:
+            raise ConfigError(f"audit.timeout_seconds must be above 0, not {a.timeout_seconds}")
+        _at_least("audit.max_age_days", a.max_age_days, 0)
+        _at_least("audit.max_bytes", a.max_bytes, 0)
+        if not a.retention_interval_seconds > 0:
+            raise ConfigError("audit.retention_interval_seconds must be above 0")
 
     @property
     def client_address(self) -> str:

@@ -40,6 +40,7 @@ class Reason(enum.IntEnum):
     BODY_TOO_LARGE = 26
     STORE_UNAVAILABLE = 27
     INTERNAL_ERROR = 28
+    AUDIT_UNAVAILABLE = 29
 
     @property
     def is_token_problem(self) -> bool:

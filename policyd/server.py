@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -35,11 +36,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from policyd.config import Config, TLSConfig
-from policyd.engine import Engine
+from policyd.decider import Decider
 from policyd.errors import ConfigError, PolicydError
 from policyd.gen.v1 import decision_pb2_grpc
 from policyd.service import SERVICE_NAME, DecisionServicer
-from policyd.wiring import build_engine
+from policyd.wiring import build_decider
 
 log = logging.getLogger("policyd.server")
 
@@ -95,9 +96,10 @@ def ensure_free(address: str) -> None:
 class Server:
     """One serving process: the gRPC server and its health status."""
 
-    def __init__(self, config: Config, engine: Engine | None = None) -> None:
+    def __init__(self, config: Config, decider: Decider | None = None) -> None:
         self.config = config
-        self.engine = engine or build_engine(config)
+        self.decider = decider or build_decider(config)
+        self.engine = self.decider.engine
         self.health = health.HealthServicer()
         self.stopping = threading.Event()
         # Only the workers of one supervisor share a port; a lone server must own it.
@@ -108,7 +110,7 @@ class Server:
             futures.ThreadPoolExecutor(max_workers=config.server.threads),
             options=[("grpc.so_reuseport", int(worker))],
         )
-        servicer = DecisionServicer(self.engine)
+        servicer = DecisionServicer(self.decider)
         decision_pb2_grpc.add_DecisionServicer_to_server(servicer, self.grpc)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
@@ -135,6 +137,8 @@ class Server:
         self.health.enter_graceful_shutdown()
         grace = self.config.server.grace_seconds if grace is None else grace
         self.grpc.stop(grace).wait()
+        if self.decider.audit is not None:
+            self.decider.audit.close()
 
 
 def _wait_for_signal() -> int:
@@ -158,7 +162,7 @@ def serve(config: Config, config_path: str | None = None) -> int:
         return _supervise(config, config_path)
     server = Server(config)
     server.start()
-    janitor = threading.Thread(target=_purge_revocations, args=(server,), daemon=True)
+    janitor = threading.Thread(target=_maintain, args=(server,), daemon=True)
     janitor.start()
     tls = config.server.tls
     mode = "mTLS" if tls.client_ca_file else ("TLS" if tls.cert_file else "plaintext")
@@ -172,15 +176,30 @@ def serve(config: Config, config_path: str | None = None) -> int:
     return 0
 
 
-def _purge_revocations(server: Server, every: float = 300.0) -> None:
-    """Forget revoked token ids once their tokens have expired anyway."""
+def _maintain(server: Server) -> None:
+    """Background upkeep: forget expired revocations; apply the audit retention."""
     store = server.engine.facts.store
-    leeway = server.config.tokens.leeway_seconds
+    config = server.config
+    audit = server.decider.audit
+    every = config.audit.retention_interval_seconds
+    next_purge = 0.0
     while not server.stopping.wait(every):
+        now = time.time()
         try:
-            store.purge_expired_revocations(time.time(), leeway)
-        except PolicydError as exc:
-            log.warning("purging expired revocations failed: %s", exc)
+            if now >= next_purge:  # revocations: every 5 minutes is plenty
+                store.purge_expired_revocations(now, config.tokens.leeway_seconds)
+                next_purge = now + 300
+            if audit is not None and (config.audit.max_age_days or config.audit.max_bytes):
+                removed = audit.prune(
+                    before=now - config.audit.max_age_days * 86400
+                    if config.audit.max_age_days
+                    else None,
+                    max_bytes=config.audit.max_bytes or None,
+                )
+                if removed:
+                    log.info("audit retention pruned %d records", removed)
+        except (PolicydError, sqlite3.Error) as exc:
+            log.warning("maintenance failed: %s", exc)
 
 
 def _supervise(config: Config, config_path: str | None) -> int:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import grpc
 
-from policyd.engine import Engine
+from policyd.decider import Decider
 from policyd.gen.v1 import decision_pb2, decision_pb2_grpc
 from policyd.model import ActionTarget, CheckInput, Decision, HttpTarget
 from policyd.reasons import Reason
@@ -51,13 +52,14 @@ def to_response(decision: Decision) -> decision_pb2.CheckResponse:
 
 
 class DecisionServicer(decision_pb2_grpc.DecisionServicer):
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, decider: Decider) -> None:
+        self.decider = decider
 
     def Check(
         self, request: decision_pb2.CheckRequest, context: grpc.ServicerContext
     ) -> decision_pb2.CheckResponse:
-        decision = self.engine.decide(to_input(request))
+        started = time.perf_counter_ns()
+        decision = self.decider.check(to_input(request), started)
         try:
             return to_response(decision)
         except Exception:  # e.g. text protobuf cannot encode: still a deny, never an error

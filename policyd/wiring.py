@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from policyd.audit import AuditLog, load_key
 from policyd.config import Config
+from policyd.decider import Decider
 from policyd.engine import Engine, EngineSettings
 from policyd.facts import Facts
 from policyd.keys import KeyRing
@@ -41,3 +43,16 @@ def build_engine(config: Config, store: Store | None = None) -> Engine:
         RouteTable(BUILTIN_RULES),
         EngineSettings(max_body_bytes=config.engine.max_body_bytes),
     )
+
+
+def open_audit_log(config: Config) -> AuditLog | None:
+    a = config.audit
+    if not a.enabled:
+        return None
+    key = load_key(a.key_file, create=True)
+    return AuditLog(a.path, key, sync=a.sync, timeout=a.timeout_seconds)
+
+
+def build_decider(config: Config, store: Store | None = None) -> Decider:
+    """The engine plus the audit log: what every door calls."""
+    return Decider(build_engine(config, store), open_audit_log(config))

@@ -197,6 +197,14 @@ def test_every_key_has_an_env_variable_that_overrides_it(tmp_path: Path) -> None
         "tokens.algorithm": "RS256",
         "tokens.cache_size": 9,
         "engine.max_body_bytes": 10,
+        "audit.enabled": False,
+        "audit.path": "/srv/audit.db",
+        "audit.key_file": "/srv/audit.key",
+        "audit.sync": "full",
+        "audit.timeout_seconds": 1.5,
+        "audit.max_age_days": 30.0,
+        "audit.max_bytes": 1000000,
+        "audit.retention_interval_seconds": 2.5,
     }
     assert set(values) == {key for key, _ in _keys(Config())}, "a key is missing here"
     env = {"POLICYD_" + key.replace(".", "_").upper(): str(v) for key, v in values.items()}
@@ -368,7 +376,10 @@ def test_every_key_is_documented_with_its_default(key: str, default: object) -> 
     assert f"`{key}`" in text, f"docs/configuration.md does not mention {key}"
     rows = _doc_rows()
     assert key in rows, f"docs/configuration.md has no table row for {key}"
-    expected = f'"{default}"' if isinstance(default, str) else str(default)
+    if isinstance(default, bool):
+        expected = str(default).lower()  # as TOML writes it
+    else:
+        expected = f'"{default}"' if isinstance(default, str) else str(default)
     assert rows[key] == expected
 
 

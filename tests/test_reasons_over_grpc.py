@@ -646,6 +646,21 @@ def test_store_files_overwritten_with_garbage_are_store_unavailable(tmp_path: Pa
         assert_decision(client.http("", "/api/info"), Reason.ALLOWED, verified=False)
 
 
+@covers(Reason.AUDIT_UNAVAILABLE)
+def test_decision_whose_audit_record_cannot_be_written_is_audit_unavailable(
+    tmp_path: Path,
+) -> None:
+    with serving_seeded(tmp_path) as (home, client):
+        token = home.token()
+        assert_decision(client.http(token), Reason.ALLOWED, verified=True)
+        with sqlite3.connect(home.config.audit.path) as db:
+            db.execute("DROP TABLE audit")
+        # The decision itself would be an allow; unrecorded, it must not be one.
+        response = client.http(token)
+        assert_decision(response, Reason.AUDIT_UNAVAILABLE, verified=True)
+        assert "audit" in response.message
+
+
 @covers(Reason.INTERNAL_ERROR)
 def test_unparseable_signing_key_in_the_store_is_internal_error(
     shared_home: Home, key: SigningKey, client: Client

@@ -39,6 +39,7 @@ class Reason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     BODY_TOO_LARGE: _ClassVar[Reason]
     STORE_UNAVAILABLE: _ClassVar[Reason]
     INTERNAL_ERROR: _ClassVar[Reason]
+    AUDIT_UNAVAILABLE: _ClassVar[Reason]
 REASON_UNSPECIFIED: Reason
 ALLOWED: Reason
 TOKEN_MISSING: Reason
@@ -68,6 +69,7 @@ BODY_INVALID: Reason
 BODY_TOO_LARGE: Reason
 STORE_UNAVAILABLE: Reason
 INTERNAL_ERROR: Reason
+AUDIT_UNAVAILABLE: Reason
 
 class CheckRequest(_message.Message):
     __slots__ = ("token", "request_id", "http", "action", "door")

@@ -1,0 +1,646 @@
+"""The audit log: one hash-chained record per decision, durable before the decision is answered.
+
+The log is its own SQLite file (WAL). `AuditLog.record()` returns only once the record is
+committed. Concurrent callers share commits (group commit): the first caller to find the
+log idle becomes the leader, writes every record queued so far in one transaction, wakes
+their callers, and hands leadership to the first caller still waiting, if any. A lone
+caller therefore writes its own record with no thread hand-off; under load one commit
+carries many records.
+
+Durability (`audit.sync`): "normal" (default) commits to the WAL without fsync, which
+survives a crash or `kill -9` of the server; "full" also fsyncs each commit, which survives
+power loss. See docs/audit.md for the measured cost of each.
+
+Tamper evidence: each record stores `prev_hash` (the hash of the record before it) and
+`hash = HMAC-SHA256(key, prev_hash + canonical JSON of its fields)`, with a 32-byte key in
+its own 0600 file (`audit.key_file`): whoever can write the database but not read the key
+cannot forge a link. The chain is extended inside the
+write transaction, so several processes writing one file still form one chain. `verify`
+recomputes it and names the first broken link. Pruning removes the oldest records and
+moves the chain's anchor (the first kept record and the hash it must follow) in the same
+transaction, so what remains still verifies.
+
+Never stored: the token, an Authorization header, a body, a secret, query values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+from policyd.errors import PolicydError
+from policyd.model import ActionTarget, CheckInput, Decision, HttpTarget
+
+log = logging.getLogger(__name__)
+
+GENESIS = "0" * 64
+BUSY_TIMEOUT_MS = 5000
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS audit (
+        seq INTEGER PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        ts REAL NOT NULL,
+        decision TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        rule_id TEXT NOT NULL,
+        policy_version TEXT NOT NULL,
+        client_id TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        scopes TEXT NOT NULL,
+        data_sources TEXT NOT NULL,
+        action TEXT NOT NULL,
+        method TEXT NOT NULL,
+        path TEXT NOT NULL,
+        door TEXT NOT NULL,
+        request_id TEXT NOT NULL,
+        jti TEXT NOT NULL,
+        latency_us INTEGER NOT NULL,
+        message TEXT NOT NULL,
+        prev_hash TEXT NOT NULL,
+        hash TEXT NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS audit_ts ON audit (ts)",
+    "CREATE INDEX IF NOT EXISTS audit_user ON audit (user_id, ts)",
+    "CREATE INDEX IF NOT EXISTS audit_app ON audit (client_id, ts)",
+    "CREATE INDEX IF NOT EXISTS audit_request ON audit (request_id)",
+    # One row per (record, data source), for "who touched this data source" queries.
+    """CREATE TABLE IF NOT EXISTS audit_data_sources (
+        data_source TEXT NOT NULL,
+        ts REAL NOT NULL,
+        seq INTEGER NOT NULL,
+        PRIMARY KEY (data_source, ts, seq)
+    ) WITHOUT ROWID""",
+    "CREATE INDEX IF NOT EXISTS audit_data_sources_seq ON audit_data_sources (seq)",
+    # The chain's anchor: the first record kept and the hash it must follow.
+    """CREATE TABLE IF NOT EXISTS audit_anchor (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        first_seq INTEGER NOT NULL,
+        prev_hash TEXT NOT NULL
+    )""",
+    "INSERT OR IGNORE INTO audit_anchor (id, first_seq, prev_hash) VALUES (1, 1, '"
+    + GENESIS
+    + "')",
+)
+
+# The fields covered by the hash, in the order of AuditRecord.
+FIELDS = (
+    "id",
+    "ts",
+    "decision",
+    "reason",
+    "rule_id",
+    "policy_version",
+    "client_id",
+    "user_id",
+    "scopes",
+    "data_sources",
+    "action",
+    "method",
+    "path",
+    "door",
+    "request_id",
+    "jti",
+    "latency_us",
+    "message",
+)
+_COLUMNS = ", ".join(FIELDS)
+_INSERT = (
+    f"INSERT INTO audit (seq, {_COLUMNS}, prev_hash, hash)"
+    f" VALUES (?, {', '.join('?' * len(FIELDS))}, ?, ?)"
+)
+
+
+class AuditUnavailable(PolicydError):
+    """The record could not be made durable; the decision must not be answered as allow."""
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    id: str
+    ts: float
+    decision: str
+    reason: str
+    rule_id: str
+    policy_version: str
+    client_id: str
+    user_id: str
+    scopes: tuple[str, ...]
+    data_sources: tuple[str, ...]
+    action: str
+    method: str
+    path: str
+    door: str
+    request_id: str
+    jti: str
+    latency_us: int
+    message: str
+
+    def canonical(self) -> str:
+        return json.dumps(
+            [list(v) if isinstance(v, tuple) else v for v in self.values()],
+            separators=(",", ":"),
+            ensure_ascii=False,
+        )
+
+    def values(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in FIELDS)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["scopes"] = list(self.scopes)
+        out["data_sources"] = list(self.data_sources)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRecord:
+    seq: int
+    record: AuditRecord
+    prev_hash: str
+    hash: str
+
+    def as_dict(self) -> dict[str, Any]:
+        out = self.record.as_dict()
+        out.update(seq=self.seq, prev_hash=self.prev_hash, hash=self.hash)
+        return out
+
+
+def chain_hash(key: bytes, prev_hash: str, record: AuditRecord) -> str:
+    message = (prev_hash + record.canonical()).encode()
+    return hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
+def load_key(path: str | Path, *, create: bool = False) -> bytes:
+    """The chain key: 32 random bytes in a file of mode 0600, made on first use."""
+    path = Path(path)
+    try:
+        key = path.read_bytes()
+    except FileNotFoundError:
+        if not create:
+            raise PolicydError(f"no audit key at {path}") from None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        except FileExistsError:  # another process made it first
+            return load_key(path)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(secrets.token_bytes(32))
+        return load_key(path)
+    except OSError as exc:
+        raise PolicydError(f"cannot read audit key {path}: {exc.strerror}") from None
+    if len(key) < 32:
+        raise PolicydError(f"audit key {path} is shorter than 32 bytes")
+    return key
+
+
+def masked_path(target: HttpTarget | ActionTarget | None) -> tuple[str, str]:
+    """(method, path) for the record: query values are replaced by '*', never stored."""
+    if isinstance(target, HttpTarget):
+        path = target.path[:2048]
+        if target.query:
+            keys = [k for k, _ in parse_qsl(target.query, keep_blank_values=True)]
+            path += "?" + "&".join(f"{k[:64]}=*" for k in keys[:32])
+        return target.method[:16], path
+    return "", ""
+
+
+def record_for(
+    request: CheckInput, decision: Decision, latency_us: int, now: float | None = None
+) -> AuditRecord:
+    p = decision.principal
+    method, path = masked_path(request.target)
+    action = decision.action
+    if not action and isinstance(request.target, ActionTarget):
+        action = request.target.action[:200]
+    data_sources = decision.data_sources
+    if not data_sources and isinstance(request.target, ActionTarget):
+        data_sources = tuple(ds[:200] for ds in request.target.data_sources[:64])
+    return AuditRecord(
+        id=decision.decision_id,
+        ts=time.time() if now is None else now,
+        decision="allow" if decision.allowed else "deny",
+        reason=decision.reason.name,
+        rule_id=decision.rule_id,
+        policy_version=decision.policy_version,
+        client_id=p.client_id if p else "",
+        user_id=p.sub if p else "",
+        scopes=p.scopes if p else (),
+        data_sources=data_sources,
+        action=action,
+        method=method,
+        path=path,
+        door=request.door[:32],
+        request_id=request.request_id[:200],
+        jti=p.jti if p else "",
+        latency_us=latency_us,
+        message=decision.message[:500],
+    )
+
+
+def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+    if readonly:
+        if not path.exists():
+            raise PolicydError(f"no audit log at {path}")
+        conn = sqlite3.connect(
+            f"file:{path}?mode=ro",
+            uri=True,
+            timeout=BUSY_TIMEOUT_MS / 1000,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+    else:
+        conn = sqlite3.connect(
+            path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
+        )
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    return conn
+
+
+def open_log_file(path: Path, sync: str) -> sqlite3.Connection:
+    """Create (mode 0600) or open the audit file for writing, with its schema."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    conn = connect(path)
+    conn.execute("PRAGMA auto_vacuum = INCREMENTAL")  # takes effect on a new file only
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute(f"PRAGMA synchronous = {'FULL' if sync == 'full' else 'NORMAL'}")
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for statement in _SCHEMA:
+            conn.execute(statement)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return conn
+
+
+@dataclass(slots=True)
+class _Pending:
+    record: AuditRecord
+    event: threading.Event = field(default_factory=threading.Event)
+    lead: bool = False
+    error: str = ""
+
+
+class AuditLog:
+    """The writer side of the audit log, shared by all threads of one process."""
+
+    def __init__(
+        self, path: str | Path, key: bytes, *, sync: str = "normal", timeout: float = 5.0
+    ) -> None:
+        self.path = Path(path)
+        self.key = key
+        self.timeout = timeout
+        try:
+            self._conn = open_log_file(self.path, sync)
+        except sqlite3.Error as exc:
+            raise AuditUnavailable(f"cannot open audit log {self.path}: {exc}") from exc
+        self._lock = threading.Lock()
+        self._queue: list[_Pending] = []
+        self._busy = False
+        self.commits = 0  # for tests and metrics: how many transactions were made
+        self.records = 0
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def record(self, record: AuditRecord) -> None:
+        """Append the record; return once it is committed, or raise AuditUnavailable."""
+        pending = _Pending(record)
+        with self._lock:
+            self._queue.append(pending)
+            lead = not self._busy
+            self._busy = True
+        if not lead:
+            if not pending.event.wait(self.timeout):
+                raise AuditUnavailable("audit log did not commit in time")
+            if not pending.lead:
+                if pending.error:
+                    raise AuditUnavailable(pending.error)
+                return
+        self._lead()
+        if pending.error:
+            raise AuditUnavailable(pending.error)
+
+    def _lead(self) -> None:
+        """Write everything queued in one transaction; then hand over or go idle."""
+        with self._lock:
+            batch, self._queue = self._queue, []
+        error = ""
+        try:
+            self._write(batch)
+        except sqlite3.Error as exc:
+            error = f"audit log write failed: {exc}"
+            log.error("%s (%d records)", error, len(batch))
+        for pending in batch:
+            pending.error = error
+            pending.event.set()
+        with self._lock:
+            if self._queue:
+                successor = self._queue[0]
+                successor.lead = True
+                successor.event.set()
+            else:
+                self._busy = False
+
+    def _write(self, batch: Sequence[_Pending]) -> None:
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            last = conn.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+            if last is None:
+                anchor = conn.execute(
+                    "SELECT first_seq, prev_hash FROM audit_anchor WHERE id = 1"
+                ).fetchone()
+                seq, prev = anchor[0] - 1, anchor[1]
+            else:
+                seq, prev = last
+            rows = []
+            ds_rows: list[tuple[str, float, int]] = []
+            for pending in batch:
+                rec = pending.record
+                seq += 1
+                digest = chain_hash(self.key, prev, rec)
+                values = list(rec.values())
+                values[FIELDS.index("scopes")] = " ".join(rec.scopes)
+                values[FIELDS.index("data_sources")] = json.dumps(list(rec.data_sources))
+                rows.append((seq, *values, prev, digest))
+                ds_rows.extend((ds, rec.ts, seq) for ds in rec.data_sources)
+                prev = digest
+            conn.executemany(_INSERT, rows)
+            if ds_rows:
+                conn.executemany(
+                    "INSERT OR IGNORE INTO audit_data_sources (data_source, ts, seq)"
+                    " VALUES (?, ?, ?)",
+                    ds_rows,
+                )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        self.commits += 1
+        self.records += len(batch)
+
+    def prune(self, *, before: float | None = None, max_bytes: int | None = None) -> int:
+        """Delete records older than `before`, then the oldest until under max_bytes."""
+        with self._lock:
+            removed = prune(self._conn, before=before, max_bytes=max_bytes)
+        return removed
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+
+def _stored(row: Sequence[Any]) -> StoredRecord:
+    values = list(row[1 : 1 + len(FIELDS)])
+    values[FIELDS.index("scopes")] = tuple(values[FIELDS.index("scopes")].split())
+    values[FIELDS.index("data_sources")] = tuple(json.loads(values[FIELDS.index("data_sources")]))
+    return StoredRecord(row[0], AuditRecord(*values), row[-2], row[-1])
+
+
+_SELECT = f"SELECT seq, {_COLUMNS}, prev_hash, hash FROM audit"
+
+
+@dataclass
+class Query:
+    since: float | None = None
+    until: float | None = None
+    client_id: str | None = None
+    user_id: str | None = None
+    data_source: str | None = None
+    decision: str | None = None
+    reason: str | None = None
+    rule_id: str | None = None
+    door: str | None = None
+    request_id: str | None = None
+    after_seq: int | None = None
+    limit: int = 100
+
+    def sql(self) -> tuple[str, list[Any]]:
+        """SQL for the newest `limit` matching records (callers reverse for display)."""
+        where: list[str] = []
+        args: list[Any] = []
+        if self.data_source is not None:
+            sub = "SELECT seq FROM audit_data_sources WHERE data_source = ?"
+            args.append(self.data_source)
+            if self.since is not None:
+                sub += " AND ts >= ?"
+                args.append(self.since)
+            if self.until is not None:
+                sub += " AND ts < ?"
+                args.append(self.until)
+            where.append(f"seq IN ({sub})")
+        for column, value in (
+            ("client_id", self.client_id),
+            ("user_id", self.user_id),
+            ("decision", self.decision),
+            ("reason", self.reason),
+            ("rule_id", self.rule_id),
+            ("door", self.door),
+            ("request_id", self.request_id),
+        ):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        if self.since is not None:
+            where.append("ts >= ?")
+            args.append(self.since)
+        if self.until is not None:
+            where.append("ts < ?")
+            args.append(self.until)
+        if self.after_seq is not None:
+            where.append("seq > ?")
+            args.append(self.after_seq)
+        sql = _SELECT + (" WHERE " + " AND ".join(where) if where else "")
+        if self.after_seq is not None:
+            return sql + " ORDER BY seq LIMIT ?", [*args, self.limit]
+        # Time order: ids and ts grow together; ties broken by seq.
+        return sql + " ORDER BY ts DESC, seq DESC LIMIT ?", [*args, self.limit]
+
+
+class AuditReader:
+    """Read side: queries, tail, show, stats, verify. Never blocks the writer (WAL)."""
+
+    def __init__(self, path: str | Path, key: bytes | None = None) -> None:
+        self.path = Path(path)
+        self.key = key
+        self._conn = connect(self.path, readonly=True)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def query(self, q: Query) -> list[StoredRecord]:
+        sql, args = q.sql()
+        rows = [_stored(r) for r in self._conn.execute(sql, args)]
+        if q.after_seq is None:
+            rows.reverse()
+        return rows
+
+    def last_seq(self) -> int:
+        row = self._conn.execute("SELECT max(seq) FROM audit").fetchone()
+        return int(row[0] or 0)
+
+    def show(self, record_id: str) -> StoredRecord | None:
+        row = self._conn.execute(_SELECT + " WHERE id = ?", (record_id,)).fetchone()
+        return None if row is None else _stored(row)
+
+    def stats(self, since: float | None, until: float | None) -> dict[str, dict[str, int]]:
+        where, args = [], []
+        if since is not None:
+            where.append("ts >= ?")
+            args.append(since)
+        if until is not None:
+            where.append("ts < ?")
+            args.append(until)
+        clause = (" WHERE " + " AND ".join(where)) if where else ""
+        out: dict[str, dict[str, int]] = {}
+        for name, column in (("decision", "decision"), ("reason", "reason"), ("app", "client_id")):
+            rows = self._conn.execute(
+                f"SELECT {column}, count(*) FROM audit{clause} GROUP BY {column}"
+                " ORDER BY count(*) DESC, 1",
+                args,
+            )
+            out[name] = {str(k) or "-": int(n) for k, n in rows}
+        rows = self._conn.execute(
+            "SELECT data_source, count(*) FROM audit_data_sources"
+            + clause
+            + " GROUP BY data_source ORDER BY count(*) DESC, 1",
+            args,
+        )
+        out["data_source"] = {str(k): int(n) for k, n in rows}
+        return out
+
+    def verify(self) -> VerifyResult:
+        if self.key is None:
+            raise PolicydError("verifying the audit chain needs the audit key")
+        return verify(self._conn, self.key)
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyResult:
+    ok: bool
+    checked: int
+    head: str
+    problem: str = ""
+    seq: int | None = None
+
+
+def verify(conn: sqlite3.Connection, key: bytes) -> VerifyResult:
+    """Walk the chain from its anchor; report the first record that breaks it."""
+    first_seq, prev = conn.execute(
+        "SELECT first_seq, prev_hash FROM audit_anchor WHERE id = 1"
+    ).fetchone()
+    expected_seq = first_seq
+    checked = 0
+    for row in conn.execute(_SELECT + " ORDER BY seq"):
+        stored = _stored(row)
+        if stored.seq != expected_seq:
+            return VerifyResult(
+                False,
+                checked,
+                prev,
+                f"record {expected_seq} is missing (next is {stored.seq}): deleted",
+                stored.seq,
+            )
+        if stored.prev_hash != prev:
+            return VerifyResult(
+                False,
+                checked,
+                prev,
+                f"record {stored.seq} ({stored.record.id}) does not follow the record before"
+                " it: inserted, deleted or reordered",
+                stored.seq,
+            )
+        if not hmac.compare_digest(chain_hash(key, prev, stored.record), stored.hash):
+            return VerifyResult(
+                False,
+                checked,
+                prev,
+                f"record {stored.seq} ({stored.record.id}) does not match its hash: edited",
+                stored.seq,
+            )
+        prev = stored.hash
+        expected_seq += 1
+        checked += 1
+    return VerifyResult(True, checked, prev)
+
+
+def prune(
+    conn: sqlite3.Connection, *, before: float | None = None, max_bytes: int | None = None
+) -> int:
+    """Delete the oldest records (by chain order) and move the anchor; returns how many."""
+    removed = 0
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        cut: int | None = None
+        if before is not None:
+            cut = conn.execute("SELECT max(seq) FROM audit WHERE ts < ?", (before,)).fetchone()[0]
+        if max_bytes is not None:
+            used = _used_bytes(conn)
+            total = conn.execute("SELECT count(*), min(seq), max(seq) FROM audit").fetchone()
+            if used > max_bytes and total[0]:
+                # Drop the oldest share that brings the file under the limit, plus 10 %.
+                share = min(1.0, (used - max_bytes) / used + 0.1)
+                size_cut = total[1] + int(total[0] * share) - 1
+                cut = size_cut if cut is None else max(cut, size_cut)
+        if cut is not None:
+            keep = conn.execute(
+                "SELECT seq, prev_hash FROM audit WHERE seq > ? ORDER BY seq LIMIT 1", (cut,)
+            ).fetchone()
+            last = conn.execute(
+                "SELECT seq, hash FROM audit WHERE seq <= ? ORDER BY seq DESC LIMIT 1", (cut,)
+            ).fetchone()
+            if last is not None:
+                removed = conn.execute("DELETE FROM audit WHERE seq <= ?", (cut,)).rowcount
+                conn.execute("DELETE FROM audit_data_sources WHERE seq <= ?", (cut,))
+                first_seq, prev_hash = (keep[0], keep[1]) if keep else (last[0] + 1, last[1])
+                conn.execute(
+                    "UPDATE audit_anchor SET first_seq = ?, prev_hash = ? WHERE id = 1",
+                    (first_seq, prev_hash),
+                )
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    if removed:
+        conn.execute("PRAGMA incremental_vacuum")
+    return removed
+
+
+def _used_bytes(conn: sqlite3.Connection) -> int:
+    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+    return int((pages - free) * page_size)
+
+
+def follow(
+    reader: AuditReader, q: Query, poll: float = 0.25, stop: threading.Event | None = None
+) -> Iterator[StoredRecord]:
+    """Yield records as they are written (after q.after_seq), until stop is set."""
+    after = reader.last_seq() if q.after_seq is None else q.after_seq
+    while stop is None or not stop.is_set():
+        batch = reader.query(Query(**{**asdict(q), "after_seq": after, "limit": 1000}))
+        for stored in batch:
+            after = stored.seq
+            yield stored
+        if not batch:
+            time.sleep(poll)

@@ -1,0 +1,603 @@
+"""The audit log: records, group commit, hash chain, queries, follow, retention, durability."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from policyd.audit import (
+    AuditLog,
+    AuditReader,
+    AuditRecord,
+    Query,
+    chain_hash,
+    load_key,
+    open_log_file,
+    prune,
+    verify,
+)
+from policyd.cli import main
+from policyd.ids import new_id
+from tests.helpers import Home, ServerProcess, check_request, decision_stub, run_server
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def _record(**overrides: Any) -> AuditRecord:
+    fields: dict[str, Any] = {
+        "id": new_id(),
+        "ts": time.time(),
+        "decision": "allow",
+        "reason": "ALLOWED",
+        "rule_id": "tags-search",
+        "policy_version": "v1",
+        "client_id": "app1",
+        "user_id": "alice",
+        "scopes": ("DataRead",),
+        "data_sources": ("ds-a",),
+        "action": "tags.search",
+        "method": "GET",
+        "path": "/api/data/tags/ds-a",
+        "door": "grpc",
+        "request_id": "r",
+        "jti": "j",
+        "latency_us": 10,
+        "message": "allowed",
+    }
+    fields.update(overrides)
+    return AuditRecord(**fields)
+
+
+@pytest.fixture
+def log_path(tmp_path: Path) -> Path:
+    return tmp_path / "audit.db"
+
+
+@pytest.fixture
+def key(tmp_path: Path) -> bytes:
+    return load_key(tmp_path / "audit.key", create=True)
+
+
+def _filled(path: Path, key: bytes, records: list[AuditRecord]) -> None:
+    audit = AuditLog(path, key)
+    for rec in records:
+        audit.record(rec)
+    audit.close()
+
+
+def _cli(home: Home, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(["--config", str(home.config_path), *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def serving(seeded: Home) -> Iterator[tuple[Home, ServerProcess, Any]]:
+    with run_server(seeded) as server, grpc.insecure_channel(server.address) as channel:
+        yield seeded, server, decision_stub(channel)
+
+
+# -- what a record holds ------------------------------------------------------------------
+
+
+def test_every_check_over_grpc_is_recorded_with_its_fields_and_no_secrets(
+    serving: tuple[Home, ServerProcess, Any],
+) -> None:
+    home, _, stub = serving
+    token = home.token()
+    allow = stub.Check(
+        check_request(token, path="/api/data/tags/ds-a", query="name=secret-tag&x=1"), timeout=5
+    )
+    deny = stub.Check(check_request(token, path="/api/data/tags/ds-c"), timeout=5)
+    reader = AuditReader(home.config.audit.path)
+    by_id = {s.record.id: s.record for s in reader.query(Query(limit=10))}
+    assert set(by_id) == {allow.decision_id, deny.decision_id}
+    a = by_id[allow.decision_id]
+    assert (a.decision, a.reason, a.rule_id, a.action) == (
+        "allow",
+        "ALLOWED",
+        "tags-search",
+        "tags.search",
+    )
+    assert (a.client_id, a.user_id, a.scopes, a.data_sources) == (
+        "app1",
+        "alice",
+        ("UserInfo", "DataRead"),
+        ("ds-a",),
+    )
+    assert (a.method, a.door, a.request_id) == ("GET", "grpc", "test")
+    assert a.path == "/api/data/tags/ds-a?name=*&x=*"
+    assert a.jti == allow.principal.jti and a.jti
+    assert a.policy_version == allow.policy_version
+    assert a.latency_us > 0
+    d = by_id[deny.decision_id]
+    assert (d.decision, d.reason) == ("deny", "DATA_SOURCE_NOT_GRANTED")
+    raw = b"".join(p.read_bytes() for p in Path(home.config.audit.path).parent.glob("audit.db*"))
+    assert token.encode() not in raw
+    assert token.split(".")[2].encode() not in raw  # not even the signature
+    assert b"secret-tag" not in raw
+
+
+def test_local_cli_check_is_recorded_with_door_cli(
+    seeded: Home, capsys: pytest.CaptureFixture[str]
+) -> None:
+    token = seeded.token()
+    code, _, _ = _cli(
+        seeded,
+        capsys,
+        "check",
+        "--local",
+        "--token",
+        token,
+        "--path",
+        "/api/user/me",
+        "--request-id",
+        "req-7",
+    )
+    assert code == 0
+    [stored] = AuditReader(seeded.config.audit.path).query(Query(request_id="req-7"))
+    assert stored.record.door == "cli"
+    assert stored.record.reason == "ALLOWED"
+
+
+def test_audit_log_file_and_key_are_private(log_path: Path, key: bytes, tmp_path: Path) -> None:
+    _filled(log_path, key, [_record()])
+    assert log_path.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "audit.key").stat().st_mode & 0o777 == 0o600
+
+
+# -- durability and group commit ----------------------------------------------------------
+
+
+def test_record_returns_only_once_another_connection_can_read_it(
+    log_path: Path, key: bytes
+) -> None:
+    audit = AuditLog(log_path, key)
+    other = sqlite3.connect(log_path)
+    for _ in range(20):
+        rec = _record()
+        audit.record(rec)
+        assert other.execute("SELECT count(*) FROM audit WHERE id = ?", (rec.id,)).fetchone()[0]
+    audit.close()
+
+
+def test_concurrent_records_share_commits_and_all_land(log_path: Path, key: bytes) -> None:
+    audit = AuditLog(log_path, key)
+    ids: list[str] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        for _ in range(100):
+            rec = _record()
+            audit.record(rec)
+            with lock:
+                ids.append(rec.id)
+
+    threads = [threading.Thread(target=worker) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert audit.records == 1600
+    assert audit.commits < audit.records  # group commit happened
+    audit.close()
+    reader = AuditReader(log_path, key)
+    assert {s.record.id for s in reader.query(Query(limit=5000))} == set(ids)
+    assert reader.verify().ok
+
+
+@pytest.mark.slow
+def test_sigkill_under_load_loses_no_record_of_an_answered_decision(seeded: Home) -> None:
+    received: list[str] = []
+    stop = threading.Event()
+    lock = threading.Lock()
+    token = seeded.token()
+    with run_server(seeded) as server:
+
+        def drive() -> None:
+            with grpc.insecure_channel(server.address) as channel:
+                stub = decision_stub(channel)
+                while not stop.is_set():
+                    try:
+                        r = stub.Check(check_request(token, path="/api/data/tags/ds-a"), timeout=2)
+                    except grpc.RpcError:
+                        return  # the server died: this call was never answered
+                    with lock:
+                        received.append(r.decision_id)
+
+        threads = [threading.Thread(target=drive) for _ in range(8)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 20
+        while len(received) < 300 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        server.process.send_signal(signal.SIGKILL)
+        server.process.wait()
+        for t in threads:
+            t.join(timeout=10)
+        stop.set()
+    assert len(received) >= 300
+    # A restarted server opens the same log; every answered decision is in it.
+    with run_server(seeded):
+        reader = AuditReader(seeded.config.audit.path, load_key(seeded.config.audit.key_file))
+        logged = {s.record.id for s in reader.query(Query(limit=1_000_000))}
+        assert set(received) <= logged
+        assert reader.verify().ok
+
+
+@pytest.mark.slow
+def test_two_worker_processes_write_one_chain(seeded: Home) -> None:
+    token = seeded.token()
+    with run_server(seeded, "--workers", "2") as server:
+
+        def drive() -> None:
+            for _ in range(60):
+                # a fresh channel each time spreads the calls over both workers
+                with grpc.insecure_channel(server.address) as channel:
+                    decision_stub(channel).Check(check_request(token), timeout=5)
+
+        threads = [threading.Thread(target=drive) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    reader = AuditReader(seeded.config.audit.path, load_key(seeded.config.audit.key_file))
+    result = reader.verify()
+    assert result.ok, result.problem
+    assert result.checked == 240
+
+
+# -- the chain ----------------------------------------------------------------------------
+
+
+def test_verify_accepts_an_untouched_log(log_path: Path, key: bytes) -> None:
+    _filled(log_path, key, [_record() for _ in range(5)])
+    result = AuditReader(log_path, key).verify()
+    assert result.ok and result.checked == 5
+
+
+def test_verify_finds_an_edited_record(log_path: Path, key: bytes) -> None:
+    _filled(log_path, key, [_record() for _ in range(5)])
+    with sqlite3.connect(log_path) as db:
+        db.execute(
+            "UPDATE audit SET decision = 'allow', reason = 'ALLOWED',"
+            " user_id = 'mallory' WHERE seq = 3"
+        )
+    result = AuditReader(log_path, key).verify()
+    assert not result.ok and result.seq == 3
+    assert "edited" in result.problem
+
+
+def test_verify_finds_a_deleted_record(log_path: Path, key: bytes) -> None:
+    _filled(log_path, key, [_record() for _ in range(5)])
+    with sqlite3.connect(log_path) as db:
+        db.execute("DELETE FROM audit WHERE seq = 2")
+    result = AuditReader(log_path, key).verify()
+    assert not result.ok and result.checked == 1
+    assert "deleted" in result.problem
+
+
+def test_verify_finds_an_inserted_record_even_with_renumbered_links(
+    log_path: Path, key: bytes
+) -> None:
+    _filled(log_path, key, [_record() for _ in range(4)])
+    with sqlite3.connect(log_path) as db:
+        # Make room after record 2 and insert a record that claims to follow it.
+        db.execute("UPDATE audit SET seq = seq + 100 WHERE seq > 2")
+        db.execute("UPDATE audit SET seq = seq - 99 WHERE seq > 100")
+        prev = db.execute("SELECT hash FROM audit WHERE seq = 2").fetchone()[0]
+        forged = _record(user_id="mallory")
+        db.execute(
+            "INSERT INTO audit (seq, id, ts, decision, reason, rule_id, policy_version,"
+            " client_id, user_id, scopes, data_sources, action, method, path, door,"
+            " request_id, jti, latency_us, message, prev_hash, hash)"
+            " VALUES (3, ?, ?, 'allow', 'ALLOWED', '', '', 'app1', 'mallory', '', '[]', '',"
+            " 'GET', '/', 'grpc', '', '', 1, '', ?, ?)",
+            (forged.id, forged.ts, prev, chain_hash(b"guessed-key" * 3, prev, forged)),
+        )
+    result = AuditReader(log_path, key).verify()
+    assert not result.ok and result.seq == 3
+
+
+def test_verify_needs_the_key_and_a_wrong_key_breaks_the_chain(log_path: Path, key: bytes) -> None:
+    _filled(log_path, key, [_record() for _ in range(2)])
+    result = verify(sqlite3.connect(log_path), b"x" * 32)
+    assert not result.ok and result.seq == 1
+
+
+def test_pruned_log_still_verifies_and_keeps_newer_records(log_path: Path, key: bytes) -> None:
+    now = time.time()
+    _filled(log_path, key, [_record(ts=now - 3600 * (10 - i)) for i in range(10)])
+    conn = open_log_file(log_path, "normal")
+    assert prune(conn, before=now - 3600 * 4.5) == 6
+    conn.close()
+    _filled(log_path, key, [_record()])  # the chain goes on after a prune
+    reader = AuditReader(log_path, key)
+    result = reader.verify()
+    assert result.ok and result.checked == 5
+    assert [s.seq for s in reader.query(Query(limit=100))] == [7, 8, 9, 10, 11]
+
+
+def test_prune_by_size_keeps_the_file_under_the_limit(log_path: Path, key: bytes) -> None:
+    _filled(log_path, key, [_record(message="x" * 400) for _ in range(2000)])
+    conn = open_log_file(log_path, "normal")
+    page = conn.execute("PRAGMA page_size").fetchone()[0]
+    used_before = conn.execute("PRAGMA page_count").fetchone()[0] * page
+    limit = used_before // 2
+    removed = prune(conn, max_bytes=limit)
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+    conn.close()
+    assert removed > 0
+    assert (pages - free) * page <= limit
+    assert AuditReader(log_path, key).verify().ok
+
+
+@pytest.mark.slow
+def test_server_applies_retention_while_serving(tmp_path: Path) -> None:
+    home = Home(
+        tmp_path,
+        extra_config=(
+            f'[audit]\npath = "{tmp_path / "audit.db"}"\nkey_file = "{tmp_path / "audit.key"}"\n'
+            "max_age_days = 0.00002\nretention_interval_seconds = 0.2\n"  # about 1.7 s
+        ),
+    )
+    home.seed()
+    token = home.token()
+    with run_server(home) as server, grpc.insecure_channel(server.address) as channel:
+        stub = decision_stub(channel)
+        first = stub.Check(check_request(token), timeout=5).decision_id
+        time.sleep(3)
+        last = stub.Check(check_request(token), timeout=5).decision_id
+        reader = AuditReader(home.config.audit.path, load_key(home.config.audit.key_file))
+        ids = {s.record.id for s in reader.query(Query(limit=100))}
+        assert first not in ids and last in ids
+        assert reader.verify().ok
+
+
+# -- the CLI ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def history(seeded: Home) -> Home:
+    """A log with known records: alice/app1 and bob/app2 over two hours."""
+    now = time.time()
+    key = load_key(seeded.config.audit.key_file, create=True)
+    records = [
+        _record(
+            ts=now - 7200,
+            user_id="bob",
+            client_id="app2",
+            data_sources=("ds-b",),
+            door="envoy",
+            request_id="old",
+        ),
+        _record(
+            ts=now - 1800,
+            decision="deny",
+            reason="DATA_SOURCE_NOT_GRANTED",
+            data_sources=("ds-c",),
+            rule_id="tags-get",
+            door="asgi",
+            request_id="mid",
+        ),
+        _record(ts=now - 60, data_sources=("ds-a", "ds-b"), request_id="new"),
+    ]
+    _filled(Path(seeded.config.audit.path), key, records)
+    return seeded
+
+
+def _request_ids(out: str) -> list[str]:
+    return [json.loads(line)["request_id"] for line in out.splitlines()]
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        ([], ["old", "mid", "new"]),
+        (["--since", "1h"], ["mid", "new"]),
+        (["--until", "10m"], ["old", "mid"]),
+        (["--app", "app2"], ["old"]),
+        (["--user", "alice"], ["mid", "new"]),
+        (["--data-source", "ds-b"], ["old", "new"]),
+        (["--data-source", "ds-b", "--since", "1h"], ["new"]),
+        (["--decision", "deny"], ["mid"]),
+        (["--decision", "allow"], ["old", "new"]),
+        (["--reason", "DATA_SOURCE_NOT_GRANTED"], ["mid"]),
+        (["--rule", "tags-get"], ["mid"]),
+        (["--door", "envoy"], ["old"]),
+        (["--request-id", "new"], ["new"]),
+        (["--limit", "2"], ["mid", "new"]),
+        (["--user", "nobody"], []),
+    ],
+)
+def test_query_filters(
+    history: Home, capsys: pytest.CaptureFixture[str], args: list[str], expected: list[str]
+) -> None:
+    code, out, err = _cli(history, capsys, "audit", "query", "--json", *args)
+    assert (code, err) == (0, "")
+    assert _request_ids(out) == expected
+
+
+def test_query_since_accepts_an_iso_time(history: Home, capsys: pytest.CaptureFixture[str]) -> None:
+    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 3600))
+    code, out, _ = _cli(history, capsys, "audit", "query", "--json", "--since", since)
+    assert code == 0 and _request_ids(out) == ["mid", "new"]
+
+
+def test_query_table_fits_100_columns(history: Home, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _cli(history, capsys, "audit", "query")
+    lines = out.splitlines()
+    assert code == 0 and len(lines) == 4
+    assert lines[0].split()[:3] == ["TIME", "DECISION", "REASON"]
+    assert all(len(line) <= 100 for line in lines)
+    assert "DATA_SOURCE_NOT_GRANTED" in lines[2]
+
+
+def test_query_csv_has_a_header_and_every_field(
+    history: Home, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = _cli(history, capsys, "audit", "query", "--csv")
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert code == 0 and [r["request_id"] for r in rows] == ["old", "mid", "new"]
+    assert rows[2]["data_sources"] == "ds-a ds-b"
+    assert rows[1]["reason"] == "DATA_SOURCE_NOT_GRANTED"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--since", "yesterday"],
+        ["--reason", "NOT_A_REASON"],
+        ["--decision", "maybe"],
+        ["--limit", "0"],
+        ["--json", "--csv"],
+    ],
+)
+def test_query_bad_arguments_are_one_line_errors(
+    history: Home, capsys: pytest.CaptureFixture[str], args: list[str]
+) -> None:
+    code, out, err = _cli(history, capsys, "audit", "query", *args)
+    assert code in (1, 2) and out == ""
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_show_prints_one_record_whole(history: Home, capsys: pytest.CaptureFixture[str]) -> None:
+    _, out, _ = _cli(history, capsys, "audit", "query", "--json", "--request-id", "mid")
+    record_id = json.loads(out)["id"]
+    code, out, _ = _cli(history, capsys, "audit", "show", record_id)
+    assert code == 0
+    fields = dict(line.split(":", 1) for line in out.splitlines())
+    assert fields["id"].strip() == record_id
+    assert fields["reason"].strip() == "DATA_SOURCE_NOT_GRANTED"
+    assert len(fields["hash"].strip()) == 64
+    code, out, err = _cli(history, capsys, "audit", "show", "no-such-id")
+    assert code == 1 and "no audit record" in err
+
+
+def test_stats_counts_by_decision_reason_app_and_data_source(
+    history: Home, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = _cli(history, capsys, "audit", "stats", "--since", "3h", "--json")
+    stats = json.loads(out)
+    assert code == 0
+    assert stats["decision"] == {"allow": 2, "deny": 1}
+    assert stats["reason"] == {"ALLOWED": 2, "DATA_SOURCE_NOT_GRANTED": 1}
+    assert stats["app"] == {"app1": 2, "app2": 1}
+    assert stats["data_source"] == {"ds-b": 2, "ds-a": 1, "ds-c": 1}
+    code, out, _ = _cli(history, capsys, "audit", "stats", "--since", "1h", "--json")
+    assert json.loads(out)["decision"] == {"allow": 1, "deny": 1}
+
+
+def test_verify_command_reports_ok_and_then_the_broken_link(
+    history: Home, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = _cli(history, capsys, "audit", "verify")
+    assert code == 0 and out.startswith("ok: 3 records")
+    with sqlite3.connect(history.config.audit.path) as db:
+        db.execute("UPDATE audit SET user_id = 'mallory' WHERE seq = 2")
+    code, out, _ = _cli(history, capsys, "audit", "verify")
+    assert code == 1 and "record 2" in out and "edited" in out
+
+
+def test_prune_command_keeps_the_chain_verifiable(
+    history: Home, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = _cli(history, capsys, "audit", "prune", "--before", "1h")
+    assert code == 0 and out.strip() == "pruned 1 records"
+    code, out, _ = _cli(history, capsys, "audit", "verify")
+    assert code == 0 and out.startswith("ok: 2 records")
+
+
+def test_tail_shows_the_last_records(history: Home, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _cli(history, capsys, "audit", "tail", "-n", "2", "--json")
+    assert code == 0 and _request_ids(out) == ["mid", "new"]
+
+
+def test_tail_follow_streams_new_records_while_the_server_writes(
+    serving: tuple[Home, ServerProcess, Any],
+) -> None:
+    home, _, stub = serving
+    token = home.token()
+    stub.Check(check_request(token), timeout=5)  # the log exists before tail starts
+    tail = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "policyd",
+            "--config",
+            str(home.config_path),
+            "audit",
+            "tail",
+            "-n",
+            "0",
+            "--follow",
+            "--json",
+            "--user",
+            "alice",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith("POLICYD_")},
+    )
+    try:
+        time.sleep(1.0)  # let it start following
+        sent = [
+            stub.Check(check_request(token, path=f"/api/data/tags/{ds}"), timeout=5)
+            for ds in ("ds-a", "ds-b", "ds-c")
+        ]
+        assert tail.stdout is not None
+        got = [json.loads(tail.stdout.readline()) for _ in sent]
+    finally:
+        tail.terminate()
+        tail.wait(timeout=10)
+    assert [g["id"] for g in got] == [s.decision_id for s in sent]
+    assert got[2]["reason"] == "DATA_SOURCE_NOT_GRANTED"
+
+
+def test_cli_reads_while_the_server_writes_under_load(
+    serving: tuple[Home, ServerProcess, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    home, server, _ = serving
+    token = home.token()
+    stop = threading.Event()
+    errors: list[str] = []
+
+    def load() -> None:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = decision_stub(channel)
+            while not stop.is_set():
+                if not stub.Check(check_request(token), timeout=5).allowed:
+                    errors.append("deny")
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        counts = []
+        for _ in range(5):
+            code, out, err = _cli(home, capsys, "audit", "stats", "--since", "1h", "--json")
+            assert (code, err) == (0, "")
+            counts.append(sum(json.loads(out)["decision"].values()))
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert counts == sorted(counts) and counts[-1] > counts[0]
+    assert errors == []
