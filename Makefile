@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-# Where `make run` keeps its demo token (the store and keys follow policyd's config,
-# ./var/ by default; POLICYD_* environment variables override them).
+# Where `make run` keeps its demo token and the hub's data (the store and keys follow
+# policyd's config, ./var/ by default; POLICYD_* environment variables override them,
+# POLICYD_HUB_* the hub's settings: docs/hub.md).
 VAR ?= var
 
 .PHONY: run test test-fast lint format proto docs bench setup clean
@@ -18,14 +19,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 run: $(STAMP)
-	@mkdir -p $(VAR)
-	@$(BIN)/policyd demo seed --token-file $(VAR)/demo-alice.token
-	@echo
-	@echo "policyd is starting (Ctrl-C stops it). In another terminal, try:"
-	@echo "  $(BIN)/policyd check --token @$(VAR)/demo-alice.token --path /api/data/tags/edge-historian"
-	@echo "  $(BIN)/policyd check --token @$(VAR)/demo-alice.token --path /api/data/tags/plant-mes"
-	@echo
-	@exec $(BIN)/policyd serve
+	@BIN=$(BIN) VAR=$(VAR) exec bash scripts/run.sh
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q

@@ -1,4 +1,4 @@
-"""`make run` seeds the demo and serves it; `policyd check` answers as the README says."""
+"""`make run` seeds the demo and serves policyd and the protected hub, as the README says."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.helpers import ROOT, free_port, wait_serving
@@ -26,13 +28,27 @@ def _policyd(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str
     )
 
 
+def _wait_for_hub(url: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            httpx.get(url + "/api/info", timeout=2.0).raise_for_status()
+            return
+        except httpx.HTTPError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 def test_make_run_serves_the_demo_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     address = f"127.0.0.1:{free_port()}"
+    hub_port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("POLICYD_")}
     env.update(
         POLICYD_STORE_PATH=str(tmp_path / "policyd.db"),
         POLICYD_TOKENS_KEY_DIR=str(tmp_path / "keys"),
         POLICYD_SERVER_ADDRESS=address,
+        POLICYD_HUB_PORT=str(hub_port),
     )
     run = subprocess.Popen(
         ["make", "--no-print-directory", "run", f"VAR={tmp_path}"],
@@ -54,8 +70,19 @@ def test_make_run_serves_the_demo_and_stops_on_ctrl_c(tmp_path: Path) -> None:
         other = _policyd(env, "check", "--token", token, "--path", "/api/data/tags/plant-mes")
         assert other.returncode == 3
         assert other.stdout.startswith("deny DATA_SOURCE_NOT_GRANTED")
+
+        hub = f"http://127.0.0.1:{hub_port}"
+        _wait_for_hub(hub)
+        bearer = {"Authorization": f"Bearer {(tmp_path / 'demo-alice.token').read_text().strip()}"}
+        read = httpx.get(f"{hub}/api/data/tags/edge-historian", headers=bearer)
+        assert read.status_code == 200, read.text
+        assert read.json()["data_source"] == "edge-historian"
+        refused = httpx.get(f"{hub}/api/data/tags/plant-mes", headers=bearer)
+        assert refused.status_code == 403
+        assert refused.json()["reason"] == "DATA_SOURCE_NOT_GRANTED"
     finally:
         os.killpg(run.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
         out, _ = run.communicate(timeout=30)
-    assert "stopped" in out, out
+    assert "stopped" in out, out  # policyd
+    assert "Finished server process" in out, out  # the hub
     assert "Traceback" not in out, out

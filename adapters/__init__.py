@@ -1,0 +1,1 @@
+"""Doors into policyd for gateways: `adapters.asgi` (middleware inside a Python service)."""

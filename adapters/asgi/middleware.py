@@ -1,0 +1,387 @@
+"""PolicydMiddleware: pure ASGI middleware that asks policyd before the app runs.
+
+For each HTTP request and each websocket handshake it sends policyd one `Check` over a
+long-lived grpc.aio channel, with a deadline. On allow the app runs with `scope["auth"]`
+set to an `AuthInfo`; on deny the middleware answers itself (401/403 with an RFC 6750
+challenge and a JSON body, see denials.py) and the app never runs; when policyd cannot be
+asked in time the answer is 503 (fail closed). Lifespan passes through.
+
+What policyd is told: the method, the raw (still percent-encoded) path, the query string, a
+few headers (never Authorization or Cookie) and, for POST/PUT/PATCH with a JSON content
+type, the body. The body is read fully (at most `max_body_bytes`, else 413 without asking)
+and the app then receives exactly those bytes. Headers a client could use to pose as
+someone (`x-policyd-*`, `x-auth-*`, `x-forwarded-user`, ...) are removed before the app
+sees the request: the app's only source of identity is `scope["auth"]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from dataclasses import dataclass
+from typing import Any, cast
+from urllib.parse import quote, quote_from_bytes
+
+import grpc.aio
+
+from adapters.asgi.channel import ChannelSettings, open_channel
+from adapters.asgi.denials import Denial, ambiguous_authorization, body_too_large, for_reason
+from adapters.asgi.denials import unavailable as unavailable_denial
+from adapters.asgi.rfc6750 import AmbiguousAuthorization, bearer_token
+from policyd.gen.v1 import decision_pb2
+from policyd.reasons import Reason
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+_Check = grpc.aio.UnaryUnaryMultiCallable[decision_pb2.CheckRequest, decision_pb2.CheckResponse]
+
+log = logging.getLogger("adapters.asgi")
+
+CHECK_METHOD = "/policyd.v1.Decision/Check"
+DOOR = "asgi"
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+# Headers policyd is told about (lower-case). Credentials are never sent, whatever the list.
+DEFAULT_FORWARD_HEADERS = (
+    "host",
+    "content-type",
+    "content-length",
+    "user-agent",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-request-id",
+)
+NEVER_FORWARD = frozenset({"authorization", "proxy-authorization", "cookie"})
+# Headers removed before the app sees the request: identity a client could make up.
+STRIP_HEADER_PREFIXES = ("x-policyd-", "x-auth-")
+STRIP_HEADERS = frozenset(
+    {
+        "x-forwarded-user",
+        "x-forwarded-email",
+        "x-forwarded-groups",
+        "x-forwarded-preferred-username",
+        "x-remote-user",
+        "remote-user",
+        "x-user",
+        "x-user-id",
+        "x-client-id",
+    }
+)
+_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
+# Characters of a decoded path that stay as they are when no raw_path is given.
+_PATH_SAFE = "/:@!$&'()*+,;=-._~"
+_PRINTABLE_ASCII = "".join(chr(c) for c in range(0x21, 0x7F))
+
+
+@dataclass(frozen=True, slots=True)
+class AuthInfo:
+    """Who the allowed request is for, as policyd decided; `scope["auth"]` of the app.
+
+    On a public route (no token needed) sub, client_id and scopes are empty.
+    data_sources are those the request touches, or for a listing action those granted.
+    """
+
+    sub: str
+    client_id: str
+    scopes: tuple[str, ...]
+    data_sources: tuple[str, ...]
+    decision_id: str
+    rule_id: str
+    action: str
+
+    @classmethod
+    def from_response(cls, r: decision_pb2.CheckResponse) -> AuthInfo:
+        p = r.principal
+        return cls(
+            sub=p.sub,
+            client_id=p.client_id,
+            scopes=tuple(p.scopes),
+            data_sources=tuple(r.data_sources),
+            decision_id=r.decision_id,
+            rule_id=r.rule_id,
+            action=r.action,
+        )
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class _Disconnected(Exception):
+    pass
+
+
+class PolicydMiddleware:
+    """Ask policyd before every HTTP request and websocket handshake reaches `app`."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        target: str = "127.0.0.1:50051",
+        *,
+        timeout_seconds: float = 0.25,
+        ca_file: str = "",
+        cert_file: str = "",
+        key_file: str = "",
+        server_name: str = "",
+        max_body_bytes: int = 1 << 20,
+        forward_headers: Iterable[str] = DEFAULT_FORWARD_HEADERS,
+        strip_header_prefixes: Iterable[str] = STRIP_HEADER_PREFIXES,
+        strip_headers: Iterable[str] = STRIP_HEADERS,
+    ) -> None:
+        if not timeout_seconds > 0:
+            raise ValueError(f"timeout_seconds must be above 0, not {timeout_seconds}")
+        if max_body_bytes < 0:
+            raise ValueError(f"max_body_bytes must be at least 0, not {max_body_bytes}")
+        self.app = app
+        self.channel_settings = ChannelSettings(target, ca_file, cert_file, key_file, server_name)
+        self.channel_settings.validate()
+        self.timeout_seconds = timeout_seconds
+        self.max_body_bytes = max_body_bytes
+        self.forward_headers = frozenset(h.lower() for h in forward_headers) - NEVER_FORWARD
+        self.strip_header_prefixes = tuple(p.lower().encode() for p in strip_header_prefixes)
+        self.strip_headers = frozenset(h.lower().encode() for h in strip_headers)
+        self._channel: grpc.aio.Channel | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._check: _Check | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "websocket":
+            await self._websocket(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    async def aclose(self) -> None:
+        """Close the channel to policyd (done at lifespan shutdown)."""
+        channel, self._channel, self._check, self._loop = self._channel, None, None, None
+        if channel is not None:
+            await channel.close(None)
+
+    # -- the doors ----------------------------------------------------------------------
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        try:
+            token = bearer_token(headers)
+        except AmbiguousAuthorization:
+            await _respond(send, ambiguous_authorization())
+            return
+        method: str = scope["method"]
+        body = b""
+        app_receive = receive
+        if method in BODY_METHODS and _is_json(headers):
+            try:
+                body = await self._read_body(headers, receive)
+            except _BodyTooLarge:
+                await _respond(send, body_too_large(self.max_body_bytes))
+                return
+            except _Disconnected:
+                return
+            app_receive = _Replay(body, receive)
+        auth, denial = await self._decide(
+            check_request(scope, token, method, body, self.forward_headers)
+        )
+        if denial is not None:
+            await _respond(send, denial)
+            return
+        await self.app(self._app_scope(scope, auth), app_receive, send)
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        try:
+            token = bearer_token(headers)
+            auth, denial = await self._decide(
+                check_request(scope, token, "GET", b"", self.forward_headers)
+            )
+        except AmbiguousAuthorization:
+            auth, denial = None, ambiguous_authorization()
+        if denial is None:
+            await self.app(self._app_scope(scope, auth), receive, send)
+            return
+        message = await receive()
+        if message["type"] != "websocket.connect":
+            return
+        if "websocket.http.response" in (scope.get("extensions") or {}):
+            await send(
+                {
+                    "type": "websocket.http.response.start",
+                    "status": denial.status,
+                    "headers": denial.headers(),
+                }
+            )
+            await send({"type": "websocket.http.response.body", "body": denial.body()})
+        else:
+            # Closing before accepting makes the server refuse the handshake with 403.
+            await send({"type": "websocket.close", "code": 1008})
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def lifespan_receive() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    self._connect()  # start connecting now, not on the first request
+                except Exception:
+                    log.exception("cannot open the channel to policyd")
+            return message
+
+        async def lifespan_send(message: Message) -> None:
+            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                await self.aclose()
+            await send(message)
+
+        await self.app(scope, lifespan_receive, lifespan_send)
+
+    # -- asking policyd -----------------------------------------------------------------
+
+    def _connect(self) -> _Check:
+        """The Check callable on a channel of the running loop (one channel per loop)."""
+        loop = asyncio.get_running_loop()
+        if self._check is None or self._loop is not loop:
+            self._channel = open_channel(self.channel_settings)
+            self._channel.get_state(try_to_connect=True)
+            self._loop = loop
+            self._check = cast(
+                _Check,
+                self._channel.unary_unary(
+                    CHECK_METHOD,
+                    request_serializer=decision_pb2.CheckRequest.SerializeToString,
+                    response_deserializer=decision_pb2.CheckResponse.FromString,
+                ),
+            )
+        return self._check
+
+    async def _decide(
+        self, request: decision_pb2.CheckRequest
+    ) -> tuple[AuthInfo | None, Denial | None]:
+        try:
+            call = self._connect()
+            response = await call(request, timeout=self.timeout_seconds)
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            log.warning("policyd Check failed: %s %s", code.name, exc.details() or "")
+            return None, unavailable_denial(code.name.lower())
+        except Exception:
+            log.exception("policyd Check failed")
+            return None, unavailable_denial("client error")
+        if response.allowed and int(response.reason) == Reason.ALLOWED.value:
+            return AuthInfo.from_response(response), None
+        return None, for_reason(response.reason, response.message, response.decision_id)
+
+    # -- the request --------------------------------------------------------------------
+
+    async def _read_body(self, headers: list[tuple[bytes, bytes]], receive: Receive) -> bytes:
+        """The whole body, refusing more than max_body_bytes (Content-Length first)."""
+        limit = self.max_body_bytes
+        for name, value in headers:
+            if name.lower() == b"content-length":
+                try:
+                    if int(value) > limit:
+                        raise _BodyTooLarge
+                except ValueError:
+                    pass  # the server has refused a bad Content-Length already
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _Disconnected
+            chunk: bytes = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise _BodyTooLarge
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    def _app_scope(self, scope: Scope, auth: AuthInfo | None) -> Scope:
+        """A copy of scope for the app: identity headers removed, auth set."""
+        app_scope = dict(scope)
+        app_scope["headers"] = [
+            (name, value) for name, value in scope["headers"] if not self._spoofable(name.lower())
+        ]
+        app_scope["auth"] = auth
+        return app_scope
+
+    def _spoofable(self, name: bytes) -> bool:
+        return name in self.strip_headers or name.startswith(self.strip_header_prefixes)
+
+
+def check_request(
+    scope: Scope, token: str, method: str, body: bytes, forward_headers: frozenset[str]
+) -> decision_pb2.CheckRequest:
+    """The Check request describing this HTTP request or websocket handshake."""
+    forwarded: dict[str, str] = {}
+    request_id = ""
+    for raw_name, raw_value in scope["headers"]:
+        name = raw_name.decode("latin-1").lower()
+        if name == "x-request-id" and not request_id:
+            value = raw_value.decode("latin-1")
+            request_id = value if _REQUEST_ID.fullmatch(value) else ""
+        if name in forward_headers and name not in NEVER_FORWARD:
+            value = raw_value.decode("latin-1")
+            forwarded[name] = f"{forwarded[name]}, {value}" if name in forwarded else value
+    request = decision_pb2.CheckRequest(
+        token=token, request_id=request_id or uuid.uuid4().hex, door=DOOR
+    )
+    http = request.http
+    http.method = method
+    http.path = _raw_path(scope)
+    http.query = scope.get("query_string", b"").decode("latin-1")
+    http.headers.update(forwarded)
+    http.body = body
+    return request
+
+
+class _Replay:
+    """A receive() that hands the app the buffered body once, then the server's messages."""
+
+    def __init__(self, body: bytes, receive: Receive) -> None:
+        self._body: bytes | None = body
+        self._receive = receive
+
+    async def __call__(self) -> Message:
+        if self._body is not None:
+            body, self._body = self._body, None
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await self._receive()
+
+
+def _is_json(headers: list[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        if name.lower() == b"content-type":
+            media = value.split(b";", 1)[0].strip().lower()
+            return media == b"application/json" or (
+                media.startswith(b"application/") and media.endswith(b"+json")
+            )
+    return False
+
+
+def _raw_path(scope: Scope) -> str:
+    """The path as received, still percent-encoded; policyd decodes it strictly."""
+    raw: bytes | None = scope.get("raw_path")
+    if raw:
+        raw = raw.split(b"?", 1)[0]
+        try:
+            return raw.decode("ascii")
+        except UnicodeDecodeError:
+            return quote_from_bytes(raw, safe=_PRINTABLE_ASCII)
+    # No raw_path (an older server): re-encode the decoded path. An encoded '/' is lost
+    # here; servers that matter (uvicorn, hypercorn, daphne) all give raw_path.
+    return quote(scope["path"], safe=_PATH_SAFE)
+
+
+async def _respond(send: Send, denial: Denial) -> None:
+    await send(
+        {"type": "http.response.start", "status": denial.status, "headers": denial.headers()}
+    )
+    await send({"type": "http.response.body", "body": denial.body()})

@@ -1,0 +1,458 @@
+"""`python -m bench.hub [--quick]`: the reference hub's requests/s with and without the ASGI
+middleware, measured in the same run.
+
+Three processes besides this one: `policyd serve` on a demo store, and two copies of the hub
+(`python -m examples.hub`, uvicorn, one process each): *protected*, behind the
+PolicydMiddleware, and *unprotected*, trusting x-policyd-* headers as it would behind Envoy.
+The unprotected hub is sent the headers a gateway would add, so both do the same work except
+asking policyd. A fourth process, the load generator (`python -m bench.hub load`), keeps
+`connections` HTTP/1.1 keep-alive connections busy with back-to-back requests, alternating
+protected and unprotected windows (A, B, A, B, ...) so drift on the shared machine hits both.
+Each window: a warm-up, then `duration` seconds timed; only responses completed inside the
+window count. Around each window it reads the CPU time of the hub and of policyd
+(/proc/PID/stat).
+
+Workloads: `tag` (GET /api/data/tags/{dsn}/{tag}: the data source is in the path) and
+`snapshot` (POST /api/data/v2/snapshot with a JSON body naming two data sources, so the
+middleware buffers the body and policyd parses it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.procs import ROOT, clean_env, cpu_seconds, free_port, stop
+from bench.stats import median, percentile
+
+CONNECTIONS = 16
+RESPONSE_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class Durations:
+    rounds: int
+    warmup: float
+    duration: float
+
+
+FULL = Durations(rounds=3, warmup=1.0, duration=4.0)
+QUICK = Durations(rounds=1, warmup=0.3, duration=1.0)
+
+
+# -- the load generator (its own process) -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    port: int
+    hub_pid: int
+    policyd_pid: int  # 0: no policyd involved
+    request: str  # the raw HTTP/1.1 request, latin-1
+
+
+@dataclass
+class Window:
+    target: str
+    round: int
+    requests: int
+    errors: int
+    seconds: float
+    requests_per_s: float
+    p50_us: float
+    p99_us: float
+    hub_cpu_us_per_request: float
+    policyd_cpu_us_per_request: float
+
+
+async def _read_response(reader: asyncio.StreamReader) -> int:
+    """Read one response; returns its status. Bodies have a Content-Length (uvicorn)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head[9:12])
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        if line[:15].lower() == b"content-length:":
+            length = int(line[15:])
+    await reader.readexactly(length)
+    return status
+
+
+async def _window(target: Target, round_: int, connections: int, d: Durations) -> Window:
+    request = target.request.encode("latin-1")
+    latencies: list[float] = []
+    errors = 0
+    counting = False
+    stop_at = float("inf")
+
+    async def connection() -> None:
+        nonlocal errors
+        reader, writer = await asyncio.open_connection("127.0.0.1", target.port)
+        try:
+            while time.monotonic() < stop_at:
+                sent = time.monotonic()
+                writer.write(request)
+                status = await asyncio.wait_for(_read_response(reader), RESPONSE_TIMEOUT)
+                done = time.monotonic()
+                if counting and done <= stop_at:
+                    if status == 200:
+                        latencies.append(done - sent)
+                    else:
+                        errors += 1
+        finally:
+            writer.close()
+
+    tasks = [asyncio.create_task(connection()) for _ in range(connections)]
+    await asyncio.sleep(d.warmup)
+    hub0 = cpu_seconds(target.hub_pid)
+    pd0 = cpu_seconds(target.policyd_pid) if target.policyd_pid else 0.0
+    started = time.monotonic()
+    counting = True
+    stop_at = started + d.duration
+    await asyncio.sleep(d.duration)
+    seconds = time.monotonic() - started
+    hub1 = cpu_seconds(target.hub_pid)
+    pd1 = cpu_seconds(target.policyd_pid) if target.policyd_pid else 0.0
+    await asyncio.gather(*tasks)
+    n = len(latencies)
+    us = sorted(x * 1e6 for x in latencies)
+    return Window(
+        target=target.name,
+        round=round_,
+        requests=n,
+        errors=errors,
+        seconds=round(seconds, 3),
+        requests_per_s=n / seconds,
+        p50_us=percentile(us, 0.5),
+        p99_us=percentile(us, 0.99),
+        hub_cpu_us_per_request=(hub1 - hub0) / n * 1e6 if n else float("nan"),
+        policyd_cpu_us_per_request=(pd1 - pd0) / n * 1e6 if n else 0.0,
+    )
+
+
+async def _load(spec: dict[str, Any]) -> list[Window]:
+    d = Durations(**spec["durations"])
+    targets = [Target(**t) for t in spec["targets"]]
+    windows: list[Window] = []
+    for round_ in range(d.rounds):
+        for target in targets:
+            windows.append(await _window(target, round_, spec["connections"], d))
+    return windows
+
+
+def load_main() -> int:
+    """`python -m bench.hub load`: LoadSpec JSON on stdin, windows JSON on stdout."""
+    spec = json.load(sys.stdin)
+    windows = asyncio.run(_load(spec))
+    json.dump([asdict(w) for w in windows], sys.stdout)
+    return 0
+
+
+# -- the servers ---------------------------------------------------------------------------------
+
+
+def _http_request(
+    method: str, path: str, token: str, body: bytes = b"", extra: dict[str, str] | None = None
+) -> str:
+    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", f"Authorization: Bearer {token}"]
+    if body:
+        lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
+    lines += [f"{k}: {v}" for k, v in (extra or {}).items()]
+    return "\r\n".join(lines) + "\r\n\r\n" + body.decode("latin-1")
+
+
+def _gateway_headers(data_sources: list[str]) -> dict[str, str]:
+    """What a gateway in front of the unprotected hub adds to an allowed request."""
+    return {
+        "x-policyd-sub": "alice",
+        "x-policyd-client-id": "demo-app",
+        "x-policyd-scopes": "UserInfo DataRead",
+        "x-policyd-data-sources": json.dumps(data_sources),
+        "x-policyd-decision-id": "bench",
+    }
+
+
+def _first_tag(data_source: str) -> str:
+    from examples.hub.catalogue import make_data_source
+
+    return next(iter(make_data_source(data_source).tags))
+
+
+def _seed(home: Path) -> tuple[Path, str]:
+    """A policyd config and demo store under home; a token for alice."""
+    from policyd import demo
+    from policyd.config import Config, load_config
+    from policyd.keys import KeyRing
+    from policyd.store import Store
+    from policyd.tokens import issue_token
+    from policyd.wiring import token_settings
+
+    config_path = home / "policyd.toml"
+    text = f'[store]\npath = "{home / "policyd.db"}"\n[tokens]\nkey_dir = "{home / "keys"}"\n'
+    # Sections of newer policyd versions: the repo's policy files, the audit log in home.
+    sections = {f.name for f in dataclasses.fields(Config)}
+    if "policy" in sections:
+        text += f'[policy]\ndir = "{ROOT / "policies"}"\n'
+    if "audit" in sections:
+        text += f'[audit]\npath = "{home / "audit.db"}"\nkey_file = "{home / "audit.key"}"\n'
+    config_path.write_text(text)
+    config = load_config(config_path, env={})
+    store = Store(Path(config.store.path))
+    ring = KeyRing(store, config.tokens.key_dir)
+    demo.seed(store, ring, config.tokens.algorithm)
+    token, _ = issue_token(
+        ring,
+        token_settings(config),
+        sub="alice",
+        client_id=demo.DEMO_APP,
+        scopes=["UserInfo", "DataRead"],
+        ttl_seconds=3600,
+    )
+    return config_path, token
+
+
+def _wait_http(port: int, process: subprocess.Popen[bytes], log: Path, timeout: float = 30) -> None:
+    import http.client
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server on {port} exited:\n{log.read_text(errors='replace')}")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            conn.request("GET", "/api/info")
+            if conn.getresponse().status == 200:
+                conn.close()
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"server on {port} not ready:\n{log.read_text(errors='replace')}")
+
+
+def _wait_grpc(address: str, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    import grpc
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"policyd exited with {process.returncode}")
+        with grpc.insecure_channel(address) as channel:
+            try:
+                grpc.channel_ready_future(channel).result(timeout=0.5)
+                return
+            except grpc.FutureTimeoutError:
+                pass
+    raise TimeoutError(f"policyd at {address} not ready")
+
+
+@contextmanager
+def _process(
+    args: list[str], log: Path, cwd: Path, env: dict[str, str]
+) -> Iterator[subprocess.Popen[bytes]]:
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, *args],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            env=env,
+        )
+    try:
+        yield process
+    finally:
+        stop(process)
+
+
+@contextmanager
+def _hub(
+    name: str, work: Path, gateway: str, policyd_address: str
+) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    port = free_port()
+    env = clean_env()
+    env.update(
+        POLICYD_HUB_PORT=str(port),
+        POLICYD_HUB_DATA_DIR=str(work / name),
+        POLICYD_HUB_GATEWAY=gateway,
+        POLICYD_HUB_POLICYD_ADDRESS=policyd_address,
+        # The deadline protects the hub from a hung policyd; a loaded 2-core machine is
+        # not hung, and a 503 in the middle of a window would spoil the figure.
+        POLICYD_HUB_TIMEOUT_SECONDS="5",
+    )
+    log = work / f"{name}.log"
+    with _process(["-m", "examples.hub"], log, ROOT, env) as process:
+        _wait_http(port, process, log)
+        yield port, process
+
+
+def run(quick: bool, connections: int = CONNECTIONS) -> dict[str, Any]:
+    """Run the benchmark; returns medians per workload and hub, and the ratios."""
+    d = QUICK if quick else FULL
+    with tempfile.TemporaryDirectory(prefix="bench-hub-") as tmp:
+        work = Path(tmp)
+        config_path, token = _seed(work)
+        address = f"127.0.0.1:{free_port()}"
+        policyd_args = ["-m", "policyd", "--config", str(config_path), "serve"]
+        with _process(
+            [*policyd_args, "--address", address], work / "policyd.log", work, clean_env()
+        ) as policyd:
+            _wait_grpc(address, policyd)
+            with (
+                _hub("protected", work, "asgi", address) as (p_port, p_proc),
+                _hub("unprotected", work, "envoy", address) as (u_port, u_proc),
+            ):
+                edge, lab = (_first_tag(ds) for ds in ("edge-historian", "lab-lims"))
+                tag = f"/api/data/tags/edge-historian/{edge}"
+                body = json.dumps({"tags": {"edge-historian": [edge], "lab-lims": [lab]}}).encode()
+                workloads = {
+                    "tag": (("GET", tag, b""), ["edge-historian"]),
+                    "snapshot": (
+                        ("POST", "/api/data/v2/snapshot", body),
+                        ["edge-historian", "lab-lims"],
+                    ),
+                }
+                targets: list[dict[str, Any]] = []
+                for wl, ((method, path, payload), sources) in workloads.items():
+                    targets.append(
+                        asdict(
+                            Target(
+                                f"{wl}/protected",
+                                p_port,
+                                p_proc.pid,
+                                policyd.pid,
+                                _http_request(method, path, token, payload),
+                            )
+                        )
+                    )
+                    targets.append(
+                        asdict(
+                            Target(
+                                f"{wl}/unprotected",
+                                u_port,
+                                u_proc.pid,
+                                0,
+                                _http_request(
+                                    method, path, token, payload, _gateway_headers(sources)
+                                ),
+                            )
+                        )
+                    )
+                spec = {"targets": targets, "connections": connections, "durations": asdict(d)}
+                loader = subprocess.run(
+                    [sys.executable, "-m", "bench.hub", "load"],
+                    input=json.dumps(spec).encode(),
+                    capture_output=True,
+                    cwd=ROOT,
+                    env=clean_env(),
+                    timeout=600,
+                    check=False,
+                )
+                if loader.returncode != 0:
+                    raise RuntimeError(f"load generator failed:\n{loader.stderr.decode()}")
+                windows = [Window(**w) for w in json.loads(loader.stdout)]
+    return _summarize(windows, list(workloads), connections, d)
+
+
+def _summarize(
+    windows: list[Window], workloads: list[str], connections: int, d: Durations
+) -> dict[str, Any]:
+    out: dict[str, Any] = {"connections": connections, "durations": asdict(d), "workloads": {}}
+    for wl in workloads:
+        entry: dict[str, Any] = {}
+        for side in ("protected", "unprotected"):
+            mine = [w for w in windows if w.target == f"{wl}/{side}"]
+            entry[side] = {
+                "requests_per_s": median([w.requests_per_s for w in mine]),
+                "requests_per_s_by_round": [round(w.requests_per_s, 1) for w in mine],
+                "p50_us": median([w.p50_us for w in mine]),
+                "p99_us": median([w.p99_us for w in mine]),
+                "hub_cpu_us_per_request": median([w.hub_cpu_us_per_request for w in mine]),
+                "policyd_cpu_us_per_request": median([w.policyd_cpu_us_per_request for w in mine]),
+                "errors": sum(w.errors for w in mine),
+            }
+        p, u = entry["protected"], entry["unprotected"]
+        entry["ratio"] = {
+            "throughput": p["requests_per_s"] / u["requests_per_s"],
+            "hub_cpu_per_request": p["hub_cpu_us_per_request"] / u["hub_cpu_us_per_request"],
+        }
+        out["workloads"][wl] = entry
+    return out
+
+
+def report(summary: dict[str, Any]) -> str:
+    rows = [
+        ["workload", "hub", "req/s", "p50 ms", "p99 ms", "hub CPU us/req", "policyd CPU us/req"]
+    ]
+    ratios: list[str] = []
+    for wl, entry in summary["workloads"].items():
+        for side in ("unprotected", "protected"):
+            e = entry[side]
+            rows.append(
+                [
+                    wl,
+                    side,
+                    f"{e['requests_per_s']:.0f}",
+                    f"{e['p50_us'] / 1000:.2f}",
+                    f"{e['p99_us'] / 1000:.2f}",
+                    f"{e['hub_cpu_us_per_request']:.0f}",
+                    f"{e['policyd_cpu_us_per_request']:.0f}" if side == "protected" else "-",
+                ]
+            )
+            if e["errors"]:
+                rows[-1][2] += f" ({e['errors']} errors)"
+        r = entry["ratio"]
+        ratios.append(
+            f"{wl}: throughput protected/unprotected = {r['throughput']:.2f};"
+            f" hub CPU per request x{r['hub_cpu_per_request']:.2f}"
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    table = "\n".join(
+        "  ".join(
+            cell.ljust(w) if i < 2 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    )
+    d = summary["durations"]
+    head = (
+        f"Hub (uvicorn, 1 process) with and without the ASGI middleware;"
+        f" {summary['connections']} keep-alive connections; medians of {d['rounds']}"
+        f" alternating {d['duration']:g} s windows"
+    )
+    return "\n".join([head, table, *ratios])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["load"]:
+        return load_main()
+    parser = argparse.ArgumentParser(prog="python -m bench.hub", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short runs (a smoke test)")
+    parser.add_argument("--connections", type=int, default=CONNECTIONS)
+    parser.add_argument("--json", type=Path, help="also write the summary here")
+    ns = parser.parse_args(args)
+    started = time.monotonic()
+    summary = run(ns.quick, ns.connections)
+    summary["seconds"] = round(time.monotonic() - started, 1)
+    summary["nproc"] = os.cpu_count()
+    if ns.json:
+        ns.json.write_text(json.dumps(summary, indent=2) + "\n")
+    print(report(summary))
+    print(f"({summary['seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Runnable examples around policyd: `examples.hub`, the reference data hub."""

@@ -1,0 +1,41 @@
+"""`python -m examples.hub`: serve the hub with uvicorn on POLICYD_HUB_HOST:POLICYD_HUB_PORT."""
+
+from __future__ import annotations
+
+import sys
+
+import uvicorn
+
+from examples.hub.app import create_app
+from examples.hub.settings import HubSettings, SettingsError
+
+
+def main() -> int:
+    try:
+        settings = HubSettings.from_env()
+    except SettingsError as exc:
+        print(f"hub: error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"hub: serving on http://{settings.host}:{settings.port}"
+        + (
+            f", asking policyd at {settings.policyd_address}"
+            if settings.gateway == "asgi"
+            else ", trusting the gateway's x-policyd-* headers"
+        ),
+        file=sys.stderr,
+        flush=True,
+    )
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        access_log=False,
+        lifespan="on",
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# `make run`: seed the demo, then run policyd and the protected reference hub until Ctrl-C.
+#
+# Environment: BIN (the venv's bin, default .venv/bin), VAR (where the demo token and the
+# hub's data go, default var), POLICYD_* for policyd (docs/configuration.md) and
+# POLICYD_HUB_* for the hub (docs/hub.md). Ctrl-C (or SIGTERM) stops both; so does either
+# one exiting.
+set -euo pipefail
+
+BIN=${BIN:-.venv/bin}
+VAR=${VAR:-var}
+export POLICYD_HUB_HOST=${POLICYD_HUB_HOST:-127.0.0.1}
+export POLICYD_HUB_PORT=${POLICYD_HUB_PORT:-8000}
+export POLICYD_HUB_DATA_DIR=${POLICYD_HUB_DATA_DIR:-$VAR/hub}
+
+mkdir -p "$VAR"
+"$BIN/policyd" demo seed --token-file "$VAR/demo-alice.token"
+
+hub="http://$POLICYD_HUB_HOST:$POLICYD_HUB_PORT"
+cat <<WALK
+
+policyd and the hub are starting (Ctrl-C stops both). In another terminal, try:
+  TOKEN=\$(cat $VAR/demo-alice.token)
+  curl -i -H "Authorization: Bearer \$TOKEN" $hub/api/data/tags/edge-historian   # 200
+  curl -i -H "Authorization: Bearer \$TOKEN" $hub/api/data/tags/plant-mes        # 403
+  $BIN/policyd grants revoke alice demo-app edge-historian
+  curl -i -H "Authorization: Bearer \$TOKEN" $hub/api/data/tags/edge-historian   # 403
+  $BIN/policyd grants add alice demo-app edge-historian --access write
+
+WALK
+
+pids=()
+stop() {
+    trap - INT TERM
+    # SIGTERM, not SIGINT: a second SIGINT makes uvicorn skip its graceful shutdown.
+    for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+}
+trap 'stop; exit 130' INT
+trap 'stop; exit 143' TERM
+
+"$BIN/policyd" serve &
+pids+=($!)
+"$BIN/python" -m examples.hub &
+pids+=($!)
+
+# Whichever stops first (a crash, a port in use), stop the other one too.
+status=0
+wait -n || status=$?
+stop
+exit "$status"
