@@ -12,7 +12,12 @@ order and the first that fails decides the reason code:
  6. a route rule for the request (else NO_ROUTE, or the request's shape problem);
  7. the rule's required scopes in the token;
  8. every data source the request names granted to (user, app) at the needed access level,
-    and still accessible to the user at that level.
+    and still accessible to the user at that level;
+ 9. the rule's allow/deny conditions (CEL, policy files), only for rules that have them.
+
+The policy (route table, scopes, compiled conditions, version) is one immutable object in
+one attribute: a decision reads it once, so a reload that swaps it mid-request never mixes
+two versions in one decision. `explain` runs the same code with a trace of every check.
 
 Any exception is a deny: STORE_UNAVAILABLE when the store cannot be read, INTERNAL_ERROR
 otherwise. Nothing here raises to the caller.
@@ -21,19 +26,25 @@ otherwise. Nothing here raises to the caller.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
+from policyd import conditions as cond
 from policyd.errors import StoreUnavailable
 from policyd.facts import Facts, View
 from policyd.ids import new_id
 from policyd.model import ActionTarget, CheckInput, Decision, HttpTarget, Principal
+from policyd.policy import Policy
 from policyd.reasons import Reason
 from policyd.routes import (
+    DataSourceRef,
     Match,
     RequestProblem,
     RouteRule,
     RouteTable,
-    extract_data_sources,
+    extract_with_sources,
     split_path,
 )
 from policyd.tokens import TokenError, Verifier
@@ -55,28 +66,82 @@ class _Deny(Exception):
         self.message = message
 
 
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One check of an explained decision: passed (True), failed (False) or not run."""
+
+    name: str
+    passed: bool | None
+    detail: str
+
+
+@dataclass
+class Trace:
+    """What `Engine.explain` records while deciding."""
+
+    checks: list[Check] = field(default_factory=list)
+    # Each data-source name with where it came from (a DataSourceRef, or "action").
+    data_sources: list[tuple[str, DataSourceRef | str]] = field(default_factory=list)
+    conditions: list[cond.Step] = field(default_factory=list)
+    match: Match | None = None
+
+    def ok(self, name: str, detail: str) -> None:
+        self.checks.append(Check(name, True, detail))
+
+
+@dataclass(frozen=True)
+class Explanation:
+    decision: Decision
+    policy: Policy
+    trace: Trace
+
+
 class Engine:
     def __init__(
         self,
         facts: Facts,
         verifier: Verifier,
-        routes: RouteTable,
+        policy: Policy | RouteTable,
         settings: EngineSettings | None = None,
     ) -> None:
         self.facts = facts
         self.verifier = verifier
-        self.routes = routes
+        # Swapped whole by a reload (reload.py); read once per decision.
+        self.policy = policy if isinstance(policy, Policy) else Policy.of_routes(policy)
         self.settings = settings or EngineSettings()
+        # The `now` of conditions; policy tests set a fixed time.
+        self.clock: Callable[[], float] = time.time
+
+    @property
+    def routes(self) -> RouteTable:
+        return self.policy.routes
 
     def decide(self, request: CheckInput) -> Decision:
+        return self._decide(request, None)
+
+    def explain(self, request: CheckInput) -> Explanation:
+        """Decide, recording the rule, the data sources and every check on the way."""
+        policy = self.policy
+        trace = Trace()
+        decision = self._decide(request, trace, policy)
+        return Explanation(decision, policy, trace)
+
+    def _decide(
+        self, request: CheckInput, trace: Trace | None, policy: Policy | None = None
+    ) -> Decision:
         decision_id = new_id()
-        routes = self.routes  # one table for the whole decision, even across a reload
+        policy = policy or self.policy  # one policy for the whole decision, even across a reload
         principal: Principal | None = None
         rule: RouteRule | None = None
+        stage = "route"
         try:
-            match, problem = self._route(routes, request)
+            match, problem = self._route(policy.routes, request)
             rule = match.rule if match else None
+            if trace is not None:
+                trace.match = match
             if rule is not None and rule.public:
+                if trace is not None:
+                    trace.ok("route", f"{rule.id} is public: no token needed")
                 return Decision(
                     True,
                     Reason.ALLOWED,
@@ -84,16 +149,32 @@ class Engine:
                     decision_id,
                     rule_id=rule.id,
                     action=rule.action,
-                    policy_version=routes.version,
+                    policy_version=policy.version,
                 )
+            stage = "token"
             view = self.facts.view()
             principal = self.verifier.verify(view, request.token).principal
-            self._check_principal(view, principal)
+            if trace is not None:
+                trace.ok("token", f"verified: user {principal.sub}, app {principal.client_id}")
+            stage = "principal"
+            self._check_principal(view, principal, trace)
+            stage = "route"
             if problem is not None:
                 raise _Deny(problem.reason, problem.message)
             assert match is not None and rule is not None
+            if trace is not None:
+                trace.ok("route", f"{rule.id} (action {rule.action})")
+            stage = "scopes"
             self._check_scopes(rule, principal)
-            data_sources = self._check_data_sources(view, rule, match, request, principal)
+            if trace is not None:
+                trace.ok("scopes", _scopes_text(rule) or "none required")
+            stage = "data sources"
+            data_sources = self._check_data_sources(view, rule, match, request, principal, trace)
+            if rule.conditions:
+                stage = "conditions"
+                self._check_conditions(view, rule, match, request, principal, data_sources, trace)
+                if trace is not None:
+                    trace.ok("conditions", ", ".join(c.id for c in rule.conditions))
             return Decision(
                 True,
                 Reason.ALLOWED,
@@ -103,9 +184,9 @@ class Engine:
                 rule.id,
                 rule.action,
                 data_sources,
-                routes.version,
+                policy.version,
             )
-        except (_Deny, TokenError, RequestProblem) as deny:
+        except (_Deny, TokenError, RequestProblem, cond.ConditionProblem) as deny:
             reason, message = deny.reason, deny.message
         except StoreUnavailable as exc:
             reason, message = Reason.STORE_UNAVAILABLE, "the policy store is unavailable"
@@ -113,6 +194,8 @@ class Engine:
         except Exception:
             reason, message = Reason.INTERNAL_ERROR, "internal error"
             log.exception("decision %s failed", decision_id)
+        if trace is not None:
+            trace.checks.append(Check(stage, False, f"{reason.name}: {message}"))
         return Decision(
             False,
             reason,
@@ -122,7 +205,7 @@ class Engine:
             rule.id if rule else "",
             rule.action if rule else "",
             (),
-            routes.version,
+            policy.version,
         )
 
     @staticmethod
@@ -151,7 +234,7 @@ class Engine:
             return None, problem
 
     @staticmethod
-    def _check_principal(view: View, p: Principal) -> None:
+    def _check_principal(view: View, p: Principal, trace: Trace | None) -> None:
         if view.token_revoked(p.jti):
             raise _Deny(Reason.TOKEN_REVOKED, "token has been revoked")
         app = view.app(p.client_id)
@@ -168,6 +251,10 @@ class Engine:
                 Reason.CONSENT_INSUFFICIENT,
                 f"the user's consent does not cover {' '.join(missing)[:200]}",
             )
+        if trace is not None:
+            trace.ok("token id", f"{p.jti} not revoked")
+            trace.ok("app", f"{p.client_id} registered and enabled")
+            trace.ok("consent", f"covers {' '.join(p.scopes) or 'no scopes'}")
 
     @staticmethod
     def _check_scopes(rule: RouteRule, p: Principal) -> None:
@@ -182,21 +269,35 @@ class Engine:
             )
 
     def _check_data_sources(
-        self, view: View, rule: RouteRule, match: Match, request: CheckInput, p: Principal
+        self,
+        view: View,
+        rule: RouteRule,
+        match: Match,
+        request: CheckInput,
+        p: Principal,
+        trace: Trace | None,
     ) -> tuple[str, ...]:
         need = rule.access
         if need is None:
             return ()
         if rule.lists_granted:
-            return view.granted(p.sub, p.client_id, need)
+            listed = view.granted(p.sub, p.client_id, need)
+            if trace is not None:
+                trace.ok("data sources", f"lists those granted: {', '.join(listed) or 'none'}")
+            return listed
         target = request.target
         if isinstance(target, HttpTarget):
-            names = extract_data_sources(
+            found = extract_with_sources(
                 rule, match.params, target.query, target.body, self.settings.max_body_bytes
             )
+            names = tuple(dict.fromkeys(name for name, _ref in found))
+            if trace is not None:
+                trace.data_sources.extend(found)
         else:
             assert isinstance(target, ActionTarget)
             names = tuple(dict.fromkeys(target.data_sources))
+            if trace is not None:
+                trace.data_sources.extend((name, "action") for name in target.data_sources)
             if not names or not all(names):
                 raise _Deny(
                     Reason.REQUEST_INVALID,
@@ -219,4 +320,54 @@ class Engine:
                 raise _Deny(
                     Reason.USER_ACCESS_MISSING, f"the user has no {need.label} access to {name!r}"
                 )
+            if trace is not None:
+                trace.ok(
+                    f"data source {name}",
+                    f"granted {granted.label}, the user has {own.label}; needs {need.label}",
+                )
         return names
+
+    def _check_conditions(
+        self,
+        view: View,
+        rule: RouteRule,
+        match: Match,
+        request: CheckInput,
+        p: Principal,
+        names: tuple[str, ...],
+        trace: Trace | None,
+    ) -> None:
+        """The rule's conditions over CEL values of only the variables they use."""
+        used: set[str] = set()
+        for c in rule.conditions:
+            used |= c.program.variables
+        variables: dict[str, Any] = {}
+        if "request" in used:
+            variables["request"] = cond.request_value(request, match.params, names)
+        if "principal" in used:
+            variables["principal"] = cond.principal_value(p)
+        if "rule" in used:
+            variables["rule"] = cond.rule_value(rule)
+        if "now" in used:
+            variables["now"] = cond.now_value(self.clock())
+
+        def data_source(name: str) -> Callable[[], Any]:
+            granted = view.grant(p.sub, p.client_id, name)
+            # Built once per store generation: making CEL values costs more than using them.
+            key = f"cel-data-source\0{name}\0{granted.label if granted else ''}"
+            return lambda: view.derived(
+                key,
+                lambda: cond.data_source_value(name, view.data_source_labels(name), granted),
+            )
+
+        steps = trace.conditions if trace is not None else None
+        cond.evaluate(rule.conditions, variables, [(n, data_source(n)) for n in names], steps)
+
+
+def _scopes_text(rule: RouteRule) -> str:
+    parts = []
+    if rule.scopes_all:
+        parts.append("has " + " ".join(sorted(rule.scopes_all)))
+    if rule.scopes_any:
+        parts.append("has one of " + " ".join(sorted(rule.scopes_any)))
+    return "; ".join(parts)

@@ -11,7 +11,8 @@ read two ways is refused (PATH_AMBIGUOUS) rather than guessed: an encoded '/' or
 '.' or '..' segment, an empty segment, a bad escape, control characters. Bodies must be
 JSON without duplicate keys and within the size limit.
 
-BUILTIN_RULES is the hub's data API until policy files (policies/) replace it.
+The rules themselves come from policy files (policy.py, policies/). BUILTIN_RULES is no
+longer served: it is the reference table that tests compare policies/hub.yaml against.
 """
 
 from __future__ import annotations
@@ -20,17 +21,22 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import parse_qsl, unquote
 
 from policyd.model import Access
 from policyd.reasons import Reason
+
+if TYPE_CHECKING:
+    from policyd.conditions import Condition
 
 _ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _UNSAFE_RAW = re.compile(r"[?#\\\x00-\x20\x7f]")
 _UNSAFE_DECODED = re.compile(r"[\\\x00-\x1f\x7f]")
 _PARAM = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 _INDEX = re.compile(r"0|[1-9][0-9]*")
+# A literal template segment: RFC 3986 pchar without percent-escapes (matched decoded).
+_LITERAL = re.compile(r"^[A-Za-z0-9._~!$&'()*+,;=:@-]+$")
 
 
 class RequestProblem(Exception):
@@ -66,6 +72,8 @@ class RouteRule:
     # The action lists data sources: the decision reports every data source granted.
     lists_granted: bool = False
     public: bool = False
+    # Allow/deny conditions (policy files), evaluated after the built-in checks.
+    conditions: tuple[Condition, ...] = field(default=(), compare=False)
     segments: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -74,6 +82,38 @@ class RouteRule:
     @property
     def needs_body(self) -> bool:
         return any(ref.where == "body" for ref in self.data_sources)
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        """The names of the template's path parameters, in order."""
+        return tuple(m.group(1) for seg in self.segments if (m := _PARAM.match(seg)))
+
+
+def template_problem(path: str) -> str | None:
+    """What is wrong with a path template, or None when it is usable."""
+    if not path.startswith("/"):
+        return "must start with '/'"
+    if path == "/":
+        return None
+    names: set[str] = set()
+    for seg in path[1:].split("/"):
+        if not seg:
+            return "has an empty segment ('//' or a trailing '/')"
+        m = _PARAM.match(seg)
+        if m:
+            if m.group(1) in names:
+                return f"names the parameter {{{m.group(1)}}} twice"
+            names.add(m.group(1))
+        elif "{" in seg or "}" in seg:
+            return f"segment {seg!r}: a parameter must be a whole segment, like {{name}}"
+        elif seg in (".", ".."):
+            return "has a dot segment"
+        elif not _LITERAL.match(seg):
+            return (
+                f"segment {seg!r} has a character that is not allowed"
+                " (write literals decoded, without '%', spaces or '?#')"
+            )
+    return None
 
 
 @dataclass(slots=True)
@@ -181,6 +221,100 @@ class RouteTable:
         return self._actions.get(action)
 
 
+@dataclass(frozen=True, slots=True)
+class Conflict:
+    """Two rules that cannot both be in one table; `second` comes later in the rule list."""
+
+    first: RouteRule
+    second: RouteRule
+    message: str
+
+
+@dataclass(slots=True)
+class _ShapeNode:
+    literal: dict[str, _ShapeNode] = field(default_factory=dict)
+    param: _ShapeNode | None = None
+    param_name: str = ""
+    param_rule: RouteRule | None = None
+    rules: list[RouteRule] = field(default_factory=list)
+
+
+def find_conflicts(rules: list[RouteRule] | tuple[RouteRule, ...]) -> list[Conflict]:
+    """Every pair of rules that a table cannot order, like Go's ServeMux does.
+
+    Two rules conflict when they share a method and some path matches both templates, and
+    neither is more specific (its literal segments a strict superset of the other's). A more
+    specific rule simply wins (a literal beats a parameter); an identical template, or two
+    templates each with a literal where the other has a parameter (`/a/{x}/c` and
+    `/a/b/{y}` both match `/a/b/c`), is ambiguous. Also refused: two parameter names at the
+    same place, which the trie cannot hold. Walks a trie, so it does not compare every pair.
+    """
+    root = _ShapeNode()
+    found: list[Conflict] = []
+    for rule in rules:
+        segs = rule.segments if rule.path != "/" else ()
+        for other in _overlapping(root, segs, 0):
+            if other.methods & rule.methods:
+                problem = _ambiguity(other, rule)
+                if problem:
+                    found.append(Conflict(other, rule, problem))
+        node = root
+        for seg in segs:
+            m = _PARAM.match(seg)
+            if m:
+                if node.param is None:
+                    node.param = _ShapeNode()
+                    node.param_name, node.param_rule = m.group(1), rule
+                elif node.param_name != m.group(1) and node.param_rule is not None:
+                    found.append(
+                        Conflict(
+                            node.param_rule,
+                            rule,
+                            f"parameter {{{m.group(1)}}} of rule {rule.id} is"
+                            f" {{{node.param_name}}} in rule {node.param_rule.id} at the same"
+                            " place; use one name",
+                        )
+                    )
+                node = node.param
+            else:
+                node = node.literal.setdefault(seg, _ShapeNode())
+        node.rules.append(rule)
+    return found
+
+
+def _overlapping(node: _ShapeNode, segs: tuple[str, ...], i: int) -> list[RouteRule]:
+    """Rules below node whose templates match some path that segs[i:] also matches."""
+    if i == len(segs):
+        return list(node.rules)
+    out: list[RouteRule] = []
+    if _PARAM.match(segs[i]):
+        for child in node.literal.values():
+            out += _overlapping(child, segs, i + 1)
+    elif (same := node.literal.get(segs[i])) is not None:
+        out += _overlapping(same, segs, i + 1)
+    if node.param is not None:
+        out += _overlapping(node.param, segs, i + 1)
+    return out
+
+
+def _ambiguity(a: RouteRule, b: RouteRule) -> str | None:
+    """Why two overlapping rules with a common method conflict, or None if one wins."""
+    lit_a = {i for i, s in enumerate(a.segments) if not _PARAM.match(s)}
+    lit_b = {i for i, s in enumerate(b.segments) if not _PARAM.match(s)}
+    if lit_a < lit_b or lit_b < lit_a:
+        return None  # one is more specific and wins
+    methods = " ".join(sorted(a.methods & b.methods))
+    if lit_a == lit_b:
+        return f"rules {a.id} and {b.id} both match {methods} {b.path}"
+    example = "/" + "/".join(
+        a.segments[i] if i in lit_a else b.segments[i] for i in range(len(a.segments))
+    )
+    return (
+        f"rules {a.id} ({a.path}) and {b.id} ({b.path}) both match {methods} {example}"
+        " and neither is more specific"
+    )
+
+
 def _canonical(rule: RouteRule) -> dict[str, Any]:
     """A rule as JSON-able data with sets sorted, so the version hash is stable."""
     return {
@@ -194,6 +328,7 @@ def _canonical(rule: RouteRule) -> dict[str, Any]:
         "data_sources": [[r.where, r.name, r.shape] for r in rule.data_sources],
         "lists_granted": rule.lists_granted,
         "public": rule.public,
+        "conditions": [c.id for c in rule.conditions],
     }
 
 
@@ -227,6 +362,15 @@ def parse_body(body: bytes, limit: int) -> Any:
         raise RequestProblem(Reason.BODY_INVALID, "body is not valid JSON") from None
 
 
+def pointer_problem(pointer: str) -> str | None:
+    """What is wrong with an RFC 6901 JSON pointer, or None."""
+    if pointer and not pointer.startswith("/"):
+        return "a JSON pointer must be empty or start with '/'"
+    if re.search(r"~(?![01])", pointer):
+        return "'~' in a JSON pointer must be followed by 0 or 1 (~0 is '~', ~1 is '/')"
+    return None
+
+
 def resolve_pointer(doc: Any, pointer: str) -> Any:
     """RFC 6901 JSON pointer lookup; a missing member is a BODY_INVALID problem."""
     if pointer == "":
@@ -249,16 +393,24 @@ def extract_data_sources(
     rule: RouteRule, params: dict[str, str], query: str, body: bytes, body_limit: int
 ) -> tuple[str, ...]:
     """The data-source names an HTTP request names, in first-seen order, without repeats."""
-    names: list[str] = []
+    found = extract_with_sources(rule, params, query, body, body_limit)
+    return tuple(dict.fromkeys(name for name, _ref in found))
+
+
+def extract_with_sources(
+    rule: RouteRule, params: dict[str, str], query: str, body: bytes, body_limit: int
+) -> list[tuple[str, DataSourceRef]]:
+    """Each data-source name with the reference it came from, repeats included."""
+    found: list[tuple[str, DataSourceRef]] = []
     doc: Any = None
     for ref in rule.data_sources:
         if ref.where == "path":
-            names.append(params[ref.name])
+            found.append((params[ref.name], ref))
         elif ref.where == "query":
             values = [v for k, v in parse_qsl(query, keep_blank_values=True) if k == ref.name]
             if not values:
                 raise RequestProblem(Reason.REQUEST_INVALID, f"query parameter {ref.name} missing")
-            names.extend(values)
+            found.extend((v, ref) for v in values)
         else:
             if doc is None:
                 doc = parse_body(body, body_limit)
@@ -266,27 +418,27 @@ def extract_data_sources(
             if ref.shape == "keys":
                 if not isinstance(value, dict):
                     raise RequestProblem(Reason.BODY_INVALID, f"{ref.name} must be an object")
-                names.extend(value)
+                found.extend((k, ref) for k in value)
             elif ref.shape == "items":
                 if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                     raise RequestProblem(
                         Reason.BODY_INVALID, f"{ref.name} must be an array of strings"
                     )
-                names.extend(value)
+                found.extend((v, ref) for v in value)
             else:
                 if not isinstance(value, str):
                     raise RequestProblem(Reason.BODY_INVALID, f"{ref.name} must be a string")
-                names.append(value)
-    if not names:
+                found.append((value, ref))
+    if not found:
         raise RequestProblem(Reason.REQUEST_INVALID, "the request names no data source")
-    for name in names:
+    for name, _ref in found:
         if not name:
             raise RequestProblem(Reason.REQUEST_INVALID, "empty data-source name")
         try:
             name.encode()
         except UnicodeEncodeError:
             raise RequestProblem(Reason.BODY_INVALID, "data-source name is not text") from None
-    return tuple(dict.fromkeys(names))
+    return found
 
 
 _READ = Access.READ
