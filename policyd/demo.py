@@ -5,6 +5,8 @@ from __future__ import annotations
 from policyd.errors import Conflict
 from policyd.keys import KeyRing
 from policyd.model import Access
+from policyd.oauth.passwords import hash_password
+from policyd.oauth.storage import OAuthStorage
 from policyd.store import Store
 
 DEMO_APP = "demo-app"
@@ -14,6 +16,8 @@ DATA_SOURCES = {
     "lab-lims": ("Laboratory information system", {"class": "safety"}),
 }
 USERS = {"alice": "Alice Operator", "bob": "Bob Engineer"}
+# Sign-in passwords of the demo users (for the authorization server's pages). Demo only.
+PASSWORDS = {"alice": "alice-demo", "bob": "bob-demo"}
 USER_ACCESS = {
     "alice": {"edge-historian": Access.WRITE, "plant-mes": Access.READ, "lab-lims": Access.READ},
     "bob": {"edge-historian": Access.READ, "plant-mes": Access.READ},
@@ -42,7 +46,9 @@ def seed(store: Store, keyring: KeyRing, algorithm: str = "ES256") -> list[str]:
     for user_id, name in USERS.items():
         try:
             store.add_user(user_id, name)
+            OAuthStorage(store).set_password_hash(user_id, hash_password(PASSWORDS[user_id]))
             created.append(f"user {user_id}")
+            created.append(f"sign-in password {PASSWORDS[user_id]!r} for {user_id}")
         except Conflict:
             pass
     for ds, (description, labels) in DATA_SOURCES.items():

@@ -115,3 +115,69 @@ def m001_initial(db: Database) -> None:
                 f"CREATE TRIGGER {table}_{event.lower()}_generation AFTER {event} ON {table} "
                 "BEGIN UPDATE generation SET value = value + 1 WHERE id = 1; END"
             )
+
+
+@migrations()
+def m002_oauth(db: Database) -> None:
+    """The authorization server's state: codes, token families, refresh tokens, sessions.
+
+    Codes, refresh tokens and session ids are random values stored only as SHA-256 hashes.
+    None of these tables change decisions by themselves (revoking a family writes
+    `revoked_tokens`, which does), so they have no generation triggers.
+    """
+    db.execute(
+        """CREATE TABLE oauth_families (
+            family_id TEXT PRIMARY KEY,
+            client_id TEXT NOT NULL REFERENCES apps(client_id) ON DELETE CASCADE,
+            user_id TEXT NOT NULL REFERENCES users(user_id) ON DELETE CASCADE,
+            created_at REAL NOT NULL,
+            revoked_at REAL
+        ) WITHOUT ROWID"""
+    )
+    db.execute("CREATE INDEX oauth_families_pair ON oauth_families (user_id, client_id)")
+    db.execute(
+        """CREATE TABLE oauth_codes (
+            code_hash TEXT PRIMARY KEY,
+            family_id TEXT NOT NULL REFERENCES oauth_families(family_id) ON DELETE CASCADE,
+            client_id TEXT NOT NULL,
+            user_id TEXT NOT NULL,
+            redirect_uri TEXT NOT NULL,
+            scopes TEXT NOT NULL,
+            data_sources TEXT NOT NULL,
+            code_challenge TEXT NOT NULL,
+            code_challenge_method TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            expires_at REAL NOT NULL,
+            used_at REAL
+        ) WITHOUT ROWID"""
+    )
+    db.execute("CREATE INDEX oauth_codes_expiry ON oauth_codes (expires_at)")
+    db.execute(
+        """CREATE TABLE oauth_refresh_tokens (
+            token_hash TEXT PRIMARY KEY,
+            family_id TEXT NOT NULL REFERENCES oauth_families(family_id) ON DELETE CASCADE,
+            scopes TEXT NOT NULL,
+            issued_at REAL NOT NULL,
+            expires_at REAL NOT NULL,
+            rotated_at REAL,
+            revoked_at REAL
+        ) WITHOUT ROWID"""
+    )
+    db.execute("CREATE INDEX oauth_refresh_tokens_family ON oauth_refresh_tokens (family_id)")
+    db.execute(
+        """CREATE TABLE oauth_access_tokens (
+            jti TEXT PRIMARY KEY,
+            family_id TEXT NOT NULL REFERENCES oauth_families(family_id) ON DELETE CASCADE,
+            issued_at REAL NOT NULL,
+            expires_at REAL NOT NULL
+        ) WITHOUT ROWID"""
+    )
+    db.execute("CREATE INDEX oauth_access_tokens_family ON oauth_access_tokens (family_id)")
+    db.execute(
+        """CREATE TABLE oauth_sessions (
+            session_hash TEXT PRIMARY KEY,
+            user_id TEXT NOT NULL REFERENCES users(user_id) ON DELETE CASCADE,
+            created_at REAL NOT NULL,
+            expires_at REAL NOT NULL
+        ) WITHOUT ROWID"""
+    )

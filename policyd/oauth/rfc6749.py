@@ -1,0 +1,312 @@
+"""RFC 6749 (OAuth 2.0) on authlib's framework-agnostic server core.
+
+The authorization code grant (with PKCE, rfc7636.py) and the refresh token grant, over the
+apps in the policy store. Access tokens are policyd's RFC 9068 JWTs (policyd.tokens);
+refresh tokens are opaque, rotated on every use, and the reuse of a rotated one revokes its
+whole family (RFC 9700 section 4.14.2). Client authentication: client_secret_basic or
+client_secret_post for confidential apps, `none` (with PKCE) for public ones.
+
+authlib logs issued tokens at DEBUG; its logger is kept at INFO so they never reach a log.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+from authlib.oauth2 import AuthorizationServer as _AuthorizationServer
+from authlib.oauth2.rfc6749 import (
+    ClientMixin,
+    InvalidGrantError,
+    InvalidRequestError,
+    InvalidScopeError,
+    TokenMixin,
+)
+from authlib.oauth2.rfc6749.grants import AuthorizationCodeGrant, RefreshTokenGrant
+from starlette.responses import JSONResponse, Response
+
+from policyd.errors import NotFound
+from policyd.keys import KeyRing
+from policyd.oauth.rfc7636 import S256CodeChallenge
+from policyd.oauth.scopes import ScopeInfo
+from policyd.oauth.storage import CodeRow, CodeState, OAuthStorage, RefreshRow, new_secret
+from policyd.store import App, Store
+from policyd.tokens import TokenSettings, issue_token
+
+logging.getLogger("authlib").setLevel(logging.INFO)
+
+SECRET_METHODS = ["client_secret_basic", "client_secret_post"]
+TOKEN_AUTH_METHODS = [*SECRET_METHODS, "none"]
+GRANT_TYPES = ("authorization_code", "refresh_token")
+
+
+@dataclass(frozen=True, slots=True)
+class Approval:
+    """The signed-in user and what they approved on the consent screen."""
+
+    user_id: str
+    scopes: tuple[str, ...] = ()
+    data_sources: tuple[str, ...] = ()
+
+
+class Client(ClientMixin):  # type: ignore[misc]
+    def __init__(self, app: App, store: Store) -> None:
+        self.app = app
+        self.client_id = app.client_id
+        self._store = store
+
+    def get_client_id(self) -> str:
+        return self.client_id
+
+    def get_default_redirect_uri(self) -> None:
+        return None  # redirect_uri is required: exact match against a registered URI
+
+    def get_allowed_scope(self, scope: str | None) -> str | None:
+        """The requested scopes the app is registered for; None (invalid_scope) if none."""
+        if not scope:
+            return None
+        allowed = [s for s in dict.fromkeys(scope.split()) if s in self.app.allowed_scopes]
+        return " ".join(allowed) or None
+
+    def check_redirect_uri(self, redirect_uri: str) -> bool:
+        return redirect_uri in self.app.redirect_uris
+
+    def check_client_secret(self, client_secret: str) -> bool:
+        return self._store.verify_client_secret(self.client_id, client_secret)
+
+    def check_endpoint_auth_method(self, method: str, endpoint: str) -> bool:
+        if self.app.confidential:
+            return method in SECRET_METHODS
+        return method == "none"
+
+    def check_response_type(self, response_type: str) -> bool:
+        return response_type == "code"
+
+    def check_grant_type(self, grant_type: str) -> bool:
+        return grant_type in GRANT_TYPES
+
+
+@dataclass(frozen=True, slots=True)
+class AuthorizationCode:
+    row: CodeRow
+
+    @property
+    def code_challenge(self) -> str:
+        return self.row.code_challenge
+
+    @property
+    def code_challenge_method(self) -> str:
+        return self.row.code_challenge_method
+
+    def get_redirect_uri(self) -> str:
+        return self.row.redirect_uri
+
+    def get_scope(self) -> str:
+        return " ".join(self.row.scopes)
+
+
+class RefreshToken(TokenMixin):  # type: ignore[misc]
+    def __init__(self, row: RefreshRow, value: str) -> None:
+        self.row = row
+        self.value = value
+        self.client_id = row.client_id
+
+    def check_client(self, client: Client) -> bool:
+        return self.row.client_id == client.client_id
+
+    def get_scope(self) -> str:
+        return " ".join(self.row.scopes)
+
+    def get_expires_in(self) -> int:
+        return max(0, int(self.row.expires_at - time.time()))
+
+    def is_expired(self) -> bool:
+        return self.row.expires_at <= time.time()
+
+    def is_revoked(self) -> bool:
+        return self.row.revoked or self.row.rotated
+
+
+class CodeGrant(AuthorizationCodeGrant):  # type: ignore[misc]
+    TOKEN_ENDPOINT_AUTH_METHODS = TOKEN_AUTH_METHODS
+    server: AuthorizationServer
+
+    def save_authorization_code(self, code: str, request: Any) -> None:
+        approval: Approval = request.user
+        data = request.payload.data
+        self.server.storage.save_code(
+            code,
+            client_id=request.client.client_id,
+            user_id=approval.user_id,
+            redirect_uri=request.payload.redirect_uri,
+            scopes=list(approval.scopes),
+            data_sources=list(approval.data_sources),
+            code_challenge=data.get("code_challenge"),
+            code_challenge_method=data.get("code_challenge_method"),
+            ttl_seconds=self.server.code_ttl_seconds,
+        )
+
+    def query_authorization_code(self, code: str, client: Client) -> AuthorizationCode | None:
+        state, row = self.server.storage.claim_code(code, client.client_id)
+        if state == CodeState.REPLAYED:
+            raise InvalidGrantError(
+                "The code was used before; the tokens issued from it are revoked."
+            )
+        if state == CodeState.EXPIRED:
+            raise InvalidGrantError("The code has expired.")
+        return None if row is None else AuthorizationCode(row)
+
+    def delete_authorization_code(self, authorization_code: AuthorizationCode) -> None:
+        pass  # claimed (marked used) by query_authorization_code, kept to detect replays
+
+    def authenticate_user(self, authorization_code: AuthorizationCode) -> Approval:
+        row = authorization_code.row
+        return Approval(row.user_id, row.scopes, row.data_sources)
+
+
+class RefreshGrant(RefreshTokenGrant):  # type: ignore[misc]
+    TOKEN_ENDPOINT_AUTH_METHODS = TOKEN_AUTH_METHODS
+    INCLUDE_NEW_REFRESH_TOKEN = True
+    server: AuthorizationServer
+
+    def authenticate_refresh_token(self, refresh_token: str) -> RefreshToken | None:
+        storage = self.server.storage
+        row = storage.refresh_token(refresh_token)
+        if row is None or row.revoked or row.expires_at <= time.time():
+            return None
+        if row.rotated:
+            storage.revoke_family(row.family_id)
+            raise InvalidGrantError(
+                "The refresh token was used before; every token of its family is revoked."
+            )
+        if row.client_id != self.request.client.client_id:
+            return None
+        requested = (self.request.payload.scope or "").split()
+        if not set(requested) <= set(row.scopes):
+            raise InvalidScopeError()
+        consent = self.server.store.list_consents(row.user_id, row.client_id)
+        if not consent or not set(requested or row.scopes) <= set(consent[0]["scopes"]):
+            return None  # the user took the consent back
+        if not storage.rotate_refresh_token(refresh_token):  # lost a race with a reuse
+            storage.revoke_family(row.family_id)
+            raise InvalidGrantError("The refresh token was used before.")
+        return RefreshToken(row, refresh_token)
+
+    def authenticate_user(self, refresh_token: RefreshToken) -> Approval:
+        return Approval(refresh_token.row.user_id, refresh_token.row.scopes)
+
+    def revoke_old_credential(self, refresh_token: RefreshToken) -> None:
+        pass  # rotated as it was authenticated
+
+
+class AuthorizationServer(_AuthorizationServer):  # type: ignore[misc]
+    """authlib's server core bound to the policy store, the key ring and Starlette."""
+
+    def __init__(
+        self,
+        store: Store,
+        keyring: KeyRing,
+        token_settings: TokenSettings,
+        *,
+        code_ttl_seconds: float,
+        refresh_ttl_seconds: float,
+        scopes: Callable[[], dict[str, ScopeInfo]],
+    ) -> None:
+        super().__init__()
+        self.scopes = scopes
+        self.store = store
+        self.storage = OAuthStorage(store)
+        self.keyring = keyring
+        self.token_settings = token_settings
+        self.code_ttl_seconds = code_ttl_seconds
+        self.refresh_ttl_seconds = refresh_ttl_seconds
+        self.register_token_generator("default", self._generate_token)
+        self.register_grant(CodeGrant, [S256CodeChallenge()])
+        self.register_grant(RefreshGrant)
+
+    def validate_requested_scope(self, scope: str | None) -> None:
+        """An unknown scope is invalid_scope (RFC 6749 section 4.1.2.1)."""
+        if scope and not set(scope.split()) <= set(self.scopes()):
+            raise InvalidScopeError()
+
+    def query_client(self, client_id: str) -> Client | None:
+        try:
+            app = self.store.get_app(client_id)
+        except NotFound:
+            return None
+        return Client(app, self.store) if app.enabled else None
+
+    def _generate_token(
+        self,
+        grant_type: str,
+        client: Client,
+        user: Approval,
+        scope: str,
+        expires_in: int | None = None,
+        include_refresh_token: bool = True,
+    ) -> dict[str, Any]:
+        token, _claims = issue_token(
+            self.keyring,
+            self.token_settings,
+            sub=user.user_id,
+            client_id=client.client_id,
+            scopes=scope.split(),
+        )
+        result: dict[str, Any] = {
+            "access_token": token,
+            "token_type": "Bearer",
+            "expires_in": self.token_settings.ttl_seconds,
+            "scope": scope,
+        }
+        if include_refresh_token:
+            result["refresh_token"] = new_secret()
+        return result
+
+    def save_token(self, token: dict[str, Any], request: Any) -> None:
+        if request.authorization_code is not None:
+            family_id = request.authorization_code.row.family_id
+        else:
+            family_id = request.refresh_token.row.family_id
+        # Our own token, just signed: read back its id and expiry.
+        claims = jwt.decode(token["access_token"], options={"verify_signature": False})
+        self.storage.save_tokens(
+            family_id,
+            jti=claims["jti"],
+            access_expires_at=claims["exp"],
+            refresh_token=token.get("refresh_token"),
+            scopes=token["scope"].split(),
+            refresh_ttl_seconds=self.refresh_ttl_seconds,
+        )
+
+    def create_oauth2_request(self, request: Any) -> Any:
+        return request  # already adapted (requests.py)
+
+    def create_json_request(self, request: Any) -> Any:
+        raise NotImplementedError("no JSON endpoints")
+
+    def handle_response(self, status: int, body: Any, headers: list[tuple[str, str]]) -> Response:
+        if isinstance(body, dict):
+            response: Response = JSONResponse(body, status_code=status)
+        else:
+            response = Response(body or b"", status_code=status)
+        for name, value in headers:
+            response.headers[name] = value
+        return response
+
+    def send_signal(self, name: str, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+def refuse_repeated_parameters(request: Any) -> Response | None:
+    """RFC 6749 section 3.2: parameters MUST NOT be included more than once."""
+    repeated = request.form.duplicated()
+    if not repeated:
+        return None
+    error = InvalidRequestError(f"Repeated parameter(s): {', '.join(repeated)}.")
+    response: Response = JSONResponse(dict(error.get_body()), status_code=400)
+    response.headers["Cache-Control"] = "no-store"
+    return response

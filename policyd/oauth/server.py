@@ -1,0 +1,93 @@
+"""Runs the authorization server on uvicorn in a thread of `policyd serve`.
+
+The socket is bound here, before the thread starts, so a taken port is a one-line
+ConfigError at start-up. `stop()` asks uvicorn to finish the requests in flight and waits.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+
+import uvicorn
+
+from policyd.config import Config
+from policyd.errors import ConfigError
+
+log = logging.getLogger("policyd.oauth")
+
+
+def bind(address: str) -> socket.socket:
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, int(port)))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"oauth.address: cannot listen on {address}: {exc.strerror}") from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+class RunningAuthorizationServer:
+    def __init__(self, config: Config) -> None:
+        from policyd.oauth.app import AuthorizationApp
+
+        self.address = config.oauth.address
+        self.socket = bind(self.address)
+        try:
+            app = AuthorizationApp(config).asgi
+        except BaseException:
+            self.socket.close()
+            raise
+        o = config.oauth
+        self.uvicorn = uvicorn.Server(
+            uvicorn.Config(
+                app,
+                log_level="warning",
+                access_log=False,  # paths and forms stay out of logs
+                lifespan="off",
+                ssl_certfile=o.cert_file or None,
+                ssl_keyfile=o.key_file or None,
+                server_header=False,
+            )
+        )
+        self.thread = threading.Thread(
+            target=self.uvicorn.run, kwargs={"sockets": [self.socket]}, name="policyd-oauth"
+        )
+        self.thread.daemon = True
+
+    def start(self, timeout: float = 10.0) -> None:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.uvicorn.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise ConfigError(f"the authorization server did not start on {self.address}")
+            time.sleep(0.02)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.uvicorn.should_exit = True
+        self.thread.join(timeout)
+        self.socket.close()
+
+
+def start_authorization_server(config: Config) -> RunningAuthorizationServer | None:
+    """Start the authorization server when `oauth.enabled`; None otherwise."""
+    if not config.oauth.enabled:
+        return None
+    server = RunningAuthorizationServer(config)
+    server.start()
+    scheme = "https" if config.oauth.cert_file else "http"
+    log.info(
+        "serving the authorization server on %s://%s (issuer %s)",
+        scheme,
+        config.oauth.address,
+        config.tokens.issuer,
+    )
+    return server

@@ -1,0 +1,417 @@
+"""The authorization server's protocol: RFC 6749 code flow with PKCE (RFC 7636), refresh
+rotation, RFC 7009 revocation, RFC 7662 introspection, RFC 8414 metadata; every error
+branch. Real uvicorn over a socket; the user agent is httpx (the browser test drives pages)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from authlib.oauth2.rfc8414 import AuthorizationServerMetadata
+
+from policyd.facts import Facts
+from policyd.tokens import Verifier
+from policyd.wiring import token_settings
+from tests.helpers import Home
+from tests.oauth_support import (
+    PUBLIC_REDIRECT,
+    Browser,
+    Flow,
+    exchange,
+    oauth_home,
+    query_of,
+    refresh,
+    running,
+)
+
+
+class AS:
+    def __init__(self, home: Home, secret: str, base: str) -> None:
+        self.home = home
+        self.secret = secret
+        self.base = base
+        self.browser = Browser(base)
+        assert self.browser.sign_in().status_code == 303
+
+    def code(self, flow: Flow, data_sources: tuple[str, ...] = ("ds-a",)) -> str:
+        return self.browser.authorize(flow, data_sources=data_sources)["code"]
+
+    def tokens(self, flow: Flow | None = None) -> tuple[Flow, dict[str, Any]]:
+        flow = flow or Flow()
+        reply = exchange(self.base, self.code(flow), flow, secret=self.secret)
+        assert reply.status_code == 200, reply.text
+        return flow, reply.json()
+
+    def revoked(self, access_token: str) -> bool:
+        claims = (
+            Verifier(token_settings(self.home.config))
+            .verify(Facts(self.home.store).view(), access_token)
+            .claims
+        )
+        row = self.home.store.conn().execute(
+            "SELECT 1 FROM revoked_tokens WHERE jti = ?", (claims["jti"],)
+        )
+        return row.fetchone() is not None
+
+    def post(self, path: str, data: dict[str, str], secret: str | None = None) -> httpx.Response:
+        auth = ("app1", self.secret if secret is None else secret)
+        return httpx.post(self.base + path, data=data, auth=auth, timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AS]:
+    home, secret = oauth_home(tmp_path_factory.mktemp("oauth"))
+    with running(home) as base:
+        a = AS(home, secret, base)
+        yield a
+        a.browser.close()
+
+
+def _error(reply: httpx.Response, status: int, error: str) -> None:
+    assert reply.status_code == status, reply.text
+    assert reply.json()["error"] == error
+    assert reply.headers["cache-control"] == "no-store"
+
+
+# -- metadata and keys ---------------------------------------------------------------------
+
+
+def test_metadata_is_valid_rfc8414_and_names_this_issuer(server: AS) -> None:
+    reply = httpx.get(server.base + "/.well-known/oauth-authorization-server")
+    assert reply.status_code == 200
+    meta = AuthorizationServerMetadata(reply.json())
+    meta.validate()
+    assert meta["issuer"] == server.home.config.tokens.issuer == server.base
+    assert meta["code_challenge_methods_supported"] == ["S256"]
+    assert meta["token_endpoint"] == server.base + "/token"
+
+
+def test_jwks_serves_the_key_that_signs_access_tokens(server: AS) -> None:
+    _, tokens = server.tokens()
+    keys = httpx.get(server.base + "/jwks.json").json()["keys"]
+    kid = __import__("jwt").get_unverified_header(tokens["access_token"])["kid"]
+    assert kid in {k["kid"] for k in keys}
+
+
+# -- the code flow -------------------------------------------------------------------------
+
+
+def test_code_exchange_gives_an_rfc9068_token_the_decision_core_accepts(server: AS) -> None:
+    _flow, tokens = server.tokens(Flow(scope="UserInfo DataRead"))
+    assert tokens["token_type"] == "Bearer"
+    assert tokens["expires_in"] == 3600
+    assert tokens["scope"] == "UserInfo DataRead"
+    assert tokens["refresh_token"]
+    verified = Verifier(token_settings(server.home.config)).verify(
+        Facts(server.home.store).view(), tokens["access_token"]
+    )
+    assert verified.claims["sub"] == "alice"
+    assert verified.claims["client_id"] == "app1"
+    assert verified.claims["exp"] - verified.claims["iat"] == 3600
+
+
+def test_client_secret_post_authenticates_a_confidential_app(server: AS) -> None:
+    flow = Flow()
+    reply = exchange(
+        server.base, server.code(flow), flow, client_id="app1", client_secret=server.secret
+    )
+    assert reply.status_code == 200, reply.text
+
+
+def test_public_app_authenticates_with_pkce_alone(server: AS) -> None:
+    flow = Flow(client_id="pub", redirect_uri=PUBLIC_REDIRECT)
+    reply = exchange(server.base, server.code(flow), flow)
+    assert reply.status_code == 200, reply.text
+
+
+def test_missing_code_verifier_is_invalid_request(server: AS) -> None:
+    flow = Flow(client_id="pub", redirect_uri=PUBLIC_REDIRECT)
+    _error(exchange(server.base, server.code(flow), flow, verifier=""), 400, "invalid_request")
+
+
+def test_wrong_code_verifier_is_invalid_grant(server: AS) -> None:
+    flow = Flow()
+    code = server.code(flow)
+    wrong = Flow().verifier
+    _error(
+        exchange(server.base, code, flow, secret=server.secret, verifier=wrong),
+        400,
+        "invalid_grant",
+    )
+
+
+def test_authorization_request_without_pkce_is_refused_by_redirect(server: AS) -> None:
+    flow = Flow()
+    for overrides in (
+        {"code_challenge": None, "code_challenge_method": None},
+        {"code_challenge_method": "plain"},
+        {"code_challenge_method": None},
+    ):
+        reply = server.browser.consent_page(flow, **overrides)
+        assert reply.status_code == 302
+        query = query_of(reply.headers["location"])
+        assert reply.headers["location"].startswith(flow.redirect_uri)
+        assert (query["error"], query["state"]) == ("invalid_request", flow.state)
+
+
+def test_unknown_client_or_unregistered_redirect_uri_gets_an_error_page_not_a_redirect(
+    server: AS,
+) -> None:
+    flow = Flow()
+    for overrides in (
+        {"client_id": "nobody"},
+        {"redirect_uri": "https://evil.test/cb"},
+        {"redirect_uri": "https://app1.test/cb/"},
+        {"redirect_uri": None},
+    ):
+        reply = server.browser.consent_page(flow, **overrides)
+        assert reply.status_code == 400
+        assert "location" not in reply.headers
+        assert "cannot connect" in reply.text
+
+
+def test_unsupported_response_type_is_redirected_with_its_error(server: AS) -> None:
+    reply = server.browser.consent_page(Flow(), response_type="token")
+    assert reply.status_code == 302
+    assert query_of(reply.headers["location"])["error"] == "unsupported_response_type"
+
+
+def test_scopes_the_app_is_not_registered_for_are_never_offered(server: AS) -> None:
+    flow = Flow(client_id="pub", redirect_uri=PUBLIC_REDIRECT, scope="UserInfo DataWrite")
+    page = server.browser.consent_page(flow)
+    assert 'value="UserInfo"' in page.text
+    assert 'value="DataWrite"' not in page.text
+    assert "Write tag values" not in page.text
+    only_unregistered = Flow(client_id="pub", redirect_uri=PUBLIC_REDIRECT, scope="DataWrite")
+    reply = server.browser.consent_page(only_unregistered)
+    assert query_of(reply.headers["location"])["error"] == "invalid_scope"
+    unknown = server.browser.consent_page(Flow(scope="UserInfo Nonsense"))
+    assert query_of(unknown.headers["location"])["error"] == "invalid_scope"
+
+
+def test_denying_consent_redirects_access_denied_with_state(server: AS) -> None:
+    query = server.browser.authorize(Flow(), decision="deny")
+    assert (query["error"], query["state"]) == ("access_denied", "st-123")
+    assert "code" not in query
+
+
+def test_redirect_uri_differing_at_the_token_endpoint_is_invalid_grant(server: AS) -> None:
+    flow = Flow()
+    code = server.code(flow)
+    _error(
+        exchange(server.base, code, flow, secret=server.secret, redirect_uri="https://x.test/cb"),
+        400,
+        "invalid_grant",
+    )
+
+
+def test_replayed_code_is_refused_and_revokes_the_tokens_issued_from_it(server: AS) -> None:
+    flow = Flow()
+    code = server.code(flow)
+    first = exchange(server.base, code, flow, secret=server.secret)
+    assert first.status_code == 200
+    tokens = first.json()
+    _error(exchange(server.base, code, flow, secret=server.secret), 400, "invalid_grant")
+    assert server.revoked(tokens["access_token"])
+    _error(
+        refresh(server.base, "app1", tokens["refresh_token"], server.secret), 400, "invalid_grant"
+    )
+
+
+def test_expired_code_is_invalid_grant(server: AS) -> None:
+    flow = Flow()
+    code = server.code(flow)
+    with server.home.store.write() as conn:
+        conn.execute("UPDATE oauth_codes SET expires_at = ? WHERE used_at IS NULL", (time.time(),))
+    _error(exchange(server.base, code, flow, secret=server.secret), 400, "invalid_grant")
+
+
+def test_codes_live_sixty_seconds_by_default(server: AS) -> None:
+    server.code(Flow())
+    row = (
+        server.home.store.conn()
+        .execute("SELECT expires_at - created_at FROM oauth_codes ORDER BY created_at DESC LIMIT 1")
+        .fetchone()
+    )
+    assert row[0] == pytest.approx(60)
+
+
+def test_codes_and_refresh_tokens_are_stored_only_hashed(server: AS) -> None:
+    flow = Flow()
+    code = server.code(flow)
+    tokens = exchange(server.base, code, flow, secret=server.secret).json()
+    dump = "\n".join(server.home.store.conn().iterdump())
+    assert code not in dump
+    assert tokens["refresh_token"] not in dump
+
+
+def test_bad_client_secret_is_invalid_client(server: AS) -> None:
+    flow = Flow()
+    code = server.code(flow)
+    reply = exchange(server.base, code, flow, secret="wrong-secret")
+    _error(reply, 401, "invalid_client")
+    assert reply.headers["www-authenticate"].startswith("Basic")
+    posted = exchange(server.base, code, flow, client_id="app1", client_secret="wrong")
+    assert posted.json()["error"] == "invalid_client"
+
+
+def test_confidential_app_cannot_skip_its_secret(server: AS) -> None:
+    flow = Flow()
+    reply = exchange(server.base, server.code(flow), flow)  # client_id + PKCE only
+    assert reply.json()["error"] == "invalid_client"
+
+
+def test_unsupported_grant_type(server: AS) -> None:
+    reply = server.post("/token", {"grant_type": "password", "username": "a", "password": "b"})
+    _error(reply, 400, "unsupported_grant_type")
+
+
+def test_missing_or_repeated_parameters_are_invalid_request(server: AS) -> None:
+    _error(server.post("/token", {"code": "x"}), 400, "invalid_request")
+    repeated = httpx.post(
+        server.base + "/token",
+        content="grant_type=refresh_token&grant_type=authorization_code",
+        headers={"content-type": "application/x-www-form-urlencoded"},
+        auth=("app1", server.secret),
+    )
+    _error(repeated, 400, "invalid_request")
+
+
+# -- refresh tokens ------------------------------------------------------------------------
+
+
+def test_refresh_rotates_and_reuse_of_the_old_token_revokes_the_family(server: AS) -> None:
+    _, first = server.tokens()
+    second = refresh(server.base, "app1", first["refresh_token"], server.secret)
+    assert second.status_code == 200, second.text
+    rotated = second.json()
+    assert rotated["refresh_token"] != first["refresh_token"]
+    assert rotated["scope"] == first["scope"]
+    # The old one again: refused, and everything of the family is revoked.
+    _error(
+        refresh(server.base, "app1", first["refresh_token"], server.secret), 400, "invalid_grant"
+    )
+    _error(
+        refresh(server.base, "app1", rotated["refresh_token"], server.secret), 400, "invalid_grant"
+    )
+    assert server.revoked(first["access_token"])
+    assert server.revoked(rotated["access_token"])
+
+
+def test_refresh_may_narrow_but_not_widen_the_scope(server: AS) -> None:
+    _, tokens = server.tokens(Flow(scope="UserInfo DataRead"))
+    data = {"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"]}
+    wider = server.post("/token", {**data, "scope": "UserInfo DataWrite"})
+    _error(wider, 400, "invalid_scope")
+    narrower = server.post("/token", {**data, "scope": "UserInfo"})
+    assert narrower.json()["scope"] == "UserInfo"
+
+
+def test_refresh_token_of_another_app_is_invalid_grant(server: AS) -> None:
+    flow = Flow(client_id="pub", redirect_uri=PUBLIC_REDIRECT)
+    tokens = exchange(server.base, server.code(flow), flow).json()
+    _error(
+        refresh(server.base, "app1", tokens["refresh_token"], server.secret), 400, "invalid_grant"
+    )
+
+
+# -- RFC 7009 revocation -------------------------------------------------------------------
+
+
+def test_revoking_an_unknown_token_answers_200(server: AS) -> None:
+    for token in ("nonsense", "a.b.c", "x" * 50):
+        reply = server.post("/revoke", {"token": token})
+        assert reply.status_code == 200
+        assert reply.json() == {}
+
+
+def test_revocation_needs_client_authentication(server: AS) -> None:
+    _error(server.post("/revoke", {"token": "x"}, secret="wrong"), 401, "invalid_client")
+
+
+def test_revoking_an_access_token_denies_it(server: AS) -> None:
+    _, tokens = server.tokens()
+    reply = server.post(
+        "/revoke", {"token": tokens["access_token"], "token_type_hint": "access_token"}
+    )
+    assert reply.status_code == 200
+    assert server.revoked(tokens["access_token"])
+
+
+def test_revoking_a_refresh_token_revokes_its_family(server: AS) -> None:
+    _, tokens = server.tokens()
+    assert server.post("/revoke", {"token": tokens["refresh_token"]}).status_code == 200
+    assert server.revoked(tokens["access_token"])
+    _error(
+        refresh(server.base, "app1", tokens["refresh_token"], server.secret), 400, "invalid_grant"
+    )
+
+
+def test_public_app_revokes_its_own_token_without_a_secret(server: AS) -> None:
+    flow = Flow(client_id="pub", redirect_uri=PUBLIC_REDIRECT)
+    tokens = exchange(server.base, server.code(flow), flow).json()
+    reply = httpx.post(
+        server.base + "/revoke", data={"token": tokens["refresh_token"], "client_id": "pub"}
+    )
+    assert reply.status_code == 200
+    _error(refresh(server.base, "pub", tokens["refresh_token"]), 400, "invalid_grant")
+
+
+# -- RFC 7662 introspection ----------------------------------------------------------------
+
+
+def test_introspection_reports_the_token_and_the_live_granted_data_sources(server: AS) -> None:
+    flow = Flow(scope="UserInfo DataRead")
+    code = server.browser.authorize(flow, data_sources=("ds-a", "ds-b"))["code"]
+    tokens = exchange(server.base, code, flow, secret=server.secret).json()
+    info = server.post("/introspect", {"token": tokens["access_token"]}).json()
+    assert info["active"] is True
+    assert (info["sub"], info["client_id"], info["scope"]) == ("alice", "app1", "UserInfo DataRead")
+    assert info["token_type"] == "Bearer"
+    assert info["data_sources"] == [
+        {"name": "ds-a", "access": "read"},
+        {"name": "ds-b", "access": "read"},
+    ]
+    server.home.store.revoke_grant("alice", "app1", "ds-b")
+    again = server.post("/introspect", {"token": tokens["refresh_token"]}).json()
+    assert again["active"] is True
+    assert again["data_sources"] == [{"name": "ds-a", "access": "read"}]
+
+
+def test_introspection_of_revoked_expired_and_unknown_tokens_is_inactive(server: AS) -> None:
+    _, tokens = server.tokens()
+    server.post("/revoke", {"token": tokens["access_token"]})
+    assert server.post("/introspect", {"token": tokens["access_token"]}).json() == {"active": False}
+    expired = server.home.token(client_id="app1", now=time.time() - 7200)
+    assert server.post("/introspect", {"token": expired}).json() == {"active": False}
+    assert server.post("/introspect", {"token": "unknown"}).json() == {"active": False}
+    _, other = server.tokens()
+    server.post("/revoke", {"token": other["refresh_token"]})
+    assert server.post("/introspect", {"token": other["refresh_token"]}).json() == {"active": False}
+
+
+def test_introspection_of_another_apps_token_is_inactive(server: AS) -> None:
+    flow = Flow(client_id="pub", redirect_uri=PUBLIC_REDIRECT)
+    tokens = exchange(server.base, server.code(flow), flow).json()
+    assert server.post("/introspect", {"token": tokens["access_token"]}).json() == {"active": False}
+
+
+def test_introspection_needs_a_confidential_client(server: AS) -> None:
+    reply = httpx.post(server.base + "/introspect", data={"token": "x", "client_id": "pub"})
+    assert reply.json()["error"] == "invalid_client"
+
+
+def test_tokens_never_reach_the_log(server: AS, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("DEBUG")
+    flow = Flow()
+    code = server.code(flow)
+    tokens = exchange(server.base, code, flow, secret=server.secret).json()
+    refresh(server.base, "app1", tokens["refresh_token"], server.secret)
+    servers = ("policyd", "authlib", "uvicorn", "starlette")
+    text = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith(servers))
+    assert "authorization granted for app app1 by user alice" in text
+    for secret in (code, tokens["access_token"], tokens["refresh_token"], server.secret):
+        assert secret not in text
