@@ -1,0 +1,152 @@
+"""Render the sample Envoy configurations (envoy.yaml, envoy-tls.yaml, envoy-http.yaml) with
+other ports and certificate paths, for tests, benchmarks and `make run-envoy` on non-default
+ports.
+
+The samples stay the one source of truth: this loads one, changes only addresses and file
+names in the loaded dict, and writes JSON that `envoy -c` reads.
+
+    python -m adapters.envoy.config [--tls | --http] --listen 10000 --hub 8001 --policyd 50051 \
+        --admin 9901 [--cert-dir DIR] --out envoy.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+PLAIN = HERE / "envoy.yaml"
+TLS = HERE / "envoy-tls.yaml"
+HTTP = HERE / "envoy-http.yaml"  # ext_authz http_service; `policyd` is the HTTP door's port
+# envoy-tls.yaml's placeholder file names, by role.
+PLACEHOLDERS = {
+    "listener_cert": "/etc/policyd/tls/envoy.pem",
+    "listener_key": "/etc/policyd/tls/envoy.key",
+    "client_cert": "/etc/policyd/tls/gateway.pem",
+    "client_key": "/etc/policyd/tls/gateway.key",
+    "ca": "/etc/policyd/tls/ca.pem",
+}
+
+
+@dataclass(frozen=True)
+class Ports:
+    listen: int = 10000
+    hub: int = 8001
+    policyd: int = 50051
+    admin: int = 9901
+    host: str = "127.0.0.1"
+
+
+def load(source: Path = PLAIN) -> dict[str, Any]:
+    data = yaml.safe_load(source.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: not an Envoy bootstrap")
+    return data
+
+
+def _set_address(holder: dict[str, Any], host: str, port: int) -> None:
+    address = holder["address"]["socket_address"]
+    address["address"] = host
+    address["port_value"] = port
+
+
+def _cluster(config: dict[str, Any], name: str) -> dict[str, Any]:
+    for cluster in config["static_resources"]["clusters"]:
+        if cluster["name"] == name:
+            return dict(cluster)
+    raise KeyError(f"no cluster {name!r}")
+
+
+def _replace_files(node: Any, files: dict[str, str]) -> Any:
+    if isinstance(node, dict):
+        return {
+            k: (
+                files.get(v, v)
+                if k == "filename" and isinstance(v, str)
+                else _replace_files(v, files)
+            )
+            for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [_replace_files(item, files) for item in node]
+    return node
+
+
+def render(
+    ports: Ports,
+    *,
+    source: Path = PLAIN,
+    files: dict[str, Path] | None = None,
+    policyd_sni: str | None = None,
+) -> dict[str, Any]:
+    """The sample with the listener, admin, hub and policyd addresses changed; `files` maps
+    PLACEHOLDERS roles to real certificate files (TLS sample)."""
+    config = load(source)
+    _set_address(config["admin"], ports.host, ports.admin)
+    _set_address(config["static_resources"]["listeners"][0], ports.host, ports.listen)
+    for name, port in (("hub", ports.hub), ("policyd", ports.policyd)):
+        cluster = _cluster(config, name)
+        endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+        _set_address(endpoint, ports.host, port)
+    for http_filter in config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+        "typed_config"
+    ]["http_filters"]:
+        service = http_filter.get("typed_config", {}).get("http_service")
+        if service is not None:
+            service["server_uri"]["uri"] = f"http://{ports.host}:{ports.policyd}"
+    if files:
+        unknown = set(files) - set(PLACEHOLDERS)
+        if unknown:
+            raise KeyError(f"unknown certificate roles: {sorted(unknown)}")
+        config = _replace_files(config, {PLACEHOLDERS[k]: str(v) for k, v in files.items()})
+    if policyd_sni is not None:
+        tls = _cluster(config, "policyd")["transport_socket"]["typed_config"]
+        tls["sni"] = policyd_sni
+    return config
+
+
+def write(config: dict[str, Any], path: Path) -> Path:
+    """Write the config as JSON for `envoy -c PATH` (Envoy picks the format by extension)."""
+    if path.suffix != ".json":
+        raise ValueError("write the rendered config to a .json file")
+    path.write_text(json.dumps(config, indent=1) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m adapters.envoy.config", description=__doc__.split("\n")[0]
+    )
+    defaults = Ports()
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--tls", action="store_true", help="render envoy-tls.yaml")
+    which.add_argument(
+        "--http", action="store_true", help="render envoy-http.yaml (--policyd: the HTTP door)"
+    )
+    parser.add_argument("--listen", type=int, default=defaults.listen)
+    parser.add_argument("--hub", type=int, default=defaults.hub)
+    parser.add_argument("--policyd", type=int, default=defaults.policyd)
+    parser.add_argument("--admin", type=int, default=defaults.admin)
+    parser.add_argument(
+        "--cert-dir",
+        type=Path,
+        help="folder with envoy.pem, envoy.key, gateway.pem, gateway.key, ca.pem (--tls)",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="a .json file")
+    args = parser.parse_args(argv)
+    files = None
+    if args.cert_dir is not None:
+        files = {role: args.cert_dir / Path(p).name for role, p in PLACEHOLDERS.items()}
+    ports = Ports(args.listen, args.hub, args.policyd, args.admin)
+    source = TLS if args.tls else HTTP if args.http else PLAIN
+    write(render(ports, source=source, files=files), args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

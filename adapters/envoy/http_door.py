@@ -1,0 +1,334 @@
+"""Envoy's ext_authz over HTTP (`http_service`): a small HTTP/1.1 keep-alive door.
+
+The gRPC door (servicer.py) costs more CPU in grpcio's HTTP/2 stack, and in Envoy's gRPC
+client, than the decision itself (docs/benchmarks.md). In `http_service` mode Envoy sends
+the check as a plain HTTP/1.1 request instead: the original method, `path_prefix` + the
+original path (with its query), the headers of `allowed_headers` (`authorization`,
+`x-request-id`, and every `x-policyd-*` / `x-auth-*` header, so they can be removed), and
+the buffered body when the route sets `with_request_body`. This door answers:
+
+* allow: 200 with the identity headers of servicer.allow (`x-policyd-*`; Envoy copies them
+  upstream, overwriting, via `allowed_upstream_headers`) and
+  `x-envoy-auth-headers-to-remove` naming every other `x-policyd-*` / `x-auth-*` header the
+  client sent (and `authorization` with `envoy.remove_authorization`);
+* deny: the status, headers and JSON body of adapters/denials.py (Envoy passes them to the
+  client via `allowed_client_headers`).
+
+It is only ever called by Envoy, and fails closed on anything else: HTTP/1.1 only,
+Content-Length bodies only (any Transfer-Encoding, a repeated header, a bad Content-Length,
+an oversized head or a target outside PATH_PREFIX is 400 and the connection is closed).
+Requests arriving back to back on one connection are answered in order.
+
+It is an asyncio Protocol on its own event loop and thread (`HttpDoor.start`); the
+decision (~100 us of synchronous work) runs in the loop. Nothing here decides: it is a pure
+translator around `Decider.check`, like the gRPC door.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import logging
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from adapters.denials import Denial, body_too_large, for_reason
+from adapters.envoy.servicer import IDENTITY_PREFIXES, bearer_token
+from policyd.decider import Decider
+from policyd.errors import ConfigError
+from policyd.model import CheckInput, Decision, HttpTarget
+from policyd.reasons import Reason
+
+log = logging.getLogger(__name__)
+
+# envoy-http.yaml's `http_service.path_prefix`: the door accepts only targets under it.
+PATH_PREFIX = "/ext_authz"
+MAX_HEAD_BYTES = 64 * 1024  # Envoy's own default limit for request headers is 60 KiB
+MAX_BODY_BYTES = 1 << 20  # envoy-http.yaml's `max_request_bytes`
+REMOVE_HEADER = "x-envoy-auth-headers-to-remove"
+
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_VALUE_OK = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
+_TARGET_OK = re.compile(rb"/[\x21-\x7e]*")
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    413: "Payload Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+
+class BadRequest(Exception):
+    """The check request cannot be read unambiguously: 400, then close."""
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One parsed check request."""
+
+    method: str
+    target: str
+    headers: dict[str, str]
+    body: bytes
+    close: bool
+
+
+def parse_head(head: bytes) -> tuple[str, str, dict[str, str], int, bool]:
+    """Method, target, headers (lower-case names), Content-Length, close; or BadRequest."""
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or parts[2] != b"HTTP/1.1":
+        raise BadRequest("request line is not METHOD TARGET HTTP/1.1")
+    method, target = parts[0], parts[1]
+    if not _TOKEN.fullmatch(method) or method == b"CONNECT":
+        raise BadRequest("bad method")
+    if not _TARGET_OK.fullmatch(target):
+        raise BadRequest("bad request target")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or not _TOKEN.fullmatch(name):  # also obs-fold, spaces before ':'
+            raise BadRequest("bad header line")
+        value = value.strip(b" \t")
+        if not _VALUE_OK.fullmatch(value):  # bare CR or LF, NUL, controls
+            raise BadRequest("bad header value")
+        key = name.decode("ascii").lower()
+        if key in headers:
+            raise BadRequest(f"repeated header {key}")
+        headers[key] = value.decode("latin-1")
+    if "transfer-encoding" in headers:
+        raise BadRequest("transfer-encoding is not accepted")
+    length_text = headers.get("content-length", "0")
+    if not length_text.isdigit() or not length_text.isascii() or len(length_text) > 12:
+        raise BadRequest("bad content-length")
+    close = headers.get("connection", "").lower() == "close"
+    return method.decode("ascii"), target.decode("ascii"), headers, int(length_text), close
+
+
+def to_input(request: Request) -> CheckInput:
+    """The check: path and query from the target under PATH_PREFIX, token, request id."""
+    full = request.target[len(PATH_PREFIX) :]
+    path, _, query = full.partition("?")
+    headers = request.headers
+    return CheckInput(
+        bearer_token(headers),
+        HttpTarget(request.method, path, query, {}, request.body),
+        headers.get("x-request-id", ""),
+        "envoy",
+    )
+
+
+def _head(status: int, headers: Iterable[tuple[str, str]]) -> bytes:
+    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}"]
+    lines += [f"{k}: {v}" for k, v in headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8")
+
+
+def allow(decision: Decision, sent: Iterable[str], remove_authorization: bool) -> bytes:
+    """200 with the identity headers, and the client's other identity headers to remove."""
+    p = decision.principal
+    values = [
+        ("x-policyd-decision-id", decision.decision_id),
+        ("x-policyd-rule-id", decision.rule_id),
+        ("x-policyd-action", decision.action),
+        ("x-policyd-data-sources", json.dumps(list(decision.data_sources))),
+    ]
+    if p is not None:
+        values += [
+            ("x-policyd-sub", p.sub),
+            ("x-policyd-client-id", p.client_id),
+            ("x-policyd-scopes", " ".join(p.scopes)),
+        ]
+    for _, value in values:
+        if not _VALUE_OK.fullmatch(value.encode("utf-8")):
+            # A value that cannot be a header (CR, LF, controls): refuse, never split it.
+            raise ValueError("an identity value is not a valid header value")
+    ours = {key for key, _ in values}
+    remove = [n for n in sent if n.startswith(IDENTITY_PREFIXES) and n not in ours]
+    if remove_authorization:
+        remove.append("authorization")
+    values.append(("content-length", "0"))
+    if remove:
+        values.append((REMOVE_HEADER, ", ".join(remove)))
+    return _head(200, values)
+
+
+def deny(denial: Denial, method: str) -> bytes:
+    """The deny answer: status, content-type, challenge, Retry-After and the JSON body."""
+    headers = [(k.decode(), v.decode()) for k, v in denial.headers()]
+    head = _head(denial.status, headers)
+    return head if method == "HEAD" else head + denial.body()
+
+
+def bad_request(detail: str) -> bytes:
+    denial = Denial(400, "invalid_request", Reason.REQUEST_INVALID.name, detail)
+    return _head(400, [(k.decode(), v.decode()) for k, v in denial.headers()]) + denial.body()
+
+
+class DoorProtocol(asyncio.Protocol):
+    """One connection from Envoy: read a request, decide, answer; keep the connection."""
+
+    def __init__(self, door: HttpDoor) -> None:
+        self.door = door
+        self.buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+        # The request whose body is still arriving: (method, target, headers, length, close).
+        self.pending: tuple[str, str, dict[str, str], int, bool] | None = None
+        self.body_at = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.door.connections.add(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.transport is not None:
+            self.door.connections.discard(self.transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        transport = self.transport
+        while transport is not None and not transport.is_closing():
+            if self.pending is None:
+                end = self.buffer.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(self.buffer) > MAX_HEAD_BYTES:
+                        self._fail("request head too large")
+                    return
+                if end > MAX_HEAD_BYTES:
+                    self._fail("request head too large")
+                    return
+                try:
+                    self.pending = parse_head(bytes(self.buffer[:end]))
+                except BadRequest as exc:
+                    self._fail(str(exc))
+                    return
+                self.body_at = end + 4
+                length = self.pending[3]
+                if length > self.door.max_body_bytes:
+                    transport.write(deny(body_too_large(self.door.max_body_bytes), "POST"))
+                    transport.close()
+                    return
+            method, target, headers, length, close = self.pending
+            if len(self.buffer) < self.body_at + length:
+                return
+            body = bytes(self.buffer[self.body_at : self.body_at + length])
+            del self.buffer[: self.body_at + length]
+            self.pending = None
+            if not target.startswith(PATH_PREFIX + "/"):
+                self._fail(f"target outside {PATH_PREFIX}")
+                return
+            transport.write(self.door.answer(Request(method, target, headers, body, close)))
+            if close:
+                transport.close()
+
+    def _fail(self, detail: str) -> None:
+        log.warning("envoy http door: 400 and close: %s", detail)
+        if self.transport is not None:
+            self.transport.write(bad_request(detail))
+            self.transport.close()
+
+
+def _bind(address: str, reuse_port: bool) -> socket.socket:
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, int(port)))
+        sock.listen(512)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(f"envoy.http_address: {address} is already in use") from None
+        raise ConfigError(
+            f"envoy.http_address: cannot listen on {address}: {exc.strerror}"
+        ) from None
+    return sock
+
+
+class HttpDoor:
+    """The door's socket (bound at construction), event loop and thread."""
+
+    def __init__(
+        self,
+        decider: Decider,
+        address: str,
+        *,
+        remove_authorization: bool = False,
+        max_body_bytes: int = MAX_BODY_BYTES,
+        reuse_port: bool = False,
+    ) -> None:
+        self.decider = decider
+        self.address = address
+        self.remove_authorization = remove_authorization
+        self.max_body_bytes = max_body_bytes
+        self.sock = _bind(address, reuse_port)
+        self.port: int = self.sock.getsockname()[1]
+        self.connections: set[asyncio.Transport] = set()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.Server | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="envoy-http-door", daemon=True)
+
+    def answer(self, request: Request) -> bytes:
+        started = time.perf_counter_ns()
+        decision = self.decider.check(to_input(request), started)
+        if decision.allowed:
+            try:
+                return allow(decision, request.headers, self.remove_authorization)
+            except ValueError as exc:
+                log.error("decision %s answered 500: %s", decision.decision_id, exc)
+                denial = Denial(
+                    500, "server_error", Reason.INTERNAL_ERROR.name, str(exc), decision.decision_id
+                )
+                return deny(denial, request.method)
+        return deny(
+            for_reason(decision.reason, decision.message, decision.decision_id), request.method
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+        self._ready.wait()
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        self.loop = loop
+        try:
+            self._server = loop.run_until_complete(
+                loop.create_server(lambda: DoorProtocol(self), sock=self.sock)
+            )
+            self._ready.set()
+            loop.run_forever()
+        finally:
+            self._ready.set()
+            loop.close()
+
+    def _shutdown(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for transport in list(self.connections):
+            transport.close()
+        assert self.loop is not None
+        self.loop.call_soon(self.loop.stop)
+
+    def stop(self) -> None:
+        """Stop accepting, close the connections (no request is ever half-answered: each
+        is answered within one loop step), stop the loop."""
+        if self.loop is not None and self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self._shutdown)
+            self._thread.join(timeout=5)
+        else:
+            self.sock.close()
