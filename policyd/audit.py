@@ -41,17 +41,20 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from policyd.errors import PolicydError
+from policyd.ids import id_time_ms
 from policyd.model import ActionTarget, CheckInput, Decision, HttpTarget
 
 log = logging.getLogger(__name__)
 
 GENESIS = "0" * 64
+# How long after its decision id's clock a record may be written (decision + commit wait).
+SHOW_WINDOW_SECONDS = 60.0
 BUSY_TIMEOUT_MS = 5000
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS audit (
         seq INTEGER PRIMARY KEY,
-        id TEXT NOT NULL UNIQUE,
+        id TEXT NOT NULL,
         ts REAL NOT NULL,
         decision TEXT NOT NULL,
         reason TEXT NOT NULL,
@@ -72,10 +75,12 @@ _SCHEMA = (
         prev_hash TEXT NOT NULL,
         hash TEXT NOT NULL
     )""",
+    # Every index costs a page write per commit, so only the lookups operators need most:
+    # by time, by user, by app, and (below) by data source. A record is found by its
+    # decision id through the time inside the id (a UUIDv7); other filters narrow these.
     "CREATE INDEX IF NOT EXISTS audit_ts ON audit (ts)",
     "CREATE INDEX IF NOT EXISTS audit_user ON audit (user_id, ts)",
     "CREATE INDEX IF NOT EXISTS audit_app ON audit (client_id, ts)",
-    "CREATE INDEX IF NOT EXISTS audit_request ON audit (request_id)",
     # One row per (record, data source), for "who touched this data source" queries.
     """CREATE TABLE IF NOT EXISTS audit_data_sources (
         data_source TEXT NOT NULL,
@@ -83,7 +88,6 @@ _SCHEMA = (
         seq INTEGER NOT NULL,
         PRIMARY KEY (data_source, ts, seq)
     ) WITHOUT ROWID""",
-    "CREATE INDEX IF NOT EXISTS audit_data_sources_seq ON audit_data_sources (seq)",
     # The chain's anchor: the first record kept and the hash it must follow.
     """CREATE TABLE IF NOT EXISTS audit_anchor (
         id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -416,6 +420,7 @@ def _stored(row: Sequence[Any]) -> StoredRecord:
 
 
 _SELECT = f"SELECT seq, {_COLUMNS}, prev_hash, hash FROM audit"
+_QUALIFIED = ", ".join(f"a.{c}" for c in ("seq", *FIELDS, "prev_hash", "hash"))
 
 
 @dataclass
@@ -434,19 +439,21 @@ class Query:
     limit: int = 100
 
     def sql(self) -> tuple[str, list[Any]]:
-        """SQL for the newest `limit` matching records (callers reverse for display)."""
+        """SQL for the newest `limit` matching records (callers reverse for display).
+
+        Each query walks one index newest-first and stops after `limit` matches: by data
+        source the (data_source, ts) key of audit_data_sources, else (user_id, ts),
+        (client_id, ts) or (ts), whichever the planner picks for the filters.
+        """
         where: list[str] = []
         args: list[Any] = []
+        source, ts = "audit a", "a.ts"
+        order = "a.ts DESC, a.seq DESC"
         if self.data_source is not None:
-            sub = "SELECT seq FROM audit_data_sources WHERE data_source = ?"
+            source = "audit_data_sources d JOIN audit a ON a.seq = d.seq"
+            ts, order = "d.ts", "d.ts DESC, d.seq DESC"
+            where.append("d.data_source = ?")
             args.append(self.data_source)
-            if self.since is not None:
-                sub += " AND ts >= ?"
-                args.append(self.since)
-            if self.until is not None:
-                sub += " AND ts < ?"
-                args.append(self.until)
-            where.append(f"seq IN ({sub})")
         for column, value in (
             ("client_id", self.client_id),
             ("user_id", self.user_id),
@@ -457,22 +464,22 @@ class Query:
             ("request_id", self.request_id),
         ):
             if value is not None:
-                where.append(f"{column} = ?")
+                where.append(f"a.{column} = ?")
                 args.append(value)
         if self.since is not None:
-            where.append("ts >= ?")
+            where.append(f"{ts} >= ?")
             args.append(self.since)
         if self.until is not None:
-            where.append("ts < ?")
+            where.append(f"{ts} < ?")
             args.append(self.until)
         if self.after_seq is not None:
-            where.append("seq > ?")
+            where.append("a.seq > ?")
             args.append(self.after_seq)
-        sql = _SELECT + (" WHERE " + " AND ".join(where) if where else "")
-        if self.after_seq is not None:
-            return sql + " ORDER BY seq LIMIT ?", [*args, self.limit]
-        # Time order: ids and ts grow together; ties broken by seq.
-        return sql + " ORDER BY ts DESC, seq DESC LIMIT ?", [*args, self.limit]
+            order = "a.seq"
+        sql = f"SELECT {_QUALIFIED} FROM {source}"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        return f"{sql} ORDER BY {order} LIMIT ?", [*args, self.limit]
 
 
 class AuditReader:
@@ -498,7 +505,15 @@ class AuditReader:
         return int(row[0] or 0)
 
     def show(self, record_id: str) -> StoredRecord | None:
-        row = self._conn.execute(_SELECT + " WHERE id = ?", (record_id,)).fetchone()
+        """The record of a decision id. The id's own clock bounds where to look."""
+        try:
+            made = id_time_ms(record_id) / 1000
+        except ValueError:
+            return None
+        row = self._conn.execute(
+            _SELECT + " WHERE ts >= ? AND ts <= ? AND id = ?",
+            (made - 1, made + SHOW_WINDOW_SECONDS, record_id),
+        ).fetchone()
         return None if row is None else _stored(row)
 
     def stats(self, since: float | None, until: float | None) -> dict[str, dict[str, int]]:
@@ -608,8 +623,24 @@ def prune(
                 "SELECT seq, hash FROM audit WHERE seq <= ? ORDER BY seq DESC LIMIT 1", (cut,)
             ).fetchone()
             if last is not None:
+                names = [
+                    row[0]
+                    for row in conn.execute(
+                        "SELECT DISTINCT j.value FROM audit, json_each(audit.data_sources) j"
+                        " WHERE audit.seq <= ?",
+                        (cut,),
+                    )
+                ]
                 removed = conn.execute("DELETE FROM audit WHERE seq <= ?", (cut,)).rowcount
-                conn.execute("DELETE FROM audit_data_sources WHERE seq <= ?", (cut,))
+                # A data-source row has its record's ts: rows older than the oldest kept
+                # record belong to deleted ones. (Rows of deleted records not older than
+                # that stay behind; queries join through audit, so they never show.)
+                oldest = conn.execute("SELECT min(ts) FROM audit").fetchone()[0]
+                for name in names:
+                    conn.execute(
+                        "DELETE FROM audit_data_sources WHERE data_source = ? AND ts < ?",
+                        (name, float("inf") if oldest is None else oldest),
+                    )
                 first_seq, prev_hash = (keep[0], keep[1]) if keep else (last[0] + 1, last[1])
                 conn.execute(
                     "UPDATE audit_anchor SET first_seq = ?, prev_hash = ? WHERE id = 1",

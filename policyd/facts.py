@@ -10,16 +10,20 @@ older than the generation it is filed under: values are read after the generatio
 cache is only ever replaced by one of a newer generation.
 
 The caches hold what decisions ask for again and again: app rows, consents, grants, the
-user's own access, revoked token ids, signing keys and verified token claims.
+user's own access, revoked token ids, signing keys, data-source labels (for policy
+conditions) and verified token claims.
 """
 
 from __future__ import annotations
 
+import json
+import mmap
 import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from cachetools import TLRUCache
@@ -43,6 +47,7 @@ _GRANTED_LIST = (
 )
 _REVOKED = "SELECT 1 FROM revoked_tokens WHERE jti = ?"
 _KEY = "SELECT alg, state, public_pem FROM signing_keys WHERE kid = ?"
+_LABELS = "SELECT labels FROM data_sources WHERE name = ?"
 
 _ACCESS = {"read": Access.READ, "write": Access.WRITE}
 _MISSING = object()
@@ -64,10 +69,13 @@ class KeyFacts:
 class _Caches:
     """All caches filled under one store generation."""
 
-    __slots__ = ("extra", "generation", "rows", "token_lock", "tokens")
+    __slots__ = ("extra", "generation", "marker", "rows", "token_lock", "tokens")
 
     def __init__(self, generation: int, token_cache_size: int) -> None:
         self.generation = generation
+        # A commit marker (_CommitWatch) read before a generation read that gave
+        # `generation`: while the marker is unchanged, nothing has committed since.
+        self.marker: bytes | None = None
         # Keyed by (kind, *args). Bounded crudely: cleared whole when it reaches the limit.
         self.rows: dict[tuple[str, ...], Any] = {}
         # Verified tokens, each until it expires (time-to-use = exp + leeway).
@@ -77,6 +85,39 @@ class _Caches:
         self.token_lock = threading.Lock()
         # Objects derived from rows (e.g. parsed public keys), owned by other modules.
         self.extra: dict[str, Any] = {}
+
+
+class _CommitWatch:
+    """Tells cheaply whether any transaction has committed to the store since a moment.
+
+    In WAL mode SQLite keeps the WAL-index header, the first 48 bytes of `<db>-shm`, in
+    shared memory, and every commit changes it (its iChange counter, mxFrame and checksums)
+    before the commit returns (https://sqlite.org/walformat.html). Comparing those bytes
+    costs a fraction of a microsecond, where the SQL read of the generation costs several.
+    The file lives as long as any connection is open, and this process keeps one open.
+    When the file cannot be mapped, marker() is None and callers read the generation.
+    """
+
+    HEADER = 48
+
+    def __init__(self, db: Path) -> None:
+        self._path = db.with_name(db.name + "-shm")
+        self._map: mmap.mmap | None = None
+        self._retry_at = 0.0
+
+    def marker(self) -> bytes | None:
+        m = self._map
+        if m is None:
+            now = time.monotonic()
+            if now < self._retry_at:
+                return None
+            self._retry_at = now + 1.0
+            try:
+                with open(self._path, "rb") as fh:
+                    m = self._map = mmap.mmap(fh.fileno(), self.HEADER, access=mmap.ACCESS_READ)
+            except (OSError, ValueError):
+                return None
+        return m[: self.HEADER]
 
 
 class Facts:
@@ -90,25 +131,43 @@ class Facts:
         self._token_limit = token_cache_size
         self._swap = threading.Lock()
         self._caches = _Caches(-1, token_cache_size)
+        self._watch = _CommitWatch(store.path)
 
     def view(self) -> View:
         """Start a decision: read the generation and pick the caches that are exact for it."""
         try:
             conn = self.store.conn()
+            # Nothing committed since the current caches' generation was read: still exact.
+            # (A connection inside a transaction may read an older snapshot: no shortcut.)
+            marker = self._watch.marker()
+            caches = self._caches
+            if marker is not None and marker == caches.marker and not conn.in_transaction:
+                return View(conn, caches, self._row_limit)
             generation = conn.execute(_GENERATION).fetchone()[0]
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"store unreadable: {exc}") from exc
-        caches = self._caches
-        if caches.generation != generation:
+        if caches.generation == generation:
+            caches.marker = marker
+        else:
             with self._swap:
                 caches = self._caches
                 if generation > caches.generation:
                     caches = self._caches = _Caches(generation, self._token_limit)
+                    caches.marker = marker
             if caches.generation != generation:
                 # This view read an older generation than the current caches: it must
                 # neither use nor fill them. Give it private caches.
                 caches = _Caches(generation, 16)
         return View(conn, caches, self._row_limit)
+
+
+def _labels(text: str) -> dict[str, str]:
+    # Unreadable labels raise (a deny, INTERNAL_ERROR): read as {} they could let a
+    # request past a condition that looks for a label.
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError("data_sources.labels is not a JSON object")
+    return {str(k): str(v) for k, v in value.items()}
 
 
 class View:
@@ -192,6 +251,11 @@ class View:
             )
             self._rows[key] = value
         return value  # type: ignore[no-any-return]
+
+    def data_source_labels(self, name: str) -> dict[str, str]:
+        """A data source's labels ({} when it has none or does not exist). Do not modify."""
+        labels = self._one(("labels", name), _LABELS, (name,), lambda r: _labels(r[0]))
+        return labels if labels is not None else {}
 
     def token_revoked(self, jti: str) -> bool:
         return self._one(("revoked", jti), _REVOKED, (jti,), bool) is not None

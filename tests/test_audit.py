@@ -59,6 +59,8 @@ def _record(**overrides: Any) -> AuditRecord:
         "message": "allowed",
     }
     fields.update(overrides)
+    if "id" not in overrides:  # as in the server: the id's clock is the decision's time
+        fields["id"] = new_id(int(fields["ts"] * 1000))
     return AuditRecord(**fields)
 
 

@@ -1,0 +1,214 @@
+"""`python -m bench [--quick] [--only NAME]`: run the benchmarks, print a report, write JSON.
+
+Benchmarks (docs/benchmarks.md explains each figure):
+  grpc_stack  sync vs asyncio gRPC server, empty unary call (bench/grpc_stack.py)
+  check       policyd Check vs an empty handler on the same stack, 1M grants (bench/check.py)
+  policy      decision cost with 20 vs 2,000 route rules (bench/policy.py)
+  audit       audit-log queries over 10M generated records (bench/audit.py)
+  hub         the reference hub with and without the ASGI middleware (bench/hub.py)
+  envoy       Envoy alone, with jwt_authn, with policyd's ext_authz; wrk (bench/envoy.py)
+
+Results go to var/bench/results.json (--out to change); server logs to logs/ beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from bench import audit as audit_bench
+from bench import check, grpc_stack
+from bench import envoy as envoy_bench
+from bench import hub as hub_bench
+from bench import policy as policy_bench
+from bench.procs import ROOT
+from bench.report import load_table, table
+
+NAMES = ("grpc_stack", "check", "policy", "audit", "hub", "envoy")
+GOAL_THROUGHPUT_RATIO = 0.9
+
+
+@dataclass(frozen=True)
+class Durations:
+    rounds: int
+    warmup: float
+    duration: float
+    stack_duration: float
+    micro_calls: int
+    grants: int
+
+
+FULL = Durations(
+    rounds=5, warmup=0.5, duration=2.0, stack_duration=1.5, micro_calls=20_000, grants=1_000_000
+)
+QUICK = Durations(
+    rounds=2, warmup=0.2, duration=0.5, stack_duration=0.4, micro_calls=1_000, grants=100_000
+)
+CALLERS = [1, 16]
+
+
+def _machine() -> dict[str, Any]:
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": _cpu_model(),
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "platform": platform.platform(),
+        "revision": _revision(),
+    }
+
+
+def _revision() -> str:
+    """The git commit of the tree measured, with "+dirty" when it has uncommitted changes."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+    return (head or "unknown") + ("+dirty" if dirty else "")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _report_stack(summary: dict[str, Any]) -> str:
+    return "\n".join(
+        [
+            "gRPC server stack: empty unary call, sync (ThreadPoolExecutor, "
+            f"{summary['server_threads']} threads) vs grpc.aio",
+            load_table(summary, ["sync", "aio"]),
+        ]
+    )
+
+
+def _report_check(summary: dict[str, Any]) -> str:
+    store = summary["store"]
+    lines = [
+        f"Check: {summary['request']}; store: {store['grants']:,} grants, {store['users']:,}"
+        f" users, {store['apps']} apps, {store['data_sources']} data sources"
+        f" (inserted in {summary['insert_seconds']:.1f} s); request {summary['request_bytes']} B,"
+        f" response {next(iter(summary['response_bytes'].values()))} B;"
+        f" {summary['server_threads']} server threads; policyd audit.sync ="
+        f" {summary['audit_sync']}, policyd-noaudit has the audit log off",
+        load_table(summary, check.NAMES),
+    ]
+    for callers, entry in summary["by_callers"].items():
+        r = entry["ratios"]["policyd/empty"]["throughput"]
+        verdict = "meets" if r >= GOAL_THROUGHPUT_RATIO else "MISSES"
+        lines.append(
+            f"{callers:>2} callers: throughput ratio policyd/empty = {r:.2f}"
+            f" ({verdict} the goal >= {GOAL_THROUGHPUT_RATIO})"
+        )
+    lines += ["", "In-process CPU per call (same store, before the servers start):"]
+    lines.append(
+        table(
+            [["what", "us/call"]]
+            + [[name, f"{us:.2f}"] for name, us in summary["in_process_us"].items()]
+        )
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short runs (a smoke test)")
+    parser.add_argument("--only", choices=NAMES, help="run one benchmark")
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "var" / "bench" / "results.json", help="JSON results"
+    )
+    parser.add_argument("--grants", type=int, help="grants in the store (default 1M; quick 100k)")
+    args = parser.parse_args(argv)
+    d = QUICK if args.quick else FULL
+    grants = args.grants if args.grants is not None else d.grants
+    if grants < 1:
+        parser.error("--grants must be at least 1")
+    log_dir = args.out.parent / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    names = [args.only] if args.only else list(NAMES)
+    started = time.monotonic()
+    results: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": " ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])]),
+        "quick": args.quick,
+        "machine": _machine(),
+        "settings": {**d.__dict__, "grants": grants, "callers": CALLERS},
+    }
+    reports: list[str] = []
+    for name in names:
+        t0 = time.monotonic()
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        if name == "grpc_stack":
+            summary = grpc_stack.run(
+                log_dir,
+                callers=CALLERS,
+                rounds=d.rounds,
+                warmup=d.warmup,
+                duration=d.stack_duration,
+            )
+            reports.append(_report_stack(summary))
+        elif name == "policy":
+            summary = policy_bench.run(args.quick)
+            reports.append(policy_bench.report(summary))
+        elif name == "audit":
+            summary = audit_bench.run(args.quick)
+            reports.append(audit_bench.report(summary))
+        elif name == "hub":
+            summary = hub_bench.run(args.quick)
+            reports.append(hub_bench.report(summary))
+        elif name == "envoy":
+            summary = envoy_bench.run(args.quick)
+            reports.append(envoy_bench.report(summary))
+        else:
+            summary = check.run(
+                log_dir,
+                grants=grants,
+                callers=CALLERS,
+                rounds=d.rounds,
+                warmup=d.warmup,
+                duration=d.duration,
+                micro_calls=d.micro_calls,
+            )
+            reports.append(_report_check(summary))
+        summary["seconds"] = round(time.monotonic() - t0, 1)
+        results[name] = summary
+    results["seconds"] = round(time.monotonic() - started, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    m = results["machine"]
+    print(
+        f"policyd benchmarks, {results['date']}, {m['nproc']} CPUs ({m['cpu']}),"
+        f" Python {m['python']}, grpcio {m['grpcio']}, revision {m['revision']}"
+        f"{' [quick: short runs, not for comparison]' if args.quick else ''}\n"
+    )
+    print("\n\n".join(reports))
+    print(f"\n({results['seconds']:.0f} s; medians of {d.rounds} alternating rounds; {args.out})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,78 @@
+"""The baseline for the Check benchmark: policyd's server stack with an empty Decision handler.
+
+`python -m bench.empty_server --config FILE --address HOST:PORT --response-file FILE`
+
+It builds the gRPC server the way policyd.server.Server does (grpcio's sync server on a
+ThreadPoolExecutor of `server.threads` threads read from the same config file, the same
+server options, and the same Health and reflection services next to Decision), but its
+Check handler returns a prebuilt CheckResponse: the bytes of a real allow response that the
+benchmark captured from policyd, so both servers parse the same request and serialize a
+response of the same size. The difference between the two is the decision itself (and the
+service layer around it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from policyd.config import load_config
+from policyd.gen.v1 import decision_pb2, decision_pb2_grpc
+from policyd.service import SERVICE_NAME
+
+# The options policyd.server.Server passes to grpc.server() for a lone server (not one of
+# several `server.workers` sharing a port). Keep in step with policyd/server.py.
+SERVER_OPTIONS = [("grpc.so_reuseport", 0)]
+
+
+class EmptyDecision(decision_pb2_grpc.DecisionServicer):
+    def __init__(self, response: decision_pb2.CheckResponse) -> None:
+        self.response = response
+
+    def Check(
+        self, request: decision_pb2.CheckRequest, context: grpc.ServicerContext
+    ) -> decision_pb2.CheckResponse:
+        return self.response
+
+
+def build(threads: int, address: str, response: decision_pb2.CheckResponse) -> grpc.Server:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=SERVER_OPTIONS)
+    decision_pb2_grpc.add_DecisionServicer_to_server(EmptyDecision(response), server)  # type: ignore[no-untyped-call]
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    server.add_insecure_port(address)
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.empty_server")
+    parser.add_argument("--config", required=True, help="the policyd config (for server.threads)")
+    parser.add_argument("--address", required=True)
+    parser.add_argument("--response-file", required=True, type=Path)
+    args = parser.parse_args(argv)
+    config = load_config(args.config, env={})
+    response = decision_pb2.CheckResponse.FromString(args.response_file.read_bytes())
+    server = build(config.server.threads, args.address, response)
+    server.start()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop.wait()
+    server.stop(1).wait()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
