@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 # POLICYD_HUB_* the hub's settings: docs/hub.md).
 VAR ?= var
 
-.PHONY: run test test-fast lint format proto docs bench setup clean
+.PHONY: run run-envoy test test-fast lint format proto docs bench setup clean
 
 setup: $(STAMP)
 
@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml
 
 run: $(STAMP)
 	@BIN=$(BIN) VAR=$(VAR) exec bash scripts/run.sh
+
+# policyd, the reference hub and Envoy in front of it (ext_authz; docs/envoy.md).
+run-envoy: $(STAMP)
+	@BIN=$(BIN) VAR=$(VAR) exec bash scripts/run-envoy.sh
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q

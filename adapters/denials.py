@@ -1,4 +1,4 @@
-"""Deny answers: a reason code becomes an HTTP status, a challenge and a JSON body.
+"""Deny answers of the HTTP doors (ASGI, Envoy): a reason becomes a status, challenge, body.
 
 The mapping is the *HTTP status* column of docs/reason-codes.md (a test keeps them equal):
 token problems are 401 `invalid_token` (`TOKEN_MISSING` gets a bare `Bearer` challenge),
@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from adapters.asgi.rfc6750 import challenge
+from adapters.rfc6750 import challenge
 from policyd.gen.v1 import decision_pb2
 from policyd.reasons import Reason
 

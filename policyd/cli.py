@@ -1,7 +1,8 @@
 """The `policyd` command. Each subcommand opens the core and calls one method; no logic here.
 
 Errors from the core become one line on stderr and a non-zero exit:
-  0 success (for `check`: allow), 1 error, 2 bad usage, 3 `check` answered deny.
+  0 success (for `check`: allow), 1 error, 2 bad usage, 3 `check` answered deny,
+  4 the policy does not validate (`policy check/test/explain`), 5 policy tests failed.
 Listing commands print an aligned table, or with --json one JSON object per line.
 """
 
@@ -23,7 +24,7 @@ import jwt
 
 from policyd import __version__
 from policyd.config import Config, load_config
-from policyd.errors import InvalidInput, PolicydError
+from policyd.errors import InvalidInput, NotFound, PolicydError
 from policyd.model import Access, ActionTarget, CheckInput, Decision, HttpTarget
 from policyd.reasons import Reason
 from policyd.store import Store
@@ -159,11 +160,14 @@ def apps_add(
     public: bool,
 ) -> None:
     """Register an app. A confidential app's secret is printed once and stored hashed."""
-    from policyd.routes import BUILTIN_SCOPES
+    from policyd.policy import load_policy
 
-    unknown = [s for s in scopes if s not in BUILTIN_SCOPES]
+    known = load_policy(obj.config.policy.dir).scopes
+    unknown = [s for s in scopes if s not in known]
     if unknown:
-        raise InvalidInput(f"unknown scope(s): {', '.join(unknown)}")
+        raise InvalidInput(
+            f"unknown scope(s): {', '.join(unknown)} (the policy defines {', '.join(known)})"
+        )
     secret = obj.store.add_app(
         client_id,
         name,
@@ -235,14 +239,64 @@ def users() -> None:
     """Users (resource owners)."""
 
 
+password_stdin_option = click.option(
+    "--password-stdin", is_flag=True, help="Read the password from the first line of stdin."
+)
+password_prompt_option = click.option(
+    "--password", "prompt_password", is_flag=True, help="Prompt for the password (not echoed)."
+)
+
+
+def _read_password(from_stdin: bool, prompt: bool) -> str | None:
+    """The new password from stdin or a prompt; never from the command line."""
+    if from_stdin and prompt:
+        raise click.UsageError("give at most one of --password-stdin and --password")
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    if prompt:
+        return str(click.prompt("Password", hide_input=True, confirmation_prompt=True))
+    return None
+
+
 @users.command("add")
 @click.argument("user_id")
 @click.option("--name", default="", help="Display name.")
+@password_stdin_option
+@password_prompt_option
 @pass_ctx
-def users_add(obj: Context, user_id: str, name: str) -> None:
-    """Add a user."""
+def users_add(
+    obj: Context, user_id: str, name: str, password_stdin: bool, prompt_password: bool
+) -> None:
+    """Add a user; with a password, they can sign in to the authorization server.
+
+    The password is hashed with argon2id; it is read from stdin or a prompt, never taken
+    as an argument (arguments show in the process list and the shell history).
+    """
+    from policyd.oauth.passwords import hash_password
+    from policyd.oauth.storage import OAuthStorage
+
+    password = _read_password(password_stdin, prompt_password)
+    hashed = hash_password(password) if password is not None else None
     obj.store.add_user(user_id, name)
-    click.echo(f"added user {user_id}")
+    if hashed is not None:
+        OAuthStorage(obj.store).set_password_hash(user_id, hashed)
+    click.echo(f"added user {user_id}" + (" with a password" if hashed else ""))
+
+
+@users.command("set-password")
+@click.argument("user_id")
+@password_stdin_option
+@pass_ctx
+def users_set_password(obj: Context, user_id: str, password_stdin: bool) -> None:
+    """Set (or replace) a user's sign-in password: from stdin, else a prompt."""
+    from policyd.oauth.passwords import hash_password
+    from policyd.oauth.storage import OAuthStorage
+
+    password = _read_password(password_stdin, not password_stdin)
+    assert password is not None
+    if not OAuthStorage(obj.store).set_password_hash(user_id, hash_password(password)):
+        raise NotFound(f"no user {user_id!r}")
+    click.echo(f"set the password of {user_id}")
 
 
 @users.command("list")
@@ -787,8 +841,10 @@ def main(argv: Iterable[str] | None = None) -> int:
 def _register_command_groups() -> None:
     """Command groups that live in their own modules."""
     from policyd.audit_cli import audit
+    from policyd.policy_cli import policy
 
     cli.add_command(audit)
+    cli.add_command(policy)
 
 
 _register_command_groups()

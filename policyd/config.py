@@ -78,6 +78,14 @@ class EngineConfig:
 
 
 @dataclass
+class PolicyConfig:
+    # The folder of policy files (docs/policy.md); serving refuses a missing or invalid one.
+    dir: str = "policies"
+    # How often `policyd serve` looks for changed policy files (0 = only on SIGHUP).
+    watch_seconds: float = 1.0
+
+
+@dataclass
 class AuditConfig:
     enabled: bool = True
     # The audit log's own SQLite file, and the key of its hash chain (mode 0600).
@@ -96,19 +104,60 @@ class AuditConfig:
 
 
 @dataclass
+class OAuthConfig:
+    """The authorization server (docs/oauth.md). Its issuer URL is tokens.issuer."""
+
+    # Started by `policyd serve` on its own HTTP port.
+    enabled: bool = True
+    address: str = "127.0.0.1:8080"
+    # Certificate chain and key (PEM) to serve HTTPS; both empty = plain HTTP (e.g. behind
+    # a TLS-terminating proxy, with tokens.issuer an https URL).
+    cert_file: str = ""
+    key_file: str = ""
+    # 32 random bytes keying the CSRF tokens of the pages; made on first use, mode 0600.
+    session_key_file: str = "var/oauth-session.key"
+    session_ttl_seconds: int = 28800
+    code_ttl_seconds: int = 60
+    refresh_ttl_seconds: int = 2592000
+    # Failed sign-ins allowed per user name, and per client address, within the window.
+    login_max_failures: int = 5
+    login_window_seconds: float = 300.0
+    # Hook for a trusted upstream identity: the header a fronting proxy sets to the signed-in
+    # user's id. Set = no local sign-in. Only safe when every request passes that proxy.
+    trusted_user_header: str = ""
+
+
+@dataclass
+class EnvoyConfig:
+    """The Envoy ext_authz v3 door, served beside the Decision API (docs/envoy.md)."""
+
+    enabled: bool = True
+    # Remove the Authorization header before Envoy forwards an allowed request to the hub.
+    remove_authorization: bool = False
+    # HOST:PORT of the HTTP/1.1 ext_authz door (Envoy's `http_service` mode,
+    # adapters/envoy/envoy-http.yaml), served beside the gRPC door; "" = off.
+    http_address: str = ""
+
+
+@dataclass
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     tokens: TokensConfig = field(default_factory=TokensConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    envoy: EnvoyConfig = field(default_factory=EnvoyConfig)
+    oauth: OAuthConfig = field(default_factory=OAuthConfig)
 
     def validate(self) -> None:
         s = self.server
         _address("server.address", s.address)
         if self.client.address:
             _address("client.address", self.client.address)
+        if self.envoy.http_address:
+            _address("envoy.http_address", self.envoy.http_address)
         _at_least("server.workers", s.workers, 1)
         _at_least("server.threads", s.threads, 1)
         _at_least("server.grace_seconds", s.grace_seconds, 0)
@@ -145,6 +194,9 @@ class Config:
         if t.algorithm not in ALGORITHMS:
             raise ConfigError(f"tokens.algorithm must be one of {', '.join(ALGORITHMS)}")
         _at_least("engine.max_body_bytes", self.engine.max_body_bytes, 1)
+        if not self.policy.dir:
+            raise ConfigError("policy.dir must not be empty")
+        _at_least("policy.watch_seconds", self.policy.watch_seconds, 0)
         if not self.store.path:
             raise ConfigError("store.path must not be empty")
         a = self.audit
@@ -158,6 +210,28 @@ class Config:
         _at_least("audit.max_bytes", a.max_bytes, 0)
         if not a.retention_interval_seconds > 0:
             raise ConfigError("audit.retention_interval_seconds must be above 0")
+        self._validate_oauth()
+
+    def _validate_oauth(self) -> None:
+        o = self.oauth
+        _address("oauth.address", o.address)
+        if bool(o.cert_file) != bool(o.key_file):
+            raise ConfigError("oauth: set both cert_file and key_file, or neither")
+        for key, path in (("oauth.cert_file", o.cert_file), ("oauth.key_file", o.key_file)):
+            if path and not Path(path).is_file():
+                raise ConfigError(f"{key}: no such file {path!r}")
+        if not o.session_key_file:
+            raise ConfigError("oauth.session_key_file must not be empty")
+        _at_least("oauth.session_ttl_seconds", o.session_ttl_seconds, 60)
+        _at_least("oauth.code_ttl_seconds", o.code_ttl_seconds, 1)
+        if o.code_ttl_seconds > 600:
+            raise ConfigError("oauth.code_ttl_seconds must be at most 600 (RFC 6749 4.1.2)")
+        _at_least("oauth.refresh_ttl_seconds", o.refresh_ttl_seconds, 60)
+        _at_least("oauth.login_max_failures", o.login_max_failures, 1)
+        if not o.login_window_seconds > 0:
+            raise ConfigError("oauth.login_window_seconds must be above 0")
+        if o.enabled and not self.tokens.issuer.startswith(("https://", "http://")):
+            raise ConfigError("tokens.issuer must be an http(s) URL: it is the issuer's address")
 
     @property
     def client_address(self) -> str:

@@ -41,6 +41,8 @@ class Reason(enum.IntEnum):
     STORE_UNAVAILABLE = 27
     INTERNAL_ERROR = 28
     AUDIT_UNAVAILABLE = 29
+    CONDITION_DENIED = 30
+    CONDITION_ERROR = 31
 
     @property
     def is_token_problem(self) -> bool:

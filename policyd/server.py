@@ -1,8 +1,9 @@
 """`policyd serve`: the gRPC server with the Decision API, health checking and reflection.
 
 The server is grpcio's synchronous server on a thread pool. Measured on the 2-core dev
-machine (bench/grpc_stack.py), an empty unary call costs about half the server CPU of
-grpc.aio, and the decision itself is synchronous SQLite and dict work, so sync wins; see
+machine (bench/grpc_stack.py), an empty unary call costs the same server CPU with the
+sync server as with grpc.aio (about 240 µs each), and the decision itself is synchronous
+SQLite and dict work that would block an event loop, so sync is the simpler fit; see
 docs/architecture.md.
 
 To use more than one core, `server.workers = N` starts N processes that each bind the same
@@ -32,13 +33,18 @@ from types import FrameType
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from envoy.service.auth.v3 import external_auth_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from adapters.envoy import servicer as envoy_servicer
+from adapters.envoy.http_door import HttpDoor
 from policyd.config import Config, TLSConfig
 from policyd.decider import Decider
 from policyd.errors import ConfigError, PolicydError
 from policyd.gen.v1 import decision_pb2_grpc
+from policyd.policy import load_policy
+from policyd.reload import Reloading
 from policyd.service import SERVICE_NAME, DecisionServicer
 from policyd.wiring import build_decider
 
@@ -112,9 +118,17 @@ class Server:
         )
         servicer = DecisionServicer(self.decider)
         decision_pb2_grpc.add_DecisionServicer_to_server(servicer, self.grpc)  # type: ignore[no-untyped-call]
+        services = [SERVICE_NAME]
+        if config.envoy.enabled:
+            envoy = envoy_servicer.AuthorizationServicer(
+                self.decider, remove_authorization=config.envoy.remove_authorization
+            )
+            external_auth_pb2_grpc.add_AuthorizationServicer_to_server(envoy, self.grpc)
+            services.append(envoy_servicer.SERVICE_NAME)
+        self.services = tuple(services)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc
+            (*self.services, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc
         )
         creds = server_credentials(config.server.tls)
         address = config.server.address
@@ -125,10 +139,21 @@ class Server:
                 self.port = self.grpc.add_secure_port(address, creds)
         except RuntimeError as exc:
             raise ConfigError(f"cannot listen on {address}: {exc}") from None
+        # Envoy's ext_authz over HTTP/1.1 (http_service), on its own port, loop and thread.
+        self.http_door: HttpDoor | None = None
+        if config.envoy.http_address:
+            self.http_door = HttpDoor(
+                self.decider,
+                config.envoy.http_address,
+                remove_authorization=config.envoy.remove_authorization,
+                reuse_port=worker,
+            )
 
     def start(self) -> None:
         self.grpc.start()
-        for name in ("", SERVICE_NAME):
+        if self.http_door is not None:
+            self.http_door.start()
+        for name in ("", *self.services):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     def stop(self, grace: float | None = None) -> None:
@@ -137,6 +162,8 @@ class Server:
         self.health.enter_graceful_shutdown()
         grace = self.config.server.grace_seconds if grace is None else grace
         self.grpc.stop(grace).wait()
+        if self.http_door is not None:
+            self.http_door.stop()
         if self.decider.audit is not None:
             self.decider.audit.close()
 
@@ -160,8 +187,17 @@ def serve(config: Config, config_path: str | None = None) -> int:
     """Run until SIGTERM/SIGINT. With workers > 1, supervise that many serving processes."""
     if config.server.workers > 1 and WORKER_ENV not in os.environ:
         return _supervise(config, config_path)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # not fatal while starting; Reloading takes it
     server = Server(config)
+    # The authorization server (HTTP, its own port) runs in one process only: worker 0.
+    from policyd.oauth.server import start_authorization_server
+
+    oauth = None
+    if os.environ.get(WORKER_ENV, "0") == "0":
+        oauth = start_authorization_server(config)
     server.start()
+    reloading = Reloading(server.engine, config)  # policy: watch the folder, SIGHUP reloads
+    reloading.start()
     janitor = threading.Thread(target=_maintain, args=(server,), daemon=True)
     janitor.start()
     tls = config.server.tls
@@ -171,7 +207,10 @@ def serve(config: Config, config_path: str | None = None) -> int:
     )
     signum = _wait_for_signal()
     log.info("received %s: finishing calls in flight", signal.Signals(signum).name)
+    reloading.stop()
     server.stop()
+    if oauth is not None:
+        oauth.stop()
     log.info("stopped")
     return 0
 
@@ -205,6 +244,7 @@ def _maintain(server: Server) -> None:
 def _supervise(config: Config, config_path: str | None) -> int:
     """Start config.server.workers copies of `policyd serve` sharing one port."""
     ensure_free(config.server.address)
+    load_policy(config.policy.dir)  # an invalid policy stops here, said once, not per worker
     stop = threading.Event()
 
     def handler(_signum: int, _frame: FrameType | None) -> None:
@@ -213,11 +253,18 @@ def _supervise(config: Config, config_path: str | None) -> int:
     # Handlers first: a SIGTERM while workers start must still stop every one of them.
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+    children: list[subprocess.Popen[bytes]] = []
+
+    def forward_hup(_signum: int, _frame: FrameType | None) -> None:
+        for child in children:  # SIGHUP (reload the policy) goes to every worker
+            if child.poll() is None:
+                child.send_signal(signal.SIGHUP)
+
+    signal.signal(signal.SIGHUP, forward_hup)
     command = [sys.executable, "-m", "policyd"]
     if config_path:
         command += ["--config", config_path]
     command += ["serve", "--address", config.server.address, "--workers", "1"]
-    children: list[subprocess.Popen[bytes]] = []
     for index in range(config.server.workers):
         if stop.is_set():
             break

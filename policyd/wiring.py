@@ -10,7 +10,7 @@ from policyd.decider import Decider
 from policyd.engine import Engine, EngineSettings
 from policyd.facts import Facts
 from policyd.keys import KeyRing
-from policyd.routes import BUILTIN_RULES, RouteTable
+from policyd.policy import Policy, load_policy
 from policyd.store import Store
 from policyd.tokens import TokenSettings, Verifier
 
@@ -34,13 +34,17 @@ def keyring(config: Config, store: Store) -> KeyRing:
     return KeyRing(store, config.tokens.key_dir)
 
 
-def build_engine(config: Config, store: Store | None = None) -> Engine:
+def build_engine(
+    config: Config, store: Store | None = None, policy: Policy | None = None
+) -> Engine:
+    """The engine on the configured store and policy (PolicyInvalid if it does not load)."""
+    policy = policy or load_policy(config.policy.dir)
     store = store or open_store(config)
     facts = Facts(store, token_cache_size=config.tokens.cache_size)
     return Engine(
         facts,
         Verifier(token_settings(config)),
-        RouteTable(BUILTIN_RULES),
+        policy,
         EngineSettings(max_body_bytes=config.engine.max_body_bytes),
     )
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import click
 
 from policyd.cli import EXIT_DENY, cli
+from policyd.policy_cli import EXIT_INVALID, EXIT_TESTS_FAILED
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "docs" / "cli.md"
@@ -51,6 +52,8 @@ Listing commands print an aligned table, or with `--json` one JSON object per li
 | 1 | Error: unknown app or user, bad configuration, store or server unreachable, ... |
 | 2 | Bad usage: unknown option, missing argument, invalid option value. |
 | {EXIT_DENY} | `policyd check` only: the decision was **deny** (the reason code is printed). |
+| {EXIT_INVALID} | `policyd policy ...`: the policy or a test suite does not validate. |
+| {EXIT_TESTS_FAILED} | `policyd policy test`: at least one policy test failed. |
 """
 
 

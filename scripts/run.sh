@@ -27,6 +27,9 @@ policyd and the hub are starting (Ctrl-C stops both). In another terminal, try:
   curl -i -H "Authorization: Bearer \$TOKEN" $hub/api/data/tags/edge-historian   # 403
   $BIN/policyd grants add alice demo-app edge-historian --access write
 
+Or click through the whole flow in a browser: open http://127.0.0.1:${POLICYD_CLIENT_PORT:-8090}
+and sign in as alice / alice-demo; take access back at http://127.0.0.1:8080/settings.
+
 WALK
 
 pids=()
@@ -42,6 +45,8 @@ trap 'stop; exit 143' TERM
 "$BIN/policyd" serve &
 pids+=($!)
 "$BIN/python" -m examples.hub &
+pids+=($!)
+"$BIN/python" -m examples.client &
 pids+=($!)
 
 # Whichever stops first (a crash, a port in use), stop the other one too.

@@ -56,10 +56,15 @@ class Home:
                 f'[audit]\npath = "{self.root / "audit.db"}"\n'
                 f'key_file = "{self.root / "audit.key"}"\n'
             )
+        # The authorization server (its own HTTP port) only where a test asks for it.
+        oauth = "" if "[oauth]" in extra else "[oauth]\nenabled = false\n"
+        policy = ""
+        if "[policy]" not in extra:  # the repo's default policy, wherever the test runs
+            policy = f'[policy]\ndir = "{ROOT / "policies"}"\n'
         self.config_path.write_text(
             f'[store]\npath = "{self.root / "policyd.db"}"\n'
             f'[tokens]\nkey_dir = "{self.root / "keys"}"\n'
-            'issuer = "https://auth.test"\naudience = "hub-test"\n' + audit + extra
+            'issuer = "https://auth.test"\naudience = "hub-test"\n' + audit + policy + oauth + extra
         )
         self.config = load_config(self.config_path, env={})
         self.store = Store(self.config.store.path)

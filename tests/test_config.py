@@ -197,6 +197,8 @@ def test_every_key_has_an_env_variable_that_overrides_it(tmp_path: Path) -> None
         "tokens.algorithm": "RS256",
         "tokens.cache_size": 9,
         "engine.max_body_bytes": 10,
+        "policy.dir": "/srv/policies",
+        "policy.watch_seconds": 0.5,
         "audit.enabled": False,
         "audit.path": "/srv/audit.db",
         "audit.key_file": "/srv/audit.key",
@@ -205,6 +207,20 @@ def test_every_key_has_an_env_variable_that_overrides_it(tmp_path: Path) -> None
         "audit.max_age_days": 30.0,
         "audit.max_bytes": 1000000,
         "audit.retention_interval_seconds": 2.5,
+        "envoy.enabled": False,
+        "envoy.remove_authorization": True,
+        "envoy.http_address": "127.0.0.1:4",
+        "oauth.enabled": False,
+        "oauth.address": "127.0.0.1:3",
+        "oauth.cert_file": pem["cert"],
+        "oauth.key_file": pem["key"],
+        "oauth.session_key_file": "/srv/oauth.key",
+        "oauth.session_ttl_seconds": 600,
+        "oauth.code_ttl_seconds": 30,
+        "oauth.refresh_ttl_seconds": 3600,
+        "oauth.login_max_failures": 3,
+        "oauth.login_window_seconds": 60.0,
+        "oauth.trusted_user_header": "X-Forwarded-User",
     }
     assert set(values) == {key for key, _ in _keys(Config())}, "a key is missing here"
     env = {"POLICYD_" + key.replace(".", "_").upper(): str(v) for key, v in values.items()}
@@ -279,6 +295,11 @@ def test_bad_server_address_is_an_error_naming_the_key(tmp_path: Path, address: 
 def test_bad_client_address_is_an_error_naming_the_key() -> None:
     message = _config_error(env={"POLICYD_CLIENT_ADDRESS": "localhost"})
     assert message == "client.address must be HOST:PORT, not 'localhost'"
+
+
+def test_bad_envoy_http_address_is_an_error_naming_the_key() -> None:
+    message = _config_error(env={"POLICYD_ENVOY_HTTP_ADDRESS": "localhost"})
+    assert message == "envoy.http_address must be HOST:PORT, not 'localhost'"
 
 
 @pytest.mark.parametrize(

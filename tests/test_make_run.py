@@ -42,13 +42,18 @@ def _wait_for_hub(url: str, timeout: float = 60.0) -> None:
 
 def test_make_run_serves_the_demo_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     address = f"127.0.0.1:{free_port()}"
-    hub_port = free_port()
+    hub_port, client_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("POLICYD_")}
     env.update(
         POLICYD_STORE_PATH=str(tmp_path / "policyd.db"),
         POLICYD_TOKENS_KEY_DIR=str(tmp_path / "keys"),
+        POLICYD_AUDIT_PATH=str(tmp_path / "audit.db"),
+        POLICYD_AUDIT_KEY_FILE=str(tmp_path / "audit.key"),
+        POLICYD_OAUTH_ADDRESS=f"127.0.0.1:{free_port()}",
+        POLICYD_OAUTH_SESSION_KEY_FILE=str(tmp_path / "oauth-session.key"),
         POLICYD_SERVER_ADDRESS=address,
         POLICYD_HUB_PORT=str(hub_port),
+        POLICYD_CLIENT_PORT=str(client_port),
     )
     run = subprocess.Popen(
         ["make", "--no-print-directory", "run", f"VAR={tmp_path}"],
@@ -80,6 +85,18 @@ def test_make_run_serves_the_demo_and_stops_on_ctrl_c(tmp_path: Path) -> None:
         refused = httpx.get(f"{hub}/api/data/tags/plant-mes", headers=bearer)
         assert refused.status_code == 403
         assert refused.json()["reason"] == "DATA_SOURCE_NOT_GRANTED"
+
+        # The demo app's page, where a newcomer starts the browser flow.
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                page = httpx.get(f"http://127.0.0.1:{client_port}/", timeout=2.0)
+                break
+            except httpx.HTTPError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        assert page.status_code == 200
     finally:
         os.killpg(run.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
         out, _ = run.communicate(timeout=30)

@@ -81,6 +81,8 @@ EXPECTED_STATUS = {
     Reason.BODY_TOO_LARGE: "413",
     Reason.STORE_UNAVAILABLE: "503",
     Reason.INTERNAL_ERROR: "500",
+    Reason.CONDITION_DENIED: "403",
+    Reason.CONDITION_ERROR: "500",
 }
 
 

@@ -25,9 +25,9 @@ import pytest
 from policyd.gen.v1 import decision_pb2
 from policyd.keys import SigningKey
 from policyd.model import Access
+from policyd.policy import load_policy
 from policyd.reasons import Reason
-from policyd.routes import BUILTIN_RULES, RouteTable
-from tests.helpers import Home, ServerProcess, check_request, decision_stub, run_server
+from tests.helpers import ROOT, Home, ServerProcess, check_request, decision_stub, run_server
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -44,7 +44,7 @@ def covers(reason: Reason) -> Callable[[F], F]:
     return mark
 
 
-POLICY_VERSION = RouteTable(BUILTIN_RULES).version
+POLICY_VERSION = load_policy(ROOT / "policies").version
 
 # A signing key row whose public half is not a key: only an internal fault can follow.
 BROKEN_KID = "broken-key"
@@ -672,6 +672,57 @@ def test_unparseable_signing_key_in_the_store_is_internal_error(
     assert response.message == "internal error"
     # The server keeps answering.
     assert_decision(client.http(shared_home.token()), Reason.ALLOWED, verified=True)
+
+
+# -- conditions (policies/hub.yaml and a policy of the test's own) -----------------------
+
+
+@covers(Reason.CONDITION_DENIED)
+def test_write_to_a_safety_system_is_condition_denied(shared_home: Home, client: Client) -> None:
+    # dave may write to ds-safety, and granted it to app1 for write: only the policy's
+    # condition (no writes to data sources labelled class=safety) stands in the way.
+    store = shared_home.store
+    store.add_user("dave")
+    store.add_data_source("ds-safety", "interlocks", {"class": "safety"})
+    store.set_user_access("dave", "ds-safety", Access.WRITE)
+    store.set_user_access("dave", "ds-a", Access.WRITE)
+    store.set_consent("dave", "app1", ["DataRead", "DataWrite"])
+    store.add_grant("dave", "app1", "ds-safety", Access.WRITE)
+    store.add_grant("dave", "app1", "ds-a", Access.WRITE)
+    token = shared_home.token(sub="dave", scopes=("DataRead", "DataWrite"))
+    denied = client.http(token, "/api/data/v2/snapshot/ds-safety", "PUT")
+    assert_decision(denied, Reason.CONDITION_DENIED, verified=True)
+    assert denied.rule_id == "values-write-snapshot"
+    assert "safety" in denied.message
+    assert_decision(
+        client.http(token, "/api/data/v2/snapshot/ds-a", "PUT"), Reason.ALLOWED, verified=True
+    )
+    # Reading it is fine: the condition is on the write routes only.
+    read = client.http(token, "/api/data/tags/ds-safety")
+    assert_decision(read, Reason.ALLOWED, verified=True)
+
+
+@covers(Reason.CONDITION_ERROR)
+def test_condition_that_cannot_be_evaluated_is_condition_error(tmp_path: Path) -> None:
+    folder = tmp_path / "policies"
+    folder.mkdir()
+    hub = (ROOT / "policies" / "hub.yaml").read_text()
+    # Written without the `"site" in labels` guard: fails on a data source without the label.
+    (folder / "hub.yaml").write_text(
+        hub
+        + "  - id: north-site-only\n    effect: deny\n    routes: [tags-search]\n"
+        + '    when: data_source.labels["site"] != "north"\n'
+    )
+    (tmp_path / "home").mkdir()
+    home = Home(tmp_path / "home", extra_config=f'[policy]\ndir = "{folder}"\n')
+    home.seed()
+    with run_server(home) as server, connect(server) as client:
+        response = client.http(home.token(), "/api/data/tags/ds-a")
+    assert reason_of(response) is Reason.CONDITION_ERROR
+    assert not response.allowed and response.HasField("principal")
+    assert response.rule_id == "tags-search"
+    assert "north-site-only could not be evaluated for data source 'ds-a'" in response.message
+    assert response.policy_version == load_policy(folder).version != POLICY_VERSION
 
 
 # -- the meta-test -------------------------------------------------------------------------

@@ -5,7 +5,6 @@
 See docs/asgi.md for the options, the status mapping and `scope["auth"]`.
 """
 
-from adapters.asgi.denials import UNAVAILABLE, status_of
 from adapters.asgi.middleware import (
     DEFAULT_FORWARD_HEADERS,
     STRIP_HEADER_PREFIXES,
@@ -13,6 +12,7 @@ from adapters.asgi.middleware import (
     AuthInfo,
     PolicydMiddleware,
 )
+from adapters.denials import UNAVAILABLE, status_of
 
 __all__ = [
     "DEFAULT_FORWARD_HEADERS",

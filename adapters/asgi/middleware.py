@@ -28,9 +28,9 @@ from urllib.parse import quote, quote_from_bytes
 import grpc.aio
 
 from adapters.asgi.channel import ChannelSettings, open_channel
-from adapters.asgi.denials import Denial, ambiguous_authorization, body_too_large, for_reason
-from adapters.asgi.denials import unavailable as unavailable_denial
-from adapters.asgi.rfc6750 import AmbiguousAuthorization, bearer_token
+from adapters.denials import Denial, ambiguous_authorization, body_too_large, for_reason
+from adapters.denials import unavailable as unavailable_denial
+from adapters.rfc6750 import AmbiguousAuthorization, bearer_token
 from policyd.gen.v1 import decision_pb2
 from policyd.reasons import Reason
 

@@ -40,6 +40,8 @@ class Reason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STORE_UNAVAILABLE: _ClassVar[Reason]
     INTERNAL_ERROR: _ClassVar[Reason]
     AUDIT_UNAVAILABLE: _ClassVar[Reason]
+    CONDITION_DENIED: _ClassVar[Reason]
+    CONDITION_ERROR: _ClassVar[Reason]
 REASON_UNSPECIFIED: Reason
 ALLOWED: Reason
 TOKEN_MISSING: Reason
@@ -70,6 +72,8 @@ BODY_TOO_LARGE: Reason
 STORE_UNAVAILABLE: Reason
 INTERNAL_ERROR: Reason
 AUDIT_UNAVAILABLE: Reason
+CONDITION_DENIED: Reason
+CONDITION_ERROR: Reason
 
 class CheckRequest(_message.Message):
     __slots__ = ("token", "request_id", "http", "action", "door")
