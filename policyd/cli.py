@@ -750,7 +750,7 @@ def _print_decision(d: Decision, as_json: bool) -> None:
             ("app", d.principal.client_id),
             ("scopes", " ".join(d.principal.scopes)),
         ]
-    details.append(("decision", d.decision_id))
+    details += [("policy", d.policy_version), ("decision", d.decision_id)]
     for label, value in details:
         if value:
             click.echo(f"  {label + ':':14}{value}")

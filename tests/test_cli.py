@@ -424,6 +424,7 @@ def test_check_exits_0_and_prints_the_decision_on_allow(ready: Policyd) -> None:
     assert result.lines[0] == "allow ALLOWED: allowed"
     details = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in result.lines[1:])}
     assert len(details.pop("decision")) == 36  # a UUID
+    assert details.pop("policy").startswith("sha256:")
     assert details == {
         "rule": "tags-search",
         "action": "tags.search",
