@@ -8,8 +8,10 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import threading
 from collections.abc import Iterator
 from contextlib import ExitStack
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -28,10 +30,17 @@ from tests.test_envoy import start_hub as start_hub
 
 
 @pytest.fixture(scope="module")
-def http_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    ports = envoy_config.Ports(
+def ports() -> envoy_config.Ports:
+    """Envoy's listener and admin, the hub, and policyd's HTTP door (`policyd`)."""
+    return envoy_config.Ports(
         listen=free_port(), hub=free_port(), policyd=free_port(), admin=free_port()
     )
+
+
+@pytest.fixture(scope="module")
+def http_stack(
+    tmp_path_factory: pytest.TempPathFactory, ports: envoy_config.Ports
+) -> Iterator[Stack]:
     home = Home(
         tmp_path_factory.mktemp("http-home"),
         extra_config=f'[envoy]\nhttp_address = "127.0.0.1:{ports.policyd}"\n',
@@ -70,6 +79,61 @@ def test_an_allowed_read_reaches_the_hub_with_the_identity(
         headers={**token, "x-policyd-data-sources": '["ds-a", "ds-b", "ds-c"]'},
     )
     assert [d["name"] for d in listing.json()["data_sources"]] == ["ds-a", "ds-b"]
+
+
+class _Echo(BaseHTTPRequestHandler):
+    """An upstream that answers with the request headers it got, as a JSON list."""
+
+    def do_GET(self) -> None:
+        body = json.dumps([[k.lower(), v] for k, v in self.headers.items()]).encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.mark.slow
+def test_the_upstream_gets_only_policyds_identity_headers(
+    http_stack: Stack, ports: envoy_config.Ports, token: dict[str, str]
+) -> None:
+    echo = ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
+    threading.Thread(target=echo.serve_forever, daemon=True).start()
+    mine = envoy_config.Ports(
+        listen=free_port(), hub=echo.server_address[1], policyd=ports.policyd, admin=free_port()
+    )
+    config = envoy_config.render(mine, source=envoy_config.HTTP)
+    url = f"http://127.0.0.1:{mine.listen}"
+    envoy = start_envoy(http_stack.home.root, config, f"{url}/api/info", headers=token)
+    try:
+        sent = [
+            *token.items(),
+            ("x-policyd-sub", "bob"),
+            ("x-policyd-sub", "eve"),
+            ("x-policyd-extra", "1"),
+            ("x-auth-user", "bob"),
+        ]
+        r = httpx.get(f"{url}/api/user/me", headers=sent)
+        assert r.status_code == 200, r.text
+        got = r.json()
+    finally:
+        _stop(envoy)
+        echo.shutdown()
+    identity = [(k, v) for k, v in got if k.startswith(("x-policyd-", "x-auth-"))]
+    assert ("x-policyd-sub", "alice") in identity
+    assert [k for k, _ in identity if k == "x-policyd-sub"] == ["x-policyd-sub"]
+    assert not [k for k, _ in identity if k in ("x-policyd-extra", "x-auth-user")]
+    assert {k for k, _ in identity} == {
+        "x-policyd-sub",
+        "x-policyd-client-id",
+        "x-policyd-scopes",
+        "x-policyd-data-sources",
+        "x-policyd-decision-id",
+        "x-policyd-rule-id",
+        "x-policyd-action",
+    }
 
 
 @pytest.mark.slow
