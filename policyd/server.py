@@ -105,6 +105,8 @@ class Server:
     def __init__(self, config: Config, decider: Decider | None = None) -> None:
         self.config = config
         self.decider = decider or build_decider(config)
+        if self.decider.audit is not None:
+            self.decider.audit.start_checkpointer()
         self.engine = self.decider.engine
         self.health = health.HealthServicer()
         self.stopping = threading.Event()
