@@ -587,7 +587,7 @@ def tokens_revoke(obj: Context, token: str, jti: str | None) -> None:
         obj.store.revoke_token(jti, time.time() + longest)
         click.echo(f"revoked token {jti}")
         return
-    raw = _read_token(token)
+    raw = read_token(token)
     try:
         claims = jwt.decode(raw, options={"verify_signature": False})
     except jwt.PyJWTError:
@@ -600,7 +600,25 @@ def tokens_revoke(obj: Context, token: str, jti: str | None) -> None:
     click.echo(f"revoked token {claims['jti']}")
 
 
-def _read_token(token: str) -> str:
+def request_target(
+    method: str,
+    path: str | None,
+    query: str,
+    body: str | None,
+    action: str | None,
+    data_sources: tuple[str, ...],
+) -> HttpTarget | ActionTarget:
+    """The target of a command-line decision: --path (and --body, @FILE or text) or --action."""
+    if path:
+        raw_body = b""
+        if body is not None:
+            raw_body = Path(body[1:]).read_bytes() if body.startswith("@") else os.fsencode(body)
+        return HttpTarget(method.upper(), path, query.lstrip("?"), {}, raw_body)
+    assert action is not None
+    return ActionTarget(action, data_sources)
+
+
+def read_token(token: str) -> str:
     if token == "-":
         if sys.stdin.isatty():
             raise InvalidInput("give the token as an argument or on stdin")
@@ -648,16 +666,8 @@ def check(
         raise click.UsageError("give exactly one of --path and --action")
     if data_sources and not action:
         raise click.UsageError("--data-source goes with --action")
-    raw_token = _read_token(token) if token in ("-",) or token.startswith("@") else token
-    raw_body = b""
-    if body is not None:
-        raw_body = Path(body[1:]).read_bytes() if body.startswith("@") else os.fsencode(body)
-    target: HttpTarget | ActionTarget
-    if path:
-        target = HttpTarget(method.upper(), path, query.lstrip("?"), {}, raw_body)
-    else:
-        assert action is not None
-        target = ActionTarget(action, data_sources)
+    raw_token = read_token(token) if token in ("-",) or token.startswith("@") else token
+    target = request_target(method, path, query, body, action, data_sources)
     request = CheckInput(raw_token, target, request_id, "cli")
     if local:
         from policyd.wiring import build_decider

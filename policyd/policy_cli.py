@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from policyd.engine import Explanation
-from policyd.model import Access, ActionTarget, HttpTarget
+from policyd.model import Access
 from policyd.policy import (
     Policy,
     PolicyInvalid,
@@ -198,21 +198,15 @@ def policy_explain(
         raise click.UsageError("--token decides against the store: no --sub or --grant")
     folder = _folder(directory)
     loaded, _ = _load(folder, with_suites=False)
-    raw_body = b""
-    if body is not None:
-        raw_body = Path(body[1:]).read_bytes() if body.startswith("@") else os.fsencode(body)
-    target: HttpTarget | ActionTarget
-    if path:
-        target = HttpTarget(method.upper(), path, query.lstrip("?"), {}, raw_body)
-    else:
-        assert action is not None
-        target = ActionTarget(action, data_sources)
+    from policyd.cli import read_token, request_target  # the same parsing as `policyd check`
+
+    target = request_target(method, path, query, body, action, data_sources)
     if token:
         from policyd.model import CheckInput
         from policyd.wiring import build_engine
 
         ctx = _ctx()
-        raw = Path(token[1:]).read_text().strip() if token.startswith("@") else token
+        raw = read_token(token) if token == "-" or token.startswith("@") else token
         engine = build_engine(ctx.config, ctx.store, loaded)
         explanation = engine.explain(CheckInput(raw, target, "policy-explain", "cli"))
     else:

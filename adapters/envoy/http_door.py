@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import json
 import logging
 import re
 import socket
@@ -38,7 +37,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from adapters.denials import Denial, body_too_large, for_reason
-from adapters.envoy.servicer import IDENTITY_PREFIXES, bearer_token
+from adapters.envoy.servicer import IDENTITY_PREFIXES, bearer_token, identity_headers
 from policyd.decider import Decider
 from policyd.errors import ConfigError
 from policyd.model import CheckInput, Decision, HttpTarget
@@ -134,19 +133,7 @@ def _head(status: int, headers: Iterable[tuple[str, str]]) -> bytes:
 
 def allow(decision: Decision, sent: Iterable[str], remove_authorization: bool) -> bytes:
     """200 with the identity headers, and the client's other identity headers to remove."""
-    p = decision.principal
-    values = [
-        ("x-policyd-decision-id", decision.decision_id),
-        ("x-policyd-rule-id", decision.rule_id),
-        ("x-policyd-action", decision.action),
-        ("x-policyd-data-sources", json.dumps(list(decision.data_sources))),
-    ]
-    if p is not None:
-        values += [
-            ("x-policyd-sub", p.sub),
-            ("x-policyd-client-id", p.client_id),
-            ("x-policyd-scopes", " ".join(p.scopes)),
-        ]
+    values = identity_headers(decision)
     for _, value in values:
         if not _VALUE_OK.fullmatch(value.encode("utf-8")):
             # A value that cannot be a header (CR, LF, controls): refuse, never split it.
