@@ -215,9 +215,12 @@ def load_key(path: str | Path, *, create: bool = False) -> bytes:
 def masked_path(target: HttpTarget | ActionTarget | None) -> tuple[str, str]:
     """(method, path) for the record: query values are replaced by '*', never stored."""
     if isinstance(target, HttpTarget):
-        path = target.path[:2048]
-        if target.query:
-            keys = [k for k, _ in parse_qsl(target.query, keep_blank_values=True)]
+        # A caller may leave the query (or a fragment) in the path: mask it too.
+        path, _, in_path = target.path.partition("?")
+        path = path.partition("#")[0][:2048]
+        query = "&".join(q for q in (in_path.partition("#")[0], target.query) if q)
+        if query:
+            keys = [k for k, _ in parse_qsl(query, keep_blank_values=True)]
             path += "?" + "&".join(f"{k[:64]}=*" for k in keys[:32])
         return target.method[:16], path
     return "", ""

@@ -30,6 +30,7 @@ from policyd.reasons import Reason
 from policyd.store import Store
 
 EXIT_DENY = 3
+MAX_TOKEN_TTL = 86400  # the longest `tokens issue --ttl`
 
 
 class Context:
@@ -551,7 +552,7 @@ def tokens() -> None:
 @click.option("--user", "user_id", required=True)
 @click.option("--app", "client_id", required=True)
 @click.option("--scope", "scopes", multiple=True, required=True, help="Repeatable.")
-@click.option("--ttl", type=click.IntRange(1, 86400), help="Lifetime in seconds.")
+@click.option("--ttl", type=click.IntRange(1, MAX_TOKEN_TTL), help="Lifetime in seconds.")
 @pass_ctx
 def tokens_issue(
     obj: Context, user_id: str, client_id: str, scopes: tuple[str, ...], ttl: int | None
@@ -582,7 +583,9 @@ def tokens_issue(
 def tokens_revoke(obj: Context, token: str, jti: str | None) -> None:
     """Revoke one access token (TOKEN, or - to read it from stdin) until it expires."""
     config = obj.config
-    longest = config.tokens.ttl_seconds + config.tokens.leeway_seconds
+    # The longest a token can live: `tokens issue --ttl` goes up to MAX_TOKEN_TTL, past the
+    # configured ttl. A revocation that ends sooner is purged while the token still works.
+    longest = max(config.tokens.ttl_seconds, MAX_TOKEN_TTL) + config.tokens.leeway_seconds
     if jti:
         obj.store.revoke_token(jti, time.time() + longest)
         click.echo(f"revoked token {jti}")

@@ -30,7 +30,7 @@ from cachetools import TLRUCache
 
 from policyd.errors import StoreUnavailable
 from policyd.model import Access
-from policyd.store import Store
+from policyd.store import Store, connect
 
 _GENERATION = "SELECT value FROM generation WHERE id = 1"
 _APP = "SELECT enabled, allowed_scopes FROM apps WHERE client_id = ?"
@@ -94,15 +94,20 @@ class _CommitWatch:
     shared memory, and every commit changes it (its iChange counter, mxFrame and checksums)
     before the commit returns (https://sqlite.org/walformat.html). Comparing those bytes
     costs a fraction of a microsecond, where the SQL read of the generation costs several.
-    The file lives as long as any connection is open, and this process keeps one open.
+    The file lives as long as any connection is open; SQLite deletes it when the last one
+    closes, and a later connection makes a new file that the old map never sees. So the
+    watch holds a connection of its own for as long as it holds the map (the store's
+    connections are per thread and close when their thread ends).
     When the file cannot be mapped, marker() is None and callers read the generation.
     """
 
     HEADER = 48
 
     def __init__(self, db: Path) -> None:
+        self._db = db
         self._path = db.with_name(db.name + "-shm")
         self._map: mmap.mmap | None = None
+        self._conn: sqlite3.Connection | None = None
         self._retry_at = 0.0
 
     def marker(self) -> bytes | None:
@@ -113,9 +118,14 @@ class _CommitWatch:
                 return None
             self._retry_at = now + 1.0
             try:
+                if self._conn is None:
+                    # Keeps the -shm file (and so the mapped one) in use.
+                    conn = connect(self._db)
+                    conn.execute(_GENERATION).fetchone()
+                    self._conn = conn
                 with open(self._path, "rb") as fh:
                     m = self._map = mmap.mmap(fh.fileno(), self.HEADER, access=mmap.ACCESS_READ)
-            except (OSError, ValueError):
+            except (OSError, ValueError, sqlite3.Error):
                 return None
         return m[: self.HEADER]
 
