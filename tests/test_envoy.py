@@ -431,6 +431,23 @@ def test_the_check_input_splits_path_and_query_and_keeps_the_body() -> None:
     assert servicer.to_input(_check_request("/x", {})).request_id == "envoy-id"
 
 
+def test_the_check_input_carries_the_selected_headers_and_never_credentials() -> None:
+    request = _check_request(
+        "/x",
+        {
+            "authorization": "Bearer tok",
+            "cookie": "session=s",
+            "user-agent": "ua/1",
+            "x-forwarded-for": "10.0.0.1",
+            "x-something": "not selected",
+        },
+    )
+    check = servicer.to_input(request)
+    assert isinstance(check.target, HttpTarget)
+    # What policy conditions may read, as behind the ASGI door (adapters/headers.py).
+    assert check.target.headers == {"user-agent": "ua/1", "x-forwarded-for": "10.0.0.1"}
+
+
 def _decision(allowed: bool, reason: Reason) -> Decision:
     return Decision(
         allowed=allowed,

@@ -282,7 +282,10 @@ def test_the_body_and_query_reach_the_check() -> None:
     )
     check = http_door.to_input(request)
     assert (check.token, check.request_id, check.door) == ("tok", "rid", "envoy")
-    assert check.target == HttpTarget("POST", "/api/data/v2/raw", "x=1", {}, b"{}")
+    # The selected headers reach the check (adapters/headers.py); the credentials never.
+    assert check.target == HttpTarget(
+        "POST", "/api/data/v2/raw", "x=1", {"x-request-id": "rid"}, b"{}"
+    )
 
 
 @pytest.mark.parametrize(

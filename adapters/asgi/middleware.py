@@ -30,6 +30,7 @@ import grpc.aio
 from adapters.asgi.channel import ChannelSettings, open_channel
 from adapters.denials import Denial, ambiguous_authorization, body_too_large, for_reason
 from adapters.denials import unavailable as unavailable_denial
+from adapters.headers import FORWARD_HEADERS, NEVER_FORWARD
 from adapters.rfc6750 import AmbiguousAuthorization, bearer_token
 from policyd.gen.v1 import decision_pb2
 from policyd.reasons import Reason
@@ -46,17 +47,8 @@ log = logging.getLogger("adapters.asgi")
 CHECK_METHOD = "/policyd.v1.Decision/Check"
 DOOR = "asgi"
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
-# Headers policyd is told about (lower-case). Credentials are never sent, whatever the list.
-DEFAULT_FORWARD_HEADERS = (
-    "host",
-    "content-type",
-    "content-length",
-    "user-agent",
-    "x-forwarded-for",
-    "x-forwarded-proto",
-    "x-request-id",
-)
-NEVER_FORWARD = frozenset({"authorization", "proxy-authorization", "cookie"})
+# Headers policyd is told about (lower-case), as at every door (adapters/headers.py).
+DEFAULT_FORWARD_HEADERS = FORWARD_HEADERS
 # Headers removed before the app sees the request: identity a client could make up.
 STRIP_HEADER_PREFIXES = ("x-policyd-", "x-auth-")
 STRIP_HEADERS = frozenset(

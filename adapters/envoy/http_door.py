@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 from adapters.denials import Denial, body_too_large, for_reason
 from adapters.envoy.servicer import IDENTITY_PREFIXES, bearer_token, identity_headers
+from adapters.headers import selected
 from policyd.decider import Decider
 from policyd.errors import ConfigError
 from policyd.model import CheckInput, Decision, HttpTarget
@@ -119,7 +120,7 @@ def to_input(request: Request) -> CheckInput:
     headers = request.headers
     return CheckInput(
         bearer_token(headers),
-        HttpTarget(request.method, path, query, {}, request.body),
+        HttpTarget(request.method, path, query, selected(headers), request.body),
         headers.get("x-request-id", ""),
         "envoy",
     )

@@ -28,6 +28,7 @@ from envoy.type.v3 import http_status_pb2
 from google.rpc import code_pb2, status_pb2
 
 from adapters.denials import for_reason
+from adapters.headers import selected
 from policyd.decider import Decider
 from policyd.model import CheckInput, Decision, HttpTarget
 
@@ -49,7 +50,7 @@ def to_input(request: external_auth_pb2.CheckRequest) -> CheckInput:
     body = http.raw_body or http.body.encode()
     return CheckInput(
         bearer_token(headers),
-        HttpTarget(http.method, path, query, {}, body),
+        HttpTarget(http.method, path, query, selected(headers), body),
         headers.get("x-request-id", "") or http.id,
         "envoy",
     )
