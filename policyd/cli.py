@@ -405,9 +405,16 @@ def consents_list(obj: Context, user_id: str | None, client_id: str | None, as_j
 @click.argument("client_id")
 @pass_ctx
 def consents_revoke(obj: Context, user_id: str, client_id: str) -> None:
-    """Revoke a consent and the pair's grants; the app's next request is denied."""
+    """Revoke a consent, the pair's grants and refresh tokens (like Disconnect on the
+    Connected apps page); the app's next request is denied."""
+    from policyd.oauth.storage import OAuthStorage
+
     n = obj.store.revoke_consent(user_id, client_id)
-    click.echo(f"revoked consent of {user_id} for {client_id} and {n} grant(s)")
+    families = OAuthStorage(obj.store).revoke_pair(user_id, client_id)
+    click.echo(
+        f"revoked consent of {user_id} for {client_id}, {n} grant(s)"
+        f" and {families} refresh-token famil{'y' if families == 1 else 'ies'}"
+    )
 
 
 # -- grants -----------------------------------------------------------------------------

@@ -273,7 +273,7 @@ def test_consents_revoke_revokes_the_grants_and_denies_the_next_request(ready: P
     token = _token(ready)
     assert _check(ready, token, TAGS_A).code == 0
     out = ready.ok("consents", "revoke", "alice", "app1").out
-    assert out == "revoked consent of alice for app1 and 1 grant(s)\n"
+    assert out == ("revoked consent of alice for app1, 1 grant(s) and 0 refresh-token families\n")
     denied = _check(ready, token, TAGS_A)
     assert (denied.code, denied.lines[0].split(":")[0]) == (3, "deny CONSENT_MISSING")
     assert ready.ok("consents", "list", "--json").out == ""

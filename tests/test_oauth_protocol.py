@@ -415,3 +415,22 @@ def test_tokens_never_reach_the_log(server: AS, caplog: pytest.LogCaptureFixture
     assert "authorization granted for app app1 by user alice" in text
     for secret in (code, tokens["access_token"], tokens["refresh_token"], server.secret):
         assert secret not in text
+
+
+def test_cli_consent_revoke_also_refuses_the_apps_refresh_token(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    home, secret = oauth_home(tmp_path_factory.mktemp("oauth-cli"))
+    with running(home) as base:
+        a = AS(home, secret, base)
+        try:
+            _, tokens = a.tokens()
+            result = home.cli("consents", "revoke", "alice", "app1")
+            assert result.returncode == 0, result.stderr
+            assert "and 1 refresh-token family" in result.stdout
+            # Like Disconnect on the Connected apps page: nothing of the pair lives on.
+            refused = refresh(base, "app1", tokens["refresh_token"], secret)
+            _error(refused, 400, "invalid_grant")
+            assert a.revoked(tokens["access_token"])
+        finally:
+            a.browser.close()
