@@ -122,6 +122,8 @@ class Verifier:
             raise TokenError(
                 Reason.TOKEN_MALFORMED, f"token is longer than {s.max_token_bytes} bytes"
             )
+        if not token.isascii():  # a JWS is base64url and dots; also makes len() bytes
+            raise TokenError(Reason.TOKEN_MALFORMED, "token is not ASCII")
         if token.count(".") != 2:
             raise TokenError(Reason.TOKEN_MALFORMED, "token is not a compact JWS (3 parts)")
         try:

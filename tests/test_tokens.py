@@ -177,6 +177,15 @@ def test_token_that_is_not_a_compact_jws_is_malformed(token: str, client: Client
     assert_token_denied(client.check(token), Reason.TOKEN_MALFORMED)
 
 
+def test_token_with_non_ascii_characters_is_malformed_before_any_parsing(
+    shared_home: Home, client: Client
+) -> None:
+    head, body, sig = shared_home.token().split(".")
+    response = client.check(f"{head}.{body}é.{sig}")
+    assert_token_denied(response, Reason.TOKEN_MALFORMED)
+    assert response.message == "token is not ASCII"
+
+
 def test_token_with_bearer_prefix_is_malformed(shared_home: Home, client: Client) -> None:
     assert_token_denied(client.check("Bearer " + shared_home.token()), Reason.TOKEN_MALFORMED)
 
