@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -197,10 +196,13 @@ class Reloading:
         )
 
     def start(self) -> None:
-        """Write the status, start watching, and reload on SIGHUP (main thread only)."""
+        """Write the status and start watching. The server's main thread turns SIGHUP into
+        request_reload() (server.Signals), never from inside a signal handler."""
         self.reloader.write_status()
-        signal.signal(signal.SIGHUP, lambda _signum, _frame: self.reloader.hup.set())
         self._thread.start()
+
+    def request_reload(self) -> None:
+        self.reloader.hup.set()
 
     def stop(self) -> None:
         self._stop.set()

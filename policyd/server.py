@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
 from types import FrameType
@@ -170,19 +171,43 @@ class Server:
             self.decider.audit.close()
 
 
-def _wait_for_signal() -> int:
-    stop = threading.Event()
-    received: list[int] = []
+class Signals:
+    """SIGTERM, SIGINT and SIGHUP, recorded without taking any lock.
 
-    def handler(signum: int, _frame: FrameType | None) -> None:
-        received.append(signum)
-        stop.set()
+    A Python signal handler runs in the main thread between two bytecodes, possibly in the
+    middle of threading code that holds a lock; a handler that then calls Event.set()
+    deadlocks on that lock (seen: Ctrl-C's SIGINT and a SIGTERM arriving together). So the
+    handlers only append to lists, and the main thread polls them.
+    """
 
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
-    while not stop.wait(3600):
-        pass
-    return received[0]
+    POLL_SECONDS = 0.1
+
+    def __init__(self) -> None:
+        self.stops: list[int] = []
+        self.hups: list[int] = []
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_hup)
+
+    def _on_stop(self, signum: int, _frame: FrameType | None) -> None:
+        self.stops.append(signum)
+
+    def _on_hup(self, signum: int, _frame: FrameType | None) -> None:
+        self.hups.append(signum)
+
+    def wait(self, on_hup: Callable[[], None], on_tick: Callable[[], bool] | None = None) -> int:
+        """Until a stop signal (its number) or on_tick() is true (0); runs on_hup for SIGHUP."""
+        while True:
+            while self.hups:
+                self.hups.pop()
+                on_hup()
+            if self.stops:
+                return self.stops[0]
+            if on_tick is not None and on_tick():
+                return 0
+            time.sleep(self.POLL_SECONDS)
 
 
 def serve(config: Config, config_path: str | None = None) -> int:
@@ -200,6 +225,8 @@ def serve(config: Config, config_path: str | None = None) -> int:
     server.start()
     reloading = Reloading(server.engine, config)  # policy: watch the folder, SIGHUP reloads
     reloading.start()
+    signals = Signals()
+    signals.install()
     janitor = threading.Thread(target=_maintain, args=(server,), daemon=True)
     janitor.start()
     tls = config.server.tls
@@ -207,7 +234,7 @@ def serve(config: Config, config_path: str | None = None) -> int:
     log.info(
         "serving %s on %s (%s, pid %d)", SERVICE_NAME, config.server.address, mode, os.getpid()
     )
-    signum = _wait_for_signal()
+    signum = signals.wait(on_hup=reloading.request_reload)
     log.info("received %s: finishing calls in flight", signal.Signals(signum).name)
     reloading.stop()
     server.stop()
@@ -247,38 +274,32 @@ def _supervise(config: Config, config_path: str | None) -> int:
     """Start config.server.workers copies of `policyd serve` sharing one port."""
     ensure_free(config.server.address)
     load_policy(config.policy.dir)  # an invalid policy stops here, said once, not per worker
-    stop = threading.Event()
-
-    def handler(_signum: int, _frame: FrameType | None) -> None:
-        stop.set()
-
-    # Handlers first: a SIGTERM while workers start must still stop every one of them.
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+    signals = Signals()
     children: list[subprocess.Popen[bytes]] = []
 
-    def forward_hup(_signum: int, _frame: FrameType | None) -> None:
+    def forward_hup() -> None:
         for child in children:  # SIGHUP (reload the policy) goes to every worker
             if child.poll() is None:
                 child.send_signal(signal.SIGHUP)
 
-    signal.signal(signal.SIGHUP, forward_hup)
+    # Handlers first: a SIGTERM while workers start must still stop every one of them.
+    signals.install()
     command = [sys.executable, "-m", "policyd"]
     if config_path:
         command += ["--config", config_path]
     command += ["serve", "--address", config.server.address, "--workers", "1"]
     for index in range(config.server.workers):
-        if stop.is_set():
+        if signals.stops:
             break
         env = dict(os.environ, **{WORKER_ENV: str(index)})
         children.append(subprocess.Popen(command, env=env))
     log.info("supervising %d workers on %s", len(children), config.server.address)
     failed = False
-    while not stop.wait(0.5):
-        if any(child.poll() is not None for child in children):
+    if not signals.stops:
+        exited = lambda: any(child.poll() is not None for child in children)  # noqa: E731
+        if signals.wait(on_hup=forward_hup, on_tick=exited) == 0:
             log.error("a worker exited; stopping the others")
             failed = True
-            break
     for child in children:
         if child.poll() is None:
             child.send_signal(signal.SIGTERM)

@@ -99,7 +99,12 @@ def test_make_run_serves_the_demo_and_stops_on_ctrl_c(tmp_path: Path) -> None:
         assert page.status_code == 200
     finally:
         os.killpg(run.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
-        out, _ = run.communicate(timeout=30)
+        try:
+            out, _ = run.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(run.pid, signal.SIGKILL)  # never leave the processes behind
+            out, _ = run.communicate()
+            raise AssertionError(f"make run did not stop on Ctrl-C:\n{out}") from None
     assert "stopped" in out, out  # policyd
     assert "Finished server process" in out, out  # the hub
     assert "Traceback" not in out, out

@@ -686,3 +686,20 @@ def test_serve_with_a_tls_file_that_is_not_pem_fails_with_one_line_naming_it(
     home = Home(tmp_path, f'[server.tls]\ncert_file = "{garbage}"\nkey_file = "{garbage}"\n')
     line = _serve_error(home.config_path)
     assert "server.tls.cert_file" in line
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_burst_of_signals_still_stops_the_server_cleanly(tmp_path: Path, workers: str) -> None:
+    # Ctrl-C in `make run` sends SIGINT to the process group while run.sh sends SIGTERM:
+    # signals arriving together once deadlocked a handler that took a lock.
+    home = Home(tmp_path)
+    home.seed()
+    for _ in range(3):
+        with run_server(home, "--workers", workers) as server:
+            for _ in range(30):
+                server.process.send_signal(signal.SIGHUP)
+            server.process.send_signal(signal.SIGINT)
+            server.process.send_signal(signal.SIGTERM)
+            server.process.send_signal(signal.SIGINT)
+            assert server.process.wait(timeout=20) == 0, server.log()
