@@ -48,23 +48,10 @@ x-policyd-* headers: use it only through Envoy at $envoy. In another terminal, t
 
 WALK
 
-pids=()
-stop() {
-    trap - INT TERM
-    for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-}
-trap 'stop; exit 130' INT
-trap 'stop; exit 143' TERM
+source "$(dirname "$0")/supervise.sh"
 
-"$BIN/policyd" serve &
-pids+=($!)
-"$BIN/python" -m examples.hub &
-pids+=($!)
-"$BIN/envoy" -c "$config" --use-dynamic-base-id --log-level warn &
-pids+=($!)
+start "$BIN/policyd" serve
+start "$BIN/python" -m examples.hub
+start "$BIN/envoy" -c "$config" --use-dynamic-base-id --log-level warn
 
-status=0
-wait -n || status=$?
-stop
-exit "$status"
+supervise

@@ -32,25 +32,10 @@ and sign in as alice / alice-demo; take access back at http://127.0.0.1:8080/set
 
 WALK
 
-pids=()
-stop() {
-    trap - INT TERM
-    # SIGTERM, not SIGINT: a second SIGINT makes uvicorn skip its graceful shutdown.
-    for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-}
-trap 'stop; exit 130' INT
-trap 'stop; exit 143' TERM
+source "$(dirname "$0")/supervise.sh"
 
-"$BIN/policyd" serve &
-pids+=($!)
-"$BIN/python" -m examples.hub &
-pids+=($!)
-"$BIN/python" -m examples.client &
-pids+=($!)
+start "$BIN/policyd" serve
+start "$BIN/python" -m examples.hub
+start "$BIN/python" -m examples.client
 
-# Whichever stops first (a crash, a port in use), stop the other one too.
-status=0
-wait -n || status=$?
-stop
-exit "$status"
+supervise

@@ -1,0 +1,26 @@
+# Sourced by run.sh and run-envoy.sh: start processes in the background, stop them all
+# together on Ctrl-C, SIGTERM, or when any one of them exits (a crash, a port in use).
+
+pids=()
+stop() {
+    trap - INT TERM
+    # SIGTERM, not SIGINT: a second SIGINT makes uvicorn skip its graceful shutdown.
+    for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+}
+trap 'stop; exit 130' INT
+trap 'stop; exit 143' TERM
+
+# start COMMAND [ARG...]: run it in the background, to be stopped with the others.
+start() {
+    "$@" &
+    pids+=($!)
+}
+
+# supervise: wait until the first process exits, stop the rest, exit with its status.
+supervise() {
+    local status=0
+    wait -n || status=$?
+    stop
+    exit "$status"
+}
