@@ -23,7 +23,7 @@ from urllib.parse import parse_qsl
 
 from policyd.cel import CelEvalError, Program, as_bool, timestamp, to_cel
 from policyd.model import Access, ActionTarget, CheckInput, HttpTarget, Principal
-from policyd.reasons import Reason
+from policyd.reasons import Denied, Reason
 
 if TYPE_CHECKING:
     from policyd.routes import RouteRule
@@ -47,13 +47,8 @@ class Condition:
         return self.program.source
 
 
-class ConditionProblem(Exception):
+class ConditionProblem(Denied):
     """A condition denied the request (CONDITION_DENIED) or failed (CONDITION_ERROR)."""
-
-    def __init__(self, reason: Reason, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,7 +37,7 @@ from policyd.facts import Facts, View
 from policyd.ids import new_id
 from policyd.model import ActionTarget, CheckInput, Decision, HttpTarget, Principal
 from policyd.policy import Policy
-from policyd.reasons import Reason
+from policyd.reasons import Denied, Reason
 from policyd.routes import (
     DataSourceRef,
     Match,
@@ -47,7 +47,7 @@ from policyd.routes import (
     extract_with_sources,
     split_path,
 )
-from policyd.tokens import TokenError, Verifier
+from policyd.tokens import Verifier
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +57,6 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 @dataclass(frozen=True, slots=True)
 class EngineSettings:
     max_body_bytes: int = 1 << 20
-
-
-class _Deny(Exception):
-    def __init__(self, reason: Reason, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +153,7 @@ class Engine:
             self._check_principal(view, principal, trace)
             stage = "route"
             if problem is not None:
-                raise _Deny(problem.reason, problem.message)
+                raise problem
             assert match is not None and rule is not None
             if trace is not None:
                 trace.ok("route", f"{rule.id} (action {rule.action})")
@@ -186,7 +179,7 @@ class Engine:
                 data_sources,
                 policy.version,
             )
-        except (_Deny, TokenError, RequestProblem, cond.ConditionProblem) as deny:
+        except Denied as deny:
             reason, message = deny.reason, deny.message
         except StoreUnavailable as exc:
             reason, message = Reason.STORE_UNAVAILABLE, "the policy store is unavailable"
@@ -236,18 +229,18 @@ class Engine:
     @staticmethod
     def _check_principal(view: View, p: Principal, trace: Trace | None) -> None:
         if view.token_revoked(p.jti):
-            raise _Deny(Reason.TOKEN_REVOKED, "token has been revoked")
+            raise Denied(Reason.TOKEN_REVOKED, "token has been revoked")
         app = view.app(p.client_id)
         if app is None:
-            raise _Deny(Reason.APP_UNKNOWN, f"app {p.client_id[:80]!r} is not registered")
+            raise Denied(Reason.APP_UNKNOWN, f"app {p.client_id[:80]!r} is not registered")
         if not app.enabled:
-            raise _Deny(Reason.APP_DISABLED, f"app {p.client_id!r} is disabled")
+            raise Denied(Reason.APP_DISABLED, f"app {p.client_id!r} is disabled")
         consent = view.consent(p.sub, p.client_id)
         if consent is None:
-            raise _Deny(Reason.CONSENT_MISSING, "the user has not consented to this app")
+            raise Denied(Reason.CONSENT_MISSING, "the user has not consented to this app")
         missing = [s for s in p.scopes if s not in consent]
         if missing:
-            raise _Deny(
+            raise Denied(
                 Reason.CONSENT_INSUFFICIENT,
                 f"the user's consent does not cover {' '.join(missing)[:200]}",
             )
@@ -261,9 +254,9 @@ class Engine:
         have = p.scopes
         missing = [s for s in rule.scopes_all if s not in have]
         if missing:
-            raise _Deny(Reason.SCOPE_MISSING, f"requires scope {' '.join(sorted(missing))}")
+            raise Denied(Reason.SCOPE_MISSING, f"requires scope {' '.join(sorted(missing))}")
         if rule.scopes_any and not any(s in have for s in rule.scopes_any):
-            raise _Deny(
+            raise Denied(
                 Reason.SCOPE_MISSING,
                 f"requires one of the scopes {' '.join(sorted(rule.scopes_any))}",
             )
@@ -299,25 +292,25 @@ class Engine:
             if trace is not None:
                 trace.data_sources.extend((name, "action") for name in target.data_sources)
             if not names or not all(names):
-                raise _Deny(
+                raise Denied(
                     Reason.REQUEST_INVALID,
                     f"action {rule.action} needs the data sources it touches",
                 )
         for name in names:
             granted = view.grant(p.sub, p.client_id, name)
             if granted is None:
-                raise _Deny(
+                raise Denied(
                     Reason.DATA_SOURCE_NOT_GRANTED,
                     f"data source {name[:80]!r} is not granted to this app",
                 )
             if granted < need:
-                raise _Deny(
+                raise Denied(
                     Reason.DATA_SOURCE_ACCESS_INSUFFICIENT,
                     f"data source {name!r} is granted for {granted.label}, not {need.label}",
                 )
             own = view.user_access(p.sub, name)
             if own is None or own < need:
-                raise _Deny(
+                raise Denied(
                     Reason.USER_ACCESS_MISSING, f"the user has no {need.label} access to {name!r}"
                 )
             if trace is not None:

@@ -50,6 +50,19 @@ class Reason(enum.IntEnum):
         return self in _TOKEN_PROBLEMS
 
 
+class Denied(Exception):
+    """A check failed: the decision is a deny with this reason and message.
+
+    Each step raises its own subclass (tokens.TokenError, routes.RequestProblem,
+    conditions.ConditionProblem); the engine catches them all as Denied.
+    """
+
+    def __init__(self, reason: Reason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
 _TOKEN_PROBLEMS = frozenset(
     {
         Reason.TOKEN_MISSING,

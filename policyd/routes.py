@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import parse_qsl, unquote
 
 from policyd.model import Access
-from policyd.reasons import Reason
+from policyd.reasons import Denied, Reason
 
 if TYPE_CHECKING:
     from policyd.conditions import Condition
@@ -39,13 +39,8 @@ _INDEX = re.compile(r"0|[1-9][0-9]*")
 _LITERAL = re.compile(r"^[A-Za-z0-9._~!$&'()*+,;=:@-]+$")
 
 
-class RequestProblem(Exception):
+class RequestProblem(Denied):
     """The request cannot be decided as given; carries the deny reason."""
-
-    def __init__(self, reason: Reason, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
 
 
 @dataclass(frozen=True, slots=True)

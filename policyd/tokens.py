@@ -24,7 +24,7 @@ import jwt
 from policyd.facts import View
 from policyd.keys import ALGORITHMS, VERIFYING_STATES, KeyRing, load_public_key
 from policyd.model import Principal
-from policyd.reasons import Reason
+from policyd.reasons import Denied, Reason
 
 ACCESS_TOKEN_TYP = "at+jwt"
 REQUIRED_CLAIMS = ("iss", "sub", "aud", "exp", "iat", "jti", "client_id")
@@ -45,11 +45,8 @@ class VerifiedToken:
     principal: Principal
 
 
-class TokenError(Exception):
-    def __init__(self, reason: Reason, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
+class TokenError(Denied):
+    """The token is missing, unreadable or not acceptable."""
 
 
 def issue_token(
