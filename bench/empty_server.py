@@ -3,8 +3,8 @@
 `python -m bench.empty_server --config FILE --address HOST:PORT --response-file FILE`
 
 It builds the gRPC server the way policyd.server.Server does (grpcio's sync server on a
-ThreadPoolExecutor of `server.threads` threads read from the same config file, the same
-server options, and the same Health and reflection services next to Decision), but its
+ThreadPoolExecutor of `server.threads` threads read from the same config file, pinned to a
+CPU by the same `server.cpu_affinity` rule, the same server options, and the same Health and reflection services next to Decision), but its
 Check handler returns a prebuilt CheckResponse: the bytes of a real allow response that the
 benchmark captured from policyd, so both servers parse the same request and serialize a
 response of the same size. The difference between the two is the decision itself (and the
@@ -23,6 +23,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from policyd import affinity
 from policyd.config import load_config
 from policyd.gen.v1 import decision_pb2, decision_pb2_grpc
 from policyd.service import SERVICE_NAME
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config = load_config(args.config, env={})
     response = decision_pb2.CheckResponse.FromString(args.response_file.read_bytes())
+    affinity.pin_worker(config.server.cpu_affinity, 0)  # as `policyd serve` does
     server = build(config.server.threads, args.address, response)
     server.start()
     stop = threading.Event()

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from policyd import affinity
 from policyd.errors import ConfigError
 from policyd.keys import ALGORITHMS
 
@@ -39,6 +40,9 @@ class ServerConfig:
     workers: int = 1
     # Threads per process handling calls.
     threads: int = 16
+    # "auto": each serving process runs on one CPU of its own (worker i on the i-th);
+    # "none": unpinned; or a CPU list such as "0,2" or "0-3" (policyd/affinity.py).
+    cpu_affinity: str = "auto"
     # On SIGTERM: stop accepting, let in-flight calls finish for up to this long.
     grace_seconds: float = 10.0
     tls: TLSConfig = field(default_factory=TLSConfig)
@@ -160,6 +164,7 @@ class Config:
             _address("envoy.http_address", self.envoy.http_address)
         _at_least("server.workers", s.workers, 1)
         _at_least("server.threads", s.threads, 1)
+        affinity.parse(s.cpu_affinity)
         _at_least("server.grace_seconds", s.grace_seconds, 0)
         if not self.client.timeout_seconds > 0:
             raise ConfigError(

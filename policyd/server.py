@@ -40,6 +40,7 @@ from grpc_reflection.v1alpha import reflection
 
 from adapters.envoy import servicer as envoy_servicer
 from adapters.envoy.http_door import HttpDoor
+from policyd import affinity
 from policyd.config import Config, TLSConfig
 from policyd.decider import Decider
 from policyd.errors import ConfigError, PolicydError
@@ -215,6 +216,8 @@ def serve(config: Config, config_path: str | None = None) -> int:
     if config.server.workers > 1 and WORKER_ENV not in os.environ:
         return _supervise(config, config_path)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # not fatal while starting; Reloading takes it
+    # Before any server thread starts, so that every thread inherits the CPU (affinity.py).
+    cpu = affinity.pin_worker(config.server.cpu_affinity, int(os.environ.get(WORKER_ENV, "0")))
     server = Server(config)
     # The authorization server (HTTP, its own port) runs in one process only: worker 0.
     from policyd.oauth.server import start_authorization_server
@@ -225,6 +228,8 @@ def serve(config: Config, config_path: str | None = None) -> int:
     server.start()
     reloading = Reloading(server.engine, config)  # policy: watch the folder, SIGHUP reloads
     reloading.start()
+    if cpu is not None:  # again, for any thread not started by this one
+        affinity.pin(cpu)
     signals = Signals()
     signals.install()
     janitor = threading.Thread(target=_maintain, args=(server,), daemon=True)
@@ -232,7 +237,12 @@ def serve(config: Config, config_path: str | None = None) -> int:
     tls = config.server.tls
     mode = "mTLS" if tls.client_ca_file else ("TLS" if tls.cert_file else "plaintext")
     log.info(
-        "serving %s on %s (%s, pid %d)", SERVICE_NAME, config.server.address, mode, os.getpid()
+        "serving %s on %s (%s, pid %d, %s)",
+        SERVICE_NAME,
+        config.server.address,
+        mode,
+        os.getpid(),
+        "unpinned" if cpu is None else f"CPU {cpu}",
     )
     signum = signals.wait(on_hup=reloading.request_reload)
     log.info("received %s: finishing calls in flight", signal.Signals(signum).name)
@@ -273,6 +283,8 @@ def _maintain(server: Server) -> None:
 def _supervise(config: Config, config_path: str | None) -> int:
     """Start config.server.workers copies of `policyd serve` sharing one port."""
     ensure_free(config.server.address)
+    for index in range(config.server.workers):  # a CPU list naming a missing CPU: said once
+        affinity.choose(config.server.cpu_affinity, index)
     load_policy(config.policy.dir)  # an invalid policy stops here, said once, not per worker
     signals = Signals()
     children: list[subprocess.Popen[bytes]] = []

@@ -480,6 +480,10 @@ def test_two_workers_share_one_port_and_stop_with_the_supervisor(tmp_path: Path)
             "both workers to listen on the port",
         )
         assert LISTEN not in _sockets_by_process([supervisor], port)[supervisor]
+        if len(os.sched_getaffinity(0)) >= 2:  # server.cpu_affinity = "auto": one CPU each
+            pinned = [_cpus_allowed(pid) for pid in (supervisor, *workers)]
+            assert pinned[0] == _cpus_allowed(os.getpid())  # the supervisor is not pinned
+            assert len(set(pinned[1:])) == 2 and all("-" not in p for p in pinned[1:]), pinned
 
         # Fresh connections (no shared subchannels); the kernel spreads them over both.
         channels = [
@@ -501,6 +505,13 @@ def test_two_workers_share_one_port_and_stop_with_the_supervisor(tmp_path: Path)
             assert not Path(f"/proc/{pid}").exists(), f"worker {pid} outlived the supervisor"
         assert _refuses_connections(server.address)
     assert "Traceback" not in server.log(), server.log()
+
+
+def _cpus_allowed(pid: int) -> str:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Cpus_allowed_list:"):
+            return line.split(":", 1)[1].strip()
+    raise AssertionError(f"no Cpus_allowed_list for {pid}")
 
 
 def _catches(pid: int, signum: int) -> bool:
@@ -623,6 +634,8 @@ BAD_CONFIGS = {
     "port out of range": ('[server]\naddress = "127.0.0.1:70000"\n', "server.address"),
     "bad client address": ('[client]\naddress = "127.0.0.1:http"\n', "client.address"),
     "no workers": ("[server]\nworkers = 0\n", "server.workers"),
+    "bad CPU list": ('[server]\ncpu_affinity = "fast"\n', "server.cpu_affinity"),
+    "unavailable CPU": ('[server]\ncpu_affinity = "4095"\n', "server.cpu_affinity"),
     "missing TLS file": (
         '[server.tls]\ncert_file = "/nonexistent/server.crt"\n'
         'key_file = "/nonexistent/server.key"\n',

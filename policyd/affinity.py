@@ -1,0 +1,101 @@
+"""Pin a serving process to one CPU (`server.cpu_affinity`).
+
+A CPython process runs Python on one core at a time (the GIL), but grpcio's sync server
+passes every call between threads: the poller thread that reads the socket, a pool thread
+that runs the handler, and back. When the kernel spreads those threads over two cores, each
+hand-off of the GIL is a cross-core wake-up: a futex, a migration, and caches that are cold
+on the core that wakes. Measured on the 2-core dev machine (docs/benchmarks.md), that
+hand-off, not the decision, was most of the gap between Check and an empty handler; pinned
+to one core, the same server spends 35% less CPU per call. More cores are used the way
+nginx and HAProxy do it: several processes (`server.workers`), each pinned to its own CPU.
+
+`server.cpu_affinity`:
+- "auto" (default): worker i runs on the i-th CPU this process may use (wrapping around);
+  a lone server on the first. Where only one CPU is allowed, nothing changes.
+- "none": no pinning; the kernel places the threads.
+- a CPU list such as "1", "0,2" or "0-3": worker i runs on the i-th CPU of the list.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from policyd.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+KEY = "server.cpu_affinity"
+
+
+def parse(setting: str) -> list[int] | None:
+    """The CPUs named by the setting (None: "none" or "auto"); ConfigError when malformed."""
+    text = setting.strip().lower()
+    if text in ("auto", "none"):
+        return None
+    cpus: list[int] = []
+    for part in text.split(","):
+        lo, dash, hi = part.strip().partition("-")
+        try:
+            first = int(lo)
+            last = int(hi) if dash else first
+        except ValueError:
+            raise ConfigError(
+                f'{KEY} must be "auto", "none" or a CPU list such as "0,2" or "0-3",'
+                f" not {setting!r}"
+            ) from None
+        if first < 0 or last < first:
+            raise ConfigError(f"{KEY}: {part.strip()!r} is not a CPU or an ascending range")
+        cpus.extend(c for c in range(first, last + 1) if c not in cpus)
+    return cpus
+
+
+def choose(setting: str, worker: int, allowed: set[int] | None = None) -> int | None:
+    """The CPU for worker number `worker`, or None to leave the process unpinned."""
+    allowed = set(os.sched_getaffinity(0)) if allowed is None else allowed
+    if setting.strip().lower() == "none":
+        return None
+    listed = parse(setting)
+    if listed is None:  # auto
+        if len(allowed) < 2:
+            return None
+        ordered = sorted(allowed)
+        return ordered[worker % len(ordered)]
+    missing = [c for c in listed if c not in allowed]
+    if missing:
+        raise ConfigError(
+            f"{KEY}: CPU {missing[0]} is not available to this process"
+            f" (allowed: {','.join(map(str, sorted(allowed)))})"
+        )
+    return listed[worker % len(listed)]
+
+
+def pin(cpu: int) -> None:
+    """Pin this thread (so the threads it starts later) and every thread already running."""
+    os.sched_setaffinity(0, {cpu})
+    try:
+        tasks = [int(name) for name in os.listdir(Path("/proc/self/task"))]
+    except OSError:
+        return
+    for tid in tasks:
+        try:
+            os.sched_setaffinity(tid, {cpu})
+        except OSError:  # the thread ended meanwhile
+            pass
+
+
+def pin_worker(setting: str, worker: int) -> int | None:
+    """Apply the setting for this worker; returns the CPU, or None when not pinned.
+
+    A CPU the kernel refuses (for example a cgroup change since start) is logged and
+    leaves the process unpinned: a slower server is better than none."""
+    cpu = choose(setting, worker)
+    if cpu is None:
+        return None
+    try:
+        pin(cpu)
+    except OSError as exc:
+        log.warning("%s: cannot pin to CPU %d: %s; running unpinned", KEY, cpu, exc.strerror)
+        return None
+    return cpu
