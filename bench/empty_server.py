@@ -4,7 +4,8 @@
 
 It builds the gRPC server the way policyd.server.Server does (grpcio's sync server on a
 ThreadPoolExecutor of `server.threads` threads read from the same config file, pinned to a
-CPU by the same `server.cpu_affinity` rule, the same server options, and the same Health and reflection services next to Decision), but its
+CPU by the same `server.cpu_affinity` rule, the same server options, and the same Health
+and reflection services next to Decision), but its
 Check handler returns a prebuilt CheckResponse: the bytes of a real allow response that the
 benchmark captured from policyd, so both servers parse the same request and serialize a
 response of the same size. The difference between the two is the decision itself (and the

@@ -37,13 +37,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from bench.hub import _process, _read_response, _seed, _wait_grpc
-from bench.procs import ROOT, clean_env, cpu_seconds, free_port, stop
+from bench.procs import ROOT, clean_env, cpu_seconds, free_port, stop, tree_cpu_seconds
 from bench.stats import median, percentile
 
 ENVOY = Path(sys.executable).parent / "envoy"
@@ -251,22 +251,6 @@ def envoy_bootstrap(
 
 
 # -- measuring -------------------------------------------------------------------------------
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU seconds of a process and its live children (policyd's workers)."""
-    total = cpu_seconds(pid)
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_bytes()
-        except OSError:
-            continue
-        if int(stat[stat.rindex(b")") + 2 :].split()[1]) == pid:
-            with suppress(OSError):
-                total += cpu_seconds(int(entry))
-    return total
 
 
 _UNITS = {"us": 1.0, "ms": 1e3, "s": 1e6}

@@ -26,7 +26,7 @@ from typing import Any
 
 import grpc
 
-from bench.procs import ROOT, clean_env, cpu_seconds, machine_busy_seconds
+from bench.procs import ROOT, clean_env, machine_busy_seconds, tree_cpu_seconds
 from bench.stats import percentile
 
 CALL_TIMEOUT = 10.0
@@ -116,17 +116,17 @@ def _window(
         t.start()
     try:
         time.sleep(spec.warmup)
-        idle0 = {o.name: cpu_seconds(o.pid) for o in others}
+        idle0 = {o.name: tree_cpu_seconds(o.pid) for o in others}
         busy0 = machine_busy_seconds()
         client0 = time.process_time()
-        server0 = cpu_seconds(target.pid)
+        server0 = tree_cpu_seconds(target.pid)  # with policyd's audit indexer
         t_start = time.perf_counter_ns()
         time.sleep(spec.duration)
         t_stop = time.perf_counter_ns()
-        server1 = cpu_seconds(target.pid)
+        server1 = tree_cpu_seconds(target.pid)
         client1 = time.process_time()
         busy1 = machine_busy_seconds()
-        idle1 = {o.name: cpu_seconds(o.pid) for o in others}
+        idle1 = {o.name: tree_cpu_seconds(o.pid) for o in others}
     finally:
         stop.set()
         for t in threads:

@@ -18,6 +18,7 @@ nginx and HAProxy do it: several processes (`server.workers`), each pinned to it
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -79,10 +80,8 @@ def pin(cpu: int) -> None:
     except OSError:
         return
     for tid in tasks:
-        try:
+        with contextlib.suppress(OSError):  # the thread ended meanwhile
             os.sched_setaffinity(tid, {cpu})
-        except OSError:  # the thread ended meanwhile
-            pass
 
 
 def pin_worker(setting: str, worker: int) -> int | None:

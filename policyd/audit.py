@@ -1,24 +1,18 @@
 """The audit log: one hash-chained record per decision, durable before the decision is answered.
 
-The log is its own SQLite file (WAL). `AuditLog.record()` returns only once the record is
-committed. Concurrent callers share commits (group commit): the first caller to find the
-log idle becomes the leader, writes every record queued so far in one transaction, wakes
-their callers, and hands leadership to the first caller still waiting, if any. A lone
-caller therefore writes its own record with no thread hand-off; under load one commit
-carries many records.
-
-Durability (`audit.sync`): "normal" (default) commits to the WAL without fsync, which
-survives a crash or `kill -9` of the server; "full" also fsyncs each commit, which survives
-power loss. See docs/audit.md for the measured cost of each.
+This module holds what a record is, the SQLite file (its own, WAL) and everything that reads
+it: queries, tail, show, stats, verify, prune. Writing is in journal.py: a decision's record
+is made durable by one append to its process's journal (a memory-mapped file), and an
+indexer moves records from the journals into this file, extending the chain.
 
 Tamper evidence: each record stores `prev_hash` (the hash of the record before it) and
 `hash = HMAC-SHA256(key, prev_hash + canonical JSON of its fields)`, with a 32-byte key in
 its own 0600 file (`audit.key_file`): whoever can write the database but not read the key
-cannot forge a link. The chain is extended inside the
-write transaction, so several processes writing one file still form one chain. `verify`
-recomputes it and names the first broken link. Pruning removes the oldest records and
-moves the chain's anchor (the first kept record and the hash it must follow) in the same
-transaction, so what remains still verifies.
+cannot forge a link. The chain is extended inside the indexer's write transaction, so
+several indexers on one file still form one chain. `verify` recomputes it and names the
+first broken link. Pruning removes the oldest records and moves the chain's anchor (the
+first kept record and the hash it must follow) in the same transaction, so what remains
+still verifies.
 
 Never stored: the token, an Authorization header, a body, a secret, query values.
 """
@@ -34,8 +28,8 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
@@ -47,8 +41,6 @@ from policyd.model import ActionTarget, CheckInput, Decision, HttpTarget
 log = logging.getLogger(__name__)
 
 GENESIS = "0" * 64
-# With the checkpointer running, the writer's own checkpoint threshold (pages of WAL).
-WRITER_CHECKPOINT_PAGES = 2000
 # How long after its decision id's clock a record may be written (decision + commit wait).
 SHOW_WINDOW_SECONDS = 60.0
 BUSY_TIMEOUT_MS = 5000
@@ -99,6 +91,12 @@ _SCHEMA = (
     "INSERT OR IGNORE INTO audit_anchor (id, first_seq, prev_hash) VALUES (1, 1, '"
     + GENESIS
     + "')",
+    # How far each journal file (journal.py) has been indexed, as a byte offset, moved in
+    # the same transaction as its records: a journal is never indexed twice.
+    """CREATE TABLE IF NOT EXISTS audit_journal (
+        name TEXT PRIMARY KEY,
+        offset INTEGER NOT NULL
+    )""",
 )
 
 # The fields covered by the hash, in the order of AuditRecord.
@@ -123,10 +121,15 @@ FIELDS = (
     "message",
 )
 _COLUMNS = ", ".join(FIELDS)
+_SCOPES = FIELDS.index("scopes")
+_DATA_SOURCES = FIELDS.index("data_sources")
 _INSERT = (
     f"INSERT INTO audit (seq, {_COLUMNS}, prev_hash, hash)"
     f" VALUES (?, {', '.join('?' * len(FIELDS))}, ?, ?)"
 )
+
+
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 class AuditUnavailable(PolicydError):
@@ -155,11 +158,8 @@ class AuditRecord:
     message: str
 
     def canonical(self) -> str:
-        return json.dumps(
-            [list(v) if isinstance(v, tuple) else v for v in self.values()],
-            separators=(",", ":"),
-            ensure_ascii=False,
-        )
+        """The JSON array of the fields, the form the chain hashes and a journal holds."""
+        return _ENCODER.encode([list(v) if isinstance(v, tuple) else v for v in self.values()])
 
     def values(self) -> tuple[Any, ...]:
         return tuple(getattr(self, name) for name in FIELDS)
@@ -298,157 +298,49 @@ def open_log_file(path: Path, sync: str) -> sqlite3.Connection:
     return conn
 
 
-@dataclass(slots=True)
-class _Pending:
-    record: AuditRecord
-    event: threading.Event = field(default_factory=threading.Event)
-    lead: bool = False
-    error: str = ""
-
-
-class AuditLog:
-    """The writer side of the audit log, shared by all threads of one process."""
-
-    def __init__(
-        self, path: str | Path, key: bytes, *, sync: str = "normal", timeout: float = 5.0
-    ) -> None:
-        self.path = Path(path)
-        self.key = key
-        self.timeout = timeout
-        try:
-            self._conn = open_log_file(self.path, sync)
-        except sqlite3.Error as exc:
-            raise AuditUnavailable(f"cannot open audit log {self.path}: {exc}") from exc
-        self._lock = threading.Lock()
-        self._queue: list[_Pending] = []
-        self._busy = False
-        self.commits = 0  # for tests and metrics: how many transactions were made
-        self.records = 0
-        self._checkpointer: threading.Thread | None = None
-        self._stopping = threading.Event()
-
-    def start_checkpointer(self, every: float = 0.5) -> None:
-        """Move WAL checkpoints off the deciding threads (for long-running servers).
-
-        By default SQLite checkpoints inside the commit that fills the WAL to 1,000 pages:
-        every few hundred records one decision waits for 4 MB to be copied and synced.
-        Here a thread of its own copies pages as they come (PASSIVE: it never blocks the
-        writer). Under a steady stream a PASSIVE checkpoint never quite catches up with the
-        WAL's end, so the writer still checkpoints at 2,000 pages, but by then nearly every
-        page has been copied and its checkpoint is little more than a sync.
-        """
-        if self._checkpointer is not None:
-            return
-        self._conn.execute(f"PRAGMA wal_autocheckpoint = {WRITER_CHECKPOINT_PAGES}")
-        self._checkpointer = threading.Thread(
-            target=self._checkpoint_loop, args=(every,), name="audit-checkpoint", daemon=True
+def append_records(conn: sqlite3.Connection, key: bytes, records: Iterable[AuditRecord]) -> int:
+    """(Inside the caller's write transaction.) Chain the records after the last one and
+    insert them; returns how many."""
+    last = conn.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+    if last is None:
+        anchor = conn.execute(
+            "SELECT first_seq, prev_hash FROM audit_anchor WHERE id = 1"
+        ).fetchone()
+        seq, prev = anchor[0] - 1, anchor[1]
+    else:
+        seq, prev = last
+    rows = []
+    ds_rows: list[tuple[str, float, int]] = []
+    for rec in records:
+        seq += 1
+        digest = chain_hash(key, prev, rec)
+        values = list(rec.values())
+        values[_SCOPES] = " ".join(rec.scopes)
+        values[_DATA_SOURCES] = json.dumps(list(rec.data_sources))
+        rows.append((seq, *values, prev, digest))
+        ds_rows.extend((ds, rec.ts, seq) for ds in rec.data_sources)
+        prev = digest
+    conn.executemany(_INSERT, rows)
+    if ds_rows:
+        conn.executemany(
+            "INSERT OR IGNORE INTO audit_data_sources (data_source, ts, seq) VALUES (?, ?, ?)",
+            ds_rows,
         )
-        self._checkpointer.start()
+    return len(rows)
 
-    def _checkpoint_loop(self, every: float) -> None:
-        conn = connect(self.path)
-        try:
-            while not self._stopping.wait(every):
-                try:
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                except sqlite3.Error as exc:
-                    log.warning("audit checkpoint failed: %s", exc)
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except sqlite3.Error as exc:
-            log.warning("audit checkpoint failed: %s", exc)
-        finally:
-            conn.close()
 
-    def close(self) -> None:
-        self._stopping.set()
-        if self._checkpointer is not None:
-            self._checkpointer.join(timeout=10)
-        with self._lock:
-            self._conn.close()
+def journal_dir(path: Path) -> Path:
+    """The folder of the journals of the audit log at `path`."""
+    return path.with_name(path.name + ".journal")
 
-    def record(self, record: AuditRecord) -> None:
-        """Append the record; return once it is committed, or raise AuditUnavailable."""
-        pending = _Pending(record)
-        with self._lock:
-            self._queue.append(pending)
-            lead = not self._busy
-            self._busy = True
-        if not lead:
-            if not pending.event.wait(self.timeout):
-                raise AuditUnavailable("audit log did not commit in time")
-            if not pending.lead:
-                if pending.error:
-                    raise AuditUnavailable(pending.error)
-                return
-        self._lead()
-        if pending.error:
-            raise AuditUnavailable(pending.error)
 
-    def _lead(self) -> None:
-        """Write everything queued in one transaction; then hand over or go idle."""
-        with self._lock:
-            batch, self._queue = self._queue, []
-        error = ""
-        try:
-            self._write(batch)
-        except sqlite3.Error as exc:
-            error = f"audit log write failed: {exc}"
-            log.error("%s (%d records)", error, len(batch))
-        for pending in batch:
-            pending.error = error
-            pending.event.set()
-        with self._lock:
-            if self._queue:
-                successor = self._queue[0]
-                successor.lead = True
-                successor.event.set()
-            else:
-                self._busy = False
-
-    def _write(self, batch: Sequence[_Pending]) -> None:
-        conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            last = conn.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
-            if last is None:
-                anchor = conn.execute(
-                    "SELECT first_seq, prev_hash FROM audit_anchor WHERE id = 1"
-                ).fetchone()
-                seq, prev = anchor[0] - 1, anchor[1]
-            else:
-                seq, prev = last
-            rows = []
-            ds_rows: list[tuple[str, float, int]] = []
-            for pending in batch:
-                rec = pending.record
-                seq += 1
-                digest = chain_hash(self.key, prev, rec)
-                values = list(rec.values())
-                values[FIELDS.index("scopes")] = " ".join(rec.scopes)
-                values[FIELDS.index("data_sources")] = json.dumps(list(rec.data_sources))
-                rows.append((seq, *values, prev, digest))
-                ds_rows.extend((ds, rec.ts, seq) for ds in rec.data_sources)
-                prev = digest
-            conn.executemany(_INSERT, rows)
-            if ds_rows:
-                conn.executemany(
-                    "INSERT OR IGNORE INTO audit_data_sources (data_source, ts, seq)"
-                    " VALUES (?, ?, ?)",
-                    ds_rows,
-                )
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        self.commits += 1
-        self.records += len(batch)
-
-    def prune(self, *, before: float | None = None, max_bytes: int | None = None) -> int:
-        """Delete records older than `before`, then the oldest until under max_bytes."""
-        with self._lock:
-            removed = prune(self._conn, before=before, max_bytes=max_bytes)
-        return removed
+def record_from_canonical(canonical: str) -> AuditRecord:
+    values = json.loads(canonical)
+    if not isinstance(values, list) or len(values) != len(FIELDS):
+        raise ValueError("not an audit record")
+    values[_SCOPES] = tuple(values[_SCOPES])
+    values[_DATA_SOURCES] = tuple(values[_DATA_SOURCES])
+    return AuditRecord(*values)
 
 
 # -- reading ---------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""`policyd audit ...`: query, tail, show, stats, verify and prune the audit log.
+"""`policyd audit ...`: query, tail, show, stats, verify, prune and index the audit log.
 
 The commands read the audit file directly (read-only, WAL), so they never block the
 server writing it. Times are shown in UTC.
@@ -6,9 +6,12 @@ server writing it. Times are shown in UTC.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import os
 import re
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -29,6 +32,7 @@ from policyd.audit import (
 )
 from policyd.audit import follow as follow_records
 from policyd.errors import InvalidInput
+from policyd.journal import INDEXER_ENV, Indexer
 from policyd.reasons import Reason
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -300,3 +304,61 @@ def audit_prune(ctx: click.Context, before: str) -> None:
     finally:
         conn.close()
     click.echo(f"pruned {removed} records")
+
+
+@audit.command("index")
+@click.option(
+    "--follow",
+    "follow_mode",
+    is_flag=True,
+    help="Keep indexing new records until SIGTERM (what `policyd serve` runs).",
+)
+@click.pass_context
+def audit_index(ctx: click.Context, follow_mode: bool) -> None:
+    """Move records from the journals into the audit file.
+
+    Without --follow: one pass, e.g. for journals a crashed server left behind (`policyd
+    serve` does that itself when it starts). With --follow, also apply the retention
+    settings (audit.max_age_days, audit.max_bytes)."""
+    config = ctx.obj.config
+    a = config.audit
+    indexer = Indexer(a.path, load_key(a.key_file, create=True), a.sync)
+    try:
+        if not follow_mode:
+            click.echo(f"indexed {indexer.run_once()} records")
+            return
+        stop = _SignalStop()
+        signal.signal(signal.SIGTERM, stop.on_signal)
+        signal.signal(signal.SIGINT, stop.on_signal)
+        _all_cpus()  # not the CPU of the server that started it (affinity.py)
+        indexer.run(
+            stop,
+            retention=(a.max_age_days * 86400 or None, a.max_bytes or None),
+            retention_every=a.retention_interval_seconds,
+            parent=os.getppid() if os.environ.get(INDEXER_ENV) else None,
+        )
+    finally:
+        indexer.close()
+
+
+class _SignalStop:
+    """Stop on a signal, taking no lock in the handler (see server.Signals)."""
+
+    def __init__(self) -> None:
+        self.signals: list[int] = []
+
+    def on_signal(self, signum: int, _frame: object) -> None:
+        self.signals.append(signum)
+
+    def is_set(self) -> bool:
+        return bool(self.signals)
+
+    def wait(self, seconds: float) -> bool:
+        if not self.signals:
+            time.sleep(seconds)
+        return self.is_set()
+
+
+def _all_cpus() -> None:
+    with contextlib.suppress(OSError):
+        os.sched_setaffinity(0, range(os.cpu_count() or 1))

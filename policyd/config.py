@@ -95,10 +95,10 @@ class AuditConfig:
     # The audit log's own SQLite file, and the key of its hash chain (mode 0600).
     path: str = "var/audit.db"
     key_file: str = "var/audit.key"
-    # "normal": a committed record survives a crash or kill -9 of the server;
-    # "full": it also survives power loss (one fsync per group commit).
+    # "normal": a recorded decision survives a crash or kill -9 of the server;
+    # "full": it also survives power loss (the journal is synced before the answer).
     sync: str = "normal"
-    # How long a decision may wait for its record to commit before it is denied.
+    # How long the indexer may fall behind before decisions are denied (journal.py).
     timeout_seconds: float = 5.0
     # Retention, applied while serving: records older than this are pruned (0 = keep).
     max_age_days: float = 90.0

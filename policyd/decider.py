@@ -1,6 +1,6 @@
 """What every door calls: decide, make the decision's audit record durable, then answer.
 
-A decision whose record cannot be committed is answered as a deny (AUDIT_UNAVAILABLE):
+A decision whose record cannot be made durable is answered as a deny (AUDIT_UNAVAILABLE):
 nothing is allowed that the audit log does not show.
 """
 
@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Hashable
 
-from policyd.audit import AuditLog, AuditUnavailable, record_for
-from policyd.engine import Engine
+from policyd.audit import AuditUnavailable, record_for
+from policyd.engine import Engine, Remembered
+from policyd.journal import AuditLog, LineTemplate
 from policyd.model import CheckInput, Decision
 from policyd.reasons import Reason
 
 log = logging.getLogger(__name__)
+
+_AUDIT = "audit"  # Remembered.extras key of the decision's audit line template
 
 
 class Decider:
@@ -24,24 +28,59 @@ class Decider:
 
     def check(self, request: CheckInput, started_ns: int | None = None) -> Decision:
         """Decide and record. `started_ns` (perf_counter_ns) is when the door got the call."""
+        decision, _ = self.check_keyed(
+            request.memo_key(), request.request_id, lambda: request, started_ns
+        )
+        return decision
+
+    def check_keyed(
+        self,
+        key: Hashable,
+        request_id: str,
+        make_input: Callable[[], CheckInput],
+        started_ns: int | None = None,
+    ) -> tuple[Decision, Remembered | None]:
+        """As check(), for a request that `key` stands for (Engine.decide_keyed): a repeat
+        of a remembered allow is answered, and recorded, without rebuilding the request.
+        `request_id` is the caller's id for this call (not part of the key)."""
         start = time.perf_counter_ns() if started_ns is None else started_ns
-        decision = self.engine.decide(request)
+        built: list[CheckInput] = []
+
+        def request() -> CheckInput:
+            if not built:
+                built.append(make_input())
+            return built[0]
+
+        decision, entry = self.engine.decide_keyed(key, request)
         if self.audit is None:
-            return decision
+            return decision, entry
         latency_us = (time.perf_counter_ns() - start) // 1000
         try:
-            self.audit.record(record_for(request, decision, latency_us))
+            template: LineTemplate | None = entry.extras.get(_AUDIT) if entry else None
+            if template is not None:
+                self.audit.append(
+                    template.line(decision.decision_id, time.time(), request_id, latency_us)
+                )
+            else:
+                record = record_for(request(), decision, latency_us)
+                self.audit.record(record)
+                if entry is not None:
+                    entry.extras[_AUDIT] = LineTemplate.of(record)
         except AuditUnavailable as exc:
-            log.error("decision %s denied: %s", decision.decision_id, exc)
-            return Decision(
-                False,
-                Reason.AUDIT_UNAVAILABLE,
-                "the audit log is unavailable",
-                decision.decision_id,
-                decision.principal,
-                decision.rule_id,
-                decision.action,
-                (),
-                decision.policy_version,
-            )
-        return decision
+            return _unrecorded(decision, exc), None
+        return decision, entry
+
+
+def _unrecorded(decision: Decision, exc: AuditUnavailable) -> Decision:
+    log.error("decision %s denied: %s", decision.decision_id, exc)
+    return Decision(
+        False,
+        Reason.AUDIT_UNAVAILABLE,
+        "the audit log is unavailable",
+        decision.decision_id,
+        decision.principal,
+        decision.rule_id,
+        decision.action,
+        (),
+        decision.policy_version,
+    )

@@ -21,14 +21,25 @@ two versions in one decision. `explain` runs the same code with a trace of every
 
 Any exception is a deny: STORE_UNAVAILABLE when the store cannot be read, INTERNAL_ERROR
 otherwise. Nothing here raises to the caller.
+
+`decide_keyed` remembers allow decisions, each under a key that holds the whole request
+(everything `decide` reads from it), and answers a repeat of the request from memory while
+that answer is exactly what `decide` would say (docs/architecture.md, "Remembered
+decisions"):
+- it lives in the caches of one store generation (facts.py), so any store write (a revoked
+  grant, consent or token, a disabled app, a retired key) forgets it before the write
+  returns, in every process;
+- it names the policy object that made it, so a reload forgets it;
+- it ends when its token expires (exp + leeway);
+- a decision whose conditions read `now` is never remembered, nor is a deny.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from policyd import conditions as cond
@@ -82,6 +93,26 @@ class Trace:
         self.checks.append(Check(name, True, detail))
 
 
+@dataclass(slots=True)
+class Remembered:
+    """An allow decision for one request, valid while `policy` is the engine's policy and
+    until `expires` (time.time()), in the store generation whose caches hold it."""
+
+    decision: Decision  # its decision_id is ""; each answer gets a new one
+    policy: Policy
+    expires: float
+    # Forms of this decision that doors and the audit log build once (e.g. the response).
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Bounds:
+    """What a decision depended on beyond the request and the store generation."""
+
+    expires: float = float("inf")
+    uses_clock: bool = False
+
+
 @dataclass(frozen=True)
 class Explanation:
     decision: Decision
@@ -112,6 +143,43 @@ class Engine:
     def decide(self, request: CheckInput) -> Decision:
         return self._decide(request, None)
 
+    def decide_keyed(
+        self, key: Hashable, make_input: Callable[[], CheckInput]
+    ) -> tuple[Decision, Remembered | None]:
+        """Decide the request that `key` stands for; `make_input()` builds it when needed.
+
+        The key must determine the CheckInput completely (the caller's request id aside).
+        Returns the decision and, for a remembered allow, its Remembered entry."""
+        try:
+            view = self.facts.view()
+        except StoreUnavailable:
+            return self.decide(make_input()), None  # the same deny, with its logging
+        policy = self.policy
+        entry: Remembered | None = view.remembered(key)
+        if entry is not None and entry.policy is policy and time.time() < entry.expires:
+            d = entry.decision
+            return (
+                Decision(
+                    True,
+                    d.reason,
+                    d.message,
+                    new_id(),
+                    d.principal,
+                    d.rule_id,
+                    d.action,
+                    d.data_sources,
+                    d.policy_version,
+                ),
+                entry,
+            )
+        bounds = _Bounds()
+        decision = self._decide(make_input(), None, policy, view, bounds)
+        if not decision.allowed or bounds.uses_clock:
+            return decision, None
+        entry = Remembered(replace(decision, decision_id=""), policy, bounds.expires)
+        view.remember(key, entry)
+        return decision, entry
+
     def explain(self, request: CheckInput) -> Explanation:
         """Decide, recording the rule, the data sources and every check on the way."""
         policy = self.policy
@@ -120,7 +188,12 @@ class Engine:
         return Explanation(decision, policy, trace)
 
     def _decide(
-        self, request: CheckInput, trace: Trace | None, policy: Policy | None = None
+        self,
+        request: CheckInput,
+        trace: Trace | None,
+        policy: Policy | None = None,
+        view: View | None = None,
+        bounds: _Bounds | None = None,
     ) -> Decision:
         decision_id = new_id()
         policy = policy or self.policy  # one policy for the whole decision, even across a reload
@@ -145,8 +218,12 @@ class Engine:
                     policy_version=policy.version,
                 )
             stage = "token"
-            view = self.facts.view()
-            principal = self.verifier.verify(view, request.token).principal
+            if view is None:
+                view = self.facts.view()
+            verified = self.verifier.verify(view, request.token)
+            principal = verified.principal
+            if bounds is not None:
+                bounds.expires = verified.claims["exp"] + self.verifier.settings.leeway_seconds
             if trace is not None:
                 trace.ok("token", f"verified: user {principal.sub}, app {principal.client_id}")
             stage = "principal"
@@ -165,7 +242,9 @@ class Engine:
             data_sources = self._check_data_sources(view, rule, match, request, principal, trace)
             if rule.conditions:
                 stage = "conditions"
-                self._check_conditions(view, rule, match, request, principal, data_sources, trace)
+                self._check_conditions(
+                    view, rule, match, request, principal, data_sources, trace, bounds
+                )
                 if trace is not None:
                     trace.ok("conditions", ", ".join(c.id for c in rule.conditions))
             return Decision(
@@ -329,6 +408,7 @@ class Engine:
         p: Principal,
         names: tuple[str, ...],
         trace: Trace | None,
+        bounds: _Bounds | None = None,
     ) -> None:
         """The rule's conditions over CEL values of only the variables they use."""
         used: set[str] = set()
@@ -343,6 +423,8 @@ class Engine:
             variables["rule"] = cond.rule_value(rule)
         if "now" in used:
             variables["now"] = cond.now_value(self.clock())
+            if bounds is not None:
+                bounds.uses_clock = True
 
         def data_source(name: str) -> Callable[[], Any]:
             granted = view.grant(p.sub, p.client_id, name)

@@ -21,7 +21,7 @@ import mmap
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,7 +69,7 @@ class KeyFacts:
 class _Caches:
     """All caches filled under one store generation."""
 
-    __slots__ = ("extra", "generation", "marker", "rows", "token_lock", "tokens")
+    __slots__ = ("decisions", "extra", "generation", "marker", "rows", "token_lock", "tokens")
 
     def __init__(self, generation: int, token_cache_size: int) -> None:
         self.generation = generation
@@ -85,6 +85,8 @@ class _Caches:
         self.token_lock = threading.Lock()
         # Objects derived from rows (e.g. parsed public keys), owned by other modules.
         self.extra: dict[str, Any] = {}
+        # Allow decisions by request (engine.Remembered); bounded like rows.
+        self.decisions: dict[Hashable, Any] = {}
 
 
 class _CommitWatch:
@@ -282,6 +284,16 @@ class View:
         if value is _MISSING:
             value = extra[name] = build()
         return value
+
+    def remembered(self, key: Hashable) -> Any:
+        """What remember() kept under this key in this generation, or None."""
+        return self._caches.decisions.get(key)
+
+    def remember(self, key: Hashable, value: Any) -> None:
+        decisions = self._caches.decisions
+        if len(decisions) >= self._limit:
+            decisions.clear()
+        decisions[key] = value
 
     def cached_token(self, token: str) -> Any:
         """What cache_token stored for this token, if it has not expired."""

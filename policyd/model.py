@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 from policyd.reasons import Reason
@@ -52,6 +53,24 @@ class CheckInput:
     request_id: str = ""
     # Which door asked: "grpc", "envoy", "asgi", "cli". For the audit log only.
     door: str = "grpc"
+
+    def memo_key(self) -> Hashable:
+        """Everything a decision (and its audit record) reads from this input: all of it
+        but the request id (Engine.decide_keyed)."""
+        t = self.target
+        if isinstance(t, HttpTarget):
+            what: tuple[object, ...] = (
+                t.method,
+                t.path,
+                t.query,
+                tuple(sorted(t.headers.items())),
+                t.body,
+            )
+        elif isinstance(t, ActionTarget):
+            what = (t.action, t.data_sources)
+        else:
+            what = ()
+        return (self.door, self.token, type(t).__name__, *what)
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,10 +41,12 @@ from grpc_reflection.v1alpha import reflection
 from adapters.envoy import servicer as envoy_servicer
 from adapters.envoy.http_door import HttpDoor
 from policyd import affinity
+from policyd.audit import load_key
 from policyd.config import Config, TLSConfig
 from policyd.decider import Decider
 from policyd.errors import ConfigError, PolicydError
 from policyd.gen.v1 import decision_pb2_grpc
+from policyd.journal import INDEXER_ENV, Indexer
 from policyd.policy import load_policy
 from policyd.reload import Reloading
 from policyd.service import SERVICE_NAME, DecisionServicer
@@ -108,7 +110,7 @@ class Server:
         self.config = config
         self.decider = decider or build_decider(config)
         if self.decider.audit is not None:
-            self.decider.audit.start_checkpointer()
+            self.decider.audit.start()
         self.engine = self.decider.engine
         self.health = health.HealthServicer()
         self.stopping = threading.Event()
@@ -216,6 +218,17 @@ def serve(config: Config, config_path: str | None = None) -> int:
     if config.server.workers > 1 and WORKER_ENV not in os.environ:
         return _supervise(config, config_path)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # not fatal while starting; Reloading takes it
+    indexer = None
+    if WORKER_ENV not in os.environ:  # a lone server: the audit indexer is its child
+        indexer = IndexerProcess.start_for(config, config_path)
+    try:
+        return _serve(config, indexer)
+    finally:
+        if indexer is not None:
+            indexer.stop()
+
+
+def _serve(config: Config, indexer: IndexerProcess | None) -> int:
     # Before any server thread starts, so that every thread inherits the CPU (affinity.py).
     cpu = affinity.pin_worker(config.server.cpu_affinity, int(os.environ.get(WORKER_ENV, "0")))
     server = Server(config)
@@ -244,10 +257,12 @@ def serve(config: Config, config_path: str | None = None) -> int:
         os.getpid(),
         "unpinned" if cpu is None else f"CPU {cpu}",
     )
-    signum = signals.wait(on_hup=reloading.request_reload)
+    signum = signals.wait(
+        on_hup=reloading.request_reload, on_tick=indexer.keep_running if indexer else None
+    )
     log.info("received %s: finishing calls in flight", signal.Signals(signum).name)
     reloading.stop()
-    server.stop()
+    server.stop()  # closes the audit journal: the indexer then finishes it
     if oauth is not None:
         oauth.stop()
     log.info("stopped")
@@ -255,29 +270,80 @@ def serve(config: Config, config_path: str | None = None) -> int:
 
 
 def _maintain(server: Server) -> None:
-    """Background upkeep: forget expired revocations; apply the audit retention."""
+    """Background upkeep: forget expired revocations (the audit retention is applied by the
+    audit indexer process)."""
     store = server.engine.facts.store
     config = server.config
-    audit = server.decider.audit
-    every = config.audit.retention_interval_seconds
-    next_purge = 0.0
-    while not server.stopping.wait(every):
-        now = time.time()
+    while not server.stopping.wait(300):  # every 5 minutes is plenty
         try:
-            if now >= next_purge:  # revocations: every 5 minutes is plenty
-                store.purge_expired_revocations(now, config.tokens.leeway_seconds)
-                next_purge = now + 300
-            if audit is not None and (config.audit.max_age_days or config.audit.max_bytes):
-                removed = audit.prune(
-                    before=now - config.audit.max_age_days * 86400
-                    if config.audit.max_age_days
-                    else None,
-                    max_bytes=config.audit.max_bytes or None,
-                )
-                if removed:
-                    log.info("audit retention pruned %d records", removed)
+            store.purge_expired_revocations(time.time(), config.tokens.leeway_seconds)
         except (PolicydError, sqlite3.Error) as exc:
             log.warning("maintenance failed: %s", exc)
+
+
+class IndexerProcess:
+    """`policyd audit index --follow` beside the serving process(es): it moves the audit
+    records from their journals into the audit file (journal.py). Restarted if it exits;
+    stopped after the servers, so that its last pass indexes everything they wrote."""
+
+    RESTART_SECONDS = 1.0
+
+    def __init__(self, command: list[str]) -> None:
+        self.command = command
+        self.process: subprocess.Popen[bytes] | None = None
+        self.next_start = 0.0
+
+    @classmethod
+    def start_for(cls, config: Config, config_path: str | None) -> IndexerProcess | None:
+        """Index what journals of ended servers left (before serving), then start one."""
+        if not config.audit.enabled:
+            return None
+        a = config.audit
+        try:
+            indexer = Indexer(a.path, load_key(a.key_file, create=True), a.sync)
+        except sqlite3.Error as exc:
+            raise ConfigError(f"audit.path: cannot open {a.path}: {exc}") from None
+        try:
+            found = indexer.run_once()
+        except (sqlite3.Error, OSError) as exc:
+            raise PolicydError(f"cannot index the audit journals: {exc}") from None
+        finally:
+            indexer.close()
+        if found:
+            log.warning("indexed %d audit records left in journals by an ended server", found)
+        command = [sys.executable, "-m", "policyd"]
+        if config_path:
+            command += ["--config", config_path]
+        process = cls([*command, "audit", "index", "--follow"])
+        process.start()
+        return process
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self.command, env=dict(os.environ, **{INDEXER_ENV: "1"}))
+        self.next_start = time.monotonic() + self.RESTART_SECONDS
+
+    def keep_running(self) -> bool:
+        """(A Signals tick.) Restart the indexer if it exited; never asks to stop."""
+        process = self.process
+        if (
+            process is not None
+            and process.poll() is not None
+            and time.monotonic() >= (self.next_start)
+        ):
+            log.error("the audit indexer exited (%s); restarting it", process.returncode)
+            self.start()
+        return False
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.error("the audit indexer did not stop in %g s; killing it", timeout)
+            self.process.kill()
+            self.process.wait()
 
 
 def _supervise(config: Config, config_path: str | None) -> int:
@@ -286,6 +352,15 @@ def _supervise(config: Config, config_path: str | None) -> int:
     for index in range(config.server.workers):  # a CPU list naming a missing CPU: said once
         affinity.choose(config.server.cpu_affinity, index)
     load_policy(config.policy.dir)  # an invalid policy stops here, said once, not per worker
+    indexer = IndexerProcess.start_for(config, config_path)
+    try:
+        return _run_workers(config, config_path, indexer)
+    finally:
+        if indexer is not None:
+            indexer.stop()
+
+
+def _run_workers(config: Config, config_path: str | None, indexer: IndexerProcess | None) -> int:
     signals = Signals()
     children: list[subprocess.Popen[bytes]] = []
 
@@ -308,7 +383,12 @@ def _supervise(config: Config, config_path: str | None) -> int:
     log.info("supervising %d workers on %s", len(children), config.server.address)
     failed = False
     if not signals.stops:
-        exited = lambda: any(child.poll() is not None for child in children)  # noqa: E731
+
+        def exited() -> bool:
+            if indexer is not None:
+                indexer.keep_running()
+            return any(child.poll() is not None for child in children)
+
         if signals.wait(on_hup=forward_hup, on_tick=exited) == 0:
             log.error("a worker exited; stopping the others")
             failed = True

@@ -14,10 +14,12 @@ from policyd.reasons import Reason
 
 log = logging.getLogger(__name__)
 
+_GRPC = "grpc-response"  # Remembered.extras key of the response, decision id unset
+
 SERVICE_NAME = decision_pb2.DESCRIPTOR.services_by_name["Decision"].full_name
 
 
-def to_input(request: decision_pb2.CheckRequest) -> CheckInput:
+def to_input(request: decision_pb2.CheckRequest, request_id: str | None = None) -> CheckInput:
     which = request.WhichOneof("target")
     target: HttpTarget | ActionTarget | None
     if which == "http":
@@ -28,7 +30,9 @@ def to_input(request: decision_pb2.CheckRequest) -> CheckInput:
         target = ActionTarget(a.action, tuple(a.data_sources))
     else:
         target = None
-    return CheckInput(request.token, target, request.request_id, request.door or "grpc")
+    if request_id is None:
+        request_id = request.request_id
+    return CheckInput(request.token, target, request_id, request.door or "grpc")
 
 
 def to_response(decision: Decision) -> decision_pb2.CheckResponse:
@@ -59,9 +63,25 @@ class DecisionServicer(decision_pb2_grpc.DecisionServicer):
         self, request: decision_pb2.CheckRequest, context: grpc.ServicerContext
     ) -> decision_pb2.CheckResponse:
         started = time.perf_counter_ns()
-        decision = self.decider.check(to_input(request), started)
+        # The request without its id stands for itself (Engine.decide_keyed): the bytes
+        # hold every field the decision reads, map entries in a fixed order.
+        request_id = request.request_id
+        if request_id:
+            request.request_id = ""
+        key = request.SerializeToString(deterministic=True)
+        decision, entry = self.decider.check_keyed(
+            key, request_id, lambda: to_input(request, request_id), started
+        )
         try:
-            return to_response(decision)
+            if entry is None:
+                return to_response(decision)
+            prototype = entry.extras.get(_GRPC)
+            if prototype is None:
+                prototype = entry.extras[_GRPC] = to_response(entry.decision)
+            response = decision_pb2.CheckResponse()
+            response.CopyFrom(prototype)
+            response.decision_id = decision.decision_id
+            return response
         except Exception:  # e.g. text protobuf cannot encode: still a deny, never an error
             log.exception("decision %s could not be encoded", decision.decision_id)
             return decision_pb2.CheckResponse(

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from policyd.audit import AuditLog, load_key
+from policyd.audit import load_key
 from policyd.config import Config
 from policyd.decider import Decider
 from policyd.engine import Engine, EngineSettings
 from policyd.facts import Facts
+from policyd.journal import AuditLog
 from policyd.keys import KeyRing
 from policyd.policy import Policy, load_policy
 from policyd.store import Store

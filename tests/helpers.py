@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from policyd.audit import AuditReader, AuditRecord, Query
 from policyd.config import Config, load_config
 from policyd.gen.v1 import decision_pb2, decision_pb2_grpc
 from policyd.keys import KeyRing
@@ -223,3 +224,20 @@ def check_request(
 
 def decision_stub(channel: grpc.Channel) -> decision_pb2_grpc.DecisionStub:
     return decision_pb2_grpc.DecisionStub(channel)  # type: ignore[no-untyped-call]
+
+
+def indexed_records(
+    path: str | Path, ids: set[str], timeout: float = 10.0
+) -> dict[str, AuditRecord]:
+    """The records of these decision ids, once the server's indexer has moved them all from
+    its journal into the log (within INDEX_DELAY_SECONDS when idle)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        reader = AuditReader(path)
+        try:
+            found = {s.record.id: s.record for s in reader.query(Query(limit=100_000))}
+        finally:
+            reader.close()
+        if ids <= set(found) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.02)

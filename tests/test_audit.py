@@ -13,19 +13,21 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
+from policyd import journal as journal_module
 from policyd.audit import (
-    WRITER_CHECKPOINT_PAGES,
-    AuditLog,
     AuditReader,
     AuditRecord,
+    AuditUnavailable,
     Query,
     chain_hash,
+    journal_dir,
     load_key,
     open_log_file,
     prune,
@@ -33,7 +35,15 @@ from policyd.audit import (
 )
 from policyd.cli import main
 from policyd.ids import new_id
-from tests.helpers import Home, ServerProcess, check_request, decision_stub, run_server
+from policyd.journal import JOURNAL_SUFFIX, AuditLog, Indexer, LineTemplate
+from tests.helpers import (
+    Home,
+    ServerProcess,
+    check_request,
+    decision_stub,
+    indexed_records,
+    run_server,
+)
 
 # -- helpers ------------------------------------------------------------------------------
 
@@ -106,8 +116,7 @@ def test_every_check_over_grpc_is_recorded_with_its_fields_and_no_secrets(
         check_request(token, path="/api/data/tags/ds-a", query="name=secret-tag&x=1"), timeout=5
     )
     deny = stub.Check(check_request(token, path="/api/data/tags/ds-c"), timeout=5)
-    reader = AuditReader(home.config.audit.path)
-    by_id = {s.record.id: s.record for s in reader.query(Query(limit=10))}
+    by_id = indexed_records(home.config.audit.path, {allow.decision_id, deny.decision_id})
     assert set(by_id) == {allow.decision_id, deny.decision_id}
     a = by_id[allow.decision_id]
     assert (a.decision, a.reason, a.rule_id, a.action) == (
@@ -129,7 +138,11 @@ def test_every_check_over_grpc_is_recorded_with_its_fields_and_no_secrets(
     assert a.latency_us > 0
     d = by_id[deny.decision_id]
     assert (d.decision, d.reason) == ("deny", "DATA_SOURCE_NOT_GRANTED")
-    raw = b"".join(p.read_bytes() for p in Path(home.config.audit.path).parent.glob("audit.db*"))
+    raw = b"".join(  # the log, its WAL, and the journals
+        p.read_bytes()
+        for p in Path(home.config.audit.path).parent.rglob("audit.db*")
+        if p.is_file()
+    )
     assert token.encode() not in raw
     assert token.split(".")[2].encode() not in raw  # not even the signature
     assert b"secret-tag" not in raw
@@ -166,20 +179,43 @@ def test_audit_log_file_and_key_are_private(log_path: Path, key: bytes, tmp_path
 # -- durability and group commit ----------------------------------------------------------
 
 
-def test_record_returns_only_once_another_connection_can_read_it(
-    log_path: Path, key: bytes
-) -> None:
-    audit = AuditLog(log_path, key)
-    other = sqlite3.connect(log_path)
-    for _ in range(20):
-        rec = _record()
-        audit.record(rec)
-        assert other.execute("SELECT count(*) FROM audit WHERE id = ?", (rec.id,)).fetchone()[0]
-    audit.close()
+def _journal_lines(log_path: Path) -> list[bytes]:
+    """The lines (complete or not) the journals hold; their unused ends read as zeros."""
+    return [
+        line
+        for path in sorted(journal_dir(log_path).glob("*" + JOURNAL_SUFFIX))
+        for line in path.read_bytes().split(b"\0", 1)[0].splitlines()
+    ]
 
 
-def test_concurrent_records_share_commits_and_all_land(log_path: Path, key: bytes) -> None:
+def _count(log_path: Path) -> int:
+    with sqlite3.connect(log_path) as conn:
+        return int(conn.execute("SELECT count(*) FROM audit").fetchone()[0])
+
+
+def test_record_returns_only_once_its_line_is_in_the_journal(log_path: Path, key: bytes) -> None:
     audit = AuditLog(log_path, key)
+    audit.start()  # a server's log: an indexer process indexes, and none runs here
+    try:
+        for _ in range(20):
+            rec = _record()
+            audit.record(rec)
+            assert rec.canonical().encode() in _journal_lines(log_path)
+        assert _count(log_path) == 0
+    finally:
+        audit.close()
+    assert Indexer(log_path, key).run_once() == 20
+    assert AuditReader(log_path, key).verify().checked == 20
+    assert _journal_lines(log_path) == []  # closed and indexed: deleted
+
+
+def test_an_indexer_moves_records_into_the_log_in_batches(log_path: Path, key: bytes) -> None:
+    audit = AuditLog(log_path, key)
+    audit.start()
+    indexer = Indexer(log_path, key)
+    stop = threading.Event()
+    indexing = threading.Thread(target=indexer.run, args=(stop,))
+    indexing.start()
     ids: list[str] = []
     lock = threading.Lock()
 
@@ -191,16 +227,186 @@ def test_concurrent_records_share_commits_and_all_land(log_path: Path, key: byte
                 ids.append(rec.id)
 
     threads = [threading.Thread(target=worker) for _ in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert audit.records == 1600
-    assert audit.commits < audit.records  # group commit happened
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert set(indexed_records(log_path, set(ids))) == set(ids)  # while the log is open
+        assert indexer.records == 1600
+        assert indexer.commits < indexer.records / 5  # many records per transaction
+    finally:
+        audit.close()
+        stop.set()
+        indexing.join()
+        indexer.close()
+    assert AuditReader(log_path, key).verify().checked == 1600
+    assert _journal_lines(log_path) == []
+
+
+def test_without_start_record_indexes_before_returning(log_path: Path, key: bytes) -> None:
+    audit = AuditLog(log_path, key)  # as `policyd check --local` uses it
+    other = sqlite3.connect(log_path)
+    for _ in range(5):
+        rec = _record()
+        audit.record(rec)
+        assert other.execute("SELECT count(*) FROM audit WHERE id = ?", (rec.id,)).fetchone()[0]
     audit.close()
+
+
+_CRASH = """
+import os, sys, time
+from policyd.audit import load_key
+from policyd.journal import AuditLog
+from tests.test_audit import _record
+audit = AuditLog(sys.argv[1], load_key(sys.argv[2]))
+audit.start()  # no indexing in this process
+for i in range(int(sys.argv[3])):
+    audit.record(_record(request_id=f"{sys.argv[4]}{i}"))
+if sys.argv[4] == "torn":  # as if killed in the middle of a record
+    audit._journal.append(b'["01a0')
+print("written", flush=True)
+if sys.argv[4] == "hold":  # alive: its journal is locked
+    time.sleep(60)
+os._exit(0)  # like kill -9: no close
+"""
+
+
+def _writer(log_path: Path, n: int, how: str) -> subprocess.Popen[str]:
+    process = subprocess.Popen(
+        [
+            *(sys.executable, "-c", _CRASH),
+            *(str(log_path), str(log_path.parent / "audit.key"), str(n), how),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert process.stdout is not None
+    assert process.stdout.readline() == "written\n"
+    return process
+
+
+def test_journals_of_ended_processes_are_indexed_whole_then_deleted(
+    log_path: Path, key: bytes
+) -> None:
+    _writer(log_path, 30, "clean").wait()
+    _writer(log_path, 20, "torn").wait()
+    assert len(_journal_lines(log_path)) == 51
+    indexer = Indexer(log_path, key)
+    assert indexer.run_once() == 50  # the torn line was never a returned record()
+    assert indexer.run_once() == 0  # never indexed twice
     reader = AuditReader(log_path, key)
-    assert {s.record.id for s in reader.query(Query(limit=5000))} == set(ids)
-    assert reader.verify().ok
+    assert reader.verify().checked == 50
+    assert {s.record.request_id for s in reader.query(Query(limit=100))} == {
+        *(f"clean{i}" for i in range(30)),
+        *(f"torn{i}" for i in range(20)),
+    }
+    assert _journal_lines(log_path) == []
+    assert list(journal_dir(log_path).iterdir()) == []
+
+
+def test_a_live_writers_journal_is_indexed_but_kept(log_path: Path, key: bytes) -> None:
+    writer = _writer(log_path, 10, "hold")
+    indexer = Indexer(log_path, key)
+    try:
+        assert indexer.run_once() == 10
+        assert len(_journal_lines(log_path)) == 10  # still its writer's
+    finally:
+        writer.kill()
+        writer.wait()
+    assert indexer.run_once() == 0  # now it has ended: nothing more, and deleted
+    assert _journal_lines(log_path) == []
+    assert AuditReader(log_path, key).verify().checked == 10
+
+
+def test_records_are_audit_unavailable_while_no_journal_can_be_made(
+    log_path: Path, key: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    audit = AuditLog(log_path, key, journal_bytes=1000)  # about 3 records
+    audit.record(_record())
+    real = journal_module._Journal.__init__
+
+    def full_disk(self: Any, directory: Path, size: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(journal_module._Journal, "__init__", full_disk)
+    with pytest.raises(AuditUnavailable, match="No space left"):
+        for _ in range(4):
+            audit.record(_record())
+    monkeypatch.setattr(journal_module._Journal, "__init__", real)
+    audit.record(_record())  # space again: a new journal
+    audit.close()
+    assert AuditReader(log_path, key).verify().ok
+
+
+def test_a_full_journal_is_replaced_and_deleted_onceindexed_records(
+    log_path: Path, key: bytes
+) -> None:
+    audit = AuditLog(log_path, key, journal_bytes=1000)  # about 3 records
+    names = set()
+    for _ in range(30):
+        audit.record(_record())
+        names.add(audit._journal.name)
+        assert len(list(journal_dir(log_path).glob("*" + JOURNAL_SUFFIX))) == 1
+    audit.close()
+    assert len(names) >= 8
+    assert AuditReader(log_path, key).verify().checked == 30
+
+
+def test_records_are_refused_while_the_indexer_is_too_far_behind(
+    log_path: Path, key: bytes
+) -> None:
+    audit = AuditLog(log_path, key, timeout=0.3)
+    audit.start()
+    try:
+        audit.record(_record())  # and no indexer runs
+        deadline = time.monotonic() + 10
+        with pytest.raises(AuditUnavailable, match=r"not indexed records for 0\.3 s"):
+            while time.monotonic() < deadline:
+                audit.record(_record())
+                time.sleep(0.02)
+        indexer = Indexer(log_path, key)
+        indexer.run_once()  # it catches up: records are taken again
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                audit.record(_record())
+                break
+            except AuditUnavailable:
+                time.sleep(0.05)
+        else:
+            pytest.fail("records were still refused after the indexer caught up")
+        indexer.close()
+    finally:
+        audit.close()
+
+
+ODD = 'quote " backslash \\ tab \t nul \x00 line\nbreak é 漢 \U0001f600'
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"message": ODD, "path": "/api/data/tags/ünï?q=*", "jti": ODD},
+        {"data_sources": (), "scopes": (), "jti": "", "action": "", "rule_id": ODD},
+        {"data_sources": ("a", ODD), "scopes": ("UserInfo", "DataRead"), "door": "envoy"},
+    ],
+)
+@pytest.mark.parametrize(
+    ("ts", "request_id", "latency_us"),
+    [(time.time(), "r-1", 12), (1.0, ODD, 0), (1e10 + 0.123456789, "x" * 500, 10**9)],
+)
+def test_a_line_template_makes_exactly_the_canonical_record(
+    fields: dict[str, Any], ts: float, request_id: str, latency_us: int
+) -> None:
+    first = _record(**fields)
+    template = LineTemplate.of(first)
+    again = replace(first, id=new_id(), ts=ts, request_id=request_id[:200], latency_us=latency_us)
+    line = template.line(again.id, ts, request_id, latency_us)
+    assert line == again.canonical()
+    assert json.loads(line)[14] == request_id[:200]
 
 
 @pytest.mark.slow
@@ -366,8 +572,8 @@ def test_server_applies_retention_while_serving(tmp_path: Path) -> None:
         first = stub.Check(check_request(token), timeout=5).decision_id
         time.sleep(3)
         last = stub.Check(check_request(token), timeout=5).decision_id
+        ids = set(indexed_records(home.config.audit.path, {last}))
         reader = AuditReader(home.config.audit.path, load_key(home.config.audit.key_file))
-        ids = {s.record.id for s in reader.query(Query(limit=100))}
         assert first not in ids and last in ids
         assert reader.verify().ok
 
@@ -604,31 +810,3 @@ def test_cli_reads_while_the_server_writes_under_load(
             t.join()
     assert counts == sorted(counts) and counts[-1] > counts[0]
     assert errors == []
-
-
-def test_checkpointer_keeps_the_wal_small_while_records_flow(log_path: Path, key: bytes) -> None:
-    audit = AuditLog(log_path, key)
-    audit.start_checkpointer(every=0.05)
-    wal = log_path.with_name(log_path.name + "-wal")
-    largest = 0
-    for i in range(3000):
-        audit.record(_record())
-        if i % 100 == 0:
-            largest = max(largest, wal.stat().st_size)
-    # Unchecked, the WAL would hold every page written: several per record (~60 MB here).
-    # It is reused instead, staying near the writer's threshold.
-    assert largest < (WRITER_CHECKPOINT_PAGES + 1000) * 4096
-    audit.close()
-    assert not wal.exists() or wal.stat().st_size == 0  # closing truncates it
-    assert AuditReader(log_path, key).verify().checked == 3000
-
-
-def test_without_checkpointer_the_wal_keeps_sqlites_own_checkpoints(
-    log_path: Path, key: bytes
-) -> None:
-    audit = AuditLog(log_path, key)  # e.g. `policyd check --local`: SQLite's autocheckpoint
-    for _ in range(3000):
-        audit.record(_record())
-    wal = log_path.with_name(log_path.name + "-wal")
-    assert wal.stat().st_size < 3000 * 4096
-    audit.close()

@@ -178,6 +178,7 @@ def test_every_key_has_an_env_variable_that_overrides_it(tmp_path: Path) -> None
         "server.address": "127.0.0.1:1",
         "server.workers": 2,
         "server.threads": 3,
+        "server.cpu_affinity": "0,1",
         "server.grace_seconds": 4.5,
         "server.tls.cert_file": pem["cert"],
         "server.tls.key_file": pem["key"],
@@ -320,6 +321,7 @@ def test_bad_env_value_is_an_error_naming_the_variable(var: str, value: str, kin
     ("text", "key"),
     [
         ("[server]\nworkers = 0\n", "server.workers"),
+        ('[server]\ncpu_affinity = "fastest"\n', "server.cpu_affinity"),
         ("[server]\nthreads = 0\n", "server.threads"),
         ("[server]\ngrace_seconds = -1\n", "server.grace_seconds"),
         ("[tokens]\nleeway_seconds = 301\n", "tokens.leeway_seconds"),

@@ -27,7 +27,15 @@ from policyd.keys import SigningKey
 from policyd.model import Access
 from policyd.policy import load_policy
 from policyd.reasons import Reason
-from tests.helpers import ROOT, Home, ServerProcess, check_request, decision_stub, run_server
+from tests.helpers import (
+    ROOT,
+    Home,
+    ServerProcess,
+    check_request,
+    decision_stub,
+    indexed_records,
+    run_server,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -608,8 +616,8 @@ def test_body_over_the_configured_limit_is_body_too_large(tmp_path: Path) -> Non
 
 
 @contextmanager
-def serving_seeded(tmp_path: Path) -> Iterator[tuple[Home, Client]]:
-    home = Home(tmp_path)
+def serving_seeded(tmp_path: Path, extra_config: str = "") -> Iterator[tuple[Home, Client]]:
+    home = Home(tmp_path, extra_config=extra_config)
     home.seed()
     with run_server(home) as server, connect(server) as client:
         yield home, client
@@ -647,16 +655,27 @@ def test_store_files_overwritten_with_garbage_are_store_unavailable(tmp_path: Pa
 
 
 @covers(Reason.AUDIT_UNAVAILABLE)
-def test_decision_whose_audit_record_cannot_be_written_is_audit_unavailable(
+def test_decisions_are_audit_unavailable_once_the_log_cannot_be_indexed_for_too_long(
     tmp_path: Path,
 ) -> None:
-    with serving_seeded(tmp_path) as (home, client):
+    audit = (
+        f'[audit]\npath = "{tmp_path / "audit.db"}"\nkey_file = "{tmp_path / "audit.key"}"\n'
+        "timeout_seconds = 0.5\n"
+    )
+    with serving_seeded(tmp_path, audit) as (home, client):
         token = home.token()
-        assert_decision(client.http(token), Reason.ALLOWED, verified=True)
-        with sqlite3.connect(home.config.audit.path) as db:
+        first = client.http(token)
+        assert_decision(first, Reason.ALLOWED, verified=True)
+        assert first.decision_id in indexed_records(home.config.audit.path, {first.decision_id})
+        with sqlite3.connect(home.config.audit.path) as db:  # the indexer is running: break it
             db.execute("DROP TABLE audit")
-        # The decision itself would be an allow; unrecorded, it must not be one.
+        # Records still reach the journal, but none reaches the log: after
+        # audit.timeout_seconds of that, a decision that would be an allow is denied.
+        deadline = time.monotonic() + 10
         response = client.http(token)
+        while response.reason == decision_pb2.ALLOWED and time.monotonic() < deadline:
+            time.sleep(0.05)
+            response = client.http(token)
         assert_decision(response, Reason.AUDIT_UNAVAILABLE, verified=True)
         assert "audit" in response.message
 

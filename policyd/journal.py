@@ -1,0 +1,516 @@
+"""Writing the audit log: per-process journals, and the indexer that moves them into SQLite.
+
+A decision is answered only once its record is durable. Here "durable" is one copy into a
+memory-mapped journal file: the bytes are then in the kernel's page cache, in a file, and a
+crash or `kill -9` of the process loses nothing (with `audit.sync = "full"` an msync, shared
+by the records that came meanwhile, also carries them to the disk before the answer). That
+copy takes no system call and never releases the GIL, which matters more than its size:
+measured on the 2-core dev machine, a write(2) per record cost the gRPC server as much CPU
+as the decision itself, because each release of the GIL is a thread hand-off
+(docs/audit.md, "Cost").
+
+Journals: `<audit.path>.journal/<ns>-<pid>-<rand>.journal`, mode 0600, made under a
+temporary name, locked (flock, exclusive) by the process that writes it for as long as it
+writes it, then renamed into place. Space is reserved up front (posix_fallocate) and the
+unused end reads as zeros. A record is one line: its canonical JSON (AuditRecord.canonical)
+and a newline; JSON escapes every control character, so a line holds no newline and no zero
+byte, and a line is complete exactly when it ends in a newline and holds no zero byte.
+When a journal is full, its writer switches to a fresh one (made ahead of time by its watch
+thread) and unlocks the old one.
+
+The indexer (`Indexer`, run by `policyd audit index --follow`, which `policyd serve` starts
+and restarts) reads every journal from its mark, the byte offset stored in the audit file's
+`audit_journal` table, and in one transaction chains and inserts the complete lines and
+moves the mark. A journal that is unlocked (its writer closed it, or died) and indexed to
+its end is deleted, along with its mark. A line its writer never finished (a crash in the
+middle of the copy) has no newline or still holds zeros, and no caller saw its decision:
+it is skipped.
+
+Fail closed: a record that cannot be written (no new journal can be made) raises
+AuditUnavailable, and so does every record while the indexer has been behind for longer
+than `audit.timeout_seconds` (the writer's watch thread compares the marks with what it
+wrote that long ago): then decisions are denied with AUDIT_UNAVAILABLE until it catches up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import mmap
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from policyd.audit import (
+    AuditRecord,
+    AuditUnavailable,
+    append_records,
+    connect,
+    journal_dir,
+    open_log_file,
+    prune,
+    record_from_canonical,
+)
+
+log = logging.getLogger(__name__)
+
+JOURNAL_SUFFIX = ".journal"
+# Set in the environment of the indexer process a server starts: it stops when its parent
+# is gone.
+INDEXER_ENV = "POLICYD_AUDIT_INDEXER"
+# Bytes reserved per journal file: about 50,000 records.
+JOURNAL_BYTES = 16 << 20
+# The most the indexer reads from one journal per transaction (about 800 records).
+INDEX_CHUNK_BYTES = 256 << 10
+# How often the indexer looks for new records when it found none.
+INDEX_INTERVAL_SECONDS = 0.02
+WATCH_INTERVAL_SECONDS = 0.1
+_MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+
+
+@dataclass(frozen=True, slots=True)
+class LineTemplate:
+    """The journal line of a remembered decision (engine.Remembered), for any later answer
+    of it: only the decision id, the time, the request id and the latency change.
+
+    `line(...)` equals the canonical JSON of the record those values would make
+    (AuditRecord.canonical, which the chain hashes), without building the record."""
+
+    middle: str  # the fields from "decision" through "door", JSON, comma-separated
+    jti: str  # JSON
+    message: str  # JSON
+
+    @classmethod
+    def of(cls, record: AuditRecord) -> LineTemplate:
+        values = [list(v) if isinstance(v, tuple) else v for v in record.values()]
+        encode = _ENCODER.encode
+        return cls(encode(values[2:14])[1:-1], encode(values[15]), encode(values[17]))
+
+    def line(self, decision_id: str, ts: float, request_id: str, latency_us: int) -> str:
+        # As json encodes them: an id of hex digits and dashes needs no escaping, a float is
+        # its repr, an int its str, and a string goes through the same C escaper.
+        return (
+            f'["{decision_id}",{ts!r},{self.middle},{_string(request_id[:200])},'
+            f"{self.jti},{latency_us},{self.message}]"
+        )
+
+
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # as canonical()
+_string = json.encoder.encode_basestring
+
+
+class _Journal:
+    """One journal file, mapped into memory. Written only under AuditLog._wlock."""
+
+    def __init__(self, directory: Path, size: int) -> None:
+        # Made under a temporary name, locked, then renamed: an indexer never sees a
+        # journal that is not locked by its writer yet.
+        temp = directory / f".new-{os.getpid()}-{secrets.token_hex(4)}"
+        fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # Blocks reserved now: writing the mapping later never meets a full disk.
+            os.posix_fallocate(fd, 0, size)
+            self.map = mmap.mmap(fd, size, flags=_MAP_FLAGS)
+            self.name = f"{time.time_ns()}-{os.getpid()}-{secrets.token_hex(4)}{JOURNAL_SUFFIX}"
+            self.path = directory / self.name
+            os.rename(temp, self.path)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise
+        self.fd = fd
+        self.size = size
+        self.offset = 0
+        self.synced = 0
+        self.closed = False
+
+    def append(self, data: bytes) -> int | None:
+        """Copy data after the last line; the offset after it, or None when it won't fit."""
+        end = self.offset + len(data)
+        if end > self.size:
+            return None
+        self.map[self.offset : end] = data
+        self.offset = end
+        return end
+
+    def sync(self) -> None:
+        self.map.flush(0, self.offset)
+
+    def close(self) -> None:
+        """Unmap and unlock: from now on the indexer may finish and delete it."""
+        if not self.closed:
+            self.closed = True
+            with contextlib.suppress(OSError, ValueError):
+                self.map.close()
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+
+
+class AuditLog:
+    """The writer side of the audit log, shared by all threads of one process.
+
+    Until `start()`, each record is also indexed before record() returns (an in-process
+    Indexer pass): for `policyd check --local` and tests. A server calls start(), and an
+    indexer process does the indexing."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        key: bytes,
+        *,
+        sync: str = "normal",
+        timeout: float = 5.0,
+        journal_bytes: int = JOURNAL_BYTES,
+    ) -> None:
+        self.path = Path(path)
+        self.key = key
+        self.timeout = timeout
+        self.sync_full = sync == "full"
+        self.journal_bytes = journal_bytes
+        self.journal_dir = journal_dir(self.path)
+        self._wlock = threading.Lock()  # the journals
+        self._synclock = threading.Lock()  # one msync at a time (sync = "full")
+        self._standby: _Journal | None = None
+        self._stuck = ""  # why records are refused, while the indexer is too far behind
+        self._stopping = threading.Event()
+        self._watch: threading.Thread | None = None
+        self._indexer: Indexer | None = None
+        try:
+            open_log_file(self.path, sync).close()  # the file and its schema, for readers
+            self.journal_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._journal = _Journal(self.journal_dir, journal_bytes)
+        except (OSError, sqlite3.Error) as exc:
+            raise AuditUnavailable(f"cannot open audit log {self.path}: {exc}") from exc
+
+    # -- writing ---------------------------------------------------------------------
+
+    def record(self, record: AuditRecord) -> None:
+        """Make the record durable; raises AuditUnavailable when it cannot be."""
+        self.append(record.canonical())
+
+    def append(self, canonical: str) -> None:
+        """Make a record durable from its canonical JSON (AuditRecord.canonical)."""
+        data = (canonical + "\n").encode()
+        with self._wlock:
+            if self._stuck:
+                raise AuditUnavailable(self._stuck)
+            journal = self._journal
+            end = journal.append(data)
+            if end is None:
+                journal = self._next_journal()
+                end = journal.append(data)
+                if end is None:
+                    raise AuditUnavailable(f"audit record of {len(data)} bytes: too large")
+        if self.sync_full:
+            self._sync(journal, end)
+        if self._watch is None:
+            self._index_inline()
+
+    def _sync(self, journal: _Journal, end: int) -> None:
+        """msync the journal up to at least `end`; callers meanwhile share one msync."""
+        with self._synclock:
+            if journal.synced >= end:
+                return
+            target = journal.offset
+            try:
+                journal.sync()
+            except (OSError, ValueError) as exc:
+                raise AuditUnavailable(f"audit journal sync failed: {exc}") from exc
+            journal.synced = target
+
+    def _next_journal(self) -> _Journal:
+        """(Under _wlock.) Switch to the standby journal, or a new one; retire the full one."""
+        try:
+            fresh = self._standby or _Journal(self.journal_dir, self.journal_bytes)
+        except OSError as exc:
+            raise AuditUnavailable(f"cannot start a new audit journal: {exc}") from exc
+        self._standby = None
+        old, self._journal = self._journal, fresh
+        with self._synclock:  # no msync may use the old mapping once it is closed
+            if self.sync_full:
+                with contextlib.suppress(OSError, ValueError):
+                    old.sync()
+                old.synced = old.offset
+            old.close()
+        return fresh
+
+    def _index_inline(self) -> None:
+        """Index now (no watch thread: no indexer process either). The record is already
+        durable, so a failure here only leaves it for the next pass."""
+        try:
+            if self._indexer is None:
+                self._indexer = Indexer(self.path, self.key)
+            self._indexer.run_once()
+        except (sqlite3.Error, OSError) as exc:
+            log.warning("audit indexing failed, the record waits in its journal: %s", exc)
+
+    def flush(self) -> int:
+        """Index everything written so far, in this process; returns how many records."""
+        if self._indexer is None:
+            self._indexer = Indexer(self.path, self.key)
+        return self._indexer.run_once()
+
+    # -- serving ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """From now on an indexer process indexes; watch that it keeps up, and keep a
+        standby journal ready so that switching journals costs a decision nothing."""
+        if self._watch is not None:
+            return
+        self._watch = threading.Thread(target=self._watch_loop, name="audit-watch", daemon=True)
+        self._watch.start()
+
+    def _watch_loop(self) -> None:
+        samples: deque[tuple[float, str, int]] = deque()  # (time, journal, offset written)
+        conn: sqlite3.Connection | None = None
+        while not self._stopping.wait(WATCH_INTERVAL_SECONDS):
+            if self._standby is None:
+                self._prepare_standby()
+            now = time.monotonic()
+            journal = self._journal
+            samples.append((now, journal.name, journal.offset))
+            while len(samples) > 1 and samples[1][0] <= now - self.timeout:
+                samples.popleft()
+            when, name, offset = samples[0]
+            if now - when < self.timeout or offset == 0:
+                self._stuck = ""
+                continue
+            try:
+                if conn is None:
+                    conn = connect(self.path, readonly=True)
+                row = conn.execute(
+                    "SELECT offset FROM audit_journal WHERE name = ?", (name,)
+                ).fetchone()
+                indexed = (self.journal_dir / name).exists() is False or (
+                    row is not None and row[0] >= offset
+                )
+            except sqlite3.Error as exc:
+                indexed = False
+                log.warning("audit watch cannot read the log: %s", exc)
+            if indexed:
+                self._stuck = ""
+            elif not self._stuck:
+                self._stuck = (
+                    f"the audit log has not indexed records for {self.timeout:g} s"
+                    " (is `policyd audit index` running?)"
+                )
+                log.error("%s: denying decisions until it catches up", self._stuck)
+        if conn is not None:
+            conn.close()
+
+    def _prepare_standby(self) -> None:
+        try:
+            standby = _Journal(self.journal_dir, self.journal_bytes)
+        except OSError as exc:
+            log.warning("cannot prepare the next audit journal: %s", exc)
+            return
+        with self._wlock:
+            if self._standby is None:
+                self._standby = standby
+                return
+        _discard(standby)
+
+    def close(self) -> None:
+        """Stop the watch thread and close the journals (which unlocks them for the
+        indexer). Without a watch thread, index what is left first."""
+        self._stopping.set()
+        if self._watch is not None:
+            self._watch.join(timeout=10)
+        with self._wlock:
+            journals = [self._journal]
+            standby, self._standby = self._standby, None
+        if standby is not None:
+            _discard(standby)
+        with self._synclock:
+            for journal in journals:
+                if self.sync_full:
+                    with contextlib.suppress(OSError, ValueError):
+                        journal.sync()
+                journal.close()
+        if self._watch is None:  # no indexer process: index what is left here
+            try:
+                self.flush()
+            except (sqlite3.Error, OSError) as exc:
+                log.error("audit: records stay in %s: %s", self.journal_dir, exc)
+        if self._indexer is not None:
+            self._indexer.close()
+
+
+def _discard(journal: _Journal) -> None:
+    """Close and delete a journal that was never written."""
+    journal.close()
+    with contextlib.suppress(OSError):
+        journal.path.unlink()
+
+
+class Stop(Protocol):
+    """What Indexer.run stops on: a threading.Event, or a signal flag."""
+
+    def is_set(self) -> bool: ...
+
+    def wait(self, timeout: float) -> bool: ...
+
+
+class Indexer:
+    """Moves records from the journals into the audit file: one pass is `run_once()`.
+
+    Several indexers (processes) may run at once on one log: the marks are read and moved
+    inside the write transaction that inserts the records, so no line is indexed twice."""
+
+    def __init__(self, path: str | Path, key: bytes, sync: str = "normal") -> None:
+        self.path = Path(path)
+        self.key = key
+        self.journal_dir = journal_dir(self.path)
+        self.conn = open_log_file(self.path, sync)
+        self.records = 0  # indexed by this indexer, and in how many transactions
+        self.commits = 0
+        self._known: dict[str, int] = {}  # journal -> mark, as last seen
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def run_once(self) -> int:
+        """Index what every journal holds now; returns how many records."""
+        total = 0
+        try:
+            paths = sorted(self.journal_dir.glob("*" + JOURNAL_SUFFIX))
+        except FileNotFoundError:
+            return 0
+        for path in paths:
+            while True:
+                indexed, more = self._index_file(path)
+                total += indexed
+                if not more:
+                    break
+        return total
+
+    def _index_file(self, path: Path) -> tuple[int, bool]:
+        """Index one chunk of the journal; (records, whether more is left to read)."""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:  # finished and deleted by another indexer
+            return 0, False
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                ended = True  # its writer closed it, or died
+                if os.stat(path).st_ino != os.fstat(fd).st_ino:
+                    return 0, False  # finished, deleted, and a new file took the name
+            except BlockingIOError:
+                ended = False
+            except FileNotFoundError:
+                return 0, False
+            if not ended and os.pread(fd, 1, self._known.get(path.name, 0)) in (b"\0", b""):
+                return 0, False  # nothing new since the last pass (no transaction needed)
+            return self._index_chunk(path, fd, ended)
+        finally:
+            os.close(fd)
+
+    def _index_chunk(self, path: Path, fd: int, ended: bool) -> tuple[int, bool]:
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            row = conn.execute(
+                "SELECT offset FROM audit_journal WHERE name = ?", (path.name,)
+            ).fetchone()
+            mark = 0 if row is None else int(row[0])
+            data = os.pread(fd, INDEX_CHUNK_BYTES, mark)
+            zero = data.find(b"\0")
+            written = data if zero < 0 else data[:zero]
+            complete = written[: written.rfind(b"\n") + 1]
+            records = []
+            for line in complete.splitlines():
+                try:
+                    records.append(record_from_canonical(line.decode()))
+                except (ValueError, TypeError) as exc:  # never written by AuditLog
+                    log.error("audit journal %s: skipping an unreadable line: %s", path, exc)
+            new_mark = mark + len(complete)
+            if records:
+                append_records(conn, self.key, records)
+            if new_mark != mark:
+                conn.execute(
+                    "INSERT INTO audit_journal (name, offset) VALUES (?, ?)"
+                    " ON CONFLICT (name) DO UPDATE SET offset = excluded.offset",
+                    (path.name, new_mark),
+                )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        if records:
+            self.records += len(records)
+            self.commits += 1
+        self._known[path.name] = new_mark
+        more = len(data) == INDEX_CHUNK_BYTES and zero < 0
+        if ended and not more:
+            # All of it is indexed; what follows the last complete line, if anything, is a
+            # line its writer never finished. Delete the file, then its mark (in that order:
+            # a crash in between leaves a mark without a file, never a file without a mark).
+            if complete != written:
+                log.warning("audit journal %s: dropping an unfinished last line", path.name)
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            conn.execute("DELETE FROM audit_journal WHERE name = ?", (path.name,))
+            self._known.pop(path.name, None)
+        return len(records), more
+
+    def prune(self, *, before: float | None = None, max_bytes: int | None = None) -> int:
+        return prune(self.conn, before=before, max_bytes=max_bytes)
+
+    def run(
+        self,
+        stop: Stop,
+        *,
+        interval: float = INDEX_INTERVAL_SECONDS,
+        retention: tuple[float | None, int | None] = (None, None),
+        retention_every: float = 60.0,
+        parent: int | None = None,
+    ) -> None:
+        """Index until `stop` is set (or the process `parent` is gone), then once more.
+
+        `retention` is (max age in seconds, max bytes); applied every retention_every s."""
+        failures = 0
+        next_retention = time.monotonic() + retention_every
+        while not stop.is_set():
+            if parent is not None and os.getppid() != parent:
+                log.warning("audit indexer: the server is gone; indexing what is left")
+                break
+            try:
+                found = self.run_once()
+                if failures:
+                    log.info("audit indexing works again")
+                failures = 0
+            except (sqlite3.Error, OSError) as exc:
+                found = 0
+                failures += 1
+                if failures == 1 or failures % 100 == 0:
+                    log.error("audit indexing failed (%d times): %s", failures, exc)
+            max_age, max_bytes = retention
+            if (max_age or max_bytes) and time.monotonic() >= next_retention:
+                next_retention = time.monotonic() + retention_every
+                try:
+                    removed = self.prune(
+                        before=time.time() - max_age if max_age else None,
+                        max_bytes=max_bytes or None,
+                    )
+                    if removed:
+                        log.info("audit retention pruned %d records", removed)
+                except sqlite3.Error as exc:
+                    log.warning("audit retention failed: %s", exc)
+            if not found:
+                stop.wait(interval if failures == 0 else min(2.0, interval * 2**failures))
+        try:
+            self.run_once()
+        except (sqlite3.Error, OSError) as exc:
+            log.error("audit indexing failed at exit; records stay in their journals: %s", exc)

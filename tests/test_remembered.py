@@ -1,0 +1,188 @@
+"""Remembered decisions (Engine.decide_keyed): a repeat of an allowed request is answered
+from memory exactly while `decide` would answer the same."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+import jwt
+import pytest
+
+from policyd.engine import Engine
+from policyd.gen.v1 import decision_pb2
+from policyd.model import Access, CheckInput, HttpTarget
+from policyd.policy import load_policy
+from policyd.policytest import Fixture, Runner, scratch_dir
+from policyd.reasons import Reason
+from policyd.store import Store
+from policyd.wiring import build_decider
+from tests.helpers import ROOT, Home, check_request, decision_stub, indexed_records, run_server
+from tests.test_policy_conditions import ALICE, GRANTS, LABELS, policy_with
+
+KEY = b"GET /api/data/tags/ds-a"
+
+
+@pytest.fixture
+def engine(seeded: Home) -> Iterator[Engine]:
+    engine = build_decider(seeded.config, seeded.store).engine
+    yield engine
+
+
+class Inputs:
+    """make_input for decide_keyed, counting how often the request had to be built."""
+
+    def __init__(self, request: CheckInput) -> None:
+        self.request = request
+        self.built = 0
+
+    def __call__(self) -> CheckInput:
+        self.built += 1
+        return self.request
+
+
+def read_ds_a(home: Home, token: str | None = None) -> Inputs:
+    return Inputs(CheckInput(token or home.token(), HttpTarget("GET", "/api/data/tags/ds-a")))
+
+
+def test_a_repeated_request_is_answered_from_memory_with_a_new_decision_id(
+    seeded: Home, engine: Engine
+) -> None:
+    inputs = read_ds_a(seeded)
+    first, entry = engine.decide_keyed(KEY, inputs)
+    again, same = engine.decide_keyed(KEY, inputs)
+    assert first.allowed and entry is not None
+    assert same is entry and inputs.built == 1
+    assert again.decision_id != first.decision_id
+    assert again == replace(first, decision_id=again.decision_id)
+    fresh = engine.decide(inputs.request)  # what deciding again says
+    assert replace(fresh, decision_id="") == replace(again, decision_id="")
+
+
+def _lower_grant(store: Store) -> None:
+    store.revoke_grant("alice", "app1", "ds-a")
+    store.add_grant("alice", "app1", "ds-a", Access.READ)
+
+
+# Writes another process could make (a separate Store connection), and the reason after.
+WRITES: dict[str, tuple[Callable[[Store, str], object], Reason]] = {
+    "grant revoked": (
+        lambda s, _t: s.revoke_grant("alice", "app1", "ds-a"),
+        Reason.DATA_SOURCE_NOT_GRANTED,
+    ),
+    "consent revoked": (lambda s, _t: s.revoke_consent("alice", "app1"), Reason.CONSENT_MISSING),
+    "token revoked": (
+        lambda s, t: s.revoke_token(
+            jwt.decode(t, options={"verify_signature": False})["jti"], time.time() + 3600
+        ),
+        Reason.TOKEN_REVOKED,
+    ),
+    "app disabled": (lambda s, _t: s.set_app_enabled("app1", False), Reason.APP_DISABLED),
+    "user access removed": (
+        lambda s, _t: s.remove_user_access("alice", "ds-a"),
+        Reason.USER_ACCESS_MISSING,
+    ),
+    # Not a revocation, still a change: forgotten all the same (and decided again).
+    "grant lowered to read": (lambda s, _t: _lower_grant(s), Reason.ALLOWED),
+}
+
+
+@pytest.mark.parametrize("write", sorted(WRITES))
+def test_any_store_write_forgets_it_before_the_write_returns(
+    seeded: Home, engine: Engine, write: str
+) -> None:
+    token = seeded.token()
+    inputs = read_ds_a(seeded, token)
+    assert engine.decide_keyed(KEY, inputs)[1] is not None
+    change, reason = WRITES[write]
+    other = Store(seeded.config.store.path)  # as another process would
+    try:
+        change(other, token)
+    finally:
+        other.close()
+    decision, _ = engine.decide_keyed(KEY, inputs)
+    assert inputs.built == 2  # decided again, not remembered
+    assert decision.reason is reason
+
+
+def test_a_policy_reload_forgets_it(seeded: Home, engine: Engine) -> None:
+    inputs = read_ds_a(seeded)
+    engine.decide_keyed(KEY, inputs)
+    engine.policy = load_policy(ROOT / "policies")  # the same files, a new policy object
+    decision, entry = engine.decide_keyed(KEY, inputs)
+    assert decision.allowed and entry is not None and inputs.built == 2
+
+
+def test_it_ends_when_its_token_expires(seeded: Home, engine: Engine) -> None:
+    leeway = seeded.config.tokens.leeway_seconds
+    # A token that expires (leeway included) within two seconds (exp is whole seconds).
+    token = seeded.token(ttl_seconds=60, now=time.time() - 60 - leeway + 2)
+    inputs = read_ds_a(seeded, token)
+    first, entry = engine.decide_keyed(KEY, inputs)
+    assert first.allowed and entry is not None
+    assert time.time() < entry.expires <= time.time() + 2
+    time.sleep(max(0.0, entry.expires - time.time()) + 0.05)
+    decision, entry = engine.decide_keyed(KEY, inputs)
+    assert decision.reason is Reason.TOKEN_EXPIRED and entry is None
+
+
+def test_denials_are_not_remembered(seeded: Home, engine: Engine) -> None:
+    inputs = Inputs(CheckInput(seeded.token(), HttpTarget("GET", "/api/data/tags/ds-c")))
+    for _ in range(2):
+        decision, entry = engine.decide_keyed(b"ds-c", inputs)
+        assert decision.reason is Reason.DATA_SOURCE_NOT_GRANTED and entry is None
+    assert inputs.built == 2
+
+
+def test_a_decision_whose_conditions_read_the_clock_is_not_remembered(tmp_path: Path) -> None:
+    policy = policy_with(
+        tmp_path,
+        """\
+        - id: business-hours
+          effect: allow
+          routes: [write]
+          when: now.getHours("UTC") >= 0
+        """,
+    )
+    with scratch_dir() as scratch:
+        engine, token = Runner(policy, scratch).engine(Fixture(ALICE, GRANTS, None, LABELS))
+        try:
+            write = Inputs(CheckInput(token, HttpTarget("PUT", "/d/plain")))
+            read = Inputs(CheckInput(token, HttpTarget("GET", "/d/plain")))
+            decision, entry = engine.decide_keyed(b"write", write)
+            assert decision.allowed and entry is None
+            decision, entry = engine.decide_keyed(b"read", read)  # no condition: remembered
+            assert decision.allowed and entry is not None
+        finally:
+            engine.facts.store.close()
+
+
+def test_over_grpc_each_answer_has_its_own_id_and_audit_record(seeded: Home) -> None:
+    token = seeded.token()
+    with run_server(seeded) as server, grpc.insecure_channel(server.address) as channel:
+        stub = decision_stub(channel)
+        answers = []
+        for n in range(3):
+            request = check_request(token, path="/api/data/tags/ds-a")
+            request.request_id = f"call-{n}"
+            answers.append(stub.Check(request, timeout=5))
+        ids = [a.decision_id for a in answers]
+        assert len(set(ids)) == 3
+        for answer in answers:
+            assert answer.allowed and answer.rule_id and answer.principal.sub == "alice"
+            assert answer == replace_id(answers[0], answer.decision_id)
+        records = indexed_records(seeded.config.audit.path, set(ids))
+    assert [records[i].request_id for i in ids] == ["call-0", "call-1", "call-2"]
+    assert len({replace(records[i], id="", ts=0, request_id="", latency_us=0) for i in ids}) == 1
+
+
+def replace_id(
+    response: decision_pb2.CheckResponse, decision_id: str
+) -> decision_pb2.CheckResponse:
+    copy = decision_pb2.CheckResponse()
+    copy.CopyFrom(response)
+    copy.decision_id = decision_id
+    return copy
