@@ -243,7 +243,7 @@ def in_process(
         ),
         ("  AuditLog.append of its journal line (LineTemplate.line)", append_line, calls),
         (
-            "Decider.check (Engine.decide + record_for + journal line)",
+            "Decider.check (memo key, remembered, journal line)",
             lambda: decider.check(check_input),
             audited_calls,
         ),

@@ -298,9 +298,10 @@ def open_log_file(path: Path, sync: str) -> sqlite3.Connection:
     return conn
 
 
-def append_records(conn: sqlite3.Connection, key: bytes, records: Iterable[AuditRecord]) -> int:
+def append_records(conn: sqlite3.Connection, key: bytes, records: Iterable[list[Any]]) -> int:
     """(Inside the caller's write transaction.) Chain the records after the last one and
-    insert them; returns how many."""
+    insert them; returns how many. Each record is its list of FIELDS values, as its
+    canonical JSON holds them (fields_of_line)."""
     last = conn.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
     if last is None:
         anchor = conn.execute(
@@ -311,14 +312,18 @@ def append_records(conn: sqlite3.Connection, key: bytes, records: Iterable[Audit
         seq, prev = last
     rows = []
     ds_rows: list[tuple[str, float, int]] = []
-    for rec in records:
+    encode = _ENCODER.encode
+    for values in records:
         seq += 1
-        digest = chain_hash(key, prev, rec)
-        values = list(rec.values())
-        values[_SCOPES] = " ".join(rec.scopes)
-        values[_DATA_SOURCES] = json.dumps(list(rec.data_sources))
-        rows.append((seq, *values, prev, digest))
-        ds_rows.extend((ds, rec.ts, seq) for ds in rec.data_sources)
+        # The same bytes AuditRecord.canonical() gives for these values: what verify checks.
+        digest = hmac.new(key, (prev + encode(values)).encode(), hashlib.sha256).hexdigest()
+        data_sources = values[_DATA_SOURCES]
+        row = values.copy()
+        row[_SCOPES] = " ".join(values[_SCOPES])
+        row[_DATA_SOURCES] = encode(data_sources)
+        rows.append((seq, *row, prev, digest))
+        ts = values[1]
+        ds_rows.extend((ds, ts, seq) for ds in data_sources)
         prev = digest
     conn.executemany(_INSERT, rows)
     if ds_rows:
@@ -334,13 +339,21 @@ def journal_dir(path: Path) -> Path:
     return path.with_name(path.name + ".journal")
 
 
-def record_from_canonical(canonical: str) -> AuditRecord:
-    values = json.loads(canonical)
-    if not isinstance(values, list) or len(values) != len(FIELDS):
+def fields_of_line(line: bytes) -> list[Any]:
+    """The FIELDS values of one journal line (a record's canonical JSON); ValueError when
+    it is not one. Journals are this service's own files (mode 0600): the check is for
+    damage, so it looks at the shape, not every type."""
+    values = json.loads(line)
+    if not (
+        type(values) is list
+        and len(values) == len(FIELDS)
+        and type(values[_SCOPES]) is list
+        and type(values[_DATA_SOURCES]) is list
+        and all(type(name) is str for name in values[_SCOPES])
+        and all(type(name) is str for name in values[_DATA_SOURCES])
+    ):
         raise ValueError("not an audit record")
-    values[_SCOPES] = tuple(values[_SCOPES])
-    values[_DATA_SOURCES] = tuple(values[_DATA_SOURCES])
-    return AuditRecord(*values)
+    return values
 
 
 # -- reading ---------------------------------------------------------------------------------

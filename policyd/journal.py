@@ -54,10 +54,10 @@ from policyd.audit import (
     AuditUnavailable,
     append_records,
     connect,
+    fields_of_line,
     journal_dir,
     open_log_file,
     prune,
-    record_from_canonical,
 )
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ INDEXER_ENV = "POLICYD_AUDIT_INDEXER"
 JOURNAL_BYTES = 16 << 20
 # The most the indexer reads from one journal per transaction (about 800 records).
 INDEX_CHUNK_BYTES = 256 << 10
-# How often the indexer looks for new records when it found none.
+# The pause between two indexing passes: records gather meanwhile.
 INDEX_INTERVAL_SECONDS = 0.02
 WATCH_INTERVAL_SECONDS = 0.1
 _MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
@@ -431,8 +431,8 @@ class Indexer:
             records = []
             for line in complete.splitlines():
                 try:
-                    records.append(record_from_canonical(line.decode()))
-                except (ValueError, TypeError) as exc:  # never written by AuditLog
+                    records.append(fields_of_line(line))
+                except ValueError as exc:  # damaged: not as AuditLog wrote it
                     log.error("audit journal %s: skipping an unreadable line: %s", path, exc)
             new_mark = mark + len(complete)
             if records:
@@ -487,12 +487,11 @@ class Indexer:
                 log.warning("audit indexer: the server is gone; indexing what is left")
                 break
             try:
-                found = self.run_once()
+                self.run_once()
                 if failures:
                     log.info("audit indexing works again")
                 failures = 0
             except (sqlite3.Error, OSError) as exc:
-                found = 0
                 failures += 1
                 if failures == 1 or failures % 100 == 0:
                     log.error("audit indexing failed (%d times): %s", failures, exc)
@@ -508,8 +507,9 @@ class Indexer:
                         log.info("audit retention pruned %d records", removed)
                 except sqlite3.Error as exc:
                     log.warning("audit retention failed: %s", exc)
-            if not found:
-                stop.wait(interval if failures == 0 else min(2.0, interval * 2**failures))
+            # Every pass, even a busy one, is followed by a pause: records gather meanwhile,
+            # and one transaction carries them all (under load, about interval x rate).
+            stop.wait(interval if failures == 0 else min(2.0, interval * 2**failures))
         try:
             self.run_once()
         except (sqlite3.Error, OSError) as exc:
