@@ -213,7 +213,7 @@ def in_process(
         return engine.decide(check_input)
 
     key = request.SerializeToString(deterministic=True)
-    decision_keyed, entry = engine.decide_keyed(key, lambda: check_input)
+    decision_keyed, entry = engine.decide_keyed(lambda _p: key, lambda: check_input)
     assert entry is not None
     record = record_for(check_input, decision_keyed, 10)
     template = LineTemplate.of(record)
@@ -238,7 +238,7 @@ def in_process(
         ),
         (
             "  Engine.decide_keyed, remembered allow",
-            lambda: engine.decide_keyed(key, lambda: check_input),
+            lambda: engine.decide_keyed(lambda _p: key, lambda: check_input),
             calls,
         ),
         ("  AuditLog.append of its journal line (LineTemplate.line)", append_line, calls),

@@ -14,6 +14,7 @@ from policyd.audit import AuditUnavailable, record_for
 from policyd.engine import Engine, Remembered
 from policyd.journal import AuditLog, LineTemplate
 from policyd.model import CheckInput, Decision
+from policyd.policy import Policy
 from policyd.reasons import Reason
 
 log = logging.getLogger(__name__)
@@ -29,20 +30,23 @@ class Decider:
     def check(self, request: CheckInput, started_ns: int | None = None) -> Decision:
         """Decide and record. `started_ns` (perf_counter_ns) is when the door got the call."""
         decision, _ = self.check_keyed(
-            request.memo_key(), request.request_id, lambda: request, started_ns
+            lambda policy: request.memo_key(policy.reads_headers),
+            request.request_id,
+            lambda: request,
+            started_ns,
         )
         return decision
 
     def check_keyed(
         self,
-        key: Hashable,
+        make_key: Callable[[Policy], Hashable],
         request_id: str,
         make_input: Callable[[], CheckInput],
         started_ns: int | None = None,
     ) -> tuple[Decision, Remembered | None]:
-        """As check(), for a request that `key` stands for (Engine.decide_keyed): a repeat
-        of a remembered allow is answered, and recorded, without rebuilding the request.
-        `request_id` is the caller's id for this call (not part of the key)."""
+        """As check(), for a request that `make_key(policy)` stands for (Engine.decide_keyed):
+        a repeat of a remembered allow is answered, and recorded, without rebuilding the
+        request. `request_id` is the caller's id for this call (not part of the key)."""
         start = time.perf_counter_ns() if started_ns is None else started_ns
         built: list[CheckInput] = []
 
@@ -51,7 +55,7 @@ class Decider:
                 built.append(make_input())
             return built[0]
 
-        decision, entry = self.engine.decide_keyed(key, request)
+        decision, entry = self.engine.decide_keyed(make_key, request)
         if self.audit is None:
             return decision, entry
         latency_us = (time.perf_counter_ns() - start) // 1000

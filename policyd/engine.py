@@ -144,17 +144,21 @@ class Engine:
         return self._decide(request, None)
 
     def decide_keyed(
-        self, key: Hashable, make_input: Callable[[], CheckInput]
+        self, make_key: Callable[[Policy], Hashable], make_input: Callable[[], CheckInput]
     ) -> tuple[Decision, Remembered | None]:
-        """Decide the request that `key` stands for; `make_input()` builds it when needed.
+        """Decide the request that `make_key(policy)` stands for; `make_input()` builds it
+        when needed.
 
-        The key must determine the CheckInput completely (the caller's request id aside).
-        Returns the decision and, for a remembered allow, its Remembered entry."""
+        The key must determine everything a decision under that policy reads from the
+        CheckInput (the caller's request id aside): with `policy.reads_headers` false, the
+        headers may be left out. Returns the decision and, for a remembered allow, its
+        Remembered entry."""
         try:
             view = self.facts.view()
         except StoreUnavailable:
             return self.decide(make_input()), None  # the same deny, with its logging
         policy = self.policy
+        key = make_key(policy)
         entry: Remembered | None = view.remembered(key)
         if entry is not None and entry.policy is policy and time.time() < entry.expires:
             d = entry.decision

@@ -33,6 +33,7 @@ from policyd.model import Access
 from policyd.store import Store, connect
 
 _GENERATION = "SELECT value FROM generation WHERE id = 1"
+REMEMBERED_DECISIONS = 16_384
 _APP = "SELECT enabled, allowed_scopes FROM apps WHERE client_id = ?"
 _CONSENT = "SELECT scopes FROM consents WHERE user_id = ? AND client_id = ?"
 _GRANT = (
@@ -85,7 +86,8 @@ class _Caches:
         self.token_lock = threading.Lock()
         # Objects derived from rows (e.g. parsed public keys), owned by other modules.
         self.extra: dict[str, Any] = {}
-        # Allow decisions by request (engine.Remembered); bounded like rows.
+        # Allow decisions by request (engine.Remembered); cleared whole at
+        # REMEMBERED_DECISIONS, so that requests that never repeat cannot pile up.
         self.decisions: dict[Hashable, Any] = {}
 
 
@@ -291,7 +293,7 @@ class View:
 
     def remember(self, key: Hashable, value: Any) -> None:
         decisions = self._caches.decisions
-        if len(decisions) >= self._limit:
+        if len(decisions) >= REMEMBERED_DECISIONS:
             decisions.clear()
         decisions[key] = value
 

@@ -54,18 +54,13 @@ class CheckInput:
     # Which door asked: "grpc", "envoy", "asgi", "cli". For the audit log only.
     door: str = "grpc"
 
-    def memo_key(self) -> Hashable:
+    def memo_key(self, with_headers: bool = True) -> Hashable:
         """Everything a decision (and its audit record) reads from this input: all of it
-        but the request id (Engine.decide_keyed)."""
+        but the request id, and the headers only when asked (Engine.decide_keyed)."""
         t = self.target
         if isinstance(t, HttpTarget):
-            what: tuple[object, ...] = (
-                t.method,
-                t.path,
-                t.query,
-                tuple(sorted(t.headers.items())),
-                t.body,
-            )
+            headers = tuple(sorted(t.headers.items())) if with_headers else ()
+            what: tuple[object, ...] = (t.method, t.path, t.query, headers, t.body)
         elif isinstance(t, ActionTarget):
             what = (t.action, t.data_sources)
         else:

@@ -14,6 +14,7 @@ whole (reload.py). Its version is a hash of the files' names and bytes.
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import re
 from collections.abc import Mapping
@@ -102,6 +103,12 @@ class Policy:
     @property
     def rules(self) -> tuple[RouteRule, ...]:
         return self.routes.rules
+
+    @functools.cached_property
+    def reads_headers(self) -> bool:
+        """Whether a decision can depend on request headers: only through a condition that
+        reads `request` (engine.decide_keyed leaves headers out of its key otherwise)."""
+        return any("request" in c.program.variables for c in self.conditions)
 
 
 def policy_files(directory: str | Path) -> list[Path]:

@@ -10,6 +10,7 @@ import grpc
 from policyd.decider import Decider
 from policyd.gen.v1 import decision_pb2, decision_pb2_grpc
 from policyd.model import ActionTarget, CheckInput, Decision, HttpTarget
+from policyd.policy import Policy
 from policyd.reasons import Reason
 
 log = logging.getLogger(__name__)
@@ -19,12 +20,20 @@ _GRPC = "grpc-response"  # Remembered.extras key of the response, decision id un
 SERVICE_NAME = decision_pb2.DESCRIPTOR.services_by_name["Decision"].full_name
 
 
-def to_input(request: decision_pb2.CheckRequest, request_id: str | None = None) -> CheckInput:
+def to_input(
+    request: decision_pb2.CheckRequest,
+    request_id: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> CheckInput:
+    """The CheckInput of a request; `request_id` and `headers` when they have been taken
+    out of it (DecisionServicer.Check)."""
     which = request.WhichOneof("target")
     target: HttpTarget | ActionTarget | None
     if which == "http":
         h = request.http
-        target = HttpTarget(h.method, h.path, h.query, dict(h.headers) if h.headers else {}, h.body)
+        if headers is None:
+            headers = dict(h.headers) if h.headers else {}
+        target = HttpTarget(h.method, h.path, h.query, headers, h.body)
     elif which == "action":
         a = request.action
         target = ActionTarget(a.action, tuple(a.data_sources))
@@ -63,14 +72,20 @@ class DecisionServicer(decision_pb2_grpc.DecisionServicer):
         self, request: decision_pb2.CheckRequest, context: grpc.ServicerContext
     ) -> decision_pb2.CheckResponse:
         started = time.perf_counter_ns()
-        # The request without its id stands for itself (Engine.decide_keyed): the bytes
-        # hold every field the decision reads, map entries in a fixed order.
         request_id = request.request_id
-        if request_id:
+        headers = dict(request.http.headers) if request.http.headers else None
+
+        def key(policy: Policy) -> bytes:
+            # The request stands for itself (Engine.decide_keyed): its bytes without the
+            # request id, map entries in a fixed order, and without the headers when no
+            # condition of the policy can read them.
             request.request_id = ""
-        key = request.SerializeToString(deterministic=True)
+            if headers and not policy.reads_headers:
+                request.http.ClearField("headers")
+            return request.SerializeToString(deterministic=True)
+
         decision, entry = self.decider.check_keyed(
-            key, request_id, lambda: to_input(request, request_id), started
+            key, request_id, lambda: to_input(request, request_id, headers), started
         )
         try:
             if entry is None:

@@ -52,8 +52,8 @@ def test_a_repeated_request_is_answered_from_memory_with_a_new_decision_id(
     seeded: Home, engine: Engine
 ) -> None:
     inputs = read_ds_a(seeded)
-    first, entry = engine.decide_keyed(KEY, inputs)
-    again, same = engine.decide_keyed(KEY, inputs)
+    first, entry = engine.decide_keyed(lambda _p: KEY, inputs)
+    again, same = engine.decide_keyed(lambda _p: KEY, inputs)
     assert first.allowed and entry is not None
     assert same is entry and inputs.built == 1
     assert again.decision_id != first.decision_id
@@ -96,23 +96,23 @@ def test_any_store_write_forgets_it_before_the_write_returns(
 ) -> None:
     token = seeded.token()
     inputs = read_ds_a(seeded, token)
-    assert engine.decide_keyed(KEY, inputs)[1] is not None
+    assert engine.decide_keyed(lambda _p: KEY, inputs)[1] is not None
     change, reason = WRITES[write]
     other = Store(seeded.config.store.path)  # as another process would
     try:
         change(other, token)
     finally:
         other.close()
-    decision, _ = engine.decide_keyed(KEY, inputs)
+    decision, _ = engine.decide_keyed(lambda _p: KEY, inputs)
     assert inputs.built == 2  # decided again, not remembered
     assert decision.reason is reason
 
 
 def test_a_policy_reload_forgets_it(seeded: Home, engine: Engine) -> None:
     inputs = read_ds_a(seeded)
-    engine.decide_keyed(KEY, inputs)
+    engine.decide_keyed(lambda _p: KEY, inputs)
     engine.policy = load_policy(ROOT / "policies")  # the same files, a new policy object
-    decision, entry = engine.decide_keyed(KEY, inputs)
+    decision, entry = engine.decide_keyed(lambda _p: KEY, inputs)
     assert decision.allowed and entry is not None and inputs.built == 2
 
 
@@ -121,18 +121,18 @@ def test_it_ends_when_its_token_expires(seeded: Home, engine: Engine) -> None:
     # A token that expires (leeway included) within two seconds (exp is whole seconds).
     token = seeded.token(ttl_seconds=60, now=time.time() - 60 - leeway + 2)
     inputs = read_ds_a(seeded, token)
-    first, entry = engine.decide_keyed(KEY, inputs)
+    first, entry = engine.decide_keyed(lambda _p: KEY, inputs)
     assert first.allowed and entry is not None
     assert time.time() < entry.expires <= time.time() + 2
     time.sleep(max(0.0, entry.expires - time.time()) + 0.05)
-    decision, entry = engine.decide_keyed(KEY, inputs)
+    decision, entry = engine.decide_keyed(lambda _p: KEY, inputs)
     assert decision.reason is Reason.TOKEN_EXPIRED and entry is None
 
 
 def test_denials_are_not_remembered(seeded: Home, engine: Engine) -> None:
     inputs = Inputs(CheckInput(seeded.token(), HttpTarget("GET", "/api/data/tags/ds-c")))
     for _ in range(2):
-        decision, entry = engine.decide_keyed(b"ds-c", inputs)
+        decision, entry = engine.decide_keyed(lambda _p: b"ds-c", inputs)
         assert decision.reason is Reason.DATA_SOURCE_NOT_GRANTED and entry is None
     assert inputs.built == 2
 
@@ -152,9 +152,11 @@ def test_a_decision_whose_conditions_read_the_clock_is_not_remembered(tmp_path: 
         try:
             write = Inputs(CheckInput(token, HttpTarget("PUT", "/d/plain")))
             read = Inputs(CheckInput(token, HttpTarget("GET", "/d/plain")))
-            decision, entry = engine.decide_keyed(b"write", write)
+            decision, entry = engine.decide_keyed(lambda _p: b"write", write)
             assert decision.allowed and entry is None
-            decision, entry = engine.decide_keyed(b"read", read)  # no condition: remembered
+            decision, entry = engine.decide_keyed(
+                lambda _p: b"read", read
+            )  # no condition: remembered
             assert decision.allowed and entry is not None
         finally:
             engine.facts.store.close()
@@ -186,3 +188,55 @@ def replace_id(
     copy.CopyFrom(response)
     copy.decision_id = decision_id
     return copy
+
+
+def _keyed(engine: Engine, inputs: Inputs) -> tuple[bool, bool]:
+    """(allowed, remembered) of a decide_keyed with the key every door uses."""
+    request = inputs.request
+    decision, entry = engine.decide_keyed(
+        lambda policy: request.memo_key(policy.reads_headers), inputs
+    )
+    return decision.allowed, entry is not None
+
+
+def test_headers_stay_out_of_the_key_when_no_condition_can_read_them(
+    seeded: Home, engine: Engine
+) -> None:
+    assert not engine.policy.reads_headers  # policies/hub.yaml
+    token = seeded.token()
+
+    def read(request_id: str) -> Inputs:
+        target = HttpTarget("GET", "/api/data/tags/ds-a", "", {"x-request-id": request_id})
+        return Inputs(CheckInput(token, target, request_id))
+
+    first, second = read("r-1"), read("r-2")
+    assert _keyed(engine, first) == (True, True)
+    assert _keyed(engine, second) == (True, True)
+    assert second.built == 0  # a different request id header: the same decision
+
+
+def test_headers_are_in_the_key_when_a_condition_reads_the_request(tmp_path: Path) -> None:
+    policy = policy_with(
+        tmp_path,
+        """\
+        - id: no-test-traffic
+          effect: deny
+          routes: [read]
+          when: '"x-env" in request.headers && request.headers["x-env"] == "test"'
+        """,
+    )
+    assert policy.reads_headers
+    with scratch_dir() as scratch:
+        engine, token = Runner(policy, scratch).engine(Fixture(ALICE, GRANTS, None, LABELS))
+        try:
+
+            def read(env: str) -> Inputs:
+                target = HttpTarget("GET", "/d/plain", "", {"x-env": env})
+                return Inputs(CheckInput(token, target))
+
+            prod, test = read("prod"), read("test")
+            assert _keyed(engine, prod) == (True, True)
+            assert _keyed(engine, test) == (False, False)  # decided, and denied
+            assert test.built == 1
+        finally:
+            engine.facts.store.close()
