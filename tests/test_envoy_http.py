@@ -262,6 +262,37 @@ def test_an_allow_answers_200_with_the_identity_and_removals(door: http_door.Htt
     assert headers[http_door.REMOVE_HEADER] == "x-auth-user"  # x-policyd-sub: overwritten
 
 
+def _answer_headers(out: bytes) -> list[dict[str, str]]:
+    answers = []
+    for head in out.split(b"\r\n\r\n")[:-1]:
+        lines = head.decode().split("\r\n")
+        assert lines[0] == "HTTP/1.1 200 OK"
+        answers.append(dict(line.split(": ", 1) for line in lines[1:]))
+    return answers
+
+
+def test_a_remembered_allow_answers_the_same_with_its_own_decision_id(
+    door: http_door.HttpDoor,
+) -> None:
+    home: Home = door.home  # type: ignore[attr-defined]
+    token = home.token(scopes=("UserInfo", "DataRead", "DataWrite"))
+    plain = _check("/api/data/tags/ds-a", f"authorization: Bearer {token}\r\n")
+    spoofing = _check(
+        "/api/data/tags/ds-a", f"authorization: Bearer {token}\r\nx-auth-user: mallory\r\n"
+    )
+    out, _ = _exchange(door, plain + plain + spoofing + plain)
+    answers = _answer_headers(out)
+    assert len(answers) == 4
+    ids = [a.pop("x-policyd-decision-id") for a in answers]
+    assert len(set(ids)) == 4
+    # The second answer comes from memory (Remembered), the same but for its id; a client
+    # that sends an identity header still gets it removed.
+    assert answers[0] == answers[1] == answers[3]
+    assert http_door.REMOVE_HEADER not in answers[0]
+    assert answers[2][http_door.REMOVE_HEADER] == "x-auth-user"
+    assert {k: v for k, v in answers[2].items() if k != http_door.REMOVE_HEADER} == answers[0]
+
+
 def test_a_deny_answers_the_status_challenge_and_json_body(door: http_door.HttpDoor) -> None:
     out, _ = _exchange(door, _check("/api/data/tags/ds-a"))
     head, _, body = out.partition(b"\r\n\r\n")

@@ -34,7 +34,10 @@ import socket
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import cast
+
+import uvloop
 
 from adapters.denials import Denial, body_too_large, for_reason
 from adapters.envoy.servicer import IDENTITY_PREFIXES, bearer_token, identity_headers
@@ -51,6 +54,9 @@ PATH_PREFIX = "/ext_authz"
 MAX_HEAD_BYTES = 64 * 1024  # Envoy's own default limit for request headers is 60 KiB
 MAX_BODY_BYTES = 1 << 20  # envoy-http.yaml's `max_request_bytes`
 REMOVE_HEADER = "x-envoy-auth-headers-to-remove"
+# Remembered.extras key of a remembered allow's answer, split where its decision id goes.
+_ALLOW = "envoy-http-allow"
+_ID_MARK = "decision-id-goes-here"
 
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _VALUE_OK = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
@@ -173,9 +179,10 @@ class DoorProtocol(asyncio.Protocol):
         self.body_at = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        self.door.connections.add(transport)
+        # A stream transport (uvloop's is not an asyncio.Transport subclass, but has its
+        # methods: write, close, is_closing).
+        self.transport = cast(asyncio.Transport, transport)
+        self.door.connections.add(self.transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.transport is not None:
@@ -267,16 +274,33 @@ class HttpDoor:
         self.port: int = self.sock.getsockname()[1]
         self.connections: set[asyncio.Transport] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
-        self._server: asyncio.Server | None = None
+        self._server: asyncio.AbstractServer | None = None
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="envoy-http-door", daemon=True)
 
     def answer(self, request: Request) -> bytes:
         started = time.perf_counter_ns()
-        decision = self.decider.check(to_input(request), started)
+        check = to_input(request)
+        decision, entry = self.decider.check_keyed(
+            lambda policy: check.memo_key(policy.reads_headers),
+            check.request_id,
+            lambda: check,
+            started,
+        )
         if decision.allowed:
+            sent = request.headers
             try:
-                return allow(decision, request.headers, self.remove_authorization)
+                if entry is None or any(name.startswith(IDENTITY_PREFIXES) for name in sent):
+                    return allow(decision, sent, self.remove_authorization)
+                # A remembered allow: its answer, made once, with this answer's id.
+                parts: tuple[bytes, bytes] | None = entry.extras.get(_ALLOW)
+                if parts is None:
+                    marked = replace(entry.decision, decision_id=_ID_MARK)
+                    head, tail = allow(marked, (), self.remove_authorization).split(
+                        _ID_MARK.encode()
+                    )
+                    parts = entry.extras[_ALLOW] = (head, tail)
+                return parts[0] + decision.decision_id.encode() + parts[1]
             except ValueError as exc:
                 log.error("decision %s answered 500: %s", decision.decision_id, exc)
                 denial = Denial(
@@ -292,7 +316,7 @@ class HttpDoor:
         self._ready.wait()
 
     def _run(self) -> None:
-        loop = asyncio.new_event_loop()
+        loop = uvloop.new_event_loop()  # libuv: about a third less CPU per request here
         self.loop = loop
         try:
             self._server = loop.run_until_complete(
