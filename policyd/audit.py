@@ -298,10 +298,12 @@ def open_log_file(path: Path, sync: str) -> sqlite3.Connection:
     return conn
 
 
-def append_records(conn: sqlite3.Connection, key: bytes, records: Iterable[list[Any]]) -> int:
+def append_records(
+    conn: sqlite3.Connection, key: bytes, records: Iterable[tuple[bytes, list[Any]]]
+) -> int:
     """(Inside the caller's write transaction.) Chain the records after the last one and
-    insert them; returns how many. Each record is its list of FIELDS values, as its
-    canonical JSON holds them (fields_of_line)."""
+    insert them; returns how many. Each record is its canonical JSON, as a journal line
+    holds it, with the list of FIELDS values it holds (fields_of_line)."""
     last = conn.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
     if last is None:
         anchor = conn.execute(
@@ -313,10 +315,11 @@ def append_records(conn: sqlite3.Connection, key: bytes, records: Iterable[list[
     rows = []
     ds_rows: list[tuple[str, float, int]] = []
     encode = _ENCODER.encode
-    for values in records:
+    for canonical, values in records:
         seq += 1
-        # The same bytes AuditRecord.canonical() gives for these values: what verify checks.
-        digest = hmac.new(key, (prev + encode(values)).encode(), hashlib.sha256).hexdigest()
+        # The line is AuditRecord.canonical() of these values (journal.py writes nothing
+        # else), so it is what verify recomputes from the stored row.
+        digest = hmac.new(key, prev.encode() + canonical, hashlib.sha256).hexdigest()
         data_sources = values[_DATA_SOURCES]
         row = values.copy()
         row[_SCOPES] = " ".join(values[_SCOPES])

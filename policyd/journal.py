@@ -431,7 +431,7 @@ class Indexer:
             records = []
             for line in complete.splitlines():
                 try:
-                    records.append(fields_of_line(line))
+                    records.append((line, fields_of_line(line)))
                 except ValueError as exc:  # damaged: not as AuditLog wrote it
                     log.error("audit journal %s: skipping an unreadable line: %s", path, exc)
             new_mark = mark + len(complete)
