@@ -392,17 +392,26 @@ class Query:
         """SQL for the newest `limit` matching records (callers reverse for display).
 
         Each query walks one index newest-first and stops after `limit` matches: by data
-        source the (data_source, ts) key of audit_data_sources, else (user_id, ts),
-        (client_id, ts) or (ts), whichever the planner picks for the filters.
+        source alone the (data_source, ts) key of audit_data_sources, else (user_id, ts),
+        (client_id, ts) or (ts), whichever the planner picks for the filters (a data
+        source then checked per record in that key).
         """
         where: list[str] = []
         args: list[Any] = []
         source, ts = "audit a", "a.ts"
         order = "a.ts DESC, a.seq DESC"
-        if self.data_source is not None:
+        if self.data_source is not None and self.user_id is None:
             source = "audit_data_sources d JOIN audit a ON a.seq = d.seq"
             ts, order = "d.ts", "d.ts DESC, d.seq DESC"
             where.append("d.data_source = ?")
+            args.append(self.data_source)
+        elif self.data_source is not None:
+            # With a user too, walk the user's records (far fewer than a data source's:
+            # one user of many) and look each one up in the data-source key.
+            where.append(
+                "EXISTS (SELECT 1 FROM audit_data_sources d"
+                " WHERE d.data_source = ? AND d.ts = a.ts AND d.seq = a.seq)"
+            )
             args.append(self.data_source)
         for column, value in (
             ("client_id", self.client_id),
