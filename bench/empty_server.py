@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config = load_config(args.config, env={})
     response = decision_pb2.CheckResponse.FromString(args.response_file.read_bytes())
-    affinity.pin_worker(config.server.cpu_affinity, 0)  # as `policyd serve` does
+    affinity.pin_worker(config.server.cpu_affinity, None)  # as a lone `policyd serve` does
     server = build(config.server.threads, args.address, response)
     server.start()
     stop = threading.Event()

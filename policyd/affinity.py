@@ -6,12 +6,14 @@ that runs the handler, and back. When the kernel spreads those threads over two 
 hand-off of the GIL is a cross-core wake-up: a futex, a migration, and caches that are cold
 on the core that wakes. Measured on the 2-core dev machine (docs/benchmarks.md), that
 hand-off, not the decision, was most of the gap between Check and an empty handler; pinned
-to one core, the same server spends 35% less CPU per call. More cores are used the way
+to one core, the same server spends about a third less CPU per call. More cores are used the way
 nginx and HAProxy do it: several processes (`server.workers`), each pinned to its own CPU.
 
 `server.cpu_affinity`:
 - "auto" (default): worker i runs on the i-th CPU this process may use (wrapping around);
-  a lone server on the first. Where only one CPU is allowed, nothing changes.
+  a lone server (no `server.workers`) stays on the CPU it started on, so that several
+  lone servers on one host do not all crowd onto the first. Where only one CPU is allowed,
+  nothing changes.
 - "none": no pinning; the kernel places the threads.
 - a CPU list such as "1", "0,2" or "0-3": worker i runs on the i-th CPU of the list.
 """
@@ -52,8 +54,10 @@ def parse(setting: str) -> list[int] | None:
     return cpus
 
 
-def choose(setting: str, worker: int, allowed: set[int] | None = None) -> int | None:
-    """The CPU for worker number `worker`, or None to leave the process unpinned."""
+def choose(
+    setting: str, worker: int | None, allowed: set[int] | None = None, current: int | None = None
+) -> int | None:
+    """The CPU for worker number `worker` (None: a lone server), or None to stay unpinned."""
     allowed = set(os.sched_getaffinity(0)) if allowed is None else allowed
     if setting.strip().lower() == "none":
         return None
@@ -62,6 +66,9 @@ def choose(setting: str, worker: int, allowed: set[int] | None = None) -> int | 
         if len(allowed) < 2:
             return None
         ordered = sorted(allowed)
+        if worker is None:
+            cpu = current_cpu() if current is None else current
+            return cpu if cpu in allowed else ordered[0]
         return ordered[worker % len(ordered)]
     missing = [c for c in listed if c not in allowed]
     if missing:
@@ -69,7 +76,16 @@ def choose(setting: str, worker: int, allowed: set[int] | None = None) -> int | 
             f"{KEY}: CPU {missing[0]} is not available to this process"
             f" (allowed: {','.join(map(str, sorted(allowed)))})"
         )
-    return listed[worker % len(listed)]
+    return listed[(worker or 0) % len(listed)]
+
+
+def current_cpu() -> int | None:
+    """The CPU this process last ran on (field 39 of /proc/self/stat), or None."""
+    try:
+        stat = Path("/proc/self/stat").read_bytes()
+        return int(stat[stat.rindex(b")") + 2 :].split()[36])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def pin(cpu: int) -> None:
@@ -84,8 +100,9 @@ def pin(cpu: int) -> None:
             os.sched_setaffinity(tid, {cpu})
 
 
-def pin_worker(setting: str, worker: int) -> int | None:
-    """Apply the setting for this worker; returns the CPU, or None when not pinned.
+def pin_worker(setting: str, worker: int | None) -> int | None:
+    """Apply the setting for this worker (None: a lone server); returns the CPU, or None
+    when not pinned.
 
     A CPU the kernel refuses (for example a cgroup change since start) is logged and
     leaves the process unpinned: a slower server is better than none."""

@@ -44,6 +44,8 @@ GENESIS = "0" * 64
 # How long after its decision id's clock a record may be written (decision + commit wait).
 SHOW_WINDOW_SECONDS = 60.0
 BUSY_TIMEOUT_MS = 5000
+# The most data-source names a record keeps (each cut to 200 characters).
+RECORD_DATA_SOURCES = 256
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS audit (
@@ -236,7 +238,10 @@ def record_for(
         action = request.target.action[:200]
     data_sources = decision.data_sources
     if not data_sources and isinstance(request.target, ActionTarget):
-        data_sources = tuple(ds[:200] for ds in request.target.data_sources[:64])
+        data_sources = request.target.data_sources
+    # Bounded, like every field: a record is one journal line (journal.py reads them in
+    # 1 MiB chunks).
+    data_sources = tuple(ds[:200] for ds in data_sources[:RECORD_DATA_SOURCES])
     return AuditRecord(
         id=decision.decision_id,
         ts=time.time() if now is None else now,

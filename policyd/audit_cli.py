@@ -329,13 +329,17 @@ def audit_index(ctx: click.Context, follow_mode: bool) -> None:
             return
         stop = _SignalStop()
         signal.signal(signal.SIGTERM, stop.on_signal)
-        signal.signal(signal.SIGINT, stop.on_signal)
-        _all_cpus()  # not the CPU of the server that started it (affinity.py)
+        # Started by `policyd serve`, it stops when the server says so (SIGTERM) or is gone.
+        serving = os.environ.get(INDEXER_ENV)
+        signal.signal(signal.SIGINT, signal.SIG_IGN if serving else stop.on_signal)
+        if serving:  # the CPUs the server had before it pinned itself (affinity.py)
+            with contextlib.suppress(OSError, ValueError):
+                os.sched_setaffinity(0, {int(cpu) for cpu in serving.split(",")})
         indexer.run(
             stop,
             retention=(a.max_age_days * 86400 or None, a.max_bytes or None),
             retention_every=a.retention_interval_seconds,
-            parent=os.getppid() if os.environ.get(INDEXER_ENV) else None,
+            parent=os.getppid() if serving else None,
         )
     finally:
         indexer.close()
@@ -357,8 +361,3 @@ class _SignalStop:
         if not self.signals:
             time.sleep(seconds)
         return self.is_set()
-
-
-def _all_cpus() -> None:
-    with contextlib.suppress(OSError):
-        os.sched_setaffinity(0, range(os.cpu_count() or 1))

@@ -682,7 +682,12 @@ def check(
     if local:
         from policyd.wiring import build_decider
 
-        decision = build_decider(obj.config, obj.store).check(request)
+        decider = build_decider(obj.config, obj.store)
+        try:
+            decision = decider.check(request)
+        finally:
+            if decider.audit is not None:
+                decider.audit.close()  # its journal indexed and removed
     else:
         decision = _remote_check(obj.config, address or obj.config.client_address, request)
     _print_decision(decision, as_json)

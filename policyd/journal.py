@@ -63,13 +63,15 @@ from policyd.audit import (
 log = logging.getLogger(__name__)
 
 JOURNAL_SUFFIX = ".journal"
-# Set in the environment of the indexer process a server starts: it stops when its parent
-# is gone.
+# Set in the environment of the indexer process a server starts, to the CPUs the server
+# could use before it pinned itself: the indexer takes them, and stops when its parent is
+# gone.
 INDEXER_ENV = "POLICYD_AUDIT_INDEXER"
 # Bytes reserved per journal file: about 50,000 records.
 JOURNAL_BYTES = 16 << 20
-# The most the indexer reads from one journal per transaction (about 800 records).
-INDEX_CHUNK_BYTES = 256 << 10
+# The most the indexer reads from one journal per transaction (about 3,000 records; a
+# record is at most about 320 KB: audit.record_for bounds every field).
+INDEX_CHUNK_BYTES = 1 << 20
 # The pause between two indexing passes: records gather meanwhile.
 INDEX_INTERVAL_SECONDS = 0.02
 WATCH_INTERVAL_SECONDS = 0.1
@@ -110,7 +112,7 @@ _string = json.encoder.encode_basestring
 class _Journal:
     """One journal file, mapped into memory. Written only under AuditLog._wlock."""
 
-    def __init__(self, directory: Path, size: int) -> None:
+    def __init__(self, directory: Path, size: int, sync_dir: bool = False) -> None:
         # Made under a temporary name, locked, then renamed: an indexer never sees a
         # journal that is not locked by its writer yet.
         temp = directory / f".new-{os.getpid()}-{secrets.token_hex(4)}"
@@ -123,6 +125,12 @@ class _Journal:
             self.name = f"{time.time_ns()}-{os.getpid()}-{secrets.token_hex(4)}{JOURNAL_SUFFIX}"
             self.path = directory / self.name
             os.rename(temp, self.path)
+            if sync_dir:  # audit.sync = "full": the new name survives power loss too
+                dir_fd = os.open(directory, os.O_RDONLY)
+                try:
+                    os.fsync(dir_fd)
+                finally:
+                    os.close(dir_fd)
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
@@ -181,14 +189,16 @@ class AuditLog:
         self._wlock = threading.Lock()  # the journals
         self._synclock = threading.Lock()  # one msync at a time (sync = "full")
         self._standby: _Journal | None = None
+        self._closed = False
         self._stuck = ""  # why records are refused, while the indexer is too far behind
         self._stopping = threading.Event()
         self._watch: threading.Thread | None = None
         self._indexer: Indexer | None = None
+        self._indexer_lock = threading.Lock()
         try:
             open_log_file(self.path, sync).close()  # the file and its schema, for readers
             self.journal_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self._journal = _Journal(self.journal_dir, journal_bytes)
+            self._journal = _Journal(self.journal_dir, journal_bytes, self.sync_full)
         except (OSError, sqlite3.Error) as exc:
             raise AuditUnavailable(f"cannot open audit log {self.path}: {exc}") from exc
 
@@ -204,6 +214,8 @@ class AuditLog:
         with self._wlock:
             if self._stuck:
                 raise AuditUnavailable(self._stuck)
+            if self._closed:
+                raise AuditUnavailable("the audit log is closed")
             journal = self._journal
             end = journal.append(data)
             if end is None:
@@ -221,6 +233,8 @@ class AuditLog:
         with self._synclock:
             if journal.synced >= end:
                 return
+            if journal.closed:  # closed before this record was synced: not durable
+                raise AuditUnavailable("audit journal closed before its sync")
             target = journal.offset
             try:
                 journal.sync()
@@ -231,7 +245,7 @@ class AuditLog:
     def _next_journal(self) -> _Journal:
         """(Under _wlock.) Switch to the standby journal, or a new one; retire the full one."""
         try:
-            fresh = self._standby or _Journal(self.journal_dir, self.journal_bytes)
+            fresh = self._standby or _Journal(self.journal_dir, self.journal_bytes, self.sync_full)
         except OSError as exc:
             raise AuditUnavailable(f"cannot start a new audit journal: {exc}") from exc
         self._standby = None
@@ -240,7 +254,7 @@ class AuditLog:
             if self.sync_full:
                 with contextlib.suppress(OSError, ValueError):
                     old.sync()
-                old.synced = old.offset
+                    old.synced = old.offset  # only when the sync worked: see _sync
             old.close()
         return fresh
 
@@ -248,17 +262,19 @@ class AuditLog:
         """Index now (no watch thread: no indexer process either). The record is already
         durable, so a failure here only leaves it for the next pass."""
         try:
-            if self._indexer is None:
-                self._indexer = Indexer(self.path, self.key)
-            self._indexer.run_once()
+            self._own_indexer().run_once()
         except (sqlite3.Error, OSError) as exc:
             log.warning("audit indexing failed, the record waits in its journal: %s", exc)
 
     def flush(self) -> int:
         """Index everything written so far, in this process; returns how many records."""
-        if self._indexer is None:
-            self._indexer = Indexer(self.path, self.key)
-        return self._indexer.run_once()
+        return self._own_indexer().run_once()
+
+    def _own_indexer(self) -> Indexer:
+        with self._indexer_lock:  # one, whichever thread asks first (it is thread-safe)
+            if self._indexer is None:
+                self._indexer = Indexer(self.path, self.key, "full" if self.sync_full else "normal")
+            return self._indexer
 
     # -- serving ---------------------------------------------------------------------
 
@@ -294,7 +310,7 @@ class AuditLog:
                 indexed = (self.journal_dir / name).exists() is False or (
                     row is not None and row[0] >= offset
                 )
-            except sqlite3.Error as exc:
+            except Exception as exc:  # never let the watch die: it is what fails closed
                 indexed = False
                 log.warning("audit watch cannot read the log: %s", exc)
             if indexed:
@@ -310,7 +326,7 @@ class AuditLog:
 
     def _prepare_standby(self) -> None:
         try:
-            standby = _Journal(self.journal_dir, self.journal_bytes)
+            standby = _Journal(self.journal_dir, self.journal_bytes, self.sync_full)
         except OSError as exc:
             log.warning("cannot prepare the next audit journal: %s", exc)
             return
@@ -327,6 +343,7 @@ class AuditLog:
         if self._watch is not None:
             self._watch.join(timeout=10)
         with self._wlock:
+            self._closed = True  # a late record is refused, not written to a closed map
             journals = [self._journal]
             standby, self._standby = self._standby, None
         if standby is not None:
@@ -344,6 +361,18 @@ class AuditLog:
                 log.error("audit: records stay in %s: %s", self.journal_dir, exc)
         if self._indexer is not None:
             self._indexer.close()
+
+
+def _after_next_line(fd: int, offset: int) -> int | None:
+    """The offset after the next newline from `offset`, or None when none is written yet."""
+    while True:
+        data = os.pread(fd, INDEX_CHUNK_BYTES, offset)
+        newline, zero = data.find(b"\n"), data.find(b"\0")
+        if not data or (zero >= 0 and (newline < 0 or zero < newline)):
+            return None
+        if newline >= 0:
+            return offset + newline + 1
+        offset += len(data)
 
 
 def _discard(journal: _Journal) -> None:
@@ -375,23 +404,31 @@ class Indexer:
         self.records = 0  # indexed by this indexer, and in how many transactions
         self.commits = 0
         self._known: dict[str, int] = {}  # journal -> mark, as last seen
+        self._lock = threading.Lock()  # one pass at a time on the one connection
 
     def close(self) -> None:
-        self.conn.close()
+        with self._lock:
+            self.conn.close()
 
     def run_once(self) -> int:
-        """Index what every journal holds now; returns how many records."""
+        """Index what every journal holds now; returns how many records. A journal that
+        cannot be read is logged and skipped (the others still get indexed); an error of
+        the audit file itself is raised."""
         total = 0
-        try:
-            paths = sorted(self.journal_dir.glob("*" + JOURNAL_SUFFIX))
-        except FileNotFoundError:
-            return 0
-        for path in paths:
-            while True:
-                indexed, more = self._index_file(path)
-                total += indexed
-                if not more:
-                    break
+        with self._lock:
+            try:
+                paths = sorted(self.journal_dir.glob("*" + JOURNAL_SUFFIX))
+            except FileNotFoundError:
+                return 0
+            for path in paths:
+                more = True
+                while more:
+                    try:
+                        indexed, more = self._index_file(path)
+                    except OSError as exc:
+                        log.error("audit journal %s cannot be read: %s", path.name, exc)
+                        break
+                    total += indexed
         return total
 
     def _index_file(self, path: Path) -> tuple[int, bool]:
@@ -420,6 +457,16 @@ class Indexer:
         conn = self.conn
         conn.execute("BEGIN IMMEDIATE")
         try:
+            # Another indexer may have finished this journal (indexed, deleted the file, then
+            # its mark) since it was opened: inside the write lock, make sure it still exists
+            # as this file, or the missing mark would read as 0 and index it all again.
+            try:
+                if os.stat(path).st_ino != os.fstat(fd).st_ino:
+                    conn.execute("ROLLBACK")
+                    return 0, False
+            except FileNotFoundError:
+                conn.execute("ROLLBACK")
+                return 0, False
             row = conn.execute(
                 "SELECT offset FROM audit_journal WHERE name = ?", (path.name,)
             ).fetchone()
@@ -435,6 +482,13 @@ class Indexer:
                 except ValueError as exc:  # damaged: not as AuditLog wrote it
                     log.error("audit journal %s: skipping an unreadable line: %s", path, exc)
             new_mark = mark + len(complete)
+            if not complete and len(written) == INDEX_CHUNK_BYTES:
+                # A line longer than a chunk: AuditLog never writes one (record_for bounds
+                # every field), so it is damage. Skip it, or the journal would stall here.
+                after = _after_next_line(fd, mark + len(written))
+                if after is not None:
+                    log.error("audit journal %s: skipping an oversized line", path.name)
+                    new_mark = after
             if records:
                 append_records(conn, self.key, records)
             if new_mark != mark:
@@ -466,7 +520,8 @@ class Indexer:
         return len(records), more
 
     def prune(self, *, before: float | None = None, max_bytes: int | None = None) -> int:
-        return prune(self.conn, before=before, max_bytes=max_bytes)
+        with self._lock:
+            return prune(self.conn, before=before, max_bytes=max_bytes)
 
     def run(
         self,

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Hashable
+import hashlib
+import pickle
 from dataclasses import dataclass, field
 
 from policyd.reasons import Reason
@@ -54,9 +55,11 @@ class CheckInput:
     # Which door asked: "grpc", "envoy", "asgi", "cli". For the audit log only.
     door: str = "grpc"
 
-    def memo_key(self, with_headers: bool = True) -> Hashable:
-        """Everything a decision (and its audit record) reads from this input: all of it
-        but the request id, and the headers only when asked (Engine.decide_keyed)."""
+    def memo_key(self, with_headers: bool = True) -> bytes:
+        """A digest of everything a decision (and its audit record) reads from this input:
+        all of it but the request id, and the headers only when asked
+        (Engine.decide_keyed). A digest, so that a remembered decision's key is 32 bytes
+        whatever the size of the token and the body."""
         t = self.target
         if isinstance(t, HttpTarget):
             headers = tuple(sorted(t.headers.items())) if with_headers else ()
@@ -65,7 +68,9 @@ class CheckInput:
             what = (t.action, t.data_sources)
         else:
             what = ()
-        return (self.door, self.token, type(t).__name__, *what)
+        # pickle of str, bytes and tuples is exact and unambiguous (lengths, types).
+        data = pickle.dumps((self.door, self.token, type(t).__name__, *what), protocol=5)
+        return hashlib.blake2b(data, digest_size=32).digest()
 
 
 @dataclass(frozen=True, slots=True)

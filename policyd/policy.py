@@ -108,7 +108,8 @@ class Policy:
     def reads_headers(self) -> bool:
         """Whether a decision can depend on request headers: only through a condition that
         reads `request` (engine.decide_keyed leaves headers out of its key otherwise)."""
-        return any("request" in c.program.variables for c in self.conditions)
+        conditions = [*self.conditions, *(c for r in self.routes.rules for c in r.conditions)]
+        return any("request" in c.program.variables for c in conditions)
 
 
 def policy_files(directory: str | Path) -> list[Path]:

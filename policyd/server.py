@@ -230,7 +230,8 @@ def serve(config: Config, config_path: str | None = None) -> int:
 
 def _serve(config: Config, indexer: IndexerProcess | None) -> int:
     # Before any server thread starts, so that every thread inherits the CPU (affinity.py).
-    cpu = affinity.pin_worker(config.server.cpu_affinity, int(os.environ.get(WORKER_ENV, "0")))
+    worker = os.environ.get(WORKER_ENV)
+    cpu = affinity.pin_worker(config.server.cpu_affinity, int(worker) if worker else None)
     server = Server(config)
     # The authorization server (HTTP, its own port) runs in one process only: worker 0.
     from policyd.oauth.server import start_authorization_server
@@ -292,6 +293,9 @@ class IndexerProcess:
         self.command = command
         self.process: subprocess.Popen[bytes] | None = None
         self.next_start = 0.0
+        # The CPUs this process may use before it pins itself (affinity.py): the indexer
+        # gets them back, whenever it is (re)started.
+        self.cpus = ",".join(map(str, sorted(os.sched_getaffinity(0))))
 
     @classmethod
     def start_for(cls, config: Config, config_path: str | None) -> IndexerProcess | None:
@@ -319,7 +323,11 @@ class IndexerProcess:
         return process
 
     def start(self) -> None:
-        self.process = subprocess.Popen(self.command, env=dict(os.environ, **{INDEXER_ENV: "1"}))
+        # Its own session: a Ctrl-C or a service manager's signal to the server's process
+        # group must not stop it before the server has drained (stop() stops it after).
+        self.process = subprocess.Popen(
+            self.command, env=dict(os.environ, **{INDEXER_ENV: self.cpus}), start_new_session=True
+        )
         self.next_start = time.monotonic() + self.RESTART_SECONDS
 
     def keep_running(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 
@@ -82,7 +83,10 @@ class DecisionServicer(decision_pb2_grpc.DecisionServicer):
             request.request_id = ""
             if headers and not policy.reads_headers:
                 request.http.ClearField("headers")
-            return request.SerializeToString(deterministic=True)
+            # A digest: a remembered decision's key is 32 bytes, whatever the body's size.
+            return hashlib.blake2b(
+                request.SerializeToString(deterministic=True), digest_size=32
+            ).digest()
 
         decision, entry = self.decider.check_keyed(
             key, request_id, lambda: to_input(request, request_id, headers), started

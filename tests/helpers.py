@@ -230,7 +230,7 @@ def indexed_records(
     path: str | Path, ids: set[str], timeout: float = 10.0
 ) -> dict[str, AuditRecord]:
     """The records of these decision ids, once the server's indexer has moved them all from
-    its journal into the log (within INDEX_DELAY_SECONDS when idle)."""
+    its journal into the log (within journal.INDEX_INTERVAL_SECONDS when idle)."""
     deadline = time.monotonic() + timeout
     while True:
         reader = AuditReader(path)

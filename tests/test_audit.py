@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
 import json
 import os
@@ -31,11 +32,14 @@ from policyd.audit import (
     load_key,
     open_log_file,
     prune,
+    record_for,
     verify,
 )
 from policyd.cli import main
 from policyd.ids import new_id
 from policyd.journal import JOURNAL_SUFFIX, AuditLog, Indexer, LineTemplate
+from policyd.model import CheckInput, Decision, HttpTarget
+from policyd.reasons import Reason
 from tests.helpers import (
     Home,
     ServerProcess,
@@ -138,11 +142,11 @@ def test_every_check_over_grpc_is_recorded_with_its_fields_and_no_secrets(
     assert a.latency_us > 0
     d = by_id[deny.decision_id]
     assert (d.decision, d.reason) == ("deny", "DATA_SOURCE_NOT_GRANTED")
-    raw = b"".join(  # the log, its WAL, and the journals
-        p.read_bytes()
-        for p in Path(home.config.audit.path).parent.rglob("audit.db*")
-        if p.is_file()
-    )
+    log_file = Path(home.config.audit.path)
+    journals = list(journal_dir(log_file).glob("*"))
+    assert journals  # the server's journal, still open: read with the log and its WAL
+    files = [*log_file.parent.glob("audit.db*"), *journals]
+    raw = b"".join(p.read_bytes() for p in files if p.is_file())
     assert token.encode() not in raw
     assert token.split(".")[2].encode() not in raw  # not even the signature
     assert b"secret-tag" not in raw
@@ -327,7 +331,7 @@ def test_records_are_audit_unavailable_while_no_journal_can_be_made(
     audit.record(_record())
     real = journal_module._Journal.__init__
 
-    def full_disk(self: Any, directory: Path, size: int) -> None:
+    def full_disk(self: Any, directory: Path, size: int, sync_dir: bool = False) -> None:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(journal_module._Journal, "__init__", full_disk)
@@ -443,8 +447,9 @@ def test_sigkill_under_load_loses_no_record_of_an_answered_decision(seeded: Home
     # A restarted server opens the same log; every answered decision is in it.
     with run_server(seeded):
         reader = AuditReader(seeded.config.audit.path, load_key(seeded.config.audit.key_file))
-        logged = {s.record.id for s in reader.query(Query(limit=1_000_000))}
-        assert set(received) <= logged
+        logged = [s.record.id for s in reader.query(Query(limit=1_000_000))]
+        assert set(received) <= set(logged)
+        assert len(logged) == len(set(logged)), "a record was indexed twice"
         assert reader.verify().ok
 
 
@@ -813,3 +818,104 @@ def test_cli_reads_while_the_server_writes_under_load(
             t.join()
     assert counts == sorted(counts) and counts[-1] > counts[0]
     assert errors == []
+
+
+def test_an_indexer_that_opened_a_journal_another_one_finished_indexes_nothing_twice(
+    log_path: Path, key: bytes
+) -> None:
+    audit = AuditLog(log_path, key)
+    audit.start()  # no inline indexing: the journal stays for the two indexers below
+    for i in range(5):
+        audit.record(_record(request_id=f"r{i}"))
+    audit.close()  # the writer is done: its journal is unlocked
+    [path] = journal_dir(log_path).glob("*" + JOURNAL_SUFFIX)
+    first, second = Indexer(log_path, key), Indexer(log_path, key)
+    fd_first = os.open(path, os.O_RDONLY)
+    fcntl.flock(fd_first, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the first sees an ended journal
+    fd_second = os.open(path, os.O_RDONLY)  # the second opened it too, before the deletion
+    try:
+        assert first._index_chunk(path, fd_first, True) == (5, False)  # indexed, deleted
+        assert second._index_chunk(path, fd_second, False) == (0, False)
+    finally:
+        os.close(fd_first)
+        os.close(fd_second)
+    reader = AuditReader(log_path, key)
+    ids = [s.record.request_id for s in reader.query(Query(limit=100))]
+    assert sorted(ids) == [f"r{i}" for i in range(5)]
+    assert sqlite3.connect(log_path).execute("SELECT count(*) FROM audit_journal").fetchone() == (
+        0,
+    )
+
+
+def test_threads_sharing_an_unstarted_log_record_every_record_once(
+    log_path: Path, key: bytes
+) -> None:
+    audit = AuditLog(log_path, key)  # inline indexing, from every thread
+    ids: list[str] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        for _ in range(50):
+            rec = _record()
+            audit.record(rec)
+            with lock:
+                ids.append(rec.id)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    audit.close()
+    stored = [s.record.id for s in AuditReader(log_path, key).query(Query(limit=1000))]
+    assert sorted(stored) == sorted(ids)  # each once
+    assert AuditReader(log_path, key).verify().checked == 400
+
+
+def test_a_record_keeps_at_most_256_data_sources(log_path: Path, key: bytes) -> None:
+    names = tuple(f"ds-{n:05d}-" + "x" * 300 for n in range(20_000))
+    decision = Decision(True, Reason.ALLOWED, "allowed", new_id(), None, "r", "a", names)
+    rec = record_for(CheckInput("", HttpTarget("GET", "/x")), decision, 1)
+    assert len(rec.data_sources) == 256 and all(len(n) == 200 for n in rec.data_sources)
+    audit = AuditLog(log_path, key)
+    audit.record(rec)
+    audit.close()
+    [stored] = AuditReader(log_path, key).query(Query(limit=10))
+    assert stored.record.data_sources == rec.data_sources
+
+
+def test_a_damaged_oversized_line_is_skipped_and_the_rest_indexed(
+    log_path: Path, key: bytes
+) -> None:
+    audit = AuditLog(log_path, key, journal_bytes=4 << 20)
+    audit.start()
+    audit.record(_record(request_id="before"))
+    audit._journal.append(b"x" * (journal_module.INDEX_CHUNK_BYTES + 10) + b"\n")  # damage
+    audit.record(_record(request_id="after"))
+    audit.close()
+    assert Indexer(log_path, key).run_once() == 2
+    ids = {s.record.request_id for s in AuditReader(log_path, key).query(Query(limit=10))}
+    assert ids == {"before", "after"}
+    assert _journal_lines(log_path) == []
+
+
+def test_with_sync_full_each_record_is_synced_before_record_returns(
+    log_path: Path, key: bytes
+) -> None:
+    audit = AuditLog(log_path, key, sync="full")
+    audit.start()
+    try:
+        for _ in range(5):
+            audit.record(_record())
+            journal = audit._journal
+            assert journal.synced == journal.offset > 0
+    finally:
+        audit.close()
+    assert Indexer(log_path, key, "full").run_once() == 5
+
+
+def test_a_closed_log_refuses_records(log_path: Path, key: bytes) -> None:
+    audit = AuditLog(log_path, key)
+    audit.close()
+    with pytest.raises(AuditUnavailable, match="closed"):
+        audit.record(_record())

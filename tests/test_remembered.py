@@ -14,7 +14,7 @@ import pytest
 
 from policyd.engine import Engine
 from policyd.gen.v1 import decision_pb2
-from policyd.model import Access, CheckInput, HttpTarget
+from policyd.model import Access, ActionTarget, CheckInput, HttpTarget
 from policyd.policy import load_policy
 from policyd.policytest import Fixture, Runner, scratch_dir
 from policyd.reasons import Reason
@@ -240,3 +240,107 @@ def test_headers_are_in_the_key_when_a_condition_reads_the_request(tmp_path: Pat
             assert test.built == 1
         finally:
             engine.facts.store.close()
+
+
+SNAPSHOT = "/api/data/v2/snapshot"
+
+
+def _variants(home: Home) -> dict[str, tuple[CheckInput, CheckInput, Reason]]:
+    """(a remembered allow, the same request with one thing changed, what that one gets)."""
+    token = home.token()
+
+    def http(
+        path: str, query: str = "", body: bytes = b"", door: str = "grpc", tok: str = token
+    ) -> CheckInput:
+        method = "POST" if body else "GET"
+        return CheckInput(tok, HttpTarget(method, path, query, {}, body), "", door)
+
+    def action(*data_sources: str) -> CheckInput:
+        return CheckInput(token, ActionTarget("values.snapshot", data_sources))
+
+    tags = "/api/data/tags/ds-a"
+    return {
+        "the body names another data source": (
+            http(SNAPSHOT, body=b'{"tags": {"ds-a": ["t"]}}'),
+            http(SNAPSHOT, body=b'{"tags": {"ds-c": ["t"]}}'),
+            Reason.DATA_SOURCE_NOT_GRANTED,
+        ),
+        "an action names another data source": (
+            action("ds-a"),
+            action("ds-c"),
+            Reason.DATA_SOURCE_NOT_GRANTED,
+        ),
+        "the path names another data source": (
+            http(tags),
+            http("/api/data/tags/ds-c"),
+            Reason.DATA_SOURCE_NOT_GRANTED,
+        ),
+        "another token (a disabled app's)": (
+            http(tags),
+            http(tags, tok=home.token(client_id="app-off")),
+            Reason.APP_DISABLED,
+        ),
+        "another query (the record's path differs)": (
+            http(tags, query="a=1"),
+            http(tags, query="b=1"),
+            Reason.ALLOWED,
+        ),
+        "another door (the record's door differs)": (
+            http(tags),
+            http(tags, door="envoy"),
+            Reason.ALLOWED,
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        "the body names another data source",
+        "an action names another data source",
+        "the path names another data source",
+        "another token (a disabled app's)",
+        "another query (the record's path differs)",
+        "another door (the record's door differs)",
+    ],
+)
+def test_a_request_that_differs_in_anything_the_decision_reads_is_decided_again(
+    seeded: Home, engine: Engine, change: str
+) -> None:
+    base, changed, reason = _variants(seeded)[change]
+    assert _keyed(engine, Inputs(base)) == (True, True)
+    other = Inputs(changed)
+    request = other.request
+    decision, _ = engine.decide_keyed(lambda p: request.memo_key(p.reads_headers), other)
+    assert other.built == 1 and decision.reason is reason
+
+
+def test_a_remembered_key_is_a_32_byte_digest_whatever_the_body() -> None:
+    big = CheckInput("t", HttpTarget("POST", SNAPSHOT, "", {}, b"x" * 1_000_000))
+    other = CheckInput("t", HttpTarget("POST", SNAPSHOT, "", {}, b"x" * 999_999 + b"y"))
+    assert len(big.memo_key()) == 32
+    assert big.memo_key() != other.memo_key()
+    assert big.memo_key() == replace(big, request_id="another id").memo_key()
+
+
+def test_over_grpc_a_different_body_or_door_is_not_answered_from_memory(seeded: Home) -> None:
+    token = seeded.token()
+
+    def snapshot(body: bytes, door: str = "") -> decision_pb2.CheckRequest:
+        request = check_request(token, method="POST", path=SNAPSHOT, body=body)
+        request.door = door
+        return request
+
+    granted, ungranted = b'{"tags": {"ds-a": ["t"]}}', b'{"tags": {"ds-c": ["t"]}}'
+    with run_server(seeded) as server, grpc.insecure_channel(server.address) as channel:
+        stub = decision_stub(channel)
+        for _ in range(2):  # the second is remembered
+            assert stub.Check(snapshot(granted), timeout=5).allowed
+        assert (
+            stub.Check(snapshot(ungranted), timeout=5).reason
+            == decision_pb2.DATA_SOURCE_NOT_GRANTED
+        )
+        envoy = stub.Check(snapshot(granted, door="envoy"), timeout=5)
+        assert envoy.allowed
+        records = indexed_records(seeded.config.audit.path, {envoy.decision_id})
+    assert records[envoy.decision_id].door == "envoy"
