@@ -258,10 +258,20 @@ def _serve(config: Config, indexer: IndexerProcess | None) -> int:
         os.getpid(),
         "unpinned" if cpu is None else f"CPU {cpu}",
     )
-    signum = signals.wait(
-        on_hup=reloading.request_reload, on_tick=indexer.keep_running if indexer else None
-    )
-    log.info("received %s: finishing calls in flight", signal.Signals(signum).name)
+    supervisor = os.getppid() if worker else None
+
+    def tick() -> bool:
+        if indexer is not None:
+            indexer.keep_running()
+        # A worker whose supervisor is gone (killed) stops too, rather than hold the port
+        # with no indexer behind it (it would soon deny every decision: AUDIT_UNAVAILABLE).
+        return supervisor is not None and os.getppid() != supervisor
+
+    signum = signals.wait(on_hup=reloading.request_reload, on_tick=tick)
+    if signum:
+        log.info("received %s: finishing calls in flight", signal.Signals(signum).name)
+    else:
+        log.warning("the supervisor is gone: finishing calls in flight")
     reloading.stop()
     server.stop()  # closes the audit journal: the indexer then finishes it
     if oauth is not None:

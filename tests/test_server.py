@@ -418,6 +418,15 @@ def _workers(pid: int) -> list[int]:
     return [child for child in _children(pid) if b"audit\0index" not in _cmdline(child)]
 
 
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting to be reaped)."""
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat_line.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def _cmdline(pid: int) -> bytes:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -622,6 +631,29 @@ def test_when_a_worker_dies_the_supervisor_stops_the_other_and_fails(tmp_path: P
         assert server.process.wait(timeout=30) != 0
         assert not Path(f"/proc/{second}").exists(), "the other worker was left running"
         assert "a worker exited" in server.log()
+
+
+@pytest.mark.slow
+def test_when_the_supervisor_is_killed_its_workers_and_indexer_stop(tmp_path: Path) -> None:
+    home = Home(tmp_path)
+    home.seed()
+    with run_server(home, "--workers", "2") as server:
+        supervisor = server.process.pid
+        _wait_until(lambda: len(_workers(supervisor)) == 2, "two worker processes")
+        _wait_until(lambda: len(_children(supervisor)) == 3, "the workers and the indexer")
+        children = _children(supervisor)
+        _wait_until(
+            lambda: all(_catches(child, signal.SIGTERM) for child in children),
+            "every child to start",
+        )
+        os.kill(supervisor, signal.SIGKILL)
+        server.process.wait(timeout=10)
+        _wait_until(
+            lambda: not any(_alive(c) for c in children),
+            "the orphaned workers and indexer to stop",
+            timeout=30,
+        )
+        assert _refuses_connections(server.address)
 
 
 # -- start-up errors ----------------------------------------------------------------------
