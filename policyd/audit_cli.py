@@ -332,14 +332,17 @@ def audit_index(ctx: click.Context, follow_mode: bool) -> None:
         # Started by `policyd serve`, it stops when the server says so (SIGTERM) or is gone.
         serving = os.environ.get(INDEXER_ENV)
         signal.signal(signal.SIGINT, signal.SIG_IGN if serving else stop.on_signal)
-        if serving:  # the CPUs the server had before it pinned itself (affinity.py)
+        parent = None
+        if serving:  # "PID:CPUS": the server, and the CPUs it had before it pinned itself
+            pid, _, cpus = serving.partition(":")
+            parent = int(pid)
             with contextlib.suppress(OSError, ValueError):
-                os.sched_setaffinity(0, {int(cpu) for cpu in serving.split(",")})
+                os.sched_setaffinity(0, {int(cpu) for cpu in cpus.split(",")})
         indexer.run(
             stop,
             retention=(a.max_age_days * 86400 or None, a.max_bytes or None),
             retention_every=a.retention_interval_seconds,
-            parent=os.getppid() if serving else None,
+            parent=parent,
         )
     finally:
         indexer.close()

@@ -39,7 +39,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from policyd import conditions as cond
@@ -180,7 +180,7 @@ class Engine:
         decision = self._decide(make_input(), None, policy, view, bounds)
         if not decision.allowed or bounds.uses_clock:
             return decision, None
-        entry = Remembered(replace(decision, decision_id=""), policy, bounds.expires)
+        entry = Remembered(decision._replace(decision_id=""), policy, bounds.expires)
         view.remember(key, entry)
         return decision, entry
 

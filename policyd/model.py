@@ -6,6 +6,7 @@ import enum
 import hashlib
 import pickle
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from policyd.reasons import Reason
 
@@ -81,8 +82,10 @@ class Principal:
     jti: str
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
+    """One decision. A named tuple, not a frozen dataclass: as immutable, and built in a
+    third of the time (every answer builds one; docs/benchmarks.md)."""
+
     allowed: bool
     reason: Reason
     message: str

@@ -335,9 +335,8 @@ class IndexerProcess:
     def start(self) -> None:
         # Its own session: a Ctrl-C or a service manager's signal to the server's process
         # group must not stop it before the server has drained (stop() stops it after).
-        self.process = subprocess.Popen(
-            self.command, env=dict(os.environ, **{INDEXER_ENV: self.cpus}), start_new_session=True
-        )
+        env = dict(os.environ, **{INDEXER_ENV: f"{os.getpid()}:{self.cpus}"})
+        self.process = subprocess.Popen(self.command, env=env, start_new_session=True)
         self.next_start = time.monotonic() + self.RESTART_SECONDS
 
     def keep_running(self) -> bool:
@@ -370,16 +369,21 @@ def _supervise(config: Config, config_path: str | None) -> int:
     for index in range(config.server.workers):  # a CPU list naming a missing CPU: said once
         affinity.choose(config.server.cpu_affinity, index)
     load_policy(config.policy.dir)  # an invalid policy stops here, said once, not per worker
+    # Handlers first: a SIGTERM while the indexer or the workers start must still stop
+    # every one of them.
+    signals = Signals()
+    signals.install()
     indexer = IndexerProcess.start_for(config, config_path)
     try:
-        return _run_workers(config, config_path, indexer)
+        return _run_workers(config, config_path, indexer, signals)
     finally:
         if indexer is not None:
             indexer.stop()
 
 
-def _run_workers(config: Config, config_path: str | None, indexer: IndexerProcess | None) -> int:
-    signals = Signals()
+def _run_workers(
+    config: Config, config_path: str | None, indexer: IndexerProcess | None, signals: Signals
+) -> int:
     children: list[subprocess.Popen[bytes]] = []
 
     def forward_hup() -> None:
@@ -387,8 +391,6 @@ def _run_workers(config: Config, config_path: str | None, indexer: IndexerProces
             if child.poll() is None:
                 child.send_signal(signal.SIGHUP)
 
-    # Handlers first: a SIGTERM while workers start must still stop every one of them.
-    signals.install()
     command = [sys.executable, "-m", "policyd"]
     if config_path:
         command += ["--config", config_path]

@@ -919,3 +919,24 @@ def test_a_closed_log_refuses_records(log_path: Path, key: bytes) -> None:
     audit.close()
     with pytest.raises(AuditUnavailable, match="closed"):
         audit.record(_record())
+
+
+def test_an_indexer_whose_server_is_gone_indexes_what_is_left_and_exits(seeded: Home) -> None:
+    audit = AuditLog(seeded.config.audit.path, load_key(seeded.config.audit.key_file, create=True))
+    audit.start()
+    audit.record(_record(request_id="left"))
+    audit.close()
+    # Started by a server (INDEXER_ENV) that is not its parent: it was gone before the
+    # indexer could look. It must not keep running as an orphan.
+    env = dict(os.environ, **{journal_module.INDEXER_ENV: f"{2**22 + 1}:0"})
+    command = [sys.executable, "-m", "policyd", "--config", str(seeded.config_path)]
+    result = subprocess.run(
+        [*command, "audit", "index", "--follow"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    records = AuditReader(seeded.config.audit.path).query(Query(limit=10))
+    assert [s.record.request_id for s in records] == ["left"]

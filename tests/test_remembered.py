@@ -57,9 +57,9 @@ def test_a_repeated_request_is_answered_from_memory_with_a_new_decision_id(
     assert first.allowed and entry is not None
     assert same is entry and inputs.built == 1
     assert again.decision_id != first.decision_id
-    assert again == replace(first, decision_id=again.decision_id)
+    assert again == first._replace(decision_id=again.decision_id)
     fresh = engine.decide(inputs.request)  # what deciding again says
-    assert replace(fresh, decision_id="") == replace(again, decision_id="")
+    assert fresh._replace(decision_id="") == again._replace(decision_id="")
 
 
 def _lower_grant(store: Store) -> None:

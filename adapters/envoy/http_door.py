@@ -34,7 +34,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import cast
 
 import uvloop
@@ -295,7 +295,7 @@ class HttpDoor:
                 # A remembered allow: its answer, made once, with this answer's id.
                 parts: tuple[bytes, bytes] | None = entry.extras.get(_ALLOW)
                 if parts is None:
-                    marked = replace(entry.decision, decision_id=_ID_MARK)
+                    marked = entry.decision._replace(decision_id=_ID_MARK)
                     head, tail = allow(marked, (), self.remove_authorization).split(
                         _ID_MARK.encode()
                     )
