@@ -75,6 +75,8 @@ INDEX_CHUNK_BYTES = 1 << 20
 # The pause between two indexing passes: records gather meanwhile.
 INDEX_INTERVAL_SECONDS = 0.02
 WATCH_INTERVAL_SECONDS = 0.1
+# How old an unlocked `.new-*` file must be before the indexer deletes it.
+UNFINISHED_SECONDS = 60.0
 _MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
 
 
@@ -429,7 +431,28 @@ class Indexer:
                         log.error("audit journal %s cannot be read: %s", path.name, exc)
                         break
                     total += indexed
+            self._sweep_unfinished()
         return total
+
+    def _sweep_unfinished(self) -> None:
+        """Delete journals whose making was cut short (`.new-*`: never renamed, so never
+        written). Its maker holds its lock from the moment after it is created until the
+        rename; one that is unlocked and a minute old was left by a crash."""
+        for path in self.journal_dir.glob(".new-*"):
+            try:
+                if time.time() - path.stat().st_mtime < UNFINISHED_SECONDS:
+                    continue
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                path.unlink()
+                log.info("audit: removed %s, a journal whose making was cut short", path.name)
+            except OSError:
+                pass  # still being made (locked), or gone
+            finally:
+                os.close(fd)
 
     def _index_file(self, path: Path) -> tuple[int, bool]:
         """Index one chunk of the journal; (records, whether more is left to read)."""

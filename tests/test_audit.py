@@ -940,3 +940,27 @@ def test_an_indexer_whose_server_is_gone_indexes_what_is_left_and_exits(seeded: 
     assert result.returncode == 0, result.stderr
     records = AuditReader(seeded.config.audit.path).query(Query(limit=10))
     assert [s.record.request_id for s in records] == ["left"]
+
+
+def test_a_journal_whose_making_was_cut_short_is_swept_once_old(log_path: Path, key: bytes) -> None:
+    folder = journal_dir(log_path)
+    folder.mkdir()
+    left = folder / ".new-4242-deadbeef"  # a crash between create and rename
+    left.write_bytes(b"\0" * 4096)
+    young = folder / ".new-4243-feedbeef"  # as if being made right now, not yet locked
+    young.write_bytes(b"")
+    making = folder / ".new-4244-cafebeef"  # old, but its maker still holds it
+    making.write_bytes(b"")
+    old = time.time() - 2 * journal_module.UNFINISHED_SECONDS
+    for path in (left, making):
+        os.utime(path, (old, old))
+    holder = os.open(making, os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    indexer = Indexer(log_path, key)
+    try:
+        indexer.run_once()
+    finally:
+        os.close(holder)
+        indexer.close()
+    assert not left.exists()
+    assert young.exists() and making.exists()
