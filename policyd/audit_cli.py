@@ -335,7 +335,7 @@ def audit_index(ctx: click.Context, follow_mode: bool) -> None:
         parent = None
         if serving:  # "PID:CPUS": the server, and the CPUs it had before it pinned itself
             pid, _, cpus = serving.partition(":")
-            parent = int(pid)
+            parent = int(pid) if pid.isdigit() else None
             with contextlib.suppress(OSError, ValueError):
                 os.sched_setaffinity(0, {int(cpu) for cpu in cpus.split(",")})
         indexer.run(
