@@ -30,6 +30,7 @@ from policyd.errors import ConfigError
 log = logging.getLogger(__name__)
 
 KEY = "server.cpu_affinity"
+MAX_CPUS = 4096  # Linux's own default limit (CONFIG_NR_CPUS)
 
 
 def parse(setting: str) -> list[int] | None:
@@ -48,10 +49,10 @@ def parse(setting: str) -> list[int] | None:
                 f'{KEY} must be "auto", "none" or a CPU list such as "0,2" or "0-3",'
                 f" not {setting!r}"
             ) from None
-        if first < 0 or last < first:
+        if first < 0 or last < first or last >= MAX_CPUS:
             raise ConfigError(f"{KEY}: {part.strip()!r} is not a CPU or an ascending range")
-        cpus.extend(c for c in range(first, last + 1) if c not in cpus)
-    return cpus
+        cpus.extend(range(first, last + 1))
+    return list(dict.fromkeys(cpus))  # each once, in the order given
 
 
 def choose(

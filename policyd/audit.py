@@ -37,6 +37,7 @@ from urllib.parse import parse_qsl
 from policyd.errors import PolicydError
 from policyd.ids import id_time_ms
 from policyd.model import ActionTarget, CheckInput, Decision, HttpTarget
+from policyd.store import transaction
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,8 @@ _INSERT = (
 )
 
 
-_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+# The encoder of a record's canonical JSON (what the chain hashes and a journal line holds).
+CANONICAL = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 class AuditUnavailable(PolicydError):
@@ -161,7 +163,11 @@ class AuditRecord:
 
     def canonical(self) -> str:
         """The JSON array of the fields, the form the chain hashes and a journal holds."""
-        return _ENCODER.encode([list(v) if isinstance(v, tuple) else v for v in self.values()])
+        return CANONICAL.encode(self.json_values())
+
+    def json_values(self) -> list[Any]:
+        """The fields in order, as JSON values (tuples as lists)."""
+        return [list(v) if isinstance(v, tuple) else v for v in self.values()]
 
     def values(self) -> tuple[Any, ...]:
         return tuple(getattr(self, name) for name in FIELDS)
@@ -292,14 +298,9 @@ def open_log_file(path: Path, sync: str) -> sqlite3.Connection:
     conn.execute("PRAGMA auto_vacuum = INCREMENTAL")  # takes effect on a new file only
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute(f"PRAGMA synchronous = {'FULL' if sync == 'full' else 'NORMAL'}")
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(conn):
         for statement in _SCHEMA:
             conn.execute(statement)
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
     return conn
 
 
@@ -319,7 +320,7 @@ def append_records(
         seq, prev = last
     rows = []
     ds_rows: list[tuple[str, float, int]] = []
-    encode = _ENCODER.encode
+    encode = CANONICAL.encode
     for canonical, values in records:
         seq += 1
         # The line is AuditRecord.canonical() of these values (journal.py writes nothing
@@ -566,8 +567,7 @@ def prune(
 ) -> int:
     """Delete the oldest records (by chain order) and move the anchor; returns how many."""
     removed = 0
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(conn):
         cut: int | None = None
         if before is not None:
             cut = conn.execute("SELECT max(seq) FROM audit WHERE ts < ?", (before,)).fetchone()[0]
@@ -610,11 +610,6 @@ def prune(
                     "UPDATE audit_anchor SET first_seq = ?, prev_hash = ? WHERE id = 1",
                     (first_seq, prev_hash),
                 )
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
     if removed:
         conn.execute("PRAGMA incremental_vacuum")
     return removed

@@ -6,7 +6,6 @@ server writing it. Times are shown in UTC.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import os
@@ -335,9 +334,11 @@ def audit_index(ctx: click.Context, follow_mode: bool) -> None:
         parent = None
         if serving:  # "PID:CPUS": the server, and the CPUs it had before it pinned itself
             pid, _, cpus = serving.partition(":")
-            parent = int(pid) if pid.isdigit() else None
-            with contextlib.suppress(OSError, ValueError):
+            try:
+                parent = int(pid)
                 os.sched_setaffinity(0, {int(cpu) for cpu in cpus.split(",")})
+            except (OSError, ValueError) as exc:
+                click.echo(f"policyd: warning: {INDEXER_ENV}={serving!r}: {exc}", err=True)
         indexer.run(
             stop,
             retention=(a.max_age_days * 86400 or None, a.max_bytes or None),

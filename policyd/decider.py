@@ -77,14 +77,9 @@ class Decider:
 
 def _unrecorded(decision: Decision, exc: AuditUnavailable) -> Decision:
     log.error("decision %s denied: %s", decision.decision_id, exc)
-    return Decision(
-        False,
-        Reason.AUDIT_UNAVAILABLE,
-        "the audit log is unavailable",
-        decision.decision_id,
-        decision.principal,
-        decision.rule_id,
-        decision.action,
-        (),
-        decision.policy_version,
+    return decision._replace(
+        allowed=False,
+        reason=Reason.AUDIT_UNAVAILABLE,
+        message="the audit log is unavailable",
+        data_sources=(),
     )

@@ -161,21 +161,7 @@ class Engine:
         key = make_key(policy)
         entry: Remembered | None = view.remembered(key)
         if entry is not None and entry.policy is policy and time.time() < entry.expires:
-            d = entry.decision
-            return (
-                Decision(
-                    True,
-                    d.reason,
-                    d.message,
-                    new_id(),
-                    d.principal,
-                    d.rule_id,
-                    d.action,
-                    d.data_sources,
-                    d.policy_version,
-                ),
-                entry,
-            )
+            return entry.decision._replace(decision_id=new_id()), entry
         bounds = _Bounds()
         decision = self._decide(make_input(), None, policy, view, bounds)
         if not decision.allowed or bounds.uses_clock:

@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Protocol
 
 from policyd.audit import (
+    CANONICAL,
     AuditRecord,
     AuditUnavailable,
     append_records,
@@ -59,6 +60,7 @@ from policyd.audit import (
     open_log_file,
     prune,
 )
+from policyd.store import transaction
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +96,8 @@ class LineTemplate:
 
     @classmethod
     def of(cls, record: AuditRecord) -> LineTemplate:
-        values = [list(v) if isinstance(v, tuple) else v for v in record.values()]
-        encode = _ENCODER.encode
+        values = record.json_values()
+        encode = CANONICAL.encode
         return cls(encode(values[2:14])[1:-1], encode(values[15]), encode(values[17]))
 
     def line(self, decision_id: str, ts: float, request_id: str, latency_us: int) -> str:
@@ -107,8 +109,7 @@ class LineTemplate:
         )
 
 
-_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # as canonical()
-_string = json.encoder.encode_basestring
+_string = json.encoder.encode_basestring  # the string escaper CANONICAL uses
 
 
 class _Journal:
@@ -365,6 +366,14 @@ class AuditLog:
             self._indexer.close()
 
 
+def _same_file(path: Path, fd: int) -> bool:
+    """Whether `path` still names the file open as `fd`."""
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
 def _after_next_line(fd: int, offset: int) -> int | None:
     """The offset after the next newline from `offset`, or None when none is written yet."""
     while True:
@@ -407,6 +416,7 @@ class Indexer:
         self.commits = 0
         self._known: dict[str, int] = {}  # journal -> mark, as last seen
         self._lock = threading.Lock()  # one pass at a time on the one connection
+        self._next_sweep = 0.0  # when to look for journals cut short again
 
     def close(self) -> None:
         with self._lock:
@@ -431,7 +441,9 @@ class Indexer:
                         log.error("audit journal %s cannot be read: %s", path.name, exc)
                         break
                     total += indexed
-            self._sweep_unfinished()
+            if time.monotonic() >= self._next_sweep:
+                self._next_sweep = time.monotonic() + UNFINISHED_SECONDS
+                self._sweep_unfinished()
         return total
 
     def _sweep_unfinished(self) -> None:
@@ -464,12 +476,8 @@ class Indexer:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 ended = True  # its writer closed it, or died
-                if os.stat(path).st_ino != os.fstat(fd).st_ino:
-                    return 0, False  # finished, deleted, and a new file took the name
             except BlockingIOError:
                 ended = False
-            except FileNotFoundError:
-                return 0, False
             if not ended and os.pread(fd, 1, self._known.get(path.name, 0)) in (b"\0", b""):
                 return 0, False  # nothing new since the last pass (no transaction needed)
             return self._index_chunk(path, fd, ended)
@@ -477,18 +485,11 @@ class Indexer:
             os.close(fd)
 
     def _index_chunk(self, path: Path, fd: int, ended: bool) -> tuple[int, bool]:
-        conn = self.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(self.conn) as conn:
             # Another indexer may have finished this journal (indexed, deleted the file, then
             # its mark) since it was opened: inside the write lock, make sure it still exists
             # as this file, or the missing mark would read as 0 and index it all again.
-            try:
-                if os.stat(path).st_ino != os.fstat(fd).st_ino:
-                    conn.execute("ROLLBACK")
-                    return 0, False
-            except FileNotFoundError:
-                conn.execute("ROLLBACK")
+            if not _same_file(path, fd):
                 return 0, False
             row = conn.execute(
                 "SELECT offset FROM audit_journal WHERE name = ?", (path.name,)
@@ -520,11 +521,6 @@ class Indexer:
                     " ON CONFLICT (name) DO UPDATE SET offset = excluded.offset",
                     (path.name, new_mark),
                 )
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
         if records:
             self.records += len(records)
             self.commits += 1

@@ -339,17 +339,16 @@ class IndexerProcess:
         self.process = subprocess.Popen(self.command, env=env, start_new_session=True)
         self.next_start = time.monotonic() + self.RESTART_SECONDS
 
-    def keep_running(self) -> bool:
-        """(A Signals tick.) Restart the indexer if it exited; never asks to stop."""
+    def keep_running(self) -> None:
+        """(On each Signals tick.) Restart the indexer if it exited."""
         process = self.process
         if (
             process is not None
             and process.poll() is not None
-            and time.monotonic() >= (self.next_start)
+            and time.monotonic() >= self.next_start
         ):
             log.error("the audit indexer exited (%s); restarting it", process.returncode)
             self.start()
-        return False
 
     def stop(self, timeout: float = 30.0) -> None:
         if self.process is None or self.process.poll() is not None:
@@ -366,8 +365,7 @@ class IndexerProcess:
 def _supervise(config: Config, config_path: str | None) -> int:
     """Start config.server.workers copies of `policyd serve` sharing one port."""
     ensure_free(config.server.address)
-    for index in range(config.server.workers):  # a CPU list naming a missing CPU: said once
-        affinity.choose(config.server.cpu_affinity, index)
+    affinity.choose(config.server.cpu_affinity, 0)  # a CPU list naming a missing CPU: said once
     load_policy(config.policy.dir)  # an invalid policy stops here, said once, not per worker
     # Handlers first: a SIGTERM while the indexer or the workers start must still stop
     # every one of them.

@@ -74,14 +74,16 @@ class DecisionServicer(decision_pb2_grpc.DecisionServicer):
     ) -> decision_pb2.CheckResponse:
         started = time.perf_counter_ns()
         request_id = request.request_id
-        headers = dict(request.http.headers) if request.http.headers else None
+        headers: dict[str, str] | None = None  # set when taken out of the request
 
         def key(policy: Policy) -> bytes:
             # The request stands for itself (Engine.decide_keyed): its bytes without the
             # request id, map entries in a fixed order, and without the headers when no
             # condition of the policy can read them.
+            nonlocal headers
             request.request_id = ""
-            if headers and not policy.reads_headers:
+            if not policy.reads_headers and request.http.headers:
+                headers = dict(request.http.headers)
                 request.http.ClearField("headers")
             # A digest: a remembered decision's key is 32 bytes, whatever the body's size.
             return hashlib.blake2b(

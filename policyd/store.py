@@ -112,6 +112,26 @@ def connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+@contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """A write transaction on any connection: BEGIN IMMEDIATE, then COMMIT at the end of the
+    with-block, or ROLLBACK if it raises."""
+    conn.execute("BEGIN IMMEDIATE")
+    with _commit_or_rollback(conn):
+        yield conn
+
+
+@contextmanager
+def _commit_or_rollback(conn: sqlite3.Connection) -> Iterator[None]:
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
 class Store:
     """The policy store on one SQLite file. Safe to share between threads."""
 
@@ -150,13 +170,8 @@ class Store:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
             raise StoreUnavailable(f"store {self.path} is busy: {exc}") from exc
-        try:
+        with _commit_or_rollback(conn):
             yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        else:
-            conn.execute("COMMIT")
 
     def migrate(self) -> None:
         """Create the file (mode 0600) and apply pending migrations, one process at a time."""

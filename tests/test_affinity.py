@@ -50,7 +50,7 @@ def test_parse_reads_auto_none_and_cpu_lists(setting: str, cpus: list[int] | Non
     assert affinity.parse(setting) == cpus
 
 
-@pytest.mark.parametrize("setting", ["fast", "", "1,x", "3-1", "-1", "0-", "1.5"])
+@pytest.mark.parametrize("setting", ["fast", "", "1,x", "3-1", "-1", "0-", "1.5", "0-999999"])
 def test_parse_refuses_anything_else_naming_the_key(setting: str) -> None:
     with pytest.raises(ConfigError, match=r"server\.cpu_affinity"):
         affinity.parse(setting)
