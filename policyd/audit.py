@@ -35,6 +35,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from policyd.errors import PolicydError
+from policyd.files import create_whole
 from policyd.ids import id_time_ms
 from policyd.model import ActionTarget, CheckInput, Decision, HttpTarget
 from policyd.store import transaction
@@ -205,13 +206,10 @@ def load_key(path: str | Path, *, create: bool = False) -> bytes:
     except FileNotFoundError:
         if not create:
             raise PolicydError(f"no audit key at {path}") from None
-        path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-        except FileExistsError:  # another process made it first
-            return load_key(path)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(secrets.token_bytes(32))
+            create_whole(path, secrets.token_bytes(32))  # or another process made it first
+        except OSError as exc:
+            raise PolicydError(f"cannot make audit key {path}: {exc.strerror}") from None
         return load_key(path)
     except OSError as exc:
         raise PolicydError(f"cannot read audit key {path}: {exc.strerror}") from None

@@ -964,3 +964,25 @@ def test_a_journal_whose_making_was_cut_short_is_swept_once_old(log_path: Path, 
         indexer.close()
     assert not left.exists()
     assert young.exists() and making.exists()
+
+
+def test_processes_starting_together_all_get_the_one_whole_audit_key(tmp_path: Path) -> None:
+    path = tmp_path / "keys" / "audit.key"
+    code = (
+        "import sys; from policyd.audit import load_key;"
+        " print(load_key(sys.argv[1], create=True).hex())"
+    )
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(path)],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).parent.parent,
+        )
+        for _ in range(8)
+    ]
+    keys = {p.communicate(timeout=60)[0].strip() for p in processes}
+    assert all(p.returncode == 0 for p in processes)
+    assert keys == {path.read_bytes().hex()} and len(path.read_bytes()) == 32
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in path.parent.iterdir()) == ["audit.key"]  # no temp left

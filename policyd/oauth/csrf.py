@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import secrets
 from pathlib import Path
+
+from policyd.files import create_whole
 
 FIELD = "csrf_token"
 
@@ -22,14 +23,8 @@ def load_or_create_key(path: str | Path) -> bytes:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = secrets.token_bytes(32)
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-        except FileExistsError:  # another process made it first
-            return load_or_create_key(path)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+        create_whole(path, secrets.token_bytes(32))  # or another process made it first
+        return load_or_create_key(path)
     if len(data) != 32:
         raise ValueError(f"{path} must hold exactly 32 bytes")
     return data
