@@ -750,7 +750,9 @@ def test_tail_follow_streams_new_records_while_the_server_writes(
 ) -> None:
     home, _, stub = serving
     token = home.token()
-    stub.Check(check_request(token), timeout=5)  # the log exists before tail starts
+    first = stub.Check(check_request(token), timeout=5)
+    # In the log before tail starts (records are indexed a moment after their decision).
+    assert first.decision_id in indexed_records(home.config.audit.path, {first.decision_id})
     tail = subprocess.Popen(
         [
             sys.executable,
