@@ -6,10 +6,11 @@ It builds the gRPC server the way policyd.server.Server does (grpcio's sync serv
 ThreadPoolExecutor of `server.threads` threads read from the same config file, pinned to a
 CPU by the same `server.cpu_affinity` rule, the same server options, and the same Health
 and reflection services next to Decision), but its
-Check handler returns a prebuilt CheckResponse: the bytes of a real allow response that the
-benchmark captured from policyd, so both servers parse the same request and serialize a
-response of the same size. The difference between the two is the decision itself (and the
-service layer around it).
+Check handler returns the bytes of a real allow response that the benchmark captured from
+policyd, through the same handler registration (policyd.service.add_to_server, whose
+serializer passes encoded responses through, as policyd's remembered answers are), so both
+servers parse the same request and send a response of the same size. The difference between
+the two is the decision itself (and the service layer around it).
 """
 
 from __future__ import annotations
@@ -26,27 +27,25 @@ from grpc_reflection.v1alpha import reflection
 
 from policyd import affinity
 from policyd.config import load_config
-from policyd.gen.v1 import decision_pb2, decision_pb2_grpc
-from policyd.service import SERVICE_NAME
+from policyd.gen.v1 import decision_pb2
+from policyd.service import SERVICE_NAME, add_to_server
 
 # The options policyd.server.Server passes to grpc.server() for a lone server (not one of
 # several `server.workers` sharing a port). Keep in step with policyd/server.py.
 SERVER_OPTIONS = [("grpc.so_reuseport", 0)]
 
 
-class EmptyDecision(decision_pb2_grpc.DecisionServicer):
-    def __init__(self, response: decision_pb2.CheckResponse) -> None:
+class EmptyDecision:
+    def __init__(self, response: bytes) -> None:
         self.response = response
 
-    def Check(
-        self, request: decision_pb2.CheckRequest, context: grpc.ServicerContext
-    ) -> decision_pb2.CheckResponse:
+    def Check(self, request: decision_pb2.CheckRequest, context: grpc.ServicerContext) -> bytes:
         return self.response
 
 
-def build(threads: int, address: str, response: decision_pb2.CheckResponse) -> grpc.Server:
+def build(threads: int, address: str, response: bytes) -> grpc.Server:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=SERVER_OPTIONS)
-    decision_pb2_grpc.add_DecisionServicer_to_server(EmptyDecision(response), server)  # type: ignore[no-untyped-call]
+    add_to_server(EmptyDecision(response).Check, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -65,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--response-file", required=True, type=Path)
     args = parser.parse_args(argv)
     config = load_config(args.config, env={})
-    response = decision_pb2.CheckResponse.FromString(args.response_file.read_bytes())
+    response = args.response_file.read_bytes()
+    decision_pb2.CheckResponse.FromString(response)  # it is one
     affinity.pin_worker(config.server.cpu_affinity, None)  # as a lone `policyd serve` does
     server = build(config.server.threads, args.address, response)
     server.start()

@@ -16,6 +16,9 @@ nginx and HAProxy do it: several processes (`server.workers`), each pinned to it
   nothing changes.
 - "none": no pinning; the kernel places the threads.
 - a CPU list such as "1", "0,2" or "0-3": worker i runs on the i-th CPU of the list.
+
+Background work (the audit indexer process) runs on the CPUs no serving process is pinned
+to, when there are any (`spare`): it then never takes a serving process's core.
 """
 
 from __future__ import annotations
@@ -101,13 +104,31 @@ def pin(cpu: int) -> None:
             os.sched_setaffinity(tid, {cpu})
 
 
-def pin_worker(setting: str, worker: int | None) -> int | None:
+def spare(serving: set[int], allowed: set[int] | None = None) -> set[int]:
+    """The CPUs for background work beside serving processes pinned to `serving`: the
+    allowed ones none of them is pinned to, or all allowed when that leaves none."""
+    allowed = set(os.sched_getaffinity(0)) if allowed is None else allowed
+    return (allowed - serving) or allowed
+
+
+def serving_cpus(setting: str, workers: int | None) -> set[int]:
+    """The CPUs the serving processes will be pinned to: `workers` workers, or (None) a
+    lone server, which is pinned to the CPU choose() gives it now (pin_worker's `cpu`)."""
+    if workers is None:
+        cpu = choose(setting, None)
+        return set() if cpu is None else {cpu}
+    chosen = (choose(setting, worker) for worker in range(workers))
+    return {cpu for cpu in chosen if cpu is not None}
+
+
+def pin_worker(setting: str, worker: int | None, cpu: int | None = None) -> int | None:
     """Apply the setting for this worker (None: a lone server); returns the CPU, or None
-    when not pinned.
+    when not pinned. `cpu`: the CPU already chosen for it (serving_cpus), if any.
 
     A CPU the kernel refuses (for example a cgroup change since start) is logged and
     leaves the process unpinned: a slower server is better than none."""
-    cpu = choose(setting, worker)
+    if cpu is None:
+        cpu = choose(setting, worker)
     if cpu is None:
         return None
     try:

@@ -332,7 +332,7 @@ def audit_index(ctx: click.Context, follow_mode: bool) -> None:
         serving = os.environ.get(INDEXER_ENV)
         signal.signal(signal.SIGINT, signal.SIG_IGN if serving else stop.on_signal)
         parent = None
-        if serving:  # "PID:CPUS": the server, and the CPUs it had before it pinned itself
+        if serving:  # "PID:CPUS": the server, and the CPUs to run on (affinity.spare)
             pid, _, cpus = serving.partition(":")
             try:
                 parent = int(pid)

@@ -12,6 +12,7 @@ from collections.abc import Callable, Hashable
 
 from policyd.audit import AuditUnavailable, record_for
 from policyd.engine import Engine, Remembered
+from policyd.ids import new_id
 from policyd.journal import AuditLog, LineTemplate
 from policyd.model import CheckInput, Decision
 from policyd.policy import Policy
@@ -73,6 +74,30 @@ class Decider:
         except AuditUnavailable as exc:
             return _unrecorded(decision, exc), None
         return decision, entry
+
+    def recall(
+        self, key: Hashable, policy: Policy, request_id: str, started_ns: int
+    ) -> tuple[str, Remembered] | None:
+        """A repeat of a remembered allow (Engine.recall), recorded like any answer: its new
+        decision id and the entry, whose decision (with decision_id "") it repeats. The fast
+        path of check_keyed: no request and no Decision is built. None when there is nothing
+        to recall, or its record cannot be written; the door then calls check_keyed, which
+        decides (and denies with AUDIT_UNAVAILABLE if the audit log still refuses)."""
+        entry = self.engine.recall(key, policy)
+        if entry is None:
+            return None
+        decision_id = new_id()
+        audit = self.audit
+        if audit is not None:
+            template: LineTemplate | None = entry.extras.get(_AUDIT)
+            if template is None:  # remembered by a decider without an audit log
+                return None
+            latency_us = (time.perf_counter_ns() - started_ns) // 1000
+            try:
+                audit.append(template.line(decision_id, time.time(), request_id, latency_us))
+            except AuditUnavailable:
+                return None
+        return decision_id, entry
 
 
 def _unrecorded(decision: Decision, exc: AuditUnavailable) -> Decision:

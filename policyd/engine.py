@@ -170,6 +170,17 @@ class Engine:
         view.remember(key, entry)
         return decision, entry
 
+    def recall(self, key: Hashable, policy: Policy) -> Remembered | None:
+        """The remembered allow for the request `key` stands for under `policy` (the
+        engine's policy, read by the caller to make the key), while it holds as in
+        decide_keyed; else None. The hot path of a door, which answers it without building
+        the request or a Decision; a None (not remembered, expired, a write since, or a
+        store that cannot be read) is answered by decide_keyed."""
+        entry: Remembered | None = self.facts.recall(key)
+        if entry is not None and entry.policy is policy and time.time() < entry.expires:
+            return entry
+        return None
+
     def explain(self, request: CheckInput) -> Explanation:
         """Decide, recording the rule, the data sources and every check on the way."""
         policy = self.policy

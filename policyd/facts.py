@@ -174,6 +174,16 @@ class Facts:
                 caches = _Caches(generation, 16)
         return View(conn, caches, self._row_limit)
 
+    def recall(self, key: Hashable) -> Any:
+        """What View.remember() kept under this key, if nothing has been committed to the
+        store since its caches' generation was read; else None (view() then finds out).
+        No connection is used: the fast path of a remembered decision."""
+        caches = self._caches
+        marker = self._watch.marker()
+        if marker is None or marker != caches.marker:
+            return None
+        return caches.decisions.get(key)
+
 
 def _labels(text: str) -> dict[str, str]:
     # Unreadable labels raise (a deny, INTERNAL_ERROR): read as {} they could let a

@@ -9,17 +9,33 @@ from __future__ import annotations
 import random
 import time
 
-_VERSION_7 = 0x7 << 76
-_VARIANT = 0b10 << 62
+# The variant nibble (0b10xx) for each hex digit of random bits: its low two bits kept.
+_VARIANT = {f"{n:x}": f"{8 | (n & 3):x}" for n in range(16)}
+# The id's first 15 characters for the last millisecond seen ("xxxxxxxx-xxxx-7"): made once
+# per millisecond, replaced whole (so threads never see half of it).
+_prefix: tuple[int, str] = (-1, "")
+
+
+def _head(ms: int) -> str:
+    h = f"{ms:012x}"
+    return f"{h[:8]}-{h[8:]}-7"
 
 
 def new_id(now_ms: int | None = None) -> str:
-    """A new UUIDv7 string; ids made in a later millisecond sort after earlier ones."""
-    ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
-    rand = random.getrandbits(74)
-    value = (ms << 80) | _VERSION_7 | ((rand >> 62) << 64) | _VARIANT | (rand & ((1 << 62) - 1))
-    h = f"{value:032x}"
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    """A new UUIDv7 string; ids made in a later millisecond sort after earlier ones.
+
+    Version 7, variant 0b10, and 74 random bits (rand_a 12, rand_b 62)."""
+    global _prefix
+    if now_ms is None:
+        ms = time.time_ns() // 1_000_000
+        cached = _prefix
+        if cached[0] != ms:
+            cached = _prefix = (ms, _head(ms))
+        head = cached[1]
+    else:
+        head = _head(now_ms)
+    r = random.randbytes(10).hex()  # 80 bits; 74 are used
+    return f"{head}{r[:3]}-{_VARIANT[r[3]]}{r[4:7]}-{r[7:19]}"
 
 
 def id_time_ms(decision_id: str) -> int:

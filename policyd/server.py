@@ -16,6 +16,7 @@ finish (up to server.grace_seconds), then the process exits 0.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -45,11 +46,10 @@ from policyd.audit import load_key
 from policyd.config import Config, TLSConfig
 from policyd.decider import Decider
 from policyd.errors import ConfigError, PolicydError
-from policyd.gen.v1 import decision_pb2_grpc
 from policyd.journal import INDEXER_ENV, Indexer
 from policyd.policy import load_policy
 from policyd.reload import Reloading
-from policyd.service import SERVICE_NAME, DecisionServicer
+from policyd.service import SERVICE_NAME, DecisionServicer, add_to_server
 from policyd.wiring import build_decider
 
 log = logging.getLogger("policyd.server")
@@ -123,7 +123,7 @@ class Server:
             options=[("grpc.so_reuseport", int(worker))],
         )
         servicer = DecisionServicer(self.decider)
-        decision_pb2_grpc.add_DecisionServicer_to_server(servicer, self.grpc)  # type: ignore[no-untyped-call]
+        add_to_server(servicer.Check, self.grpc)
         services = [SERVICE_NAME]
         if config.envoy.enabled:
             envoy = envoy_servicer.AuthorizationServicer(
@@ -219,19 +219,22 @@ def serve(config: Config, config_path: str | None = None) -> int:
         return _supervise(config, config_path)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # not fatal while starting; Reloading takes it
     indexer = None
+    cpu = None
     if WORKER_ENV not in os.environ:  # a lone server: the audit indexer is its child
-        indexer = IndexerProcess.start_for(config, config_path)
+        serving = affinity.serving_cpus(config.server.cpu_affinity, None)
+        cpu = min(serving) if serving else None
+        indexer = IndexerProcess.start_for(config, config_path, affinity.spare(serving))
     try:
-        return _serve(config, indexer)
+        return _serve(config, indexer, cpu)
     finally:
         if indexer is not None:
             indexer.stop()
 
 
-def _serve(config: Config, indexer: IndexerProcess | None) -> int:
+def _serve(config: Config, indexer: IndexerProcess | None, cpu: int | None = None) -> int:
     # Before any server thread starts, so that every thread inherits the CPU (affinity.py).
     worker = os.environ.get(WORKER_ENV)
-    cpu = affinity.pin_worker(config.server.cpu_affinity, int(worker) if worker else None)
+    cpu = affinity.pin_worker(config.server.cpu_affinity, int(worker) if worker else None, cpu)
     server = Server(config)
     # The authorization server (HTTP, its own port) runs in one process only: worker 0.
     from policyd.oauth.server import start_authorization_server
@@ -299,16 +302,18 @@ class IndexerProcess:
 
     RESTART_SECONDS = 1.0
 
-    def __init__(self, command: list[str]) -> None:
+    def __init__(self, command: list[str], cpus: set[int]) -> None:
         self.command = command
         self.process: subprocess.Popen[bytes] | None = None
         self.next_start = 0.0
-        # The CPUs this process may use before it pins itself (affinity.py): the indexer
-        # gets them back, whenever it is (re)started.
-        self.cpus = ",".join(map(str, sorted(os.sched_getaffinity(0))))
+        # Where the indexer runs, whenever it is (re)started: the CPUs no serving process
+        # is pinned to (affinity.spare), so that it never takes a serving core.
+        self.cpus = ",".join(map(str, sorted(cpus)))
 
     @classmethod
-    def start_for(cls, config: Config, config_path: str | None) -> IndexerProcess | None:
+    def start_for(
+        cls, config: Config, config_path: str | None, cpus: set[int]
+    ) -> IndexerProcess | None:
         """Index what journals of ended servers left (before serving), then start one."""
         if not config.audit.enabled:
             return None
@@ -328,7 +333,7 @@ class IndexerProcess:
         command = [sys.executable, "-m", "policyd"]
         if config_path:
             command += ["--config", config_path]
-        process = cls([*command, "audit", "index", "--follow"])
+        process = cls([*command, "audit", "index", "--follow"], cpus)
         process.start()
         return process
 
@@ -337,6 +342,8 @@ class IndexerProcess:
         # group must not stop it before the server has drained (stop() stops it after).
         env = dict(os.environ, **{INDEXER_ENV: f"{os.getpid()}:{self.cpus}"})
         self.process = subprocess.Popen(self.command, env=env, start_new_session=True)
+        with contextlib.suppress(OSError, ValueError):  # it also does so itself, once started
+            os.sched_setaffinity(self.process.pid, {int(cpu) for cpu in self.cpus.split(",")})
         self.next_start = time.monotonic() + self.RESTART_SECONDS
 
     def keep_running(self) -> None:
@@ -365,13 +372,14 @@ class IndexerProcess:
 def _supervise(config: Config, config_path: str | None) -> int:
     """Start config.server.workers copies of `policyd serve` sharing one port."""
     ensure_free(config.server.address)
-    affinity.choose(config.server.cpu_affinity, 0)  # a CPU list naming a missing CPU: said once
+    # A CPU list naming a missing CPU is said once, here.
+    serving = affinity.serving_cpus(config.server.cpu_affinity, config.server.workers)
     load_policy(config.policy.dir)  # an invalid policy stops here, said once, not per worker
     # Handlers first: a SIGTERM while the indexer or the workers start must still stop
     # every one of them.
     signals = Signals()
     signals.install()
-    indexer = IndexerProcess.start_for(config, config_path)
+    indexer = IndexerProcess.start_for(config, config_path, affinity.spare(serving))
     try:
         return _run_workers(config, config_path, indexer, signals)
     finally:

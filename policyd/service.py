@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Callable, Hashable
 
 import grpc
 
@@ -16,7 +17,10 @@ from policyd.reasons import Reason
 
 log = logging.getLogger(__name__)
 
-_GRPC = "grpc-response"  # Remembered.extras key of the response, decision id unset
+# Remembered.extras key of the encoded response (decision id unset) and the id's tag and length
+_GRPC = "grpc-response"
+# Requests up to this size are their own remembered-decision key; larger ones, a digest.
+MAX_RAW_KEY = 1024
 
 SERVICE_NAME = decision_pb2.DESCRIPTOR.services_by_name["Decision"].full_name
 
@@ -65,49 +69,101 @@ def to_response(decision: Decision) -> decision_pb2.CheckResponse:
     return response
 
 
+def _key(request: decision_pb2.CheckRequest, policy: Policy) -> Hashable:
+    """What a request stands for (Engine.decide_keyed), its request id already cleared: its
+    bytes with map entries in a fixed order, without the headers when no condition of the
+    policy can read them. Up to MAX_RAW_KEY bytes they are the key itself (a dict compares
+    keys whole); a larger request is keyed by a digest, so a remembered decision's key
+    stays small whatever the body's size."""
+    if request.http.headers and not policy.reads_headers:
+        copy = decision_pb2.CheckRequest()
+        copy.CopyFrom(request)
+        copy.http.ClearField("headers")
+        request = copy
+    data = request.SerializeToString(deterministic=True)
+    if len(data) <= MAX_RAW_KEY:
+        return data
+    return ("blake2b", hashlib.blake2b(data, digest_size=32).digest())
+
+
+# The encoding of CheckResponse.decision_id's tag (field number, wire type 2: a string) and
+# length, before the id: a UUID of 36 characters (ids.new_id). One byte each, for field
+# numbers below 16.
+_ID_NUMBER = decision_pb2.CheckResponse.DESCRIPTOR.fields_by_name["decision_id"].number
+if not 0 < _ID_NUMBER < 16:
+    raise ImportError("CheckResponse.decision_id needs a field number below 16")
+ID_LENGTH = 36
+_ID_HEAD = bytes((_ID_NUMBER << 3 | 2, ID_LENGTH))
+
+
 class DecisionServicer(decision_pb2_grpc.DecisionServicer):
+    """Check: a response message, or (a remembered allow) its encoded bytes, which
+    add_to_server's serializer passes through."""
+
     def __init__(self, decider: Decider) -> None:
         self.decider = decider
 
     def Check(
         self, request: decision_pb2.CheckRequest, context: grpc.ServicerContext
-    ) -> decision_pb2.CheckResponse:
+    ) -> decision_pb2.CheckResponse | bytes:
         started = time.perf_counter_ns()
         request_id = request.request_id
-        headers: dict[str, str] | None = None  # set when taken out of the request
+        request.request_id = ""  # not part of what the request stands for
 
-        def key(policy: Policy) -> bytes:
-            # The request stands for itself (Engine.decide_keyed): its bytes without the
-            # request id, map entries in a fixed order, and without the headers when no
-            # condition of the policy can read them.
-            nonlocal headers
-            request.request_id = ""
-            if not policy.reads_headers and request.http.headers:
-                headers = dict(request.http.headers)
-                request.http.ClearField("headers")
-            # A digest: a remembered decision's key is 32 bytes, whatever the body's size.
-            return hashlib.blake2b(
-                request.SerializeToString(deterministic=True), digest_size=32
-            ).digest()
-
-        decision, entry = self.decider.check_keyed(
-            key, request_id, lambda: to_input(request, request_id, headers), started
-        )
+        decider = self.decider
+        policy = decider.engine.policy
+        hit = decider.recall(_key(request, policy), policy, request_id, started)
+        if hit is not None:
+            decision_id, entry = hit
+        else:
+            decision, _ = decider.check_keyed(
+                lambda policy: _key(request, policy),
+                request_id,
+                lambda: to_input(request, request_id),
+                started,
+            )
+            decision_id = decision.decision_id
         try:
-            if entry is None:
+            if hit is None:
                 return to_response(decision)
-            prototype = entry.extras.get(_GRPC)
-            if prototype is None:
-                prototype = entry.extras[_GRPC] = to_response(entry.decision)
-            response = decision_pb2.CheckResponse()
-            response.CopyFrom(prototype)
-            response.decision_id = decision.decision_id
-            return response
+            # The remembered response without its decision id, encoded once, then the tag
+            # and length of a decision id: a field appended to a message's encoding sets
+            # it (and decision_id is unset in the remembered one).
+            head: bytes | None = entry.extras.get(_GRPC)
+            if head is None:
+                head = entry.extras[_GRPC] = (
+                    to_response(entry.decision).SerializeToString() + _ID_HEAD
+                )
+            return head + decision_id.encode()
         except Exception:  # e.g. text protobuf cannot encode: still a deny, never an error
-            log.exception("decision %s could not be encoded", decision.decision_id)
+            log.exception("decision %s could not be encoded", decision_id)
             return decision_pb2.CheckResponse(
                 allowed=False,
                 reason=Reason.INTERNAL_ERROR.value,  # type: ignore[arg-type]
                 message="internal error",
-                decision_id=decision.decision_id,
+                decision_id=decision_id,
             )
+
+
+def _serialize(response: decision_pb2.CheckResponse | bytes) -> bytes:
+    return response if type(response) is bytes else response.SerializeToString()  # type: ignore[union-attr]
+
+
+Check = Callable[
+    [decision_pb2.CheckRequest, grpc.ServicerContext], decision_pb2.CheckResponse | bytes
+]
+
+
+def add_to_server(check: Check, server: grpc.Server) -> None:
+    """Serve the Decision API's Check with `check` (as the generated
+    add_DecisionServicer_to_server does, with a response serializer that passes responses
+    already encoded through)."""
+    handlers = {
+        "Check": grpc.unary_unary_rpc_method_handler(
+            check,
+            request_deserializer=decision_pb2.CheckRequest.FromString,
+            response_serializer=_serialize,
+        )
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)  # type: ignore[attr-defined]

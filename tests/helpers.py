@@ -241,3 +241,28 @@ def indexed_records(
         if ids <= set(found) or time.monotonic() > deadline:
             return found
         time.sleep(0.02)
+
+
+def cmdline(pid: int) -> bytes:
+    """The process's command line (arguments NUL-separated), or b"" once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def child_pids(pid: int) -> list[int]:
+    """The running (not zombie) child processes of `pid`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat_line = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid ...: comm may hold spaces, so split after the last ')'.
+        fields = stat_line.rsplit(")", 1)[1].split()
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(entry))
+    return sorted(found)

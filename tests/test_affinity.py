@@ -9,7 +9,7 @@ import pytest
 
 from policyd import affinity
 from policyd.errors import ConfigError
-from tests.helpers import Home, run_server
+from tests.helpers import Home, child_pids, cmdline, run_server
 
 
 def thread_cpus(pid: int) -> dict[int, str]:
@@ -119,3 +119,37 @@ def test_serve_on_a_listed_cpu(tmp_path: Path) -> None:
     home = Home(tmp_path, extra_config=f'[server]\ncpu_affinity = "{last}"\n')
     with run_server(home) as server:
         assert set(thread_cpus(server.process.pid).values()) == {str(last)}
+
+
+def test_spare_cpus_are_those_no_serving_process_holds_or_else_all() -> None:
+    assert affinity.spare({1}, {0, 1}) == {0}
+    assert affinity.spare({0, 2}, {0, 1, 2, 3}) == {1, 3}
+    assert affinity.spare({0, 1}, {0, 1}) == {0, 1}
+    assert affinity.spare(set(), {0, 1}) == {0, 1}
+
+
+def test_serving_cpus_are_where_the_workers_or_the_lone_server_get_pinned() -> None:
+    last = max(os.sched_getaffinity(0))
+    assert affinity.serving_cpus(f"{last}", None) == {last}
+    assert affinity.serving_cpus(f"{last}", 3) == {last}
+    assert affinity.serving_cpus("none", None) == set()
+    assert affinity.serving_cpus("none", 2) == set()
+    allowed = sorted(os.sched_getaffinity(0))
+    expected = {allowed[0], allowed[1]} if len(allowed) >= 2 else set()
+    assert affinity.serving_cpus("auto", 2) == expected
+
+
+@needs_two_cpus
+def test_the_audit_indexer_runs_on_the_cpus_the_server_is_not_pinned_to(
+    tmp_path: Path,
+) -> None:
+    allowed = set(os.sched_getaffinity(0))
+    first = min(allowed)
+    home = Home(tmp_path, extra_config=f'[server]\ncpu_affinity = "{first}"\n')
+    with run_server(home) as server:
+        [indexer] = [
+            pid for pid in child_pids(server.process.pid) if b"audit\0index" in cmdline(pid)
+        ]
+        for cpus in thread_cpus(indexer).values():
+            assert set(affinity.parse(cpus) or ()) == allowed - {first}
+        assert set(thread_cpus(server.process.pid).values()) == {str(first)}

@@ -32,6 +32,8 @@ from tests.helpers import (
     Home,
     ServerProcess,
     check_request,
+    child_pids,
+    cmdline,
     decision_stub,
     free_port,
     run_server,
@@ -415,7 +417,7 @@ def test_mtls_server_requires_a_client_certificate_from_its_ca(tmp_path: Path, p
 
 def _workers(pid: int) -> list[int]:
     """The supervisor's serving processes (not its audit indexer)."""
-    return [child for child in _children(pid) if b"audit\0index" not in _cmdline(child)]
+    return [child for child in child_pids(pid) if b"audit\0index" not in cmdline(child)]
 
 
 def _alive(pid: int) -> bool:
@@ -425,29 +427,6 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return stat_line.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat_line = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        # pid (comm) state ppid ...: comm may hold spaces, so split after the last ')'.
-        fields = stat_line.rsplit(")", 1)[1].split()
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.append(int(entry))
-    return sorted(found)
 
 
 def _socket_inodes(pid: int) -> set[str]:
@@ -596,12 +575,12 @@ def test_sigterm_while_workers_start_stops_them_all_and_exits_zero(tmp_path: Pat
     try:
         deadline = time.monotonic() + 20
         while not workers and time.monotonic() < deadline:
-            workers = _children(process.pid)
+            workers = child_pids(process.pid)
         assert workers, "no worker started"
         process.send_signal(signal.SIGTERM)  # the workers are still importing
-        workers = sorted(set(workers) | set(_children(process.pid)))
+        workers = sorted(set(workers) | set(child_pids(process.pid)))
         code = process.wait(timeout=30)
-        workers = sorted(set(workers) | set(_children(process.pid)) | _orphans(home))
+        workers = sorted(set(workers) | set(child_pids(process.pid)) | _orphans(home))
         deadline = time.monotonic() + 3
         alive = workers
         while alive and time.monotonic() < deadline:
@@ -640,8 +619,8 @@ def test_when_the_supervisor_is_killed_its_workers_and_indexer_stop(tmp_path: Pa
     with run_server(home, "--workers", "2") as server:
         supervisor = server.process.pid
         _wait_until(lambda: len(_workers(supervisor)) == 2, "two worker processes")
-        _wait_until(lambda: len(_children(supervisor)) == 3, "the workers and the indexer")
-        children = _children(supervisor)
+        _wait_until(lambda: len(child_pids(supervisor)) == 3, "the workers and the indexer")
+        children = child_pids(supervisor)
         _wait_until(
             lambda: all(_catches(child, signal.SIGTERM) for child in children),
             "every child to start",
