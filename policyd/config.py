@@ -138,8 +138,9 @@ class EnvoyConfig:
     enabled: bool = True
     # Remove the Authorization header before Envoy forwards an allowed request to the hub.
     remove_authorization: bool = False
-    # HOST:PORT of the HTTP/1.1 ext_authz door (Envoy's `http_service` mode,
-    # adapters/envoy/envoy-http.yaml), served beside the gRPC door; "" = off.
+    # HOST:PORT, or unix:/PATH (a Unix socket, for an Envoy on the same host), of the
+    # HTTP/1.1 ext_authz door (Envoy's `http_service` mode, adapters/envoy/envoy-http.yaml),
+    # served beside the gRPC door; "" = off.
     http_address: str = ""
 
 
@@ -160,7 +161,18 @@ class Config:
         _address("server.address", s.address)
         if self.client.address:
             _address("client.address", self.client.address)
-        if self.envoy.http_address:
+        if self.envoy.http_address.startswith("unix:"):
+            if not self.envoy.http_address[5:].startswith("/"):
+                raise ConfigError(
+                    "envoy.http_address: a Unix socket is unix:/ABSOLUTE/PATH,"
+                    f" not {self.envoy.http_address!r}"
+                )
+            if s.workers > 1:
+                raise ConfigError(
+                    "envoy.http_address: a Unix socket cannot be shared by server.workers"
+                    " (use HOST:PORT)"
+                )
+        elif self.envoy.http_address:
             _address("envoy.http_address", self.envoy.http_address)
         _at_least("server.workers", s.workers, 1)
         _at_least("server.threads", s.threads, 1)

@@ -5,10 +5,15 @@ from __future__ import annotations
 import enum
 import hashlib
 import pickle
+from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from policyd.reasons import Reason
+
+# Inputs whose strings add up to at most this many characters are their own
+# remembered-decision key (CheckInput.memo_key); larger ones, a digest.
+MAX_PLAIN_KEY = 1024
 
 
 class Access(enum.IntEnum):
@@ -56,22 +61,31 @@ class CheckInput:
     # Which door asked: "grpc", "envoy", "asgi", "cli". For the audit log only.
     door: str = "grpc"
 
-    def memo_key(self, with_headers: bool = True) -> bytes:
-        """A digest of everything a decision (and its audit record) reads from this input:
-        all of it but the request id, and the headers only when asked
-        (Engine.decide_keyed). A digest, so that a remembered decision's key is 32 bytes
-        whatever the size of the token and the body."""
+    def memo_key(self, with_headers: bool = True) -> Hashable:
+        """What a decision (and its audit record) reads from this input, as a key
+        (Engine.decide_keyed): all of it but the request id, and the headers only when
+        asked. A tuple of its strings when they are small (a dict compares keys whole);
+        else a digest, so that a remembered decision's key stays small whatever the size
+        of the token and the body."""
         t = self.target
         if isinstance(t, HttpTarget):
             headers = tuple(sorted(t.headers.items())) if with_headers else ()
-            what: tuple[object, ...] = (t.method, t.path, t.query, headers, t.body)
+            what: tuple[Any, ...] = (t.method, t.path, t.query, headers, t.body)
+            size = len(t.path) + len(t.query) + len(t.body)
+            if headers:
+                size += sum(len(k) + len(v) for k, v in headers)
         elif isinstance(t, ActionTarget):
             what = (t.action, t.data_sources)
+            size = sum(map(len, t.data_sources))
         else:
             what = ()
+            size = 0
+        key = (self.door, self.token, type(t).__name__, *what)
+        if size + len(self.token) <= MAX_PLAIN_KEY:
+            return key
         # pickle of str, bytes and tuples is exact and unambiguous (lengths, types).
-        data = pickle.dumps((self.door, self.token, type(t).__name__, *what), protocol=5)
-        return hashlib.blake2b(data, digest_size=32).digest()
+        data = pickle.dumps(key, protocol=5)
+        return ("blake2b", hashlib.blake2b(data, digest_size=32).digest())
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,7 @@ from policyd.model import Access, ActionTarget, CheckInput, HttpTarget
 from policyd.policy import load_policy
 from policyd.policytest import Fixture, Runner, scratch_dir
 from policyd.reasons import Reason
+from policyd.service import MAX_RAW_KEY
 from policyd.store import Store
 from policyd.wiring import build_decider
 from tests.helpers import ROOT, Home, check_request, decision_stub, indexed_records, run_server
@@ -315,12 +316,26 @@ def test_a_request_that_differs_in_anything_the_decision_reads_is_decided_again(
     assert other.built == 1 and decision.reason is reason
 
 
-def test_a_remembered_key_is_a_32_byte_digest_whatever_the_body() -> None:
+def test_a_large_request_is_remembered_by_a_32_byte_digest_whatever_the_body() -> None:
     big = CheckInput("t", HttpTarget("POST", SNAPSHOT, "", {}, b"x" * 1_000_000))
     other = CheckInput("t", HttpTarget("POST", SNAPSHOT, "", {}, b"x" * 999_999 + b"y"))
-    assert len(big.memo_key()) == 32
+    key = big.memo_key()
+    assert isinstance(key, tuple) and key[0] == "blake2b" and len(key[1]) == 32
     assert big.memo_key() != other.memo_key()
     assert big.memo_key() == replace(big, request_id="another id").memo_key()
+
+
+def test_a_small_request_is_its_own_key_without_the_request_id() -> None:
+    target = HttpTarget("GET", "/api/data/tags/a", "", {"x-a": "1"}, b"")
+    small = CheckInput("t", target, "r1")
+    key = small.memo_key()
+    assert key == replace(small, request_id="r2").memo_key()
+    assert "r1" not in repr(key) and "x-a" in repr(key)
+    other_headers = replace(small, target=replace(target, headers={"x-b": "2"}))
+    assert small.memo_key(with_headers=False) == other_headers.memo_key(with_headers=False)
+    assert key != replace(small, token="u").memo_key()
+    # A larger request is keyed by a digest: never equal to a small one's tuple.
+    assert key != replace(small, target=replace(target, body=b"x" * 2000)).memo_key()
 
 
 def test_over_grpc_a_different_body_or_door_is_not_answered_from_memory(seeded: Home) -> None:
@@ -338,6 +353,14 @@ def test_over_grpc_a_different_body_or_door_is_not_answered_from_memory(seeded: 
             assert stub.Check(snapshot(granted), timeout=5).allowed
         assert (
             stub.Check(snapshot(ungranted), timeout=5).reason
+            == decision_pb2.DATA_SOURCE_NOT_GRANTED
+        )
+        # Larger than MAX_RAW_KEY: remembered by a digest, which tells the bodies apart too.
+        pad = b" " * MAX_RAW_KEY
+        for _ in range(2):
+            assert stub.Check(snapshot(granted + pad), timeout=5).allowed
+        assert (
+            stub.Check(snapshot(ungranted + pad), timeout=5).reason
             == decision_pb2.DATA_SOURCE_NOT_GRANTED
         )
         envoy = stub.Check(snapshot(granted, door="envoy"), timeout=5)

@@ -83,9 +83,11 @@ def render(
     source: Path = PLAIN,
     files: dict[str, Path] | None = None,
     policyd_sni: str | None = None,
+    policyd_unix: str | None = None,
 ) -> dict[str, Any]:
     """The sample with the listener, admin, hub and policyd addresses changed; `files` maps
-    PLACEHOLDERS roles to real certificate files (TLS sample)."""
+    PLACEHOLDERS roles to real certificate files (TLS sample); `policyd_unix`: reach policyd
+    on that Unix socket instead of `ports.policyd` (the HTTP door's `unix:` address)."""
     config = load(source)
     _set_address(config["admin"], ports.host, ports.admin)
     _set_address(config["static_resources"]["listeners"][0], ports.host, ports.listen)
@@ -107,6 +109,10 @@ def render(
     if policyd_sni is not None:
         tls = _cluster(config, "policyd")["transport_socket"]["typed_config"]
         tls["sni"] = policyd_sni
+    if policyd_unix is not None:
+        cluster = _cluster(config, "policyd")
+        endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+        endpoint["address"] = {"pipe": {"path": policyd_unix}}
     return config
 
 
@@ -133,6 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policyd", type=int, default=defaults.policyd)
     parser.add_argument("--admin", type=int, default=defaults.admin)
     parser.add_argument(
+        "--policyd-unix",
+        metavar="PATH",
+        help="reach policyd on this Unix socket (--http: envoy.http_address = unix:PATH)",
+    )
+    parser.add_argument(
         "--cert-dir",
         type=Path,
         help="folder with envoy.pem, envoy.key, gateway.pem, gateway.key, ca.pem (--tls)",
@@ -144,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         files = {role: args.cert_dir / Path(p).name for role, p in PLACEHOLDERS.items()}
     ports = Ports(args.listen, args.hub, args.policyd, args.admin)
     source = TLS if args.tls else HTTP if args.http else PLAIN
-    write(render(ports, source=source, files=files), args.out)
+    write(render(ports, source=source, files=files, policyd_unix=args.policyd_unix), args.out)
     return 0
 
 

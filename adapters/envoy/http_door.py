@@ -27,10 +27,13 @@ translator around `Decider.check`, like the gRPC door.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
+import os
 import re
 import socket
+import stat
 import threading
 import time
 from collections.abc import Iterable
@@ -43,6 +46,7 @@ from adapters.denials import Denial, body_too_large, for_reason
 from adapters.envoy.servicer import IDENTITY_PREFIXES, bearer_token, identity_headers
 from adapters.headers import selected
 from policyd.decider import Decider
+from policyd.engine import Remembered
 from policyd.errors import ConfigError
 from policyd.model import CheckInput, Decision, HttpTarget
 from policyd.reasons import Reason
@@ -232,7 +236,12 @@ class DoorProtocol(asyncio.Protocol):
             self.transport.close()
 
 
+UNIX_PREFIX = "unix:"
+
+
 def _bind(address: str, reuse_port: bool) -> socket.socket:
+    if address.startswith(UNIX_PREFIX):
+        return _bind_unix(address[len(UNIX_PREFIX) :], address)
     host, _, port = address.rpartition(":")
     host = host.strip("[]")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -248,6 +257,35 @@ def _bind(address: str, reuse_port: bool) -> socket.socket:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
             raise ConfigError(f"envoy.http_address: {address} is already in use") from None
+        raise ConfigError(
+            f"envoy.http_address: cannot listen on {address}: {exc.strerror}"
+        ) from None
+    return sock
+
+
+def _bind_unix(path: str, address: str) -> socket.socket:
+    """A Unix socket at `path` (mode 0660: Envoy's user needs its group). A socket file
+    left by a server that is gone is replaced; one a live server listens on is not."""
+    if os.path.exists(path):
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            raise ConfigError(f"envoy.http_address: {path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # nothing listens: left by a server that ended
+        else:
+            raise ConfigError(f"envoy.http_address: {address} is already in use")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, 0o660)
+        sock.listen(512)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
         raise ConfigError(
             f"envoy.http_address: cannot listen on {address}: {exc.strerror}"
         ) from None
@@ -271,7 +309,9 @@ class HttpDoor:
         self.remove_authorization = remove_authorization
         self.max_body_bytes = max_body_bytes
         self.sock = _bind(address, reuse_port)
-        self.port: int = self.sock.getsockname()[1]
+        # The TCP port (0 for a Unix socket: `unix_path` instead).
+        self.unix_path = address[len(UNIX_PREFIX) :] if address.startswith(UNIX_PREFIX) else ""
+        self.port: int = 0 if self.unix_path else self.sock.getsockname()[1]
         self.connections: set[asyncio.Transport] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.AbstractServer | None = None
@@ -281,35 +321,46 @@ class HttpDoor:
     def answer(self, request: Request) -> bytes:
         started = time.perf_counter_ns()
         check = to_input(request)
-        decision, entry = self.decider.check_keyed(
-            lambda policy: check.memo_key(policy.reads_headers),
-            check.request_id,
-            lambda: check,
-            started,
+        decider = self.decider
+        policy = decider.engine.policy
+        # A remembered allow is answered (and recorded) without deciding again.
+        hit = decider.recall(
+            check.memo_key(policy.reads_headers), policy, check.request_id, started
         )
-        if decision.allowed:
-            sent = request.headers
-            try:
-                if entry is None or any(name.startswith(IDENTITY_PREFIXES) for name in sent):
-                    return allow(decision, sent, self.remove_authorization)
-                # A remembered allow: its answer, made once, with this answer's id.
-                parts: tuple[bytes, bytes] | None = entry.extras.get(_ALLOW)
-                if parts is None:
-                    marked = entry.decision._replace(decision_id=_ID_MARK)
-                    head, tail = allow(marked, (), self.remove_authorization).split(
-                        _ID_MARK.encode()
-                    )
-                    parts = entry.extras[_ALLOW] = (head, tail)
-                return parts[0] + decision.decision_id.encode() + parts[1]
-            except ValueError as exc:
-                log.error("decision %s answered 500: %s", decision.decision_id, exc)
-                denial = Denial(
-                    500, "server_error", Reason.INTERNAL_ERROR.name, str(exc), decision.decision_id
+        decision: Decision | None = None
+        entry: Remembered | None
+        if hit is not None:
+            decision_id, entry = hit
+        else:
+            decision, entry = decider.check_keyed(
+                lambda policy: check.memo_key(policy.reads_headers),
+                check.request_id,
+                lambda: check,
+                started,
+            )
+            decision_id = decision.decision_id
+            if not decision.allowed:
+                return deny(
+                    for_reason(decision.reason, decision.message, decision_id), request.method
                 )
-                return deny(denial, request.method)
-        return deny(
-            for_reason(decision.reason, decision.message, decision.decision_id), request.method
-        )
+        sent = request.headers
+        try:
+            if entry is None or any(name.startswith(IDENTITY_PREFIXES) for name in sent):
+                if decision is None:
+                    assert entry is not None
+                    decision = entry.decision._replace(decision_id=decision_id)
+                return allow(decision, sent, self.remove_authorization)
+            # A remembered allow: its answer, made once, with this answer's id.
+            parts: tuple[bytes, bytes] | None = entry.extras.get(_ALLOW)
+            if parts is None:
+                marked = entry.decision._replace(decision_id=_ID_MARK)
+                head, tail = allow(marked, (), self.remove_authorization).split(_ID_MARK.encode())
+                parts = entry.extras[_ALLOW] = (head, tail)
+            return parts[0] + decision_id.encode() + parts[1]
+        except ValueError as exc:
+            log.error("decision %s answered 500: %s", decision_id, exc)
+            denial = Denial(500, "server_error", Reason.INTERNAL_ERROR.name, str(exc), decision_id)
+            return deny(denial, request.method)
 
     def start(self) -> None:
         self._thread.start()
@@ -344,3 +395,6 @@ class HttpDoor:
             self._thread.join(timeout=5)
         else:
             self.sock.close()
+        if self.unix_path:
+            with contextlib.suppress(OSError):
+                os.unlink(self.unix_path)
