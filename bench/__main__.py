@@ -50,7 +50,7 @@ class Durations:
 
 
 FULL = Durations(
-    rounds=5, warmup=0.5, duration=2.0, stack_duration=1.5, micro_calls=20_000, grants=1_000_000
+    rounds=7, warmup=0.5, duration=2.0, stack_duration=1.5, micro_calls=20_000, grants=1_000_000
 )
 QUICK = Durations(
     rounds=2, warmup=0.2, duration=0.5, stack_duration=0.4, micro_calls=1_000, grants=100_000

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import os
 import sqlite3
 import tempfile
 import time
@@ -70,12 +71,32 @@ def _ds(n: int) -> str:
     return f"ds{n:03d}"
 
 
+def server_cpu() -> int | None:
+    """The one CPU every server of the benchmark is pinned to (None: one CPU, no pinning)."""
+    allowed = sorted(os.sched_getaffinity(0))
+    return allowed[0] if len(allowed) > 1 else None
+
+
+def client_cpus() -> list[int] | None:
+    """The CPUs of the load generator: all but the servers' (server_cpu), as if it ran on
+    another host; policyd's audit indexer runs there too (affinity.spare)."""
+    cpu = server_cpu()
+    return None if cpu is None else sorted(set(os.sched_getaffinity(0)) - {cpu})
+
+
 def make_home(root: Path) -> tuple[Path, Path]:
     """Two config files on one store and key folder: the defaults (so the audit log is on,
     here in this folder) and the same with the audit log off. Both use the repo's policy
-    folder; the OAuth server is off (it has its own port and is idle during a Check)."""
+    folder; the OAuth server is off (it has its own port and is idle during a Check).
+
+    Both pin the server to the same CPU (server_cpu), and so does the empty server, which
+    reads the same file: with `auto`, each lone server would stay on the CPU it happened to
+    start on, and the CPUs of a VM are not alike (on the dev VM, CPU 1 takes the disk's
+    interrupts), which moved a server's figures by up to a tenth between runs."""
+    cpu = server_cpu()
     common = (
-        f'[store]\npath = "{root / "policyd.db"}"\n'
+        (f'[server]\ncpu_affinity = "{cpu}"\n' if cpu is not None else "")
+        + f'[store]\npath = "{root / "policyd.db"}"\n'
         f'[tokens]\nkey_dir = "{root / "keys"}"\n'
         'issuer = "https://auth.bench"\naudience = "hub-bench"\n'
         f'[policy]\ndir = "{ROOT / "policies"}"\n'
@@ -381,6 +402,7 @@ def run(
                 rounds=rounds,
                 warmup=warmup,
                 duration=duration,
+                cpus=client_cpus(),
             )
             result = run_in_process(spec)
     sizes = {name: len(h) // 2 for name, h in result.responses.items()}

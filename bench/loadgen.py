@@ -16,6 +16,7 @@ does the same work for every target; the servers parse and serialize as usual.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -48,6 +49,9 @@ class LoadSpec:
     rounds: int
     warmup: float
     duration: float
+    # The CPUs the load generator runs on (None: wherever the kernel puts it), so that it
+    # can be kept off the CPU the servers are pinned to, as a client on another host.
+    cpus: list[int] | None = None
 
 
 @dataclass
@@ -200,6 +204,7 @@ def _spec_from_json(data: dict[str, Any]) -> LoadSpec:
         rounds=int(data["rounds"]),
         warmup=float(data["warmup"]),
         duration=float(data["duration"]),
+        cpus=None if data.get("cpus") is None else [int(c) for c in data["cpus"]],
     )
 
 
@@ -236,6 +241,8 @@ def run_in_process(spec: LoadSpec) -> LoadResult:
 
 def main() -> int:
     spec = _spec_from_json(json.loads(sys.stdin.read()))
+    if spec.cpus:
+        os.sched_setaffinity(0, spec.cpus)  # before any thread starts: they inherit it
     result = run(spec)
     json.dump(asdict(result), sys.stdout)
     return 0

@@ -104,9 +104,24 @@ def test_any_store_write_forgets_it_before_the_write_returns(
         change(other, token)
     finally:
         other.close()
+    assert engine.recall(KEY, engine.policy) is None  # the fast path sees the write too
     decision, _ = engine.decide_keyed(lambda _p: KEY, inputs)
     assert inputs.built == 2  # decided again, not remembered
     assert decision.reason is reason
+
+
+def test_recall_answers_only_what_decide_keyed_would_answer_from_memory(
+    seeded: Home, engine: Engine
+) -> None:
+    inputs = read_ds_a(seeded)
+    assert engine.recall(KEY, engine.policy) is None  # nothing remembered yet
+    _, entry = engine.decide_keyed(lambda _p: KEY, inputs)
+    assert entry is not None and engine.recall(KEY, engine.policy) is entry
+    assert engine.recall(b"another request", engine.policy) is None
+    # Made under another policy (a reload meanwhile): not this entry.
+    assert engine.recall(KEY, load_policy(ROOT / "policies")) is None
+    entry.expires = time.time() - 1
+    assert engine.recall(KEY, engine.policy) is None
 
 
 def test_a_policy_reload_forgets_it(seeded: Home, engine: Engine) -> None:
@@ -367,3 +382,26 @@ def test_over_grpc_a_different_body_or_door_is_not_answered_from_memory(seeded: 
         assert envoy.allowed
         records = indexed_records(seeded.config.audit.path, {envoy.decision_id})
     assert records[envoy.decision_id].door == "envoy"
+
+
+def test_a_recalled_answer_is_recorded_and_one_that_cannot_be_is_decided_and_denied(
+    seeded: Home,
+) -> None:
+    decider = build_decider(seeded.config, seeded.store)
+    audit = decider.audit
+    assert audit is not None
+    inputs = read_ds_a(seeded)
+    policy = decider.engine.policy
+    first, _ = decider.check_keyed(lambda _p: KEY, "r0", inputs)
+    recalled = decider.recall(KEY, policy, "r1", time.perf_counter_ns())
+    assert recalled is not None and inputs.built == 1
+    decision_id, entry = recalled
+    assert decision_id != first.decision_id and entry.decision.allowed
+    audit.flush()
+    records = indexed_records(seeded.config.audit.path, {first.decision_id, decision_id})
+    assert records[decision_id].request_id == "r1"
+    assert records[decision_id].decision == "allow"
+    audit.close()  # from now on no record can be written
+    assert decider.recall(KEY, policy, "r2", time.perf_counter_ns()) is None
+    denied, _ = decider.check_keyed(lambda _p: KEY, "r2", inputs)
+    assert denied.reason is Reason.AUDIT_UNAVAILABLE and not denied.allowed
