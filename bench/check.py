@@ -253,12 +253,12 @@ def in_process(
 
     cases: list[tuple[str, Callable[[], object], int]] = [
         (
-            "DecisionServicer.Check, remembered (key, Decider.check_keyed, response)",
+            "DecisionServicer.Check, remembered (key, Decider.recall, encoded response)",
             lambda: servicer.Check(request, context),
             calls,
         ),
         (
-            "  Engine.decide_keyed, remembered allow",
+            "  Engine.decide_keyed, remembered allow (the full path)",
             lambda: engine.decide_keyed(lambda _p: key, lambda: check_input),
             calls,
         ),

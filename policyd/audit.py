@@ -22,13 +22,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import json.scanner
 import logging
 import os
 import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -319,11 +320,14 @@ def append_records(
     rows = []
     ds_rows: list[tuple[str, float, int]] = []
     encode = CANONICAL.encode
+    keyed = hmac.new(key, digestmod=hashlib.sha256)
     for canonical, values in records:
         seq += 1
         # The line is AuditRecord.canonical() of these values (journal.py writes nothing
         # else), so it is what verify recomputes from the stored row.
-        digest = hmac.new(key, prev.encode() + canonical, hashlib.sha256).hexdigest()
+        mac = keyed.copy()  # the key's HMAC state, made once per batch
+        mac.update(prev.encode() + canonical)
+        digest = mac.hexdigest()
         data_sources = values[_DATA_SOURCES]
         row = values.copy()
         row[_SCOPES] = " ".join(values[_SCOPES])
@@ -346,11 +350,21 @@ def journal_dir(path: Path) -> Path:
     return path.with_name(path.name + ".journal")
 
 
+# json's scanner (C): one JSON value at an offset, as (value, end).
+_SCAN: Callable[[str, int], tuple[Any, int]] = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[arg-type]
+
+
 def fields_of_line(line: bytes) -> list[Any]:
     """The FIELDS values of one journal line (a record's canonical JSON); ValueError when
     it is not one. Journals are this service's own files (mode 0600): the check is for
     damage, so it looks at the shape, not every type."""
-    values = json.loads(line)
+    text = line.decode()  # UnicodeDecodeError is a ValueError
+    try:
+        values, end = _SCAN(text, 0)  # json's C scanner, without json.loads's layers
+    except StopIteration:  # what the scanner raises for no JSON value at all
+        raise ValueError("not JSON") from None
+    if end != len(text):
+        raise ValueError("not one JSON value")
     if not (
         type(values) is list
         and len(values) == len(FIELDS)
