@@ -272,8 +272,10 @@ def _bind_unix(path: str, address: str) -> socket.socket:
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             probe.connect(path)
-        except OSError:
+        except ConnectionRefusedError:
             os.unlink(path)  # nothing listens: left by a server that ended
+        except OSError as exc:  # e.g. not ours to use: leave it alone
+            raise ConfigError(f"envoy.http_address: cannot use {address}: {exc.strerror}") from None
         else:
             raise ConfigError(f"envoy.http_address: {address} is already in use")
         finally:
