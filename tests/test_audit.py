@@ -901,6 +901,23 @@ def test_a_damaged_oversized_line_is_skipped_and_the_rest_indexed(
     assert _journal_lines(log_path) == []
 
 
+def test_a_pass_reads_past_its_first_read_when_more_was_written(log_path: Path, key: bytes) -> None:
+    audit = AuditLog(log_path, key)
+    audit.start()  # an indexer process's job: nothing is indexed inline
+    ids = []
+    for n in range(1200):
+        rec = _record(request_id=f"r{n}")
+        ids.append(rec.id)
+        audit.record(rec)
+    assert audit._journal.offset > 2 * journal_module.FIRST_READ_BYTES
+    indexer = Indexer(log_path, key)
+    assert indexer.run_once() == 1200
+    assert indexer.commits == 1  # one chunk, one transaction
+    audit.close()
+    stored = [s.record.id for s in AuditReader(log_path, key).query(Query(limit=2000))]
+    assert sorted(stored) == sorted(ids)
+
+
 def test_with_sync_full_each_record_is_synced_before_record_returns(
     log_path: Path, key: bytes
 ) -> None:

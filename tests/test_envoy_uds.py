@@ -16,14 +16,27 @@ import pytest
 from adapters.envoy import config as envoy_config
 from adapters.envoy import http_door
 from policyd.config import load_config
+from policyd.decider import Decider
 from policyd.errors import ConfigError
 from policyd.wiring import build_decider
 from tests.helpers import Home, free_port, run_server
 from tests.test_envoy import INSUFFICIENT, _stop, start_envoy, start_hub
 
 
-def _door(home: Home, path: Path) -> http_door.HttpDoor:
-    return http_door.HttpDoor(build_decider(load_config(home.config_path, env={})), f"unix:{path}")
+@pytest.fixture
+def deciders() -> Iterator[list[Decider]]:
+    """The deciders the test made, their audit logs closed at the end."""
+    made: list[Decider] = []
+    yield made
+    for decider in made:
+        if decider.audit is not None:
+            decider.audit.close()
+
+
+def _door(home: Home, path: Path, deciders: list[Decider]) -> http_door.HttpDoor:
+    decider = build_decider(load_config(home.config_path, env={}))
+    deciders.append(decider)
+    return http_door.HttpDoor(decider, f"unix:{path}")
 
 
 def _ask(path: Path, raw: bytes) -> bytes:
@@ -34,11 +47,13 @@ def _ask(path: Path, raw: bytes) -> bytes:
         return sock.recv(65536)
 
 
-def test_the_door_answers_on_its_socket_and_removes_it_when_stopped(tmp_path: Path) -> None:
+def test_the_door_answers_on_its_socket_and_removes_it_when_stopped(
+    tmp_path: Path, deciders: list[Decider]
+) -> None:
     home = Home(tmp_path)
     home.seed()
     path = tmp_path / "door.sock"
-    door = _door(home, path)
+    door = _door(home, path, deciders)
     door.start()
     try:
         assert stat.S_ISSOCK(os.stat(path).st_mode)
@@ -51,7 +66,7 @@ def test_the_door_answers_on_its_socket_and_removes_it_when_stopped(tmp_path: Pa
 
 
 def test_a_socket_left_by_an_ended_server_is_replaced_and_a_live_one_is_not(
-    tmp_path: Path,
+    tmp_path: Path, deciders: list[Decider]
 ) -> None:
     home = Home(tmp_path)
     home.seed()
@@ -59,17 +74,17 @@ def test_a_socket_left_by_an_ended_server_is_replaced_and_a_live_one_is_not(
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(str(path))  # bound, never listening: what a killed server leaves
     stale.close()
-    door = _door(home, path)
+    door = _door(home, path, deciders)
     door.start()
     try:
         with pytest.raises(ConfigError, match="is already in use"):
-            _door(home, path)
+            _door(home, path, deciders)
         assert path.exists()  # still the live door's
     finally:
         door.stop()
     path.write_text("not a socket")
     with pytest.raises(ConfigError, match="exists and is not a socket"):
-        _door(home, path)
+        _door(home, path, deciders)
     assert path.read_text() == "not a socket"
 
 
