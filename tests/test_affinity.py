@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
 
 from policyd import affinity
 from policyd.errors import ConfigError
-from tests.helpers import Home, child_pids, cmdline, run_server
+from tests.helpers import Home, ServerProcess, child_pids, cmdline, run_server
 
 
 def thread_cpus(pid: int) -> dict[int, str]:
@@ -88,6 +89,17 @@ def test_a_cpu_list_naming_a_cpu_the_process_may_not_use_is_a_config_error() -> 
         affinity.choose("0,4", 0, {0, 1})
 
 
+def _logged(server: ServerProcess, text: str, timeout: float = 10.0) -> bool:
+    """Whether the server's log says `text` within `timeout`: its "serving" line comes a
+    moment after it starts answering health checks."""
+    deadline = time.monotonic() + timeout
+    while text not in server.log():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 needs_two_cpus = pytest.mark.skipif(
     len(os.sched_getaffinity(0)) < 2, reason="pinning needs at least two usable CPUs"
 )
@@ -101,7 +113,7 @@ def test_serve_runs_every_thread_on_one_cpu_by_default(tmp_path: Path) -> None:
         assert len(cpus) > 3  # the main thread, grpc's threads, the reloader, ...
         [cpu] = set(cpus.values())
         assert int(cpu) in os.sched_getaffinity(0)
-        assert f"CPU {cpu})" in server.log()
+        assert _logged(server, f"CPU {cpu})")
 
 
 @needs_two_cpus
@@ -110,7 +122,7 @@ def test_serve_with_affinity_none_leaves_the_threads_unpinned(tmp_path: Path) ->
     allowed = cpu_list(set(os.sched_getaffinity(0)))
     with run_server(home) as server:
         assert set(thread_cpus(server.process.pid).values()) == {allowed}
-        assert "unpinned)" in server.log()
+        assert _logged(server, "unpinned)")
 
 
 @needs_two_cpus
