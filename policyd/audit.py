@@ -363,6 +363,8 @@ def fields_of_line(line: bytes) -> list[Any]:
         values, end = _SCAN(text, 0)  # json's C scanner, without json.loads's layers
     except StopIteration:  # what the scanner raises for no JSON value at all
         raise ValueError("not JSON") from None
+    except RecursionError:  # damage such as a long run of "[": skipped like any other
+        raise ValueError("nested too deeply") from None
     if end != len(text):
         raise ValueError("not one JSON value")
     if not (

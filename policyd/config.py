@@ -167,6 +167,10 @@ class Config:
                     "envoy.http_address: a Unix socket is unix:/ABSOLUTE/PATH,"
                     f" not {self.envoy.http_address!r}"
                 )
+            if len(self.envoy.http_address[5:].encode()) > 107:  # sun_path holds 108 bytes
+                raise ConfigError(
+                    "envoy.http_address: a Unix socket path is at most 107 bytes long"
+                )
             if s.workers > 1:
                 raise ConfigError(
                     "envoy.http_address: a Unix socket cannot be shared by server.workers"

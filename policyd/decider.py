@@ -77,12 +77,14 @@ class Decider:
 
     def recall(
         self, key: Hashable, policy: Policy, request_id: str, started_ns: int
-    ) -> tuple[str, Remembered] | None:
+    ) -> tuple[str, Remembered] | Decision | None:
         """A repeat of a remembered allow (Engine.recall), recorded like any answer: its new
         decision id and the entry, whose decision (with decision_id "") it repeats. The fast
         path of check_keyed: no request and no Decision is built. None when there is nothing
-        to recall, or its record cannot be written; the door then calls check_keyed, which
-        decides (and denies with AUDIT_UNAVAILABLE if the audit log still refuses)."""
+        to recall: the door then calls check_keyed. A Decision when the record cannot be
+        written: the same deny (AUDIT_UNAVAILABLE) check_keyed gives, with this answer's
+        id (a record that may have reached the journal before the failure, with `audit.sync =
+        "full"`, has that id too: never a second record for one answer)."""
         entry = self.engine.recall(key, policy)
         if entry is None:
             return None
@@ -95,8 +97,8 @@ class Decider:
             latency_us = (time.perf_counter_ns() - started_ns) // 1000
             try:
                 audit.append(template.line(decision_id, time.time(), request_id, latency_us))
-            except AuditUnavailable:
-                return None
+            except AuditUnavailable as exc:
+                return _unrecorded(entry.decision._replace(decision_id=decision_id), exc)
         return decision_id, entry
 
 

@@ -85,7 +85,7 @@ class CheckInput:
             return key
         # pickle of str, bytes and tuples is exact and unambiguous (lengths, types).
         data = pickle.dumps(key, protocol=5)
-        return ("blake2b", hashlib.blake2b(data, digest_size=32).digest())
+        return ("input-blake2b", hashlib.blake2b(data, digest_size=32).digest())
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ from collections.abc import Callable, Hashable
 import grpc
 
 from policyd.decider import Decider
+from policyd.engine import Remembered
 from policyd.gen.v1 import decision_pb2, decision_pb2_grpc
 from policyd.model import ActionTarget, CheckInput, Decision, HttpTarget
 from policyd.policy import Policy
@@ -83,7 +84,7 @@ def _key(request: decision_pb2.CheckRequest, policy: Policy) -> Hashable:
     data = request.SerializeToString(deterministic=True)
     if len(data) <= MAX_RAW_KEY:
         return data
-    return ("blake2b", hashlib.blake2b(data, digest_size=32).digest())
+    return ("grpc-blake2b", hashlib.blake2b(data, digest_size=32).digest())
 
 
 # The encoding of CheckResponse.decision_id's tag (field number, wire type 2: a string) and
@@ -113,18 +114,24 @@ class DecisionServicer(decision_pb2_grpc.DecisionServicer):
         decider = self.decider
         policy = decider.engine.policy
         hit = decider.recall(_key(request, policy), policy, request_id, started)
-        if hit is not None:
-            decision_id, entry = hit
-        else:
+        decision: Decision | None = None
+        entry: Remembered | None = None
+        if hit is None:  # not remembered: decide
             decision, _ = decider.check_keyed(
                 lambda policy: _key(request, policy),
                 request_id,
                 lambda: to_input(request, request_id),
                 started,
             )
+        elif isinstance(hit, Decision):  # remembered, but its record could not be written
+            decision = hit
+        else:
+            decision_id, entry = hit
+        if decision is not None:
             decision_id = decision.decision_id
         try:
-            if hit is None:
+            if entry is None:
+                assert decision is not None
                 return to_response(decision)
             # The remembered response without its decision id, encoded once, then the tag
             # and length of a decision id: a field appended to a message's encoding sets

@@ -901,6 +901,20 @@ def test_a_damaged_oversized_line_is_skipped_and_the_rest_indexed(
     assert _journal_lines(log_path) == []
 
 
+def test_a_damaged_deeply_nested_line_is_skipped_and_the_rest_indexed(
+    log_path: Path, key: bytes
+) -> None:
+    audit = AuditLog(log_path, key)
+    audit.start()
+    audit.record(_record(request_id="before"))
+    audit._journal.append(b"[" * 100_000 + b"\n")  # damage: too deep for json's parser
+    audit.record(_record(request_id="after"))
+    audit.close()
+    assert Indexer(log_path, key).run_once() == 2
+    ids = {s.record.request_id for s in AuditReader(log_path, key).query(Query(limit=10))}
+    assert ids == {"before", "after"}
+
+
 def test_a_pass_reads_past_its_first_read_when_more_was_written(log_path: Path, key: bytes) -> None:
     audit = AuditLog(log_path, key)
     audit.start()  # an indexer process's job: nothing is indexed inline

@@ -388,3 +388,23 @@ def test_the_sample_uses_the_doors_prefix() -> None:
     uri = hcm["typed_config"]["http_filters"][0]["typed_config"]["http_service"]["server_uri"]
     assert uri["uri"] == "http://127.0.0.1:6001"
     assert Path(envoy_config.HTTP).name == "envoy-http.yaml"
+
+
+def test_a_remembered_allow_whose_record_cannot_be_written_is_503(tmp_path: Path) -> None:
+    home = Home(tmp_path)
+    home.seed()
+    decider = build_decider(load_config(home.config_path, env={}))
+    assert decider.audit is not None
+    d = http_door.HttpDoor(decider, "127.0.0.1:0")
+    d.start()
+    try:
+        ask = _check("/api/data/tags/ds-a", f"authorization: Bearer {home.token()}\r\n")
+        for _ in range(2):  # the second is answered from memory
+            out, _ = _exchange(d, ask)
+            assert out.startswith(b"HTTP/1.1 200 "), out
+        decider.audit.close()  # no record can be written from now on
+        out, _ = _exchange(d, ask)
+        assert out.startswith(b"HTTP/1.1 503 "), out
+        assert b'"reason":"AUDIT_UNAVAILABLE"' in out.replace(b" ", b"")
+    finally:
+        d.stop()

@@ -82,6 +82,14 @@ def test_a_socket_left_by_an_ended_server_is_replaced_and_a_live_one_is_not(
         assert path.exists()  # still the live door's
     finally:
         door.stop()
+    # A door stopping late leaves a newer server's socket at the same path alone.
+    newer = _door(home, path, deciders)
+    old_door = _door(home, tmp_path / "other.sock", deciders)
+    old_door.unix_path = str(path)  # as if it had made the file that `newer` replaced
+    old_door.stop()
+    assert path.exists()
+    newer.stop()
+    assert not path.exists()
     path.write_text("not a socket")
     with pytest.raises(ConfigError, match="exists and is not a socket"):
         _door(home, path, deciders)
@@ -92,6 +100,7 @@ def test_a_socket_left_by_an_ended_server_is_replaced_and_a_live_one_is_not(
     ("extra", "message"),
     [
         ('[envoy]\nhttp_address = "unix:door.sock"\n', "unix:/ABSOLUTE/PATH"),
+        (f'[envoy]\nhttp_address = "unix:/{"x" * 107}"\n', "at most 107 bytes"),
         (
             '[server]\nworkers = 2\n[envoy]\nhttp_address = "unix:/tmp/door.sock"\n',
             "cannot be shared by server.workers",

@@ -12,9 +12,12 @@ import grpc
 import jwt
 import pytest
 
+from policyd import journal as journal_module
+from policyd.audit import AuditReader, Query
 from policyd.engine import Engine
 from policyd.gen.v1 import decision_pb2
-from policyd.model import Access, ActionTarget, CheckInput, HttpTarget
+from policyd.journal import Indexer
+from policyd.model import Access, ActionTarget, CheckInput, Decision, HttpTarget
 from policyd.policy import load_policy
 from policyd.policytest import Fixture, Runner, scratch_dir
 from policyd.reasons import Reason
@@ -97,7 +100,8 @@ def test_any_store_write_forgets_it_before_the_write_returns(
 ) -> None:
     token = seeded.token()
     inputs = read_ds_a(seeded, token)
-    assert engine.decide_keyed(lambda _p: KEY, inputs)[1] is not None
+    _, entry = engine.decide_keyed(lambda _p: KEY, inputs)
+    assert entry is not None and engine.recall(KEY, engine.policy) is entry
     change, reason = WRITES[write]
     other = Store(seeded.config.store.path)  # as another process would
     try:
@@ -335,7 +339,7 @@ def test_a_large_request_is_remembered_by_a_32_byte_digest_whatever_the_body() -
     big = CheckInput("t", HttpTarget("POST", SNAPSHOT, "", {}, b"x" * 1_000_000))
     other = CheckInput("t", HttpTarget("POST", SNAPSHOT, "", {}, b"x" * 999_999 + b"y"))
     key = big.memo_key()
-    assert isinstance(key, tuple) and key[0] == "blake2b" and len(key[1]) == 32
+    assert isinstance(key, tuple) and key[0] == "input-blake2b" and len(key[1]) == 32
     assert big.memo_key() != other.memo_key()
     assert big.memo_key() == replace(big, request_id="another id").memo_key()
 
@@ -394,7 +398,7 @@ def test_a_recalled_answer_is_recorded_and_one_that_cannot_be_is_decided_and_den
     policy = decider.engine.policy
     first, _ = decider.check_keyed(lambda _p: KEY, "r0", inputs)
     recalled = decider.recall(KEY, policy, "r1", time.perf_counter_ns())
-    assert recalled is not None and inputs.built == 1
+    assert recalled is not None and not isinstance(recalled, Decision) and inputs.built == 1
     decision_id, entry = recalled
     assert decision_id != first.decision_id and entry.decision.allowed
     audit.flush()
@@ -402,6 +406,43 @@ def test_a_recalled_answer_is_recorded_and_one_that_cannot_be_is_decided_and_den
     assert records[decision_id].request_id == "r1"
     assert records[decision_id].decision == "allow"
     audit.close()  # from now on no record can be written
-    assert decider.recall(KEY, policy, "r2", time.perf_counter_ns()) is None
+    refused = decider.recall(KEY, policy, "r2", time.perf_counter_ns())
+    assert isinstance(refused, Decision) and not refused.allowed
+    assert refused.reason is Reason.AUDIT_UNAVAILABLE and refused.decision_id
     denied, _ = decider.check_keyed(lambda _p: KEY, "r2", inputs)
     assert denied.reason is Reason.AUDIT_UNAVAILABLE and not denied.allowed
+
+
+def test_a_recalled_answer_whose_sync_fails_is_denied_with_the_id_of_its_one_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # audit.sync = "full": the line is copied into the journal, then the msync fails.
+    home = Home(
+        tmp_path,
+        extra_config=f'[audit]\npath = "{tmp_path / "audit.db"}"\n'
+        f'key_file = "{tmp_path / "audit.key"}"\nsync = "full"\n',
+    )
+    home.seed()
+    decider = build_decider(home.config, home.store)
+    audit = decider.audit
+    assert audit is not None
+    inputs = read_ds_a(home)
+    policy = decider.engine.policy
+    first, _ = decider.check_keyed(lambda _p: KEY, "r0", inputs)
+
+    def failing_sync(self: object) -> None:
+        raise OSError("EIO")
+
+    monkeypatch.setattr(journal_module._Journal, "sync", failing_sync)
+    refused = decider.recall(KEY, policy, "r1", time.perf_counter_ns())
+    assert isinstance(refused, Decision) and refused.reason is Reason.AUDIT_UNAVAILABLE
+    monkeypatch.undo()
+    audit.close()
+    Indexer(home.config.audit.path, audit.key).run_once()
+    records = [
+        s.record for s in AuditReader(home.config.audit.path, audit.key).query(Query(limit=10))
+    ]
+    # One record per answer: r1's (its line reached the journal before the failed sync)
+    # carries the id the caller got with the deny; no second record was made for it.
+    assert sorted(r.id for r in records) == sorted([first.decision_id, refused.decision_id])
+    assert [r.request_id for r in records if r.id == refused.decision_id] == ["r1"]

@@ -263,6 +263,14 @@ def _bind(address: str, reuse_port: bool) -> socket.socket:
     return sock
 
 
+def _file_id(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _bind_unix(path: str, address: str) -> socket.socket:
     """A Unix socket at `path` (mode 0660: Envoy's user needs its group). A socket file
     left by a server that is gone is replaced; one a live server listens on is not."""
@@ -270,12 +278,17 @@ def _bind_unix(path: str, address: str) -> socket.socket:
         if not stat.S_ISSOCK(os.stat(path).st_mode):
             raise ConfigError(f"envoy.http_address: {path} exists and is not a socket")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(1.0)  # a live server whose backlog is full: in use, not stale
         try:
             probe.connect(path)
         except ConnectionRefusedError:
             os.unlink(path)  # nothing listens: left by a server that ended
+        except TimeoutError:
+            raise ConfigError(f"envoy.http_address: {address} is already in use") from None
         except OSError as exc:  # e.g. not ours to use: leave it alone
-            raise ConfigError(f"envoy.http_address: cannot use {address}: {exc.strerror}") from None
+            raise ConfigError(
+                f"envoy.http_address: cannot use {address}: {exc.strerror or exc}"
+            ) from None
         else:
             raise ConfigError(f"envoy.http_address: {address} is already in use")
         finally:
@@ -313,6 +326,9 @@ class HttpDoor:
         self.sock = _bind(address, reuse_port)
         # The TCP port (0 for a Unix socket: `unix_path` instead).
         self.unix_path = address[len(UNIX_PREFIX) :] if address.startswith(UNIX_PREFIX) else ""
+        # The socket file this door made (device, inode): stop() removes only that one, not
+        # one a newer server has put at the same path meanwhile.
+        self._unix_file = _file_id(self.unix_path) if self.unix_path else None
         self.port: int = 0 if self.unix_path else self.sock.getsockname()[1]
         self.connections: set[asyncio.Transport] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -331,6 +347,8 @@ class HttpDoor:
         )
         decision: Decision | None = None
         entry: Remembered | None
+        if isinstance(hit, Decision):  # remembered, but its record could not be written
+            return deny(for_reason(hit.reason, hit.message, hit.decision_id), request.method)
         if hit is not None:
             decision_id, entry = hit
         else:
@@ -397,6 +415,6 @@ class HttpDoor:
             self._thread.join(timeout=5)
         else:
             self.sock.close()
-        if self.unix_path:
+        if self.unix_path and _file_id(self.unix_path) == self._unix_file:
             with contextlib.suppress(OSError):
                 os.unlink(self.unix_path)
