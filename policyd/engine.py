@@ -105,6 +105,14 @@ class Remembered:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
+def _holding(entry: Remembered | None, policy: Policy) -> Remembered | None:
+    """The entry if it still answers for a request keyed under `policy`: made by that
+    policy object (a reload forgets it) and not expired."""
+    if entry is not None and entry.policy is policy and time.time() < entry.expires:
+        return entry
+    return None
+
+
 @dataclass(slots=True)
 class _Bounds:
     """What a decision depended on beyond the request and the store generation."""
@@ -159,8 +167,8 @@ class Engine:
             return self.decide(make_input()), None  # the same deny, with its logging
         policy = self.policy
         key = make_key(policy)
-        entry: Remembered | None = view.remembered(key)
-        if entry is not None and entry.policy is policy and time.time() < entry.expires:
+        entry = _holding(view.remembered(key), policy)
+        if entry is not None:
             return entry.decision._replace(decision_id=new_id()), entry
         bounds = _Bounds()
         decision = self._decide(make_input(), None, policy, view, bounds)
@@ -176,10 +184,7 @@ class Engine:
         decide_keyed; else None. The hot path of a door, which answers it without building
         the request or a Decision; a None (not remembered, expired, a write since, or a
         store that cannot be read) is answered by decide_keyed."""
-        entry: Remembered | None = self.facts.recall(key)
-        if entry is not None and entry.policy is policy and time.time() < entry.expires:
-            return entry
-        return None
+        return _holding(self.facts.recall(key), policy)
 
     def explain(self, request: CheckInput) -> Explanation:
         """Decide, recording the rule, the data sources and every check on the way."""

@@ -48,11 +48,10 @@ def _ask(path: Path, raw: bytes) -> bytes:
 
 
 def test_the_door_answers_on_its_socket_and_removes_it_when_stopped(
-    tmp_path: Path, deciders: list[Decider]
+    seeded: Home, deciders: list[Decider]
 ) -> None:
-    home = Home(tmp_path)
-    home.seed()
-    path = tmp_path / "door.sock"
+    home = seeded
+    path = seeded.root / "door.sock"
     door = _door(home, path, deciders)
     door.start()
     try:
@@ -66,11 +65,10 @@ def test_the_door_answers_on_its_socket_and_removes_it_when_stopped(
 
 
 def test_a_socket_left_by_an_ended_server_is_replaced_and_a_live_one_is_not(
-    tmp_path: Path, deciders: list[Decider]
+    seeded: Home, deciders: list[Decider]
 ) -> None:
-    home = Home(tmp_path)
-    home.seed()
-    path = tmp_path / "door.sock"
+    home = seeded
+    path = seeded.root / "door.sock"
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(str(path))  # bound, never listening: what a killed server leaves
     stale.close()
@@ -84,7 +82,7 @@ def test_a_socket_left_by_an_ended_server_is_replaced_and_a_live_one_is_not(
         door.stop()
     # A door stopping late leaves a newer server's socket at the same path alone.
     newer = _door(home, path, deciders)
-    old_door = _door(home, tmp_path / "other.sock", deciders)
+    old_door = _door(home, seeded.root / "other.sock", deciders)
     old_door.unix_path = str(path)  # as if it had made the file that `newer` replaced
     old_door.stop()
     assert path.exists()

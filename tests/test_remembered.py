@@ -14,9 +14,10 @@ import pytest
 
 from policyd import journal as journal_module
 from policyd.audit import AuditReader, Query
+from policyd.decider import Decider
 from policyd.engine import Engine
 from policyd.gen.v1 import decision_pb2
-from policyd.journal import Indexer
+from policyd.journal import AuditLog, Indexer
 from policyd.model import Access, ActionTarget, CheckInput, Decision, HttpTarget
 from policyd.policy import load_policy
 from policyd.policytest import Fixture, Runner, scratch_dir
@@ -388,15 +389,21 @@ def test_over_grpc_a_different_body_or_door_is_not_answered_from_memory(seeded: 
     assert records[envoy.decision_id].door == "envoy"
 
 
+def _remembered_once(home: Home) -> tuple[Decider, AuditLog, Inputs, Decision]:
+    """A decider with its audit log, and the first (recorded, remembered) allow of KEY."""
+    decider = build_decider(home.config, home.store)
+    assert decider.audit is not None
+    inputs = read_ds_a(home)
+    first, entry = decider.check_keyed(lambda _p: KEY, "r0", inputs)
+    assert first.allowed and entry is not None
+    return decider, decider.audit, inputs, first
+
+
 def test_a_recalled_answer_is_recorded_and_one_that_cannot_be_is_decided_and_denied(
     seeded: Home,
 ) -> None:
-    decider = build_decider(seeded.config, seeded.store)
-    audit = decider.audit
-    assert audit is not None
-    inputs = read_ds_a(seeded)
+    decider, audit, inputs, first = _remembered_once(seeded)
     policy = decider.engine.policy
-    first, _ = decider.check_keyed(lambda _p: KEY, "r0", inputs)
     recalled = decider.recall(KEY, policy, "r1", time.perf_counter_ns())
     assert recalled is not None and not isinstance(recalled, Decision) and inputs.built == 1
     decision_id, entry = recalled
@@ -423,12 +430,8 @@ def test_a_recalled_answer_whose_sync_fails_is_denied_with_the_id_of_its_one_rec
         f'key_file = "{tmp_path / "audit.key"}"\nsync = "full"\n',
     )
     home.seed()
-    decider = build_decider(home.config, home.store)
-    audit = decider.audit
-    assert audit is not None
-    inputs = read_ds_a(home)
+    decider, audit, _, first = _remembered_once(home)
     policy = decider.engine.policy
-    first, _ = decider.check_keyed(lambda _p: KEY, "r0", inputs)
 
     def failing_sync(self: object) -> None:
         raise OSError("EIO")
