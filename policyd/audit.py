@@ -319,7 +319,6 @@ def append_records(
         seq, prev = last
     rows = []
     ds_rows: list[tuple[str, float, int]] = []
-    encode = CANONICAL.encode
     keyed = hmac.new(key, digestmod=hashlib.sha256)
     for canonical, values in records:
         seq += 1
@@ -328,13 +327,15 @@ def append_records(
         mac = keyed.copy()  # the key's HMAC state, made once per batch
         mac.update(prev.encode() + canonical)
         digest = mac.hexdigest()
-        data_sources = values[_DATA_SOURCES]
-        row = values.copy()
-        row[_SCOPES] = " ".join(values[_SCOPES])
-        row[_DATA_SOURCES] = encode(data_sources)
-        rows.append((seq, *row, prev, digest))
         ts = values[1]
-        ds_rows.extend((ds, ts, seq) for ds in data_sources)
+        data_sources = values[_DATA_SOURCES]
+        for name in data_sources:
+            ds_rows.append((name, ts, seq))
+        # The list is the caller's (fields_of_line makes a new one per line): made into
+        # the stored row in place.
+        values[_SCOPES] = " ".join(values[_SCOPES])
+        values[_DATA_SOURCES] = json_strings(data_sources)
+        rows.append((seq, *values, prev, digest))
         prev = digest
     conn.executemany(_INSERT, rows)
     if ds_rows:
@@ -343,6 +344,15 @@ def append_records(
             ds_rows,
         )
     return len(rows)
+
+
+# The string escaper CANONICAL uses (C): a str as JSON.
+json_string: Callable[[str], str] = json.encoder.encode_basestring
+
+
+def json_strings(names: list[str]) -> str:
+    """CANONICAL.encode(names) for a list of strings, without the encoder's Python layers."""
+    return "[" + ",".join(map(json_string, names)) + "]"
 
 
 def journal_dir(path: Path) -> Path:
@@ -367,15 +377,14 @@ def fields_of_line(line: bytes) -> list[Any]:
         raise ValueError("nested too deeply") from None
     if end != len(text):
         raise ValueError("not one JSON value")
-    if not (
-        type(values) is list
-        and len(values) == len(FIELDS)
-        and type(values[_SCOPES]) is list
-        and type(values[_DATA_SOURCES]) is list
-        and all(type(name) is str for name in values[_SCOPES])
-        and all(type(name) is str for name in values[_DATA_SOURCES])
-    ):
+    if type(values) is not list or len(values) != len(FIELDS):
         raise ValueError("not an audit record")
+    for names in (values[_SCOPES], values[_DATA_SOURCES]):
+        if type(names) is not list:
+            raise ValueError("not an audit record")
+        for name in names:
+            if type(name) is not str:
+                raise ValueError("not an audit record")
     return values
 
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import mmap
 import os
@@ -57,6 +56,7 @@ from policyd.audit import (
     connect,
     fields_of_line,
     journal_dir,
+    json_string,
     open_log_file,
     prune,
 )
@@ -109,12 +109,9 @@ class LineTemplate:
         # As json encodes them: an id of hex digits and dashes needs no escaping, a float is
         # its repr, an int its str, and a string goes through the same C escaper.
         return (
-            f'["{decision_id}",{ts!r},{self.middle},{_string(request_id[:200])},'
+            f'["{decision_id}",{ts!r},{self.middle},{json_string(request_id[:200])},'
             f"{self.jti},{latency_us},{self.message}]"
         )
-
-
-_string = json.encoder.encode_basestring  # the string escaper CANONICAL uses
 
 
 class _Journal:

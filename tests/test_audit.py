@@ -23,12 +23,16 @@ import pytest
 
 from policyd import journal as journal_module
 from policyd.audit import (
+    CANONICAL,
+    FIELDS,
     AuditReader,
     AuditRecord,
     AuditUnavailable,
     Query,
     chain_hash,
+    fields_of_line,
     journal_dir,
+    json_strings,
     load_key,
     open_log_file,
     prune,
@@ -913,6 +917,40 @@ def test_a_damaged_deeply_nested_line_is_skipped_and_the_rest_indexed(
     assert Indexer(log_path, key).run_once() == 2
     ids = {s.record.request_id for s in AuditReader(log_path, key).query(Query(limit=10))}
     assert ids == {"before", "after"}
+
+
+@pytest.mark.parametrize(
+    "names",
+    [[], ["ds1"], ["a", "b"], ['q"uote', "back\\slash", "tab\t", "\u00e9t\u00e9", "\U0001f600"]],
+)
+def test_json_strings_is_the_canonical_encoding(names: list[str]) -> None:
+    assert json_strings(names) == CANONICAL.encode(names)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"not": "a list"},
+        ["too", "short"],
+        "scopes not a list",
+        "a scope not a string",
+        "a data source not a string",
+    ],
+)
+def test_fields_of_line_refuses_what_is_not_a_record(values: Any) -> None:
+    record = _record()
+    assert fields_of_line(record.canonical().encode()) == record.json_values()
+    fields = record.json_values()
+    if values == "scopes not a list":
+        fields[FIELDS.index("scopes")] = "DataRead"
+    elif values == "a scope not a string":
+        fields[FIELDS.index("scopes")] = ["DataRead", 7]
+    elif values == "a data source not a string":
+        fields[FIELDS.index("data_sources")] = [None]
+    else:
+        fields = values
+    with pytest.raises(ValueError, match="not an audit record"):
+        fields_of_line(json.dumps(fields).encode())
 
 
 def test_a_pass_reads_past_its_first_read_when_more_was_written(log_path: Path, key: bytes) -> None:
