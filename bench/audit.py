@@ -1,4 +1,5 @@
-"""Audit-log queries over a generated log of 10 million records (1 million with --quick).
+"""Audit-log queries over a generated log of 10 million records (1 million with --quick),
+and the indexer's cost per record as a log grows.
 
 The log is generated inside SQLite (a recursive CTE, so generation takes about a minute,
 not an hour of Python) into the real schema that `policyd.audit.open_log_file` creates,
@@ -9,6 +10,12 @@ per record, 30 days of history) but their hash links are placeholders: the chain
 is the writer's, measured by bench/check.py (audit on vs off), not a query cost.
 
 The generated file is kept in var/bench/ and reused when it has the wanted size.
+
+Indexing (`indexing`): records written through `AuditLog` (the journal, as a server
+writes them) and indexed by an `Indexer` in batches of BATCH, as the indexer process does
+under load, into a new log in a temporary folder, with the same spread of users, apps and
+data sources. The indexer's CPU time per record is reported per step of STEP records,
+so its growth with the log's size shows.
 """
 
 from __future__ import annotations
@@ -16,18 +23,25 @@ from __future__ import annotations
 import sqlite3
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from bench.procs import ROOT
-from policyd.audit import AuditReader, Query, open_log_file
+from policyd.audit import AuditReader, AuditRecord, Query, load_key, open_log_file
+from policyd.ids import new_id
+from policyd.journal import AuditLog, Indexer
 
 DAYS = 30
 USERS = 1000
 APPS = 20
 DATA_SOURCES = 100
 REPEATS = 5
+# Indexing: records per measured step, and per indexer pass (a pass under load at about
+# 6,000 decisions/s finds about this many).
+STEP = 30_000
+BATCH = 150
 
 _GENERATE = """
 WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < :count)
@@ -108,6 +122,47 @@ def _time(reader: AuditReader, query: Query) -> dict[str, Any]:
     }
 
 
+def _record(n: int) -> AuditRecord:
+    return AuditRecord(
+        new_id(), time.time(), "allow", "ALLOWED", "tags-search", "bench",
+        f"app-{n % APPS}", f"user-{(n * 7919) % USERS}", ("UserInfo", "DataRead"),
+        (f"ds-{n % DATA_SOURCES}",), "tags.search", "GET", f"/api/data/tags/ds-{n % DATA_SOURCES}",
+        "envoy", f"req-{n}", f"jti-{n}", 150, "allowed",
+    )  # fmt: skip
+
+
+def indexing(steps: int) -> list[dict[str, float]]:
+    """Index steps x STEP records into a new log; CPU us per record for each step."""
+    out = []
+    with tempfile.TemporaryDirectory(prefix="bench-audit-index-") as tmp:
+        path = Path(tmp) / "audit.db"
+        key = load_key(Path(tmp) / "audit.key", create=True)
+        log = AuditLog(path, key)
+        log.start()  # no indexing inline: the Indexer below does it, as a server's would
+        indexer = Indexer(path, key)
+        n = 0
+        for _ in range(steps):
+            total = 0.0
+            indexed = 0
+            for _ in range(STEP // BATCH):
+                for _ in range(BATCH):
+                    log.record(_record(n))
+                    n += 1
+                started = time.process_time()
+                indexed += indexer.run_once()
+                total += time.process_time() - started
+            out.append(
+                {
+                    "records_after": n,
+                    "us_per_record": total / max(indexed, 1) * 1e6,
+                    "file_mb": path.stat().st_size / 1e6,
+                }
+            )
+        indexer.close()
+        log.close()
+    return out
+
+
 def run(quick: bool) -> dict[str, Any]:
     count = 1_000_000 if quick else 10_000_000
     path = generated_log(count)
@@ -127,7 +182,12 @@ def run(quick: bool) -> dict[str, Any]:
     }
     results = {name: _time(reader, q) for name, q in queries.items()}
     reader.close()
-    return {"records": count, "file_bytes": path.stat().st_size, "queries": results}
+    return {
+        "records": count,
+        "file_bytes": path.stat().st_size,
+        "queries": results,
+        "indexing": indexing(2 if quick else 10),
+    }
 
 
 def report(summary: dict[str, Any]) -> str:
@@ -141,6 +201,15 @@ def report(summary: dict[str, Any]) -> str:
         lines.append(
             f"  {name:36} {r['median_ms']:8.1f} ms  (first {r['first_ms']:7.1f} ms,"
             f" {r['records']:3d} records)  {verdict}"
+        )
+    lines.append(
+        f"indexing as a new log grows ({USERS:,} users, {APPS} apps, {DATA_SOURCES} data"
+        f" sources; batches of {BATCH}), indexer CPU us per record:"
+    )
+    for step in summary.get("indexing", []):
+        lines.append(
+            f"  up to {step['records_after']:>9,} records ({step['file_mb']:5.0f} MB):"
+            f" {step['us_per_record']:5.1f}"
         )
     return "\n".join(lines)
 
