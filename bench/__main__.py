@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             summary = hub_bench.run(args.quick)
             reports.append(hub_bench.report(summary))
         elif name == "envoy":
-            summary = envoy_bench.run(args.quick)
+            summary = envoy_bench.run(args.quick, log_dir)
             reports.append(envoy_bench.report(summary))
         else:
             summary = check.run(

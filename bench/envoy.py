@@ -9,7 +9,10 @@ measured in one run over loopback with `wrk` (Debian's package):
   `extauthz-workers2` (`server.workers = 2`, audit on);
 * `extauthz-http`: the same ext_authz filter in HTTP mode (`http_service`, the filter of
   adapters/envoy/envoy-http.yaml) asking the `policyd` above on its HTTP/1.1 door
-  (`envoy.http_address`, adapters/envoy/http_door.py), audit on.
+  (`envoy.http_address`, adapters/envoy/http_door.py), audit on;
+* `extauthz-uds`: the same, asking another policyd whose door listens on a Unix socket,
+  and `extauthz-uds-noaudit`, the same again with `audit.enabled = false` (what the audit
+  record costs this door).
 
 Every configuration has the same upstream, an Envoy `direct_response` (200, a small JSON
 body), so the hub's Python cost does not mask the cost of the check. One Envoy process
@@ -20,7 +23,8 @@ Each listener is measured at 1 connection (`wrk -t1 -c1`) and 16 (`wrk -t2 -c16`
 alternating windows (plain, jwt, extauthz, ..., plain, ...), then at a fixed rate of 1,000
 requests/s (an open-loop pacer in this process, one thread per connection: latency counts
 from each request's scheduled send time, so a stall is not hidden). Around every window
-the CPU time of policyd (all its processes) and of Envoy is read from /proc.
+the CPU time of policyd (all its processes) and of Envoy is read from /proc, wrk's from
+this process's children's usage, and how busy the machine's CPUs were from /proc/stat.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import json
 import os
 import queue
 import re
+import resource
 import shutil
 import socket
 import subprocess
@@ -45,7 +50,15 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from bench.hub import _process, _seed, _wait_grpc
-from bench.procs import ROOT, clean_env, cpu_seconds, free_port, stop, tree_cpu_seconds
+from bench.procs import (
+    ROOT,
+    clean_env,
+    cpu_seconds,
+    free_port,
+    machine_busy_seconds,
+    stop,
+    tree_cpu_seconds,
+)
 from bench.stats import median, percentile
 
 ENVOY = Path(sys.executable).parent / "envoy"
@@ -63,6 +76,7 @@ TARGETS = {
     "extauthz-workers2": "policyd-workers2",
     "extauthz-http": "policyd",
     "extauthz-uds": "policyd-uds",
+    "extauthz-uds-noaudit": "policyd-uds-noaudit",
 }
 PACED = (
     "jwt",
@@ -77,6 +91,8 @@ VERDICT = ("extauthz", "extauthz-http", "extauthz-uds")
 HTTP_CLUSTER = "policyd-http"  # the Envoy cluster of policyd's HTTP door
 UDS_CLUSTER = "policyd-http-uds"  # the same door of another policyd, on a Unix socket
 UDS_FILE = "door.sock"
+UDS_NOAUDIT_CLUSTER = "policyd-http-uds-noaudit"  # the same, of a policyd with no audit log
+UDS_NOAUDIT_FILE = "door-noaudit.sock"
 
 
 @dataclass(frozen=True)
@@ -102,6 +118,8 @@ class Window:
     p99_us: float
     policyd_cpu_us_per_request: float
     envoy_cpu_us_per_request: float
+    wrk_cpu_us_per_request: float
+    busy_cpus: float  # CPU seconds per second of all the machine's CPUs (/proc/stat)
 
 
 # -- configuration ---------------------------------------------------------------------------
@@ -238,8 +256,10 @@ def envoy_bootstrap(
     policyd_ports: dict[str, int],
     jwks: str,
     http_port: int,
-    uds_path: str,
+    uds_paths: dict[str, str],
 ) -> dict[str, Any]:
+    """`uds_paths`: the Unix socket of each Unix-socket cluster (UDS_CLUSTER,
+    UDS_NOAUDIT_CLUSTER)."""
     from adapters.envoy.config import HTTP, load
 
     sample = load()
@@ -255,6 +275,8 @@ def envoy_bootstrap(
             filters = [_ext_authz_http_filter(http_sample, HTTP_CLUSTER)]
         elif name == "extauthz-uds":
             filters = [_ext_authz_http_filter(http_sample, UDS_CLUSTER)]
+        elif name == "extauthz-uds-noaudit":
+            filters = [_ext_authz_http_filter(http_sample, UDS_NOAUDIT_CLUSTER)]
         else:
             filters = [_ext_authz_filter(sample, policyd)]
         listeners.append(_listener(name, port, filters))
@@ -267,7 +289,10 @@ def envoy_bootstrap(
             "clusters": [
                 *(_policyd_cluster(sample, n, p) for n, p in policyd_ports.items()),
                 _policyd_cluster(http_sample, HTTP_CLUSTER, http_port),
-                _unix_cluster(_policyd_cluster(http_sample, UDS_CLUSTER, 0), uds_path),
+                *(
+                    _unix_cluster(_policyd_cluster(http_sample, cluster, 0), path)
+                    for cluster, path in uds_paths.items()
+                ),
             ],
         },
     }
@@ -405,10 +430,9 @@ def _wait_envoy(admin_port: int, process: subprocess.Popen[bytes], log: Path) ->
 
 
 @contextmanager
-def _envoy(work: Path, bootstrap: dict[str, Any], admin_port: int) -> Iterator[int]:
+def _envoy(work: Path, bootstrap: dict[str, Any], admin_port: int, log: Path) -> Iterator[int]:
     config = work / "envoy.json"
     config.write_text(json.dumps(bootstrap))
-    log = work / "envoy.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [str(ENVOY), "-c", str(config), "--use-dynamic-base-id", "--log-level", "warn"],
@@ -428,6 +452,7 @@ def _policyd_configs(work: Path, base: Path, http_port: int) -> dict[str, Path]:
         "policyd-noaudit": "enabled = false\n",
         "policyd-workers2": "",
         "policyd-uds": "",
+        "policyd-uds-noaudit": "enabled = false\n",
     }
     out = {}
     for name, audit_extra in variants.items():
@@ -440,6 +465,8 @@ def _policyd_configs(work: Path, base: Path, http_port: int) -> dict[str, Path]:
             body += f'[envoy]\nhttp_address = "127.0.0.1:{http_port}"\n'
         if name == "policyd-uds":  # the HTTP door on a Unix socket, for extauthz-uds
             body += f'[envoy]\nhttp_address = "unix:{work / UDS_FILE}"\n'
+        if name == "policyd-uds-noaudit":  # the same with no audit log: its cost, apart
+            body += f'[envoy]\nhttp_address = "unix:{work / UDS_NOAUDIT_FILE}"\n'
         path = work / f"{name}.toml"
         path.write_text(body)
         out[name] = path
@@ -449,13 +476,17 @@ def _policyd_configs(work: Path, base: Path, http_port: int) -> dict[str, Path]:
 # -- the run ---------------------------------------------------------------------------------
 
 
-def run(quick: bool) -> dict[str, Any]:
-    """Run the benchmark; returns medians per listener and connection count, and ratios."""
+def run(quick: bool, log_dir: Path | None = None) -> dict[str, Any]:
+    """Run the benchmark; returns medians per listener and connection count, and ratios.
+    The logs of Envoy and of each policyd go to `log_dir` (envoy-*.log), kept after the
+    run; without one, to the run's temporary folder."""
     if shutil.which("wrk") is None:
         raise RuntimeError("wrk is not installed (Debian: apt-get install wrk; see .ci/run)")
     d = QUICK if quick else FULL
     with tempfile.TemporaryDirectory(prefix="bench-envoy-") as tmp, ExitStack() as running:
         work = Path(tmp)
+        logs = log_dir or work
+        logs.mkdir(parents=True, exist_ok=True)
         base_config, token = _seed(work)
         jwks, jwt_token = _rs256()
         policyd_ports = {name: free_port() for name in set(TARGETS.values()) if name}
@@ -466,7 +497,7 @@ def run(quick: bool) -> dict[str, Any]:
             proc = running.enter_context(
                 _process(
                     ["-m", "policyd", "--config", str(path), "serve", "--address", address],
-                    work / f"{name}.log",
+                    logs / f"envoy-{name}.log",
                     work,
                     clean_env(),
                 )
@@ -478,8 +509,19 @@ def run(quick: bool) -> dict[str, Any]:
         envoy_pid = running.enter_context(
             _envoy(
                 work,
-                envoy_bootstrap(admin, ports, policyd_ports, jwks, http_port, str(work / UDS_FILE)),
+                envoy_bootstrap(
+                    admin,
+                    ports,
+                    policyd_ports,
+                    jwks,
+                    http_port,
+                    {
+                        UDS_CLUSTER: str(work / UDS_FILE),
+                        UDS_NOAUDIT_CLUSTER: str(work / UDS_NOAUDIT_FILE),
+                    },
+                ),
                 admin,
+                logs / "envoy-envoy.log",
             )
         )
         tokens = {name: jwt_token if name == "jwt" else token for name in TARGETS}
@@ -494,7 +536,9 @@ def run(quick: bool) -> dict[str, Any]:
                     pd = pids.get(TARGETS[name], 0)
                     pd0 = tree_cpu_seconds(pd) if pd else 0.0
                     e0 = cpu_seconds(envoy_pid)
+                    c0, m0, t0 = _children_cpu_seconds(), machine_busy_seconds(), time.monotonic()
                     w = parse_wrk(_wrk(port, tokens[name], connections, d.duration))
+                    c1, m1, t1 = _children_cpu_seconds(), machine_busy_seconds(), time.monotonic()
                     pd1 = tree_cpu_seconds(pd) if pd else 0.0
                     e1 = cpu_seconds(envoy_pid)
                     n = max(int(w["requests"]), 1)
@@ -510,6 +554,8 @@ def run(quick: bool) -> dict[str, Any]:
                             w["p99_us"],
                             (pd1 - pd0) / n * 1e6,
                             (e1 - e0) / n * 1e6,
+                            (c1 - c0) / n * 1e6,
+                            (m1 - m0) / (t1 - t0),
                         )
                     )
         paced: dict[str, Any] = {}
@@ -524,6 +570,12 @@ def run(quick: bool) -> dict[str, Any]:
             paced[name] = result
         in_process = _in_process(base_config, token)
     return _summarize(windows, paced, in_process, d)
+
+
+def _children_cpu_seconds() -> float:
+    """User + system CPU of this process's waited-for children (each wrk, once it exits)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _in_process(config_path: Path, token: str, calls: int = 2000) -> dict[str, float]:
@@ -605,6 +657,8 @@ def _summarize(
                 "p99_us": median([w.p99_us for w in mine]),
                 "policyd_cpu_us_per_request": median([w.policyd_cpu_us_per_request for w in mine]),
                 "envoy_cpu_us_per_request": median([w.envoy_cpu_us_per_request for w in mine]),
+                "wrk_cpu_us_per_request": median([w.wrk_cpu_us_per_request for w in mine]),
+                "busy_cpus": median([w.busy_cpus for w in mine]),
                 "non_2xx": sum(w.non_2xx for w in mine),
             }
         jwt = entry["jwt"]["requests_per_s"]
@@ -616,7 +670,7 @@ def _summarize(
 
 def report(summary: dict[str, Any]) -> str:
     rows = [["conns", "listener", "req/s", "p50 us", "p99 us", "vs jwt", "policyd CPU us/req",
-             "envoy CPU us/req", "non-2xx"]]  # fmt: skip
+             "envoy CPU us/req", "wrk CPU us/req", "CPUs busy", "non-2xx"]]  # fmt: skip
     lines = [
         f"Envoy: GET {summary['path']} through Envoy, upstream a direct_response; wrk"
         f" {summary['durations']['duration']} s windows, medians of"
@@ -628,7 +682,8 @@ def report(summary: dict[str, Any]) -> str:
                 [connections, name, f"{e['requests_per_s']:,.0f}", f"{e['p50_us']:.0f}",
                  f"{e['p99_us']:.0f}", f"{entry['ratios'][f'{name}/jwt']:.2f}",
                  f"{e['policyd_cpu_us_per_request']:.0f}" if TARGETS[name] else "",
-                 f"{e['envoy_cpu_us_per_request']:.1f}", str(e["non_2xx"])]
+                 f"{e['envoy_cpu_us_per_request']:.1f}", f"{e['wrk_cpu_us_per_request']:.1f}",
+                 f"{e['busy_cpus']:.2f}", str(e["non_2xx"])]
             )  # fmt: skip
     from bench.report import table
 
@@ -674,7 +729,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="short runs (a smoke test)")
     parser.add_argument("--out", type=Path, help="write the summary as JSON here")
     args = parser.parse_args(argv)
-    summary = run(args.quick)
+    summary = run(args.quick, ROOT / "var" / "bench" / "logs")
     if args.out:
         args.out.write_text(json.dumps(summary, indent=2) + "\n")
     print(report(summary))

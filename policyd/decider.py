@@ -7,6 +7,7 @@ nothing is allowed that the audit log does not show.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Hashable
 
@@ -102,8 +103,38 @@ class Decider:
         return decision_id, entry
 
 
+class _Throttled:
+    """At most one log line per `every` seconds; the lines left out are counted into the
+    next one. While the audit log refuses records every decision is denied, and a line for
+    each (thousands per second under load) would flood the log and cost the door more than
+    the decisions do."""
+
+    def __init__(self, every: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.every = every
+        self.clock = clock
+        self._next = 0.0
+        self._skipped = 0
+        self._lock = threading.Lock()
+
+    def error(self, message: str, *args: object) -> None:
+        now = self.clock()
+        with self._lock:
+            if now < self._next:
+                self._skipped += 1
+                return
+            self._next = now + self.every
+            skipped, self._skipped = self._skipped, 0
+        if skipped:
+            message += " (and %d more denied so since the last such line)"
+            args = (*args, skipped)
+        log.error(message, *args)
+
+
+_unrecorded_log = _Throttled()
+
+
 def _unrecorded(decision: Decision, exc: AuditUnavailable) -> Decision:
-    log.error("decision %s denied: %s", decision.decision_id, exc)
+    _unrecorded_log.error("decision %s denied: %s", decision.decision_id, exc)
     return decision._replace(
         allowed=False,
         reason=Reason.AUDIT_UNAVAILABLE,

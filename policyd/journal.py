@@ -304,7 +304,7 @@ class AuditLog:
                 samples.popleft()
             when, name, offset = samples[0]
             if now - when < self.timeout or offset == 0:
-                self._stuck = ""
+                self._unstick()
                 continue
             try:
                 if conn is None:
@@ -319,7 +319,7 @@ class AuditLog:
                 indexed = False
                 log.warning("audit watch cannot read the log: %s", exc)
             if indexed:
-                self._stuck = ""
+                self._unstick()
             elif not self._stuck:
                 self._stuck = (
                     f"the audit log has not indexed records for {self.timeout:g} s"
@@ -328,6 +328,11 @@ class AuditLog:
                 log.error("%s: denying decisions until it catches up", self._stuck)
         if conn is not None:
             conn.close()
+
+    def _unstick(self) -> None:
+        if self._stuck:  # said before records are taken again
+            log.warning("the audit log has caught up: answering decisions again")
+            self._stuck = ""
 
     def _prepare_standby(self) -> None:
         try:

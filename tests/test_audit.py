@@ -6,6 +6,7 @@ import csv
 import fcntl
 import io
 import json
+import logging
 import os
 import signal
 import sqlite3
@@ -363,8 +364,9 @@ def test_a_full_journal_is_replaced_and_deleted_onceindexed_records(
 
 
 def test_records_are_refused_while_the_indexer_is_too_far_behind(
-    log_path: Path, key: bytes
+    log_path: Path, key: bytes, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="policyd.journal")
     audit = AuditLog(log_path, key, timeout=0.3)
     audit.start()
     try:
@@ -386,6 +388,9 @@ def test_records_are_refused_while_the_indexer_is_too_far_behind(
         else:
             pytest.fail("records were still refused after the indexer caught up")
         indexer.close()
+        said = [r.getMessage() for r in caplog.records]
+        assert sum("denying decisions until it catches up" in m for m in said) == 1
+        assert sum("has caught up: answering decisions again" in m for m in said) == 1
     finally:
         audit.close()
 

@@ -3,6 +3,7 @@ from memory exactly while `decide` would answer the same."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -12,6 +13,7 @@ import grpc
 import jwt
 import pytest
 
+from policyd import decider as decider_module
 from policyd import journal as journal_module
 from policyd.audit import AuditReader, Query
 from policyd.decider import Decider
@@ -418,6 +420,26 @@ def test_a_recalled_answer_is_recorded_and_one_that_cannot_be_is_decided_and_den
     assert refused.reason is Reason.AUDIT_UNAVAILABLE and refused.decision_id
     denied, _ = decider.check_keyed(lambda _p: KEY, "r2", inputs)
     assert denied.reason is Reason.AUDIT_UNAVAILABLE and not denied.allowed
+
+
+def test_denials_for_a_refusing_audit_log_are_logged_a_line_per_second_with_a_count(
+    seeded: Home, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decider, audit, inputs, _ = _remembered_once(seeded)
+    audit.close()  # from now on every decision is denied
+    clock = [1000.0]
+    throttled = decider_module._Throttled(clock=lambda: clock[0])
+    monkeypatch.setattr(decider_module, "_unrecorded_log", throttled)
+    with caplog.at_level(logging.ERROR, logger="policyd.decider"):
+        for n in range(50):
+            denied, _ = decider.check_keyed(lambda _p: KEY, f"r{n}", inputs)
+            assert denied.reason is Reason.AUDIT_UNAVAILABLE  # every one is still denied
+        assert len(caplog.records) == 1
+        clock[0] += 1.5
+        denied, _ = decider.check_keyed(lambda _p: KEY, "last", inputs)
+    assert len(caplog.records) == 2
+    assert "and 49 more denied so" in caplog.records[1].getMessage()
+    assert denied.decision_id in caplog.records[1].getMessage()
 
 
 def test_a_recalled_answer_whose_sync_fails_is_denied_with_the_id_of_its_one_record(
