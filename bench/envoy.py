@@ -456,7 +456,11 @@ def _policyd_configs(work: Path, base: Path, http_port: int) -> dict[str, Path]:
     }
     out = {}
     for name, audit_extra in variants.items():
-        body = text
+        # Each its own audit log: indexers of one log share its journals' work, which
+        # would put one policyd's indexing on another's CPU figure.
+        body = text.replace(f'"{work / "audit.db"}"', f'"{work / f"audit-{name}.db"}"')
+        if body == text:
+            raise RuntimeError("the seeded config has no audit.path to give each policyd")
         if audit_extra:
             body = body.replace("[audit]\n", "[audit]\n" + audit_extra, 1)
         if name.endswith("workers2"):
