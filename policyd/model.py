@@ -71,12 +71,12 @@ class CheckInput:
         if isinstance(t, HttpTarget):
             headers = tuple(sorted(t.headers.items())) if with_headers else ()
             what: tuple[Any, ...] = (t.method, t.path, t.query, headers, t.body)
-            size = len(t.path) + len(t.query) + len(t.body)
+            size = len(t.method) + len(t.path) + len(t.query) + len(t.body)
             if headers:
                 size += sum(len(k) + len(v) for k, v in headers)
         elif isinstance(t, ActionTarget):
             what = (t.action, t.data_sources)
-            size = sum(map(len, t.data_sources))
+            size = len(t.action) + sum(map(len, t.data_sources))
         else:
             what = ()
             size = 0

@@ -308,7 +308,7 @@ class IndexerProcess:
         self.next_start = 0.0
         # Where the indexer runs, whenever it is (re)started: the CPUs no serving process
         # is pinned to (affinity.spare), so that it never takes a serving core.
-        self.cpus = ",".join(map(str, sorted(cpus)))
+        self.cpus = set(cpus)
 
     @classmethod
     def start_for(
@@ -340,10 +340,11 @@ class IndexerProcess:
     def start(self) -> None:
         # Its own session: a Ctrl-C or a service manager's signal to the server's process
         # group must not stop it before the server has drained (stop() stops it after).
-        env = dict(os.environ, **{INDEXER_ENV: f"{os.getpid()}:{self.cpus}"})
+        cpus = ",".join(map(str, sorted(self.cpus)))
+        env = dict(os.environ, **{INDEXER_ENV: f"{os.getpid()}:{cpus}"})
         self.process = subprocess.Popen(self.command, env=env, start_new_session=True)
         with contextlib.suppress(OSError, ValueError):  # it also does so itself, once started
-            os.sched_setaffinity(self.process.pid, {int(cpu) for cpu in self.cpus.split(",")})
+            os.sched_setaffinity(self.process.pid, self.cpus)
         self.next_start = time.monotonic() + self.RESTART_SECONDS
 
     def keep_running(self) -> None:

@@ -345,6 +345,9 @@ def test_a_large_request_is_remembered_by_a_32_byte_digest_whatever_the_body() -
     assert isinstance(key, tuple) and key[0] == "input-blake2b" and len(key[1]) == 32
     assert big.memo_key() != other.memo_key()
     assert big.memo_key() == replace(big, request_id="another id").memo_key()
+    # Every string counts towards the size, the action's and method's too.
+    long_action = CheckInput("t", ActionTarget("a" * 2000, ("ds1",))).memo_key()
+    assert isinstance(long_action, tuple) and long_action[0] == "input-blake2b"
 
 
 def test_a_small_request_is_its_own_key_without_the_request_id() -> None:

@@ -274,15 +274,20 @@ def _file_id(path: str) -> tuple[int, int] | None:
 def _bind_unix(path: str, address: str) -> socket.socket:
     """A Unix socket at `path` (mode 0660: Envoy's user needs its group). A socket file
     left by a server that is gone is replaced; one a live server listens on is not."""
-    if os.path.exists(path):
-        if not stat.S_ISSOCK(os.stat(path).st_mode):
+    try:
+        mode: int | None = os.stat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    if mode is not None:
+        if not stat.S_ISSOCK(mode):
             raise ConfigError(f"envoy.http_address: {path} exists and is not a socket")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         probe.settimeout(1.0)  # a live server whose backlog is full: in use, not stale
         try:
             probe.connect(path)
-        except ConnectionRefusedError:
-            os.unlink(path)  # nothing listens: left by a server that ended
+        except ConnectionRefusedError:  # nothing listens: left by a server that ended
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
         except TimeoutError:
             raise ConfigError(f"envoy.http_address: {address} is already in use") from None
         except OSError as exc:  # e.g. not ours to use: leave it alone
