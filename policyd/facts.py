@@ -1,13 +1,22 @@
 """The decision-time view of the store, cached exactly.
 
-Every decision starts with `Facts.view()`, which reads the store's generation (one indexed
-read of a one-row table). Every write to a table that changes decisions bumps the
-generation in the same transaction (migrations.DECISION_TABLES), from whatever process made
-it. A view uses the caches only when they were filled under the very generation it read;
-otherwise it starts new caches. So a revocation is never served from a cache once its write
-has committed, in this process or any other sharing the file, and a cache entry is never
-older than the generation it is filed under: values are read after the generation, and a
-cache is only ever replaced by one of a newer generation.
+Every write to a table that changes decisions bumps the store's generation in the same
+transaction (migrations.DECISION_TABLES), from whatever process made it. The caches are
+filed under the generation they were filled in: a view uses them only when the store's
+generation is still theirs, otherwise it starts new caches. So a revocation is never served
+from a cache once its write has committed, in this process or any other sharing the file,
+and a cache entry is never older than the generation it is filed under: values are read
+after the generation, and a cache is only ever replaced by one of a newer generation.
+
+Every decision starts with `Facts.view()` (or, for a remembered answer, `Facts.recall()`),
+which asks SQLite whether anything has committed since this thread last read the
+generation: `PRAGMA data_version` on the thread's own decision-time connection (one read
+transaction, about 3 us). Only when it has moved is the generation read again (one indexed
+read of a one-row table). data_version does not move for a connection's own commits, so
+decisions read through connections of their own that never write (query_only), never the
+store's write connections. Nothing here opens, maps or locks SQLite's files itself: on
+POSIX, closing any other descriptor of a file drops every lock the process holds on it,
+SQLite's own included (issue 13; https://sqlite.org/howtocorrupt.html, section 2.2).
 
 The caches hold what decisions ask for again and again: app rows, consents, grants, the
 user's own access, revoked token ids, signing keys, data-source labels (for policy
@@ -17,13 +26,11 @@ conditions) and verified token claims.
 from __future__ import annotations
 
 import json
-import mmap
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from cachetools import TLRUCache
@@ -33,6 +40,8 @@ from policyd.model import Access
 from policyd.store import Store, connect
 
 _GENERATION = "SELECT value FROM generation WHERE id = 1"
+# Moves whenever another connection, in any process, has committed to the file.
+_DATA_VERSION = "PRAGMA data_version"
 REMEMBERED_DECISIONS = 16_384
 _APP = "SELECT enabled, allowed_scopes FROM apps WHERE client_id = ?"
 _CONSENT = "SELECT scopes FROM consents WHERE user_id = ? AND client_id = ?"
@@ -70,13 +79,10 @@ class KeyFacts:
 class _Caches:
     """All caches filled under one store generation."""
 
-    __slots__ = ("decisions", "extra", "generation", "marker", "rows", "token_lock", "tokens")
+    __slots__ = ("decisions", "extra", "generation", "rows", "token_lock", "tokens")
 
     def __init__(self, generation: int, token_cache_size: int) -> None:
         self.generation = generation
-        # A commit marker (_CommitWatch) read before a generation read that gave
-        # `generation`: while the marker is unchanged, nothing has committed since.
-        self.marker: bytes | None = None
         # Keyed by (kind, *args). Bounded crudely: cleared whole when it reaches the limit.
         self.rows: dict[tuple[str, ...], Any] = {}
         # Verified tokens, each until it expires (time-to-use = exp + leeway).
@@ -91,47 +97,18 @@ class _Caches:
         self.decisions: dict[Hashable, Any] = {}
 
 
-class _CommitWatch:
-    """Tells cheaply whether any transaction has committed to the store since a moment.
+class _Reader:
+    """One thread's decision-time connection, and what it last confirmed: that when
+    data_version read `version`, the store's generation was that of `caches`. While the
+    connection's data_version still reads `version`, no other connection has committed
+    since, and this one never writes: `caches` are exact."""
 
-    In WAL mode SQLite keeps the WAL-index header, the first 48 bytes of `<db>-shm`, in
-    shared memory, and every commit changes it (its iChange counter, mxFrame and checksums)
-    before the commit returns (https://sqlite.org/walformat.html). Comparing those bytes
-    costs a fraction of a microsecond, where the SQL read of the generation costs several.
-    The file lives as long as any connection is open; SQLite deletes it when the last one
-    closes, and a later connection makes a new file that the old map never sees. So the
-    watch holds a connection of its own for as long as it holds the map (the store's
-    connections are per thread and close when their thread ends).
-    When the file cannot be mapped, marker() is None and callers read the generation.
-    """
+    __slots__ = ("caches", "conn", "version")
 
-    HEADER = 48
-
-    def __init__(self, db: Path) -> None:
-        self._db = db
-        self._path = db.with_name(db.name + "-shm")
-        self._map: mmap.mmap | None = None
-        self._conn: sqlite3.Connection | None = None
-        self._retry_at = 0.0
-
-    def marker(self) -> bytes | None:
-        m = self._map
-        if m is None:
-            now = time.monotonic()
-            if now < self._retry_at:
-                return None
-            self._retry_at = now + 1.0
-            try:
-                if self._conn is None:
-                    # Keeps the -shm file (and so the mapped one) in use.
-                    conn = connect(self._db)
-                    conn.execute(_GENERATION).fetchone()
-                    self._conn = conn
-                with open(self._path, "rb") as fh:
-                    m = self._map = mmap.mmap(fh.fileno(), self.HEADER, access=mmap.ACCESS_READ)
-            except (OSError, ValueError, sqlite3.Error):
-                return None
-        return m[: self.HEADER]
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.version = -1
+        self.caches: _Caches | None = None
 
 
 class Facts:
@@ -145,42 +122,66 @@ class Facts:
         self._token_limit = token_cache_size
         self._swap = threading.Lock()
         self._caches = _Caches(-1, token_cache_size)
-        self._watch = _CommitWatch(store.path)
+        self._local = threading.local()
+
+    def _reader(self) -> _Reader:
+        """This thread's decision-time connection (opened on first use)."""
+        reader: _Reader | None = getattr(self._local, "reader", None)
+        if reader is None:
+            try:
+                conn = connect(self.store.path)
+                conn.execute("PRAGMA query_only = ON")
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"cannot open store {self.store.path}: {exc}") from exc
+            reader = self._local.reader = _Reader(conn)
+        return reader
+
+    def close(self) -> None:
+        """Close this thread's decision-time connection (others close as their threads end)."""
+        reader: _Reader | None = getattr(self._local, "reader", None)
+        if reader is not None:
+            self._local.reader = None
+            reader.conn.close()
 
     def view(self) -> View:
-        """Start a decision: read the generation and pick the caches that are exact for it."""
+        """Start a decision: pick the caches that are exact for the store as it is now."""
+        reader = self._reader()
+        conn = reader.conn
         try:
-            conn = self.store.conn()
-            # Nothing committed since the current caches' generation was read: still exact.
-            # (A connection inside a transaction may read an older snapshot: no shortcut.)
-            marker = self._watch.marker()
+            # Read before the generation: a commit in between moves it for the next view.
+            version = conn.execute(_DATA_VERSION).fetchone()[0]
             caches = self._caches
-            if marker is not None and marker == caches.marker and not conn.in_transaction:
-                return View(conn, caches, self._row_limit)
+            if version == reader.version and reader.caches is caches:
+                return View(conn, caches, self._row_limit)  # nothing committed since
             generation = conn.execute(_GENERATION).fetchone()[0]
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"store unreadable: {exc}") from exc
-        if caches.generation == generation:
-            caches.marker = marker
-        else:
+        if caches.generation != generation:
             with self._swap:
                 caches = self._caches
                 if generation > caches.generation:
                     caches = self._caches = _Caches(generation, self._token_limit)
-                    caches.marker = marker
             if caches.generation != generation:
                 # This view read an older generation than the current caches: it must
                 # neither use nor fill them. Give it private caches.
-                caches = _Caches(generation, 16)
+                return View(conn, _Caches(generation, 16), self._row_limit)
+        reader.version = version
+        reader.caches = caches
         return View(conn, caches, self._row_limit)
 
     def recall(self, key: Hashable) -> Any:
         """What View.remember() kept under this key, if nothing has been committed to the
-        store since its caches' generation was read; else None (view() then finds out).
-        No connection is used: the fast path of a remembered decision."""
-        caches = self._caches
-        marker = self._watch.marker()
-        if marker is None or marker != caches.marker:
+        store since this thread last found its caches exact; else None (view() then finds
+        out). No generation read and no View: the fast path of a remembered decision."""
+        try:
+            reader = self._reader()
+            caches = reader.caches
+            if caches is not self._caches or caches is None:
+                return None
+            version = reader.conn.execute(_DATA_VERSION).fetchone()[0]
+        except (sqlite3.Error, StoreUnavailable):
+            return None  # view() reports it
+        if version != reader.version:
             return None
         return caches.decisions.get(key)
 

@@ -355,10 +355,13 @@ class Runner:
 
 
 def _discard(engine: Engine) -> None:
-    """Close and delete a scratch store."""
+    """Close and delete a scratch store. Its connections (this thread's: the store's and
+    the decisions') are closed first; SQLite removes its `-wal` and `-shm` files as the
+    last one closes, and they are never deleted under an open connection."""
     store = engine.facts.store
+    engine.facts.close()
     store.close()
-    for suffix in ("", "-wal", "-shm", ".migrate-lock"):
+    for suffix in ("", ".migrate-lock"):
         Path(f"{store.path}{suffix}").unlink(missing_ok=True)
 
 

@@ -475,7 +475,9 @@ def test_a_view_of_an_older_generation_does_not_poison_the_cache(seeded: Home) -
     store = seeded.store
     facts = Facts(store)
     assert facts.view().grant("alice", "app1", "ds-a") == Access.WRITE
-    conn = store.conn()  # this thread's connection, which facts.view() here uses
+    # This thread's decision-time connection, held in a read transaction: its views read
+    # the generation as it was (as a thread does that reads it just before a commit).
+    conn = facts._reader().conn
     conn.execute("BEGIN")
     try:
         old_generation = conn.execute("SELECT value FROM generation").fetchone()[0]
