@@ -24,7 +24,6 @@ import hmac
 import json
 import json.scanner
 import logging
-import os
 import secrets
 import sqlite3
 import threading
@@ -36,7 +35,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from policyd.errors import PolicydError
-from policyd.files import create_whole
+from policyd.files import create_private, create_whole
 from policyd.ids import id_time_ms
 from policyd.model import ActionTarget, CheckInput, Decision, HttpTarget
 from policyd.store import transaction
@@ -291,8 +290,7 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
 def open_log_file(path: Path, sync: str) -> sqlite3.Connection:
     """Create (mode 0600) or open the audit file for writing, with its schema."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists():
-        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    create_private(path)
     conn = connect(path)
     conn.execute("PRAGMA auto_vacuum = INCREMENTAL")  # takes effect on a new file only
     conn.execute("PRAGMA journal_mode = WAL")

@@ -1,4 +1,5 @@
-"""Small files that must appear whole: keys made on first use by whichever process is first."""
+"""Files policyd makes itself: keys made on first use by whichever process is first, and
+the empty, private files SQLite is then given to open."""
 
 from __future__ import annotations
 
@@ -29,3 +30,13 @@ def create_whole(path: Path, data: bytes) -> bool:
     finally:
         with contextlib.suppress(OSError):
             os.unlink(temp)
+
+
+def create_private(path: Path) -> None:
+    """Make `path` an empty file of mode 0600 unless it exists (SQLite would make it 0644).
+
+    O_EXCL: a file that exists is never opened here, not even to be closed at once. It may
+    be a database another process (or this one) has open, and on POSIX closing any
+    descriptor of a file drops every lock the process holds on it, SQLite's own included."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))

@@ -27,6 +27,7 @@ from typing import Any
 from sqlite_utils import Database
 
 from policyd.errors import Conflict, InvalidInput, NotFound, StoreUnavailable
+from policyd.files import create_private
 from policyd.migrations import migrations
 from policyd.model import Access
 
@@ -176,8 +177,7 @@ class Store:
     def migrate(self) -> None:
         """Create the file (mode 0600) and apply pending migrations, one process at a time."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not self.path.exists():
-            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+        create_private(self.path)
         lock_path = self.path.with_name(self.path.name + ".migrate-lock")
         fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o600)
         try:
