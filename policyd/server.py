@@ -88,11 +88,17 @@ def server_credentials(tls: TLSConfig) -> grpc.ServerCredentials | None:
 
 
 def ensure_free(address: str) -> None:
-    """Fail with one line when the address is taken (grpc only says 'Failed to bind')."""
+    """Fail with one line when the address is taken (grpc only says 'Failed to bind', and
+    binds beside another listener that set SO_REUSEPORT, as a live policyd's gRPC does).
+
+    The probe sets SO_REUSEADDR, as every server's listening socket does: connections of a
+    stopped server still in TIME_WAIT do not hold the port (a restart after a busy run
+    comes up at once), while a live listener still does."""
     host, _, port = address.rpartition(":")
     host = host.strip("[]")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, int(port)))
         except OSError as exc:
@@ -221,6 +227,7 @@ def serve(config: Config, config_path: str | None = None) -> int:
     indexer = None
     cpu = None
     if WORKER_ENV not in os.environ:  # a lone server: the audit indexer is its child
+        ensure_free(config.server.address)  # said before anything else is touched
         serving = affinity.serving_cpus(config.server.cpu_affinity, None)
         cpu = min(serving) if serving else None
         indexer = IndexerProcess.start_for(config, config_path, affinity.spare(serving))

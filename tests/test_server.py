@@ -719,6 +719,50 @@ def test_serve_on_a_port_in_use_fails_with_one_line(tmp_path: Path) -> None:
     assert "in use" in lines[0]
 
 
+def _time_wait_on(port: int) -> int:
+    """How many TCP connections of this port are in TIME_WAIT (the kernel's table)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "06":
+                    count += 1
+    return count
+
+
+def test_serve_starts_again_at_once_on_its_address_after_a_busy_run(tmp_path: Path) -> None:
+    """A restart right after load (here after a crash) must not wait for the old
+    connections' TIME_WAIT to pass (about 60 s); a live server on the port is still
+    refused."""
+    home = Home(tmp_path)
+    home.seed()
+    token = home.token()
+    port = free_port()
+    with run_server(home, port=port) as first:
+        channels = [grpc.insecure_channel(first.address) for _ in range(24)]
+        try:
+            for _ in range(125):  # 3,000 calls over 24 connections
+                for channel in channels:
+                    assert _check_ok(channel, token).allowed
+            # It dies (a crash) while its clients are still connected: the kernel closes
+            # the server's side first, so that side of every connection waits in TIME_WAIT.
+            first.process.kill()
+            first.process.wait(timeout=30)
+        finally:
+            for channel in channels:
+                channel.close()
+    assert _time_wait_on(port) > 0, "no connection in TIME_WAIT: the test proves nothing"
+    with run_server(home, port=port, timeout=10) as second:
+        with grpc.insecure_channel(second.address) as channel:
+            assert _check_ok(channel, token).allowed
+        taken = _policyd(home.config_path, "serve", "--address", second.address, timeout=20)
+        assert taken.returncode == 1, taken.stderr
+        assert taken.stderr.strip().splitlines() == [
+            f"policyd: error: server.address: {second.address} is already in use"
+        ]
+
+
 def test_serve_with_a_tls_file_that_is_not_pem_fails_with_one_line_naming_it(
     tmp_path: Path,
 ) -> None:
