@@ -4,17 +4,24 @@ branch. Real uvicorn over a socket; the user agent is httpx (the browser test dr
 
 from __future__ import annotations
 
+import secrets
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
+import jwt
 import pytest
 from authlib.oauth2.rfc8414 import AuthorizationServerMetadata
 
 from policyd.facts import Facts
+from policyd.model import CheckInput, HttpTarget
+from policyd.oauth.storage import CodeState, OAuthStorage
+from policyd.reasons import Reason
 from policyd.tokens import Verifier
-from policyd.wiring import token_settings
+from policyd.wiring import build_engine, token_settings
 from tests.helpers import Home
 from tests.oauth_support import (
     PUBLIC_REDIRECT,
@@ -219,6 +226,80 @@ def test_replayed_code_is_refused_and_revokes_the_tokens_issued_from_it(server: 
     _error(
         refresh(server.base, "app1", tokens["refresh_token"], server.secret), 400, "invalid_grant"
     )
+
+
+def test_a_code_redeemed_from_many_threads_at_once_leaves_no_token_active(server: AS) -> None:
+    """RFC 6749 section 4.1.2 and the Security BCP: every token issued from a replayed code
+    is revoked. A replay that lands between the first redemption's claim of the code and the
+    save of its tokens used to leave that access token live until it expired."""
+    engine = build_engine(server.home.config, server.home.store)
+    attempts, rounds = 8, 12
+    for _ in range(rounds):
+        flow = Flow()
+        code = server.code(flow)
+        start = threading.Barrier(attempts)
+
+        def redeem(
+            n: int, code: str = code, flow: Flow = flow, start: threading.Barrier = start
+        ) -> httpx.Response:
+            start.wait(10)
+            time.sleep(n * 0.0003)  # replays spread over the first redemption's issuing
+            return exchange(server.base, code, flow, secret=server.secret)
+
+        with ThreadPoolExecutor(attempts) as pool:
+            replies = list(pool.map(redeem, range(attempts)))
+        issued = [r.json()["access_token"] for r in replies if r.status_code == 200]
+        assert len(issued) <= 1, [r.text for r in replies]
+        for reply in replies:
+            if reply.status_code != 200:
+                _error(reply, 400, "invalid_grant")
+        # The others were replays: nothing issued from the code is active, anywhere.
+        for token in issued:
+            assert server.post("/introspect", {"token": token}).json() == {"active": False}
+            decision = engine.decide(
+                CheckInput(token, HttpTarget("GET", "/api/user/me"), "replay", "test")
+            )
+            assert (decision.allowed, decision.reason) == (False, Reason.TOKEN_REVOKED)
+
+
+def test_a_replay_between_a_codes_claim_and_the_save_of_its_tokens_kills_them(
+    server: AS,
+) -> None:
+    """The interleaving the concurrent test above can only hit by chance, made exact: the
+    first redemption claimed the code, a replay revoked the family, and only then does the
+    first redemption save the access token it signed. The save must refuse (the token is
+    never handed out) and the token id must be revoked all the same."""
+    home = server.home
+    storage = OAuthStorage(home.store)
+    code = "code-" + secrets.token_hex(8)
+    family = storage.save_code(
+        code,
+        client_id="app1",
+        user_id="alice",
+        redirect_uri=Flow().redirect_uri,
+        scopes=["UserInfo", "DataRead"],
+        data_sources=["ds-a"],
+        code_challenge="x",
+        code_challenge_method="S256",
+        ttl_seconds=60,
+    )
+    assert storage.claim_code(code, "app1")[0] == CodeState.OK
+    assert storage.claim_code(code, "app1")[0] == CodeState.REPLAYED
+    token = home.token(client_id="app1")
+    claims = jwt.decode(token, options={"verify_signature": False})
+    saved = storage.save_tokens(
+        family,
+        jti=claims["jti"],
+        access_expires_at=claims["exp"],
+        refresh_token="refresh-" + secrets.token_hex(8),
+        scopes=["UserInfo", "DataRead"],
+        refresh_ttl_seconds=3600,
+    )
+    assert saved is False
+    decision = build_engine(home.config, home.store).decide(
+        CheckInput(token, HttpTarget("GET", "/api/user/me"), "replay", "test")
+    )
+    assert (decision.allowed, decision.reason) == (False, Reason.TOKEN_REVOKED)
 
 
 def test_expired_code_is_invalid_grant(server: AS) -> None:

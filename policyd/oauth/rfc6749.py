@@ -273,7 +273,7 @@ class AuthorizationServer(_AuthorizationServer):  # type: ignore[misc]
             family_id = request.refresh_token.row.family_id
         # Our own token, just signed: read back its id and expiry.
         claims = jwt.decode(token["access_token"], options={"verify_signature": False})
-        self.storage.save_tokens(
+        saved = self.storage.save_tokens(
             family_id,
             jti=claims["jti"],
             access_expires_at=claims["exp"],
@@ -281,6 +281,10 @@ class AuthorizationServer(_AuthorizationServer):  # type: ignore[misc]
             scopes=token["scope"].split(),
             refresh_ttl_seconds=self.refresh_ttl_seconds,
         )
+        if not saved:  # its family was revoked after the grant was claimed: never hand out
+            raise InvalidGrantError(
+                "The grant was used twice; the tokens issued from it are revoked."
+            )
 
     def create_oauth2_request(self, request: Any) -> Any:
         return request  # already adapted (requests.py)

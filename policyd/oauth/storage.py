@@ -188,7 +188,11 @@ class OAuthStorage:
         refresh_token: str | None,
         scopes: list[str],
         refresh_ttl_seconds: float,
-    ) -> None:
+    ) -> bool:
+        """Record tokens just issued in their family; False (and the access token's id
+        revoked) when the family was revoked meanwhile: the code was replayed, or the
+        refresh token reused, between its claim and this save. Then the tokens must not be
+        handed out, and the access token is dead wherever it may turn up."""
         now = time.time()
         with self.store.write() as conn:
             conn.execute(
@@ -196,6 +200,14 @@ class OAuthStorage:
                 " VALUES (?, ?, ?, ?)",
                 (jti, family_id, now, access_expires_at),
             )
+            revoked = conn.execute(
+                "SELECT revoked_at IS NOT NULL FROM oauth_families WHERE family_id = ?",
+                (family_id,),
+            ).fetchone()
+            if revoked is None or revoked[0]:
+                # In this transaction, so no moment exists where the token is saved and live.
+                _revoke_family(conn, family_id, now)
+                return False
             # Forget ids of access tokens that have expired anyway.
             conn.execute(
                 "DELETE FROM oauth_access_tokens WHERE family_id = ? AND expires_at < ?",
@@ -213,6 +225,7 @@ class OAuthStorage:
                         now + refresh_ttl_seconds,
                     ),
                 )
+        return True
 
     def refresh_token(self, token: str) -> RefreshRow | None:
         row = (
