@@ -11,6 +11,7 @@ import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
@@ -211,3 +212,43 @@ def refresh(
         data["client_id"] = client_id
     auth = (client_id, secret) if secret else None
     return httpx.post(base + "/token", data=data, auth=auth, timeout=10)
+
+
+@dataclass
+class Choice:
+    """One checkbox of the consent screen, as the page shows it."""
+
+    name: str  # "scope" or "data_source"
+    value: str
+    checked: bool
+    new: bool  # marked with the "new" badge
+
+
+class _ChoiceParser(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.choices: list[Choice] = []
+        self._in_label = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        found = dict(attrs)
+        classes = (found.get("class") or "").split()
+        if tag == "label" and "choice" in classes:
+            self._in_label = True
+        elif tag == "input" and self._in_label and found.get("type") == "checkbox":
+            self.choices.append(
+                Choice(found.get("name") or "", found.get("value") or "", "checked" in found, False)
+            )
+        elif tag == "span" and self._in_label and {"tag", "new"} <= set(classes) and self.choices:
+            self.choices[-1].new = True
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "label":
+            self._in_label = False
+
+
+def consent_choices(page: str) -> dict[str, Choice]:
+    """The consent screen's checkboxes by value (scope names and data source names)."""
+    parser = _ChoiceParser()
+    parser.feed(page)
+    return {c.value: c for c in parser.choices}

@@ -4,7 +4,8 @@
 the ASGI middleware) run as real processes on free ports, over the `make run` demo data.
 Alice signs in, ticks two of her three data sources, the app exchanges the code (PKCE) and
 reads through the hub; she revokes one source and then disconnects the app on the settings
-page. The test also writes the screenshots in docs/screenshots/.
+page. Reconnecting the app shows what she already shared ticked and the rest marked new,
+and Allow keeps it. The tests also write the screenshots in docs/screenshots/.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlencode
 
 import httpx
@@ -116,28 +118,46 @@ def _read(hub: str, token: str, data_source: str) -> int:
     return reply.status_code
 
 
+def _authorize_url(issuer: str, challenge: str, state: str) -> str:
+    """The demo app's authorization request for UserInfo and DataRead."""
+    query = {
+        "response_type": "code",
+        "client_id": "demo-app",
+        "redirect_uri": CALLBACK,
+        "scope": "UserInfo DataRead",
+        "state": state,
+        "code_challenge": challenge,
+        "code_challenge_method": "S256",
+    }
+    return issuer + "/authorize?" + urlencode(query)
+
+
+def _exchange(issuer: str, code: str, verifier: str) -> dict[str, str]:
+    reply = httpx.post(
+        issuer + "/token",
+        data={
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": CALLBACK,
+            "client_id": "demo-app",
+            "code_verifier": verifier,
+        },
+        timeout=10,
+    )
+    assert reply.status_code == 200, reply.text
+    tokens: dict[str, str] = reply.json()
+    return tokens
+
+
 def test_consent_read_revoke_and_disconnect_in_a_real_browser(
     system: tuple[Home, str, str],
 ) -> None:
     from playwright.sync_api import Route, expect, sync_playwright
 
-    _home, issuer, hub = system
+    home, issuer, hub = system
+    home.store.revoke_consent("alice", "demo-app")  # the demo's consent: start afresh
     verifier, challenge = pkce()
-    authorize = (
-        issuer
-        + "/authorize?"
-        + urlencode(
-            {
-                "response_type": "code",
-                "client_id": "demo-app",
-                "redirect_uri": CALLBACK,
-                "scope": "UserInfo DataRead",
-                "state": "xyzzy",
-                "code_challenge": challenge,
-                "code_challenge_method": "S256",
-            }
-        )
-    )
+    authorize = _authorize_url(issuer, challenge, "xyzzy")
     landed: list[str] = []
 
     def callback(route: Route) -> None:  # the app's redirect URI, answered in the browser
@@ -210,6 +230,103 @@ def test_consent_read_revoke_and_disconnect_in_a_real_browser(
             )
             assert refreshed.status_code == 400
             assert refreshed.json()["error"] == "invalid_grant"
+        finally:
+            browser.close()
+
+
+def test_reconnecting_ticks_what_was_shared_and_allow_keeps_it_in_a_real_browser(
+    system: tuple[Home, str, str],
+) -> None:
+    from playwright.sync_api import Page, Route, expect, sync_playwright
+
+    home, issuer, hub = system
+    store = home.store
+    store.revoke_consent("alice", "demo-app")  # the demo's consent: start afresh
+    landed: list[str] = []
+
+    def callback(route: Route) -> None:
+        landed.append(route.request.url)
+        route.fulfill(status=200, content_type="text/html", body="<p>connected</p>")
+
+    def consent(page: Page, state: str) -> str:
+        """Open the consent screen for a new authorization request; returns its verifier."""
+        verifier, challenge = pkce()
+        page.goto(_authorize_url(issuer, challenge, state))
+        if page.url.startswith(issuer + "/login"):
+            page.fill("#username", "alice")
+            page.fill("#password", PASSWORDS["alice"])
+            page.click("button[type=submit]")
+        expect(page.locator("#consent")).to_be_visible()
+        return verifier
+
+    def allow(page: Page, state: str, verifier: str) -> str:
+        """Press Allow; returns the access token the app gets for the code."""
+        page.click("button[value=allow]")
+        page.wait_for_url(CALLBACK + "**")
+        query = query_of(landed[-1])
+        assert query["state"] == state
+        return _exchange(issuer, query["code"], verifier)["access_token"]
+
+    def box(page: Page, name: str, value: str) -> Any:
+        return page.locator(f"input[name={name}][value={value}]")
+
+    def new_badge(page: Page, value: str) -> Any:
+        return page.locator(f"label.choice:has(input[value={value}]) .tag.new")
+
+    def live() -> dict[str, int]:
+        return {g.data_source: g.id for g in store.list_grants("alice", "demo-app")}
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 390, "height": 844})
+            page.route(CALLBACK + "**", callback)
+
+            # (a) First consent: nothing of the data sources ticked, nothing marked new.
+            verifier = consent(page, "first")
+            expect(page.locator("h1")).to_contain_text("Connect Demo Historian Viewer")
+            assert page.locator(".tag.new").count() == 0
+            for source in ("edge-historian", "plant-mes", "lab-lims"):
+                assert not box(page, "data_source", source).is_checked()
+            page.check("input[name=data_source][value=edge-historian]")
+            page.check("input[name=data_source][value=plant-mes]")
+            allow(page, "first", verifier)
+            first = live()
+            assert set(first) == {"edge-historian", "plant-mes"}
+
+            # (b) Reconnect: what she shared is ticked, the source she did not is new.
+            verifier = consent(page, "again")
+            expect(page.locator("h1")).to_contain_text("Reconnect Demo Historian Viewer")
+            for scope in ("UserInfo", "DataRead"):
+                assert box(page, "scope", scope).is_checked()
+                assert new_badge(page, scope).count() == 0
+            for source in ("edge-historian", "plant-mes"):
+                assert box(page, "data_source", source).is_checked()
+                assert new_badge(page, source).count() == 0
+            assert not box(page, "data_source", "lab-lims").is_checked()
+            expect(new_badge(page, "lab-lims")).to_be_visible()
+            expect(new_badge(page, "lab-lims")).to_have_text("new")
+            expect(page.get_by_text("Untick one to take it away")).to_be_visible()
+            page.screenshot(path=str(SHOTS / "consent-reconnect.png"), full_page=True)
+
+            # (c) Allow as it stands: every earlier grant is still live (the same grant).
+            access = allow(page, "again", verifier)
+            assert live() == first
+            assert _read(hub, access, "edge-historian") == 200
+            assert _read(hub, access, "plant-mes") == 200
+            assert _read(hub, access, "lab-lims") == 403
+
+            # (d) Untick one: exactly that one is taken away, the other stays.
+            verifier = consent(page, "third")
+            assert box(page, "data_source", "plant-mes").is_checked()
+            page.uncheck("input[name=data_source][value=plant-mes]")
+            access = allow(page, "third", verifier)
+            assert live() == {"edge-historian": first["edge-historian"]}
+            revoked = store.list_grants("alice", "demo-app", "plant-mes", include_revoked=True)
+            assert [g.revoked_at is not None for g in revoked] == [True]
+            assert _read(hub, access, "edge-historian") == 200
+            assert _read(hub, access, "plant-mes") == 403
         finally:
             browser.close()
 

@@ -15,8 +15,10 @@ from policyd.oauth.storage import OAuthStorage
 from tests.helpers import Home
 from tests.oauth_support import (
     PASSWORD,
+    PUBLIC_REDIRECT,
     Browser,
     Flow,
+    consent_choices,
     csrf_token,
     exchange,
     oauth_home,
@@ -161,6 +163,69 @@ def test_settings_lists_revokes_and_disconnects(
         "invalid_grant"
     )
     assert "App One is disconnected" in browser.http.get(reply.headers["location"]).text
+
+
+def test_reconsent_ticks_what_was_given_marks_the_rest_new_and_keeps_it_on_allow(
+    tmp_path: Path,
+) -> None:
+    home, _ = oauth_home(tmp_path)
+    store = home.store
+    with running(home) as base:
+        browser = Browser(base)
+        try:
+            browser.sign_in()
+            flow = Flow(client_id="pub", redirect_uri=PUBLIC_REDIRECT, scope="UserInfo DataRead")
+
+            first = browser.consent_page(flow).text
+            assert "<h1>Connect " in first
+            choices = consent_choices(first)
+            assert [c for c in choices.values() if c.new] == []
+            assert {v for v, c in choices.items() if c.checked} == {"UserInfo", "DataRead"}
+            browser.authorize(flow, data_sources=("ds-a", "ds-b"))
+            before = {g.data_source: g for g in store.list_grants("alice", "pub")}
+            assert set(before) == {"ds-a", "ds-b"}
+
+            again = browser.consent_page(flow).text
+            assert "<h1>Reconnect " in again
+            assert "replaces any earlier choice" not in again
+            assert "Untick one to take it away" in again
+            choices = consent_choices(again)
+            assert {v for v, c in choices.items() if c.checked} == {
+                "UserInfo",
+                "DataRead",
+                "ds-a",
+                "ds-b",
+            }
+            assert {v for v, c in choices.items() if c.new} == {"ds-c"}
+
+            # Allow as shown: every earlier grant stays live, untouched.
+            shown = tuple(v for v, c in choices.items() if c.name == "data_source" and c.checked)
+            browser.authorize(flow, data_sources=shown)
+            assert {g.data_source: g for g in store.list_grants("alice", "pub")} == before
+
+            # A request whose page lists no data sources leaves the grants alone.
+            browser.authorize(Flow(client_id="pub", redirect_uri=PUBLIC_REDIRECT, scope="UserInfo"))
+            assert store.list_consents("alice", "pub")[0]["scopes"] == ["UserInfo"]
+            assert {g.data_source: g for g in store.list_grants("alice", "pub")} == before
+
+            # A scope not consented before is ticked and marked new; the grants stay ticked.
+            choices = consent_choices(browser.consent_page(flow).text)
+            assert (choices["DataRead"].checked, choices["DataRead"].new) == (True, True)
+            assert (choices["UserInfo"].checked, choices["UserInfo"].new) == (True, False)
+            assert choices["ds-a"].checked and choices["ds-b"].checked
+
+            # The explicit untick takes exactly that one away.
+            browser.authorize(flow, data_sources=("ds-a",))
+            assert [g.data_source for g in store.list_grants("alice", "pub")] == ["ds-a"]
+            assert store.list_grants("alice", "pub")[0] == before["ds-a"]
+            choices = consent_choices(browser.consent_page(flow).text)
+            assert (choices["ds-b"].checked, choices["ds-b"].new) == (False, True)
+
+            # A grant shared at another level than the page would give says so.
+            page = browser.consent_page(Flow(scope="UserInfo DataRead")).text  # app1: ds-a write
+            assert "(shared now: write)" in page
+        finally:
+            browser.close()
 
 
 def test_settings_changes_need_the_csrf_token(

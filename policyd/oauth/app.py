@@ -248,23 +248,48 @@ class AuthorizationApp:
         catalogue = self.scopes()
         return [catalogue[n] for n in names if n in catalogue]
 
+    def _earlier(self, user: str, client_id: str) -> tuple[set[str] | None, dict[str, Access]]:
+        """What the user already gave the app: the consented scopes (None: no consent) and
+        the live grants' levels, by data source."""
+        consents = self.store.list_consents(user, client_id)
+        scopes = set(consents[0]["scopes"]) if consents else None
+        grants = {g.data_source: g.access for g in self.store.list_grants(user, client_id)}
+        return scopes, grants
+
     def _consent_page(self, request: Request, browser: _Browser, grant: Any, user: str) -> Response:
         client = grant.request.client
         offered = self._offered(grant)
+        consented, granted = self._earlier(user, client.client_id)
+        # Reconnecting: what the user already gave is ticked, the rest is marked new.
+        # A first consent ticks every scope the app asks for and no data source.
+        reconnect = consented is not None or bool(granted)
+        scopes = [
+            {"info": s, "new": reconnect and s.name not in (consented or ())} for s in offered
+        ]
         data_sources = None
         data_scopes = [s for s in offered if s.needs_grants]
         if data_scopes:
             # The level the app would get: its data scopes' highest, at most the user's own.
             level = max(s.access for s in data_scopes)
             described = {d["name"]: d["description"] for d in self.store.list_data_sources()}
-            data_sources = [
-                {
-                    "name": row["data_source"],
-                    "access": min(level, Access.parse(row["role"])).label,
-                    "description": described.get(row["data_source"], ""),
-                }
-                for row in self.store.list_user_access(user)
-            ]
+            data_sources = []
+            for row in self.store.list_user_access(user):
+                name, own = row["data_source"], Access.parse(row["role"])
+                access = min(level, own)
+                earlier = granted.get(name)
+                data_sources.append(
+                    {
+                        "name": name,
+                        "access": access.label,
+                        "description": described.get(name, ""),
+                        "checked": earlier is not None,
+                        "new": reconnect and earlier is None,
+                        # Shared now at another level: Allow changes it to `access`.
+                        "now": min(earlier, own).label
+                        if earlier is not None and min(earlier, own) != access
+                        else "",
+                    }
+                )
         redirect_uri = grant.redirect_uri
         return self._page(
             request,
@@ -273,7 +298,8 @@ class AuthorizationApp:
             {
                 "user": user,
                 "app_name": client.app.name,
-                "scopes": offered,
+                "reconnect": reconnect,
+                "scopes": scopes,
                 "data_sources": data_sources,
                 "action": f"{request.url.path}?{request.url.query}",
                 "redirect_host": urlsplit(redirect_uri).netloc,
@@ -282,9 +308,12 @@ class AuthorizationApp:
         )
 
     def _approve(self, grant: Any, user: str, ticked: list[str], form: Any) -> Approval | None:
-        """Write what the user ticked: the consent, and exactly the ticked grants."""
+        """Write what the user chose: the consent, and, when the page listed data sources,
+        exactly the ticked grants (an unticked one is taken away; a page that listed none
+        leaves the grants as they are)."""
         client_id = grant.request.client.client_id
-        scopes = [s for s in self._offered(grant) if s.name in ticked]
+        offered = self._offered(grant)
+        scopes = [s for s in offered if s.name in ticked]
         if not scopes:
             return None  # nothing approved is a denial
         own = {r["data_source"]: Access.parse(r["role"]) for r in self.store.list_user_access(user)}
@@ -294,11 +323,15 @@ class AuthorizationApp:
             chosen = [d for d in dict.fromkeys(form.getlist("data_source")) if d in own]
         level = max((s.access for s in data_scopes), default=Access.READ)
         self.store.set_consent(user, client_id, [s.name for s in scopes])
-        for grant_row in self.store.list_grants(user, client_id):
-            if grant_row.data_source not in chosen:
-                self.store.revoke_grant(user, client_id, grant_row.data_source)
-        for name in chosen:
-            self.store.add_grant(user, client_id, name, min(level, own[name]))
+        if any(s.needs_grants for s in offered):  # the page asked which data sources
+            live = {g.data_source: g.access for g in self.store.list_grants(user, client_id)}
+            for name in live:
+                if name not in chosen:
+                    self.store.revoke_grant(user, client_id, name)
+            for name in chosen:
+                access = min(level, own[name])
+                if live.get(name) != access:  # a grant kept as it was is not rewritten
+                    self.store.add_grant(user, client_id, name, access)
         return Approval(user, tuple(s.name for s in scopes), tuple(chosen))
 
     # -- token, revocation, introspection ---------------------------------------------
