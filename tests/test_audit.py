@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+import queue
 import signal
 import sqlite3
 import subprocess
@@ -17,7 +18,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import grpc
 import pytest
@@ -754,6 +755,24 @@ def test_tail_shows_the_last_records(history: Home, capsys: pytest.CaptureFixtur
     assert code == 0 and _request_ids(out) == ["mid", "new"]
 
 
+class _Lines:
+    """Lines of a child's output, read with a time limit ("" when none came in time)."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._queue: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
+
+    def _pump(self, stream: IO[str]) -> None:
+        for line in stream:
+            self._queue.put(line)
+
+    def read(self, timeout: float) -> str:
+        try:
+            return self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return ""
+
+
 def test_tail_follow_streams_new_records_while_the_server_writes(
     serving: tuple[Home, ServerProcess, Any],
 ) -> None:
@@ -783,14 +802,26 @@ def test_tail_follow_streams_new_records_while_the_server_writes(
         text=True,
         env={k: v for k, v in os.environ.items() if not k.startswith("POLICYD_")},
     )
+    assert tail.stdout is not None
+    lines = _Lines(tail.stdout)
     try:
-        time.sleep(1.0)  # let it start following
+        # Until tail is following: a decision every 0.2 s until it shows one, then read on
+        # to the last one sent (any sent before it started are never shown).
+        markers: list[str] = []
+        seen = ""
+        deadline = time.monotonic() + 30
+        while not seen:
+            assert time.monotonic() < deadline, "tail --follow showed nothing in 30 s"
+            markers.append(stub.Check(check_request(token), timeout=5).decision_id)
+            seen = lines.read(0.2)
+        while json.loads(seen)["id"] != markers[-1]:
+            seen = lines.read(10)
+            assert seen, "tail --follow stopped showing decisions"
         sent = [
             stub.Check(check_request(token, path=f"/api/data/tags/{ds}"), timeout=5)
             for ds in ("ds-a", "ds-b", "ds-c")
         ]
-        assert tail.stdout is not None
-        got = [json.loads(tail.stdout.readline()) for _ in sent]
+        got = [json.loads(lines.read(10) or "{}") for _ in sent]
     finally:
         tail.terminate()
         tail.wait(timeout=10)
@@ -817,8 +848,11 @@ def test_cli_reads_while_the_server_writes_under_load(
     for t in threads:
         t.start()
     try:
-        counts = []
-        for _ in range(5):
+        # At least five reads, and on until the count has grown (records reach the log a
+        # moment after their decision, later on a busy machine), for at most 30 s.
+        counts: list[int] = []
+        deadline = time.monotonic() + 30
+        while len(counts) < 5 or (counts[-1] == counts[0] and time.monotonic() < deadline):
             code, out, err = _cli(home, capsys, "audit", "stats", "--since", "1h", "--json")
             assert (code, err) == (0, "")
             counts.append(sum(json.loads(out)["decision"].values()))
