@@ -234,7 +234,7 @@ def in_process(
         return engine.decide(check_input)
 
     key = request.SerializeToString(deterministic=True)
-    decision_keyed, entry = engine.decide_keyed(lambda _p: key, lambda: check_input)
+    decision_keyed, entry = engine.decide_keyed(key, engine.policy, lambda: check_input)
     assert entry is not None
     record = record_for(check_input, decision_keyed, 10)
     template = LineTemplate.of(record)
@@ -253,13 +253,13 @@ def in_process(
 
     cases: list[tuple[str, Callable[[], object], int]] = [
         (
-            "DecisionServicer.Check, remembered (key, Decider.recall, encoded response)",
+            "DecisionServicer.Check, remembered (key, Decider.answer, encoded response)",
             lambda: servicer.Check(request, context),
             calls,
         ),
         (
             "  Engine.decide_keyed, remembered allow (the full path)",
-            lambda: engine.decide_keyed(lambda _p: key, lambda: check_input),
+            lambda: engine.decide_keyed(key, engine.policy, lambda: check_input),
             calls,
         ),
         ("  AuditLog.append of its journal line (LineTemplate.line)", append_line, calls),

@@ -7,7 +7,7 @@ ThreadPoolExecutor of `server.threads` threads read from the same config file, p
 CPU by the same `server.cpu_affinity` rule, the same server options, and the same Health
 and reflection services next to Decision), but its
 Check handler returns the bytes of a real allow response that the benchmark captured from
-policyd, through the same handler registration (policyd.service.add_to_server, whose
+policyd, through the same handler registration (policyd.service.add_unary, whose
 serializer passes encoded responses through, as policyd's remembered answers are), so both
 servers parse the same request and send a response of the same size. The difference between
 the two is the decision itself (and the service layer around it).
@@ -28,7 +28,7 @@ from grpc_reflection.v1alpha import reflection
 from policyd import affinity
 from policyd.config import load_config
 from policyd.gen.v1 import decision_pb2
-from policyd.service import SERVICE_NAME, add_to_server
+from policyd.service import SERVICE_NAME, add_unary
 
 # The options policyd.server.Server passes to grpc.server() for a lone server (not one of
 # several `server.workers` sharing a port). Keep in step with policyd/server.py.
@@ -45,7 +45,9 @@ class EmptyDecision:
 
 def build(threads: int, address: str, response: bytes) -> grpc.Server:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=SERVER_OPTIONS)
-    add_to_server(EmptyDecision(response).Check, server)
+    add_unary(
+        server, SERVICE_NAME, "Check", EmptyDecision(response).Check, decision_pb2.CheckRequest
+    )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

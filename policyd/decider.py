@@ -2,6 +2,13 @@
 
 A decision whose record cannot be made durable is answered as a deny (AUDIT_UNAVAILABLE):
 nothing is allowed that the audit log does not show.
+
+Every door answers through `Decider.answer` with a `Door`: how it renders any decision, and
+what it keeps of a remembered allow (engine.Remembered) to answer its repeats without
+building the request or a Decision (docs/architecture.md, "Remembered decisions"). The
+decider owns remembering: it asks the engine for a remembered answer, records it from the
+entry's audit line, and hands the door the entry's form, built once; only what is not
+remembered is decided in full (`check_keyed`).
 """
 
 from __future__ import annotations
@@ -10,6 +17,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
+from weakref import WeakKeyDictionary
 
 from policyd.audit import AuditUnavailable, record_for
 from policyd.engine import Engine, Remembered
@@ -21,35 +30,130 @@ from policyd.reasons import Reason
 
 log = logging.getLogger(__name__)
 
-_AUDIT = "audit"  # Remembered.extras key of the decision's audit line template
+F = TypeVar("F")  # what a door keeps of a remembered allow
+R = TypeVar("R")  # a door's answer
+
+
+class Door(Generic[F, R]):
+    """What one door keeps of a remembered allow, and how it answers a repeat of it:
+    `form` builds, once per entry, what the door keeps of the allow (its decision_id is "";
+    None when it keeps nothing, say because it cannot be encoded: then every repeat is
+    rendered in full); `render_form` answers a repeat with this answer's decision id. Any
+    other decision the door renders itself (the `render` given to `Decider.answer`)."""
+
+    def __init__(self) -> None:
+        # One form per live entry (_UNFORMED: none to keep): it goes when the engine's caches
+        # drop the entry. One get per answer: `in` and then [] would cost four times more.
+        self._forms: WeakKeyDictionary[Remembered, F | _Unformed] = WeakKeyDictionary()
+
+    def form(self, decision: Decision) -> F | None:
+        raise NotImplementedError
+
+    def render_form(self, form: F, decision_id: str) -> R:
+        raise NotImplementedError
+
+    def remembered(self, entry: Remembered, decision_id: str, render: Callable[[Decision], R]) -> R:
+        form = self._forms.get(entry)
+        if form is None:
+            made = self.form(entry.decision)
+            form = self._forms[entry] = _UNFORMED if made is None else made
+        if isinstance(form, _Unformed):
+            return render(entry.decision._replace(decision_id=decision_id))
+        return self.render_form(form, decision_id)
+
+
+class _Unformed:
+    """A door keeps no form of this entry: each repeat is rendered in full."""
+
+
+_UNFORMED = _Unformed()
 
 
 class Decider:
     def __init__(self, engine: Engine, audit: AuditLog | None) -> None:
         self.engine = engine
         self.audit = audit
+        # Each remembered allow's audit line, made from its first record (LineTemplate).
+        self._lines: WeakKeyDictionary[Remembered, LineTemplate] = WeakKeyDictionary()
+
+    def answer(
+        self,
+        door: Door[F, R],
+        render: Callable[[Decision], R],
+        key: Hashable,
+        policy: Policy,
+        request_id: str,
+        make_input: Callable[[], CheckInput],
+        started_ns: int,
+        *,
+        remembered: bool = True,
+    ) -> R:
+        """Decide (or recall), record, and answer: a remembered allow through `door`'s
+        form, any other decision by `render`. `key` is the request's key under `policy`
+        (the engine's policy, read once by the door: model.small_key); `make_input()` builds
+        the request when it must be decided. `remembered=False`: this request's answer
+        depends on more than its key (say, headers the key leaves out), so every decision is
+        rendered in full."""
+        entry = self.engine.recall(key, policy)
+        if entry is not None:
+            audit = self.audit
+            line = self._lines.get(entry) if audit is not None else None
+            # An entry this decider has no line for (remembered by one without an audit
+            # log) is decided, and recorded, in full below.
+            if audit is None or line is not None:
+                decision_id = new_id()
+                if audit is not None and line is not None:
+                    latency_us = (time.perf_counter_ns() - started_ns) // 1000
+                    try:
+                        audit.append(line.line(decision_id, time.time(), request_id, latency_us))
+                    except AuditUnavailable as exc:
+                        # With `audit.sync = "full"` the line may be in the journal already:
+                        # the deny keeps its id (never a second record for one answer).
+                        denied = entry.decision._replace(decision_id=decision_id)
+                        return render(_unrecorded(denied, exc))
+                if remembered:
+                    return door.remembered(entry, decision_id, render)
+                return render(entry.decision._replace(decision_id=decision_id))
+        decision, entry = self._check(key, policy, request_id, make_input, started_ns)
+        if entry is None or not remembered:
+            return render(decision)
+        return door.remembered(entry, decision.decision_id, render)
 
     def check(self, request: CheckInput, started_ns: int | None = None) -> Decision:
-        """Decide and record. `started_ns` (perf_counter_ns) is when the door got the call."""
-        decision, _ = self.check_keyed(
-            lambda policy: request.memo_key(policy.reads_headers),
+        """Decide and record (no remembered form: the CLI, tests)."""
+        start = time.perf_counter_ns() if started_ns is None else started_ns
+        policy = self.engine.policy
+        decision, _ = self._check(
+            request.memo_key(policy.reads_headers),
+            policy,
             request.request_id,
             lambda: request,
-            started_ns,
+            start,
         )
         return decision
 
     def check_keyed(
         self,
-        make_key: Callable[[Policy], Hashable],
+        key: Hashable,
+        policy: Policy,
         request_id: str,
         make_input: Callable[[], CheckInput],
         started_ns: int | None = None,
     ) -> tuple[Decision, Remembered | None]:
-        """As check(), for a request that `make_key(policy)` stands for (Engine.decide_keyed):
-        a repeat of a remembered allow is answered, and recorded, without rebuilding the
-        request. `request_id` is the caller's id for this call (not part of the key)."""
+        """As check(), for a request that `key` stands for under `policy`
+        (Engine.decide_keyed): a repeat of a remembered allow is answered and recorded
+        without rebuilding the request. Returns the entry of a remembered allow."""
         start = time.perf_counter_ns() if started_ns is None else started_ns
+        return self._check(key, policy, request_id, make_input, start)
+
+    def _check(
+        self,
+        key: Hashable,
+        policy: Policy,
+        request_id: str,
+        make_input: Callable[[], CheckInput],
+        started_ns: int,
+    ) -> tuple[Decision, Remembered | None]:
         built: list[CheckInput] = []
 
         def request() -> CheckInput:
@@ -57,12 +161,12 @@ class Decider:
                 built.append(make_input())
             return built[0]
 
-        decision, entry = self.engine.decide_keyed(make_key, request)
+        decision, entry = self.engine.decide_keyed(key, policy, request)
         if self.audit is None:
             return decision, entry
-        latency_us = (time.perf_counter_ns() - start) // 1000
+        latency_us = (time.perf_counter_ns() - started_ns) // 1000
         try:
-            template: LineTemplate | None = entry.extras.get(_AUDIT) if entry else None
+            template = self._lines.get(entry) if entry is not None else None
             if template is not None:
                 self.audit.append(
                     template.line(decision.decision_id, time.time(), request_id, latency_us)
@@ -71,36 +175,10 @@ class Decider:
                 record = record_for(request(), decision, latency_us)
                 self.audit.record(record)
                 if entry is not None:
-                    entry.extras[_AUDIT] = LineTemplate.of(record)
+                    self._lines[entry] = LineTemplate.of(record)
         except AuditUnavailable as exc:
             return _unrecorded(decision, exc), None
         return decision, entry
-
-    def recall(
-        self, key: Hashable, policy: Policy, request_id: str, started_ns: int
-    ) -> tuple[str, Remembered] | Decision | None:
-        """A repeat of a remembered allow (Engine.recall), recorded like any answer: its new
-        decision id and the entry, whose decision (with decision_id "") it repeats. The fast
-        path of check_keyed: no request and no Decision is built. None when there is nothing
-        to recall: the door then calls check_keyed. A Decision when the record cannot be
-        written: the same deny (AUDIT_UNAVAILABLE) check_keyed gives, with this answer's
-        id (a record that may have reached the journal before the failure, with `audit.sync =
-        "full"`, has that id too: never a second record for one answer)."""
-        entry = self.engine.recall(key, policy)
-        if entry is None:
-            return None
-        decision_id = new_id()
-        audit = self.audit
-        if audit is not None:
-            template: LineTemplate | None = entry.extras.get(_AUDIT)
-            if template is None:  # remembered by a decider without an audit log
-                return None
-            latency_us = (time.perf_counter_ns() - started_ns) // 1000
-            try:
-                audit.append(template.line(decision_id, time.time(), request_id, latency_us))
-            except AuditUnavailable as exc:
-                return _unrecorded(entry.decision._replace(decision_id=decision_id), exc)
-        return decision_id, entry
 
 
 class _Throttled:

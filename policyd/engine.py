@@ -93,16 +93,18 @@ class Trace:
         self.checks.append(Check(name, True, detail))
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False, weakref_slot=True)
 class Remembered:
     """An allow decision for one request, valid while `policy` is the engine's policy and
-    until `expires` (time.time()), in the store generation whose caches hold it."""
+    until `expires` (time.time()), in the store generation whose caches hold it.
+
+    Compared and hashed by identity, and weakly referable: what others build once from it
+    (the decider's audit line, a door's encoded answer) they keep in their own weak maps,
+    never in it, so the engine's caches hold no transport bytes and those forms go with it."""
 
     decision: Decision  # its decision_id is ""; each answer gets a new one
     policy: Policy
     expires: float
-    # Forms of this decision that doors and the audit log build once (e.g. the response).
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 def _holding(entry: Remembered | None, policy: Policy) -> Remembered | None:
@@ -152,10 +154,10 @@ class Engine:
         return self._decide(request, None)
 
     def decide_keyed(
-        self, make_key: Callable[[Policy], Hashable], make_input: Callable[[], CheckInput]
+        self, key: Hashable, policy: Policy, make_input: Callable[[], CheckInput]
     ) -> tuple[Decision, Remembered | None]:
-        """Decide the request that `make_key(policy)` stands for; `make_input()` builds it
-        when needed.
+        """Decide the request that `key` stands for under `policy` (the engine's policy, read
+        once by the caller to make the key); `make_input()` builds it when needed.
 
         The key must determine everything a decision under that policy reads from the
         CheckInput (the caller's request id aside): with `policy.reads_headers` false, the
@@ -165,8 +167,6 @@ class Engine:
             view = self.facts.view()
         except StoreUnavailable:
             return self.decide(make_input()), None  # the same deny, with its logging
-        policy = self.policy
-        key = make_key(policy)
         entry = _holding(view.remembered(key), policy)
         if entry is not None:
             return entry.decision._replace(decision_id=new_id()), entry
@@ -179,11 +179,10 @@ class Engine:
         return decision, entry
 
     def recall(self, key: Hashable, policy: Policy) -> Remembered | None:
-        """The remembered allow for the request `key` stands for under `policy` (the
-        engine's policy, read by the caller to make the key), while it holds as in
-        decide_keyed; else None. The hot path of a door, which answers it without building
-        the request or a Decision; a None (not remembered, expired, a write since, or a
-        store that cannot be read) is answered by decide_keyed."""
+        """The remembered allow for the request `key` stands for under `policy`, while it
+        holds as in decide_keyed; else None. The hot path of a door, which answers it
+        without building the request or a Decision; a None (not remembered, expired, a
+        write since, or a store that cannot be read) is answered by decide_keyed."""
         return _holding(self.facts.recall(key), policy)
 
     def explain(self, request: CheckInput) -> Explanation:

@@ -5,15 +5,27 @@ from __future__ import annotations
 import enum
 import hashlib
 import pickle
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from policyd.reasons import Reason
 
-# Inputs whose strings add up to at most this many characters are their own
-# remembered-decision key (CheckInput.memo_key); larger ones, a digest.
+# A request whose parts add up to at most this many characters (or bytes) is its own
+# remembered-decision key; a larger one is keyed by a digest (small_key).
 MAX_PLAIN_KEY = 1024
+
+
+def small_key(key: Hashable, size: int, tag: str, encode: Callable[[], bytes]) -> Hashable:
+    """A remembered decision's key for a request (Engine.decide_keyed), the one rule every
+    door's key follows: the request's own `key` when its parts add up to at most
+    MAX_PLAIN_KEY (a dict compares keys whole, so two requests share an entry only when
+    they are equal); else a 32-byte BLAKE2b digest of `encode()` (an exact, unambiguous
+    encoding of the same parts) tagged by the door's kind, so a large token or body does not
+    make a large entry and two kinds of key never meet."""
+    if size <= MAX_PLAIN_KEY:
+        return key
+    return (tag, hashlib.blake2b(encode(), digest_size=32).digest())
 
 
 class Access(enum.IntEnum):
@@ -81,11 +93,10 @@ class CheckInput:
             what = ()
             size = 0
         key = (self.door, self.token, type(t).__name__, *what)
-        if size + len(self.token) <= MAX_PLAIN_KEY:
-            return key
         # pickle of str, bytes and tuples is exact and unambiguous (lengths, types).
-        data = pickle.dumps(key, protocol=5)
-        return ("input-blake2b", hashlib.blake2b(data, digest_size=32).digest())
+        return small_key(
+            key, size + len(self.token), "input-blake2b", lambda: pickle.dumps(key, protocol=5)
+        )
 
 
 @dataclass(frozen=True, slots=True)

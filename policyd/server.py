@@ -35,7 +35,7 @@ from types import FrameType
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from envoy.service.auth.v3 import external_auth_pb2_grpc
+from envoy.service.auth.v3 import external_auth_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -46,10 +46,11 @@ from policyd.audit import load_key
 from policyd.config import Config, TLSConfig
 from policyd.decider import Decider
 from policyd.errors import ConfigError, PolicydError
+from policyd.gen.v1 import decision_pb2
 from policyd.journal import INDEXER_ENV, Indexer
 from policyd.policy import load_policy
 from policyd.reload import Reloading
-from policyd.service import SERVICE_NAME, DecisionServicer, add_to_server
+from policyd.service import SERVICE_NAME, DecisionServicer, add_unary
 from policyd.wiring import build_decider
 
 log = logging.getLogger("policyd.server")
@@ -129,13 +130,19 @@ class Server:
             options=[("grpc.so_reuseport", int(worker))],
         )
         servicer = DecisionServicer(self.decider)
-        add_to_server(servicer.Check, self.grpc)
+        add_unary(self.grpc, SERVICE_NAME, "Check", servicer.Check, decision_pb2.CheckRequest)
         services = [SERVICE_NAME]
         if config.envoy.enabled:
             envoy = envoy_servicer.AuthorizationServicer(
                 self.decider, remove_authorization=config.envoy.remove_authorization
             )
-            external_auth_pb2_grpc.add_AuthorizationServicer_to_server(envoy, self.grpc)
+            add_unary(
+                self.grpc,
+                envoy_servicer.SERVICE_NAME,
+                "Check",
+                envoy.Check,
+                external_auth_pb2.CheckRequest,
+            )
             services.append(envoy_servicer.SERVICE_NAME)
         self.services = tuple(services)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)

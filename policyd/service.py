@@ -2,26 +2,21 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Callable, Hashable
+from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 
-from policyd.decider import Decider
-from policyd.engine import Remembered
+from policyd.decider import Decider, Door
 from policyd.gen.v1 import decision_pb2, decision_pb2_grpc
-from policyd.model import ActionTarget, CheckInput, Decision, HttpTarget
+from policyd.model import ActionTarget, CheckInput, Decision, HttpTarget, small_key
 from policyd.policy import Policy
 from policyd.reasons import Reason
 
 log = logging.getLogger(__name__)
-
-# Remembered.extras key of the encoded response (decision id unset) and the id's tag and length
-_GRPC = "grpc-response"
-# Requests up to this size are their own remembered-decision key; larger ones, a digest.
-MAX_RAW_KEY = 1024
 
 SERVICE_NAME = decision_pb2.DESCRIPTOR.services_by_name["Decision"].full_name
 
@@ -72,19 +67,15 @@ def to_response(decision: Decision) -> decision_pb2.CheckResponse:
 
 def _key(request: decision_pb2.CheckRequest, policy: Policy) -> Hashable:
     """What a request stands for (Engine.decide_keyed), its request id already cleared: its
-    bytes with map entries in a fixed order, without the headers when no condition of the
-    policy can read them. Up to MAX_RAW_KEY bytes they are the key itself (a dict compares
-    keys whole); a larger request is keyed by a digest, so a remembered decision's key
-    stays small whatever the body's size."""
+    bytes with map entries in a fixed order (model.small_key), without the headers when no
+    condition of the policy can read them."""
     if request.http.headers and not policy.reads_headers:
         copy = decision_pb2.CheckRequest()
         copy.CopyFrom(request)
         copy.http.ClearField("headers")
         request = copy
     data = request.SerializeToString(deterministic=True)
-    if len(data) <= MAX_RAW_KEY:
-        return data
-    return ("grpc-blake2b", hashlib.blake2b(data, digest_size=32).digest())
+    return small_key(data, len(data), "grpc-blake2b", lambda: data)
 
 
 # The encoding of CheckResponse.decision_id's tag (field number, wire type 2: a string) and
@@ -97,12 +88,43 @@ ID_LENGTH = 36
 _ID_HEAD = bytes((_ID_NUMBER << 3 | 2, ID_LENGTH))
 
 
+def render(decision: Decision) -> decision_pb2.CheckResponse:
+    """The response to a decision; an INTERNAL_ERROR deny with its id when the decision
+    cannot be put in one (text protobuf cannot encode): never an error."""
+    try:
+        return to_response(decision)
+    except Exception:
+        log.exception("decision %s could not be encoded", decision.decision_id)
+        return decision_pb2.CheckResponse(
+            allowed=False,
+            reason=Reason.INTERNAL_ERROR.value,  # type: ignore[arg-type]
+            message="internal error",
+            decision_id=decision.decision_id,
+        )
+
+
+class _Remembered(Door[bytes, decision_pb2.CheckResponse | bytes]):
+    """A remembered allow's response without its decision id, encoded once, then the tag
+    and length of a decision id: a field appended to a message's encoding sets it (and
+    decision_id is unset in the remembered one)."""
+
+    def form(self, decision: Decision) -> bytes | None:
+        try:
+            return to_response(decision).SerializeToString() + _ID_HEAD
+        except Exception:
+            return None  # each repeat rendered in full: an INTERNAL_ERROR deny (render)
+
+    def render_form(self, form: bytes, decision_id: str) -> decision_pb2.CheckResponse | bytes:
+        return form + decision_id.encode()
+
+
 class DecisionServicer(decision_pb2_grpc.DecisionServicer):
     """Check: a response message, or (a remembered allow) its encoded bytes, which
-    add_to_server's serializer passes through."""
+    add_unary's serializer passes through."""
 
     def __init__(self, decider: Decider) -> None:
         self.decider = decider
+        self._door = _Remembered()
 
     def Check(
         self, request: decision_pb2.CheckRequest, context: grpc.ServicerContext
@@ -110,67 +132,38 @@ class DecisionServicer(decision_pb2_grpc.DecisionServicer):
         started = time.perf_counter_ns()
         request_id = request.request_id
         request.request_id = ""  # not part of what the request stands for
-
         decider = self.decider
         policy = decider.engine.policy
-        hit = decider.recall(_key(request, policy), policy, request_id, started)
-        decision: Decision | None = None
-        entry: Remembered | None = None
-        if hit is None:  # not remembered: decide
-            decision, _ = decider.check_keyed(
-                lambda policy: _key(request, policy),
-                request_id,
-                lambda: to_input(request, request_id),
-                started,
-            )
-        elif isinstance(hit, Decision):  # remembered, but its record could not be written
-            decision = hit
-        else:
-            decision_id, entry = hit
-        if decision is not None:
-            decision_id = decision.decision_id
-        try:
-            if entry is None:
-                assert decision is not None
-                return to_response(decision)
-            # The remembered response without its decision id, encoded once, then the tag
-            # and length of a decision id: a field appended to a message's encoding sets
-            # it (and decision_id is unset in the remembered one).
-            head: bytes | None = entry.extras.get(_GRPC)
-            if head is None:
-                head = entry.extras[_GRPC] = (
-                    to_response(entry.decision).SerializeToString() + _ID_HEAD
-                )
-            return head + decision_id.encode()
-        except Exception:  # e.g. text protobuf cannot encode: still a deny, never an error
-            log.exception("decision %s could not be encoded", decision_id)
-            return decision_pb2.CheckResponse(
-                allowed=False,
-                reason=Reason.INTERNAL_ERROR.value,  # type: ignore[arg-type]
-                message="internal error",
-                decision_id=decision_id,
-            )
+        return decider.answer(
+            self._door,
+            render,
+            _key(request, policy),
+            policy,
+            request_id,
+            lambda: to_input(request, request_id),
+            started,
+        )
 
 
-def _serialize(response: decision_pb2.CheckResponse | bytes) -> bytes:
+def _serialize(response: Message | bytes) -> bytes:
     return response if type(response) is bytes else response.SerializeToString()  # type: ignore[union-attr]
 
 
-Check = Callable[
-    [decision_pb2.CheckRequest, grpc.ServicerContext], decision_pb2.CheckResponse | bytes
-]
-
-
-def add_to_server(check: Check, server: grpc.Server) -> None:
-    """Serve the Decision API's Check with `check` (as the generated
-    add_DecisionServicer_to_server does, with a response serializer that passes responses
-    already encoded through)."""
+def add_unary(
+    server: grpc.Server,
+    service: str,
+    method: str,
+    handler: Callable[[Any, grpc.ServicerContext], Message | bytes],
+    request_type: type[Message],
+) -> None:
+    """Serve one unary method with `handler` (as the generated add_*_to_server functions
+    do), with a response serializer that passes responses already encoded through."""
     handlers = {
-        "Check": grpc.unary_unary_rpc_method_handler(
-            check,
-            request_deserializer=decision_pb2.CheckRequest.FromString,
+        method: grpc.unary_unary_rpc_method_handler(
+            handler,
+            request_deserializer=request_type.FromString,
             response_serializer=_serialize,
         )
     }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    server.add_registered_method_handlers(SERVICE_NAME, handlers)  # type: ignore[attr-defined]
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)  # type: ignore[attr-defined]

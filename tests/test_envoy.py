@@ -5,6 +5,7 @@ through Envoy over HTTP(S). The servicer's translation is also tested in process
 
 from __future__ import annotations
 
+import gc
 import http.client
 import json
 import os
@@ -29,7 +30,8 @@ from adapters.envoy import servicer
 from examples.hub.catalogue import Catalogue
 from policyd.model import Decision, HttpTarget, Principal
 from policyd.reasons import Reason
-from tests.helpers import ROOT, Home, free_port, run_server
+from policyd.wiring import build_decider
+from tests.helpers import ROOT, Home, free_port, indexed_records, run_server
 from tests.test_server import PKI, pki  # noqa: F401  (the CA/server/client certificate fixture)
 
 ENVOY = Path(sys.executable).parent / "envoy"
@@ -498,3 +500,84 @@ def test_a_deny_carries_status_challenge_and_json_body() -> None:
     token = servicer.deny(_decision(False, Reason.TOKEN_EXPIRED))
     assert token.status.code == code_pb2.UNAUTHENTICATED
     assert token.denied_response.status.code == 401
+
+
+def _envoy_request(token: str, **headers: str) -> external_auth_pb2.CheckRequest:
+    request = external_auth_pb2.CheckRequest()
+    http = request.attributes.request.http
+    http.method, http.path = "GET", "/api/data/tags/ds-a"
+    http.headers.update({"authorization": f"Bearer {token}", **headers})
+    return request
+
+
+def _response(answer: external_auth_pb2.CheckResponse | bytes) -> external_auth_pb2.CheckResponse:
+    if isinstance(answer, bytes):  # a remembered allow, already encoded (service.add_unary)
+        return external_auth_pb2.CheckResponse.FromString(answer)
+    return answer
+
+
+def _identity(response: external_auth_pb2.CheckResponse) -> dict[str, str]:
+    return {h.header.key: h.header.value for h in response.ok_response.headers}
+
+
+def test_a_repeated_check_is_answered_from_memory_with_its_own_decision_id(
+    tmp_path: Path,
+) -> None:
+    home = Home(tmp_path)
+    home.seed()
+    decider = build_decider(home.config, home.store)
+    door = servicer.AuthorizationServicer(decider)
+    request = _envoy_request(home.token(), **{"x-request-id": "r1"})
+    answers = [door.Check(request, None) for _ in range(3)]  # type: ignore[arg-type]
+    assert all(isinstance(a, bytes) for a in answers)  # the remembered form, encoded once
+    responses = [_response(a) for a in answers]
+    ids = [_identity(r)["x-policyd-decision-id"] for r in responses]
+    assert len(set(ids)) == 3
+    for response in responses:
+        assert response.status.code == code_pb2.OK
+        assert {**_identity(response), "x-policyd-decision-id": ""} == {
+            **_identity(responses[0]),
+            "x-policyd-decision-id": "",
+        }
+    decider.audit.close()  # type: ignore[union-attr]
+    records = indexed_records(home.config.audit.path, set(ids))
+    assert sorted(r.id for r in records.values()) == sorted(ids)
+
+
+def test_a_remembered_allow_still_removes_identity_headers_the_client_sent(
+    tmp_path: Path,
+) -> None:
+    home = Home(tmp_path)
+    home.seed()
+    decider = build_decider(home.config, home.store)
+    door = servicer.AuthorizationServicer(decider)
+    token = home.token()
+    assert isinstance(door.Check(_envoy_request(token), None), bytes)  # type: ignore[arg-type]
+    spoofed = _response(
+        door.Check(_envoy_request(token, **{"x-policyd-sub": "mallory"}), None)  # type: ignore[arg-type]
+    )
+    assert spoofed.status.code == code_pb2.OK
+    assert list(spoofed.ok_response.headers_to_remove) == []  # ours overwrite it
+    assert _identity(spoofed)["x-policyd-sub"] == "alice"
+    other = _response(
+        door.Check(_envoy_request(token, **{"x-auth-user": "mallory"}), None)  # type: ignore[arg-type]
+    )
+    assert list(other.ok_response.headers_to_remove) == ["x-auth-user"]
+    decider.audit.close()  # type: ignore[union-attr]
+
+
+def test_a_doors_remembered_form_goes_with_its_entry(tmp_path: Path) -> None:
+    """The engine's caches hold no door bytes: a door keeps its form beside the entry,
+    weakly, so a store write (new caches) frees it."""
+    home = Home(tmp_path)
+    home.seed()
+    decider = build_decider(home.config, home.store)
+    door = servicer.AuthorizationServicer(decider)
+    request = _envoy_request(home.token())
+    door.Check(request, None)  # type: ignore[arg-type]
+    assert len(door._door._forms) == 1
+    home.store.add_data_source("ds-new")  # a write: the remembered entries are dropped
+    door.Check(request, None)  # type: ignore[arg-type]
+    gc.collect()
+    assert len(door._door._forms) == 1  # the new entry's form only
+    decider.audit.close()  # type: ignore[union-attr]

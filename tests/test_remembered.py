@@ -16,15 +16,14 @@ import pytest
 from policyd import decider as decider_module
 from policyd import journal as journal_module
 from policyd.audit import AuditReader, Query
-from policyd.decider import Decider
+from policyd.decider import Decider, Door
 from policyd.engine import Engine
 from policyd.gen.v1 import decision_pb2
 from policyd.journal import AuditLog, Indexer
-from policyd.model import Access, ActionTarget, CheckInput, Decision, HttpTarget
+from policyd.model import MAX_PLAIN_KEY, Access, ActionTarget, CheckInput, Decision, HttpTarget
 from policyd.policy import load_policy
 from policyd.policytest import Fixture, Runner, scratch_dir
 from policyd.reasons import Reason
-from policyd.service import MAX_RAW_KEY
 from policyd.store import Store
 from policyd.wiring import build_decider
 from tests.helpers import ROOT, Home, check_request, decision_stub, indexed_records, run_server
@@ -59,8 +58,8 @@ def test_a_repeated_request_is_answered_from_memory_with_a_new_decision_id(
     seeded: Home, engine: Engine
 ) -> None:
     inputs = read_ds_a(seeded)
-    first, entry = engine.decide_keyed(lambda _p: KEY, inputs)
-    again, same = engine.decide_keyed(lambda _p: KEY, inputs)
+    first, entry = engine.decide_keyed(KEY, engine.policy, inputs)
+    again, same = engine.decide_keyed(KEY, engine.policy, inputs)
     assert first.allowed and entry is not None
     assert same is entry and inputs.built == 1
     assert again.decision_id != first.decision_id
@@ -103,7 +102,7 @@ def test_any_store_write_forgets_it_before_the_write_returns(
 ) -> None:
     token = seeded.token()
     inputs = read_ds_a(seeded, token)
-    _, entry = engine.decide_keyed(lambda _p: KEY, inputs)
+    _, entry = engine.decide_keyed(KEY, engine.policy, inputs)
     assert entry is not None and engine.recall(KEY, engine.policy) is entry
     change, reason = WRITES[write]
     other = Store(seeded.config.store.path)  # as another process would
@@ -112,7 +111,7 @@ def test_any_store_write_forgets_it_before_the_write_returns(
     finally:
         other.close()
     assert engine.recall(KEY, engine.policy) is None  # the fast path sees the write too
-    decision, _ = engine.decide_keyed(lambda _p: KEY, inputs)
+    decision, _ = engine.decide_keyed(KEY, engine.policy, inputs)
     assert inputs.built == 2  # decided again, not remembered
     assert decision.reason is reason
 
@@ -122,7 +121,7 @@ def test_recall_answers_only_what_decide_keyed_would_answer_from_memory(
 ) -> None:
     inputs = read_ds_a(seeded)
     assert engine.recall(KEY, engine.policy) is None  # nothing remembered yet
-    _, entry = engine.decide_keyed(lambda _p: KEY, inputs)
+    _, entry = engine.decide_keyed(KEY, engine.policy, inputs)
     assert entry is not None and engine.recall(KEY, engine.policy) is entry
     assert engine.recall(b"another request", engine.policy) is None
     # Made under another policy (a reload meanwhile): not this entry.
@@ -133,9 +132,9 @@ def test_recall_answers_only_what_decide_keyed_would_answer_from_memory(
 
 def test_a_policy_reload_forgets_it(seeded: Home, engine: Engine) -> None:
     inputs = read_ds_a(seeded)
-    engine.decide_keyed(lambda _p: KEY, inputs)
+    engine.decide_keyed(KEY, engine.policy, inputs)
     engine.policy = load_policy(ROOT / "policies")  # the same files, a new policy object
-    decision, entry = engine.decide_keyed(lambda _p: KEY, inputs)
+    decision, entry = engine.decide_keyed(KEY, engine.policy, inputs)
     assert decision.allowed and entry is not None and inputs.built == 2
 
 
@@ -144,18 +143,18 @@ def test_it_ends_when_its_token_expires(seeded: Home, engine: Engine) -> None:
     # A token that expires (leeway included) within two seconds (exp is whole seconds).
     token = seeded.token(ttl_seconds=60, now=time.time() - 60 - leeway + 2)
     inputs = read_ds_a(seeded, token)
-    first, entry = engine.decide_keyed(lambda _p: KEY, inputs)
+    first, entry = engine.decide_keyed(KEY, engine.policy, inputs)
     assert first.allowed and entry is not None
     assert time.time() < entry.expires <= time.time() + 2
     time.sleep(max(0.0, entry.expires - time.time()) + 0.05)
-    decision, entry = engine.decide_keyed(lambda _p: KEY, inputs)
+    decision, entry = engine.decide_keyed(KEY, engine.policy, inputs)
     assert decision.reason is Reason.TOKEN_EXPIRED and entry is None
 
 
 def test_denials_are_not_remembered(seeded: Home, engine: Engine) -> None:
     inputs = Inputs(CheckInput(seeded.token(), HttpTarget("GET", "/api/data/tags/ds-c")))
     for _ in range(2):
-        decision, entry = engine.decide_keyed(lambda _p: b"ds-c", inputs)
+        decision, entry = engine.decide_keyed(b"ds-c", engine.policy, inputs)
         assert decision.reason is Reason.DATA_SOURCE_NOT_GRANTED and entry is None
     assert inputs.built == 2
 
@@ -175,11 +174,9 @@ def test_a_decision_whose_conditions_read_the_clock_is_not_remembered(tmp_path: 
         try:
             write = Inputs(CheckInput(token, HttpTarget("PUT", "/d/plain")))
             read = Inputs(CheckInput(token, HttpTarget("GET", "/d/plain")))
-            decision, entry = engine.decide_keyed(lambda _p: b"write", write)
+            decision, entry = engine.decide_keyed(b"write", engine.policy, write)
             assert decision.allowed and entry is None
-            decision, entry = engine.decide_keyed(
-                lambda _p: b"read", read
-            )  # no condition: remembered
+            decision, entry = engine.decide_keyed(b"read", engine.policy, read)  # remembered
             assert decision.allowed and entry is not None
         finally:
             engine.facts.store.close()
@@ -216,9 +213,8 @@ def replace_id(
 def _keyed(engine: Engine, inputs: Inputs) -> tuple[bool, bool]:
     """(allowed, remembered) of a decide_keyed with the key every door uses."""
     request = inputs.request
-    decision, entry = engine.decide_keyed(
-        lambda policy: request.memo_key(policy.reads_headers), inputs
-    )
+    policy = engine.policy
+    decision, entry = engine.decide_keyed(request.memo_key(policy.reads_headers), policy, inputs)
     return decision.allowed, entry is not None
 
 
@@ -334,7 +330,8 @@ def test_a_request_that_differs_in_anything_the_decision_reads_is_decided_again(
     assert _keyed(engine, Inputs(base)) == (True, True)
     other = Inputs(changed)
     request = other.request
-    decision, _ = engine.decide_keyed(lambda p: request.memo_key(p.reads_headers), other)
+    policy = engine.policy
+    decision, _ = engine.decide_keyed(request.memo_key(policy.reads_headers), policy, other)
     assert other.built == 1 and decision.reason is reason
 
 
@@ -380,8 +377,8 @@ def test_over_grpc_a_different_body_or_door_is_not_answered_from_memory(seeded: 
             stub.Check(snapshot(ungranted), timeout=5).reason
             == decision_pb2.DATA_SOURCE_NOT_GRANTED
         )
-        # Larger than MAX_RAW_KEY: remembered by a digest, which tells the bodies apart too.
-        pad = b" " * MAX_RAW_KEY
+        # Larger than MAX_PLAIN_KEY: remembered by a digest, which tells the bodies apart too.
+        pad = b" " * MAX_PLAIN_KEY
         for _ in range(2):
             assert stub.Check(snapshot(granted + pad), timeout=5).allowed
         assert (
@@ -394,12 +391,34 @@ def test_over_grpc_a_different_body_or_door_is_not_answered_from_memory(seeded: 
     assert records[envoy.decision_id].door == "envoy"
 
 
+class _Recorder(Door[str, tuple[str, "Decision | str"]]):
+    """A door that says how it answered: from its form (with the id), or rendered."""
+
+    def form(self, decision: Decision) -> str:
+        return "form"
+
+    def render_form(self, form: str, decision_id: str) -> tuple[str, Decision | str]:
+        return "remembered", decision_id
+
+
+def _answer(decider: Decider, request_id: str, inputs: Inputs) -> tuple[str, Decision | str]:
+    return decider.answer(
+        _Recorder(),
+        lambda decision: ("rendered", decision),
+        KEY,
+        decider.engine.policy,
+        request_id,
+        inputs,
+        time.perf_counter_ns(),
+    )
+
+
 def _remembered_once(home: Home) -> tuple[Decider, AuditLog, Inputs, Decision]:
     """A decider with its audit log, and the first (recorded, remembered) allow of KEY."""
     decider = build_decider(home.config, home.store)
     assert decider.audit is not None
     inputs = read_ds_a(home)
-    first, entry = decider.check_keyed(lambda _p: KEY, "r0", inputs)
+    first, entry = decider.check_keyed(KEY, decider.engine.policy, "r0", inputs)
     assert first.allowed and entry is not None
     return decider, decider.audit, inputs, first
 
@@ -408,20 +427,19 @@ def test_a_recalled_answer_is_recorded_and_one_that_cannot_be_is_decided_and_den
     seeded: Home,
 ) -> None:
     decider, audit, inputs, first = _remembered_once(seeded)
-    policy = decider.engine.policy
-    recalled = decider.recall(KEY, policy, "r1", time.perf_counter_ns())
-    assert recalled is not None and not isinstance(recalled, Decision) and inputs.built == 1
-    decision_id, entry = recalled
-    assert decision_id != first.decision_id and entry.decision.allowed
+    how, decision_id = _answer(decider, "r1", inputs)
+    assert how == "remembered" and isinstance(decision_id, str) and inputs.built == 1
+    assert decision_id != first.decision_id
     audit.flush()
     records = indexed_records(seeded.config.audit.path, {first.decision_id, decision_id})
     assert records[decision_id].request_id == "r1"
     assert records[decision_id].decision == "allow"
     audit.close()  # from now on no record can be written
-    refused = decider.recall(KEY, policy, "r2", time.perf_counter_ns())
-    assert isinstance(refused, Decision) and not refused.allowed
+    how, refused = _answer(decider, "r2", inputs)
+    assert how == "rendered" and isinstance(refused, Decision) and not refused.allowed
     assert refused.reason is Reason.AUDIT_UNAVAILABLE and refused.decision_id
-    denied, _ = decider.check_keyed(lambda _p: KEY, "r2", inputs)
+    assert inputs.built == 1  # a remembered answer refused, not decided again
+    denied, _ = decider.check_keyed(KEY, decider.engine.policy, "r2", inputs)
     assert denied.reason is Reason.AUDIT_UNAVAILABLE and not denied.allowed
 
 
@@ -435,11 +453,11 @@ def test_denials_for_a_refusing_audit_log_are_logged_a_line_per_second_with_a_co
     monkeypatch.setattr(decider_module, "_unrecorded_log", throttled)
     with caplog.at_level(logging.ERROR, logger="policyd.decider"):
         for n in range(50):
-            denied, _ = decider.check_keyed(lambda _p: KEY, f"r{n}", inputs)
+            denied, _ = decider.check_keyed(KEY, decider.engine.policy, f"r{n}", inputs)
             assert denied.reason is Reason.AUDIT_UNAVAILABLE  # every one is still denied
         assert len(caplog.records) == 1
         clock[0] += 1.5
-        denied, _ = decider.check_keyed(lambda _p: KEY, "last", inputs)
+        denied, _ = decider.check_keyed(KEY, decider.engine.policy, "last", inputs)
     assert len(caplog.records) == 2
     assert "and 49 more denied so" in caplog.records[1].getMessage()
     assert denied.decision_id in caplog.records[1].getMessage()
@@ -455,15 +473,15 @@ def test_a_recalled_answer_whose_sync_fails_is_denied_with_the_id_of_its_one_rec
         f'key_file = "{tmp_path / "audit.key"}"\nsync = "full"\n',
     )
     home.seed()
-    decider, audit, _, first = _remembered_once(home)
-    policy = decider.engine.policy
+    decider, audit, inputs, first = _remembered_once(home)
 
     def failing_sync(self: object) -> None:
         raise OSError("EIO")
 
     monkeypatch.setattr(journal_module._Journal, "sync", failing_sync)
-    refused = decider.recall(KEY, policy, "r1", time.perf_counter_ns())
-    assert isinstance(refused, Decision) and refused.reason is Reason.AUDIT_UNAVAILABLE
+    how, refused = _answer(decider, "r1", inputs)
+    assert how == "rendered" and isinstance(refused, Decision)
+    assert refused.reason is Reason.AUDIT_UNAVAILABLE
     monkeypatch.undo()
     audit.close()
     Indexer(home.config.audit.path, audit.key).run_once()

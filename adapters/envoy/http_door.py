@@ -45,8 +45,7 @@ import uvloop
 from adapters.denials import Denial, body_too_large, for_reason
 from adapters.envoy.servicer import IDENTITY_PREFIXES, bearer_token, identity_headers
 from adapters.headers import selected
-from policyd.decider import Decider
-from policyd.engine import Remembered
+from policyd.decider import Decider, Door
 from policyd.errors import ConfigError
 from policyd.model import CheckInput, Decision, HttpTarget
 from policyd.reasons import Reason
@@ -58,8 +57,7 @@ PATH_PREFIX = "/ext_authz"
 MAX_HEAD_BYTES = 64 * 1024  # Envoy's own default limit for request headers is 60 KiB
 MAX_BODY_BYTES = 1 << 20  # envoy-http.yaml's `max_request_bytes`
 REMOVE_HEADER = "x-envoy-auth-headers-to-remove"
-# Remembered.extras key of a remembered allow's answer, split where its decision id goes.
-_ALLOW = "envoy-http-allow"
+# Where a remembered allow's answer is split for its decision id (_Remembered).
 _ID_MARK = "decision-id-goes-here"
 
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -312,6 +310,25 @@ def _bind_unix(path: str, address: str) -> socket.socket:
     return sock
 
 
+class _Remembered(Door[tuple[bytes, bytes], bytes]):
+    """A remembered allow's answer, made once and split where its decision id goes."""
+
+    def __init__(self, remove_authorization: bool) -> None:
+        super().__init__()
+        self.remove_authorization = remove_authorization
+
+    def form(self, decision: Decision) -> tuple[bytes, bytes] | None:
+        marked = decision._replace(decision_id=_ID_MARK)
+        try:
+            head, tail = allow(marked, (), self.remove_authorization).split(_ID_MARK.encode())
+        except ValueError:
+            return None  # each repeat rendered in full: a 500 (HttpDoor.answer)
+        return head, tail
+
+    def render_form(self, form: tuple[bytes, bytes], decision_id: str) -> bytes:
+        return form[0] + decision_id.encode() + form[1]
+
+
 class HttpDoor:
     """The door's socket (bound at construction), event loop and thread."""
 
@@ -327,6 +344,7 @@ class HttpDoor:
         self.decider = decider
         self.address = address
         self.remove_authorization = remove_authorization
+        self._door = _Remembered(remove_authorization)
         self.max_body_bytes = max_body_bytes
         self.sock = _bind(address, reuse_port)
         # The TCP port (0 for a Unix socket: `unix_path` instead).
@@ -344,48 +362,37 @@ class HttpDoor:
     def answer(self, request: Request) -> bytes:
         started = time.perf_counter_ns()
         check = to_input(request)
+        sent = request.headers
+        method = request.method
+        remove_authorization = self.remove_authorization
+
+        def render(decision: Decision) -> bytes:
+            if not decision.allowed:
+                denial = for_reason(decision.reason, decision.message, decision.decision_id)
+                return deny(denial, method)
+            try:
+                return allow(decision, sent, remove_authorization)
+            except ValueError as exc:
+                log.error("decision %s answered 500: %s", decision.decision_id, exc)
+                denial = Denial(
+                    500, "server_error", Reason.INTERNAL_ERROR.name, str(exc), decision.decision_id
+                )
+                return deny(denial, method)
+
+        # A client that sent identity headers of its own gets an answer naming them for
+        # removal: not the remembered one.
         decider = self.decider
         policy = decider.engine.policy
-        # A remembered allow is answered (and recorded) without deciding again.
-        hit = decider.recall(
-            check.memo_key(policy.reads_headers), policy, check.request_id, started
+        return decider.answer(
+            self._door,
+            render,
+            check.memo_key(policy.reads_headers),
+            policy,
+            check.request_id,
+            lambda: check,
+            started,
+            remembered=not any(name.startswith(IDENTITY_PREFIXES) for name in sent),
         )
-        decision: Decision | None = None
-        entry: Remembered | None
-        if isinstance(hit, Decision):  # remembered, but its record could not be written
-            return deny(for_reason(hit.reason, hit.message, hit.decision_id), request.method)
-        if hit is not None:
-            decision_id, entry = hit
-        else:
-            decision, entry = decider.check_keyed(
-                lambda policy: check.memo_key(policy.reads_headers),
-                check.request_id,
-                lambda: check,
-                started,
-            )
-            decision_id = decision.decision_id
-            if not decision.allowed:
-                return deny(
-                    for_reason(decision.reason, decision.message, decision_id), request.method
-                )
-        sent = request.headers
-        try:
-            if entry is None or any(name.startswith(IDENTITY_PREFIXES) for name in sent):
-                if decision is None:
-                    assert entry is not None
-                    decision = entry.decision._replace(decision_id=decision_id)
-                return allow(decision, sent, self.remove_authorization)
-            # A remembered allow: its answer, made once, with this answer's id.
-            parts: tuple[bytes, bytes] | None = entry.extras.get(_ALLOW)
-            if parts is None:
-                marked = entry.decision._replace(decision_id=_ID_MARK)
-                head, tail = allow(marked, (), self.remove_authorization).split(_ID_MARK.encode())
-                parts = entry.extras[_ALLOW] = (head, tail)
-            return parts[0] + decision_id.encode() + parts[1]
-        except ValueError as exc:
-            log.error("decision %s answered 500: %s", decision_id, exc)
-            denial = Denial(500, "server_error", Reason.INTERNAL_ERROR.name, str(exc), decision_id)
-            return deny(denial, request.method)
 
     def start(self) -> None:
         self._thread.start()

@@ -29,7 +29,7 @@ from google.rpc import code_pb2, status_pb2
 
 from adapters.denials import for_reason
 from adapters.headers import selected
-from policyd.decider import Decider
+from policyd.decider import Decider, Door
 from policyd.model import CheckInput, Decision, HttpTarget
 
 SERVICE_NAME = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
@@ -117,19 +117,69 @@ def deny(decision: Decision) -> external_auth_pb2.CheckResponse:
     )
 
 
+# Where a remembered allow's encoded answer is split for its decision id: as long as one
+# (ids.new_id), so the lengths in the encoding stay right, and no identity value holds it.
+_ID_MARK = "\0" * 36
+
+
+class _Remembered(Door[tuple[bytes, bytes], external_auth_pb2.CheckResponse | bytes]):
+    """A remembered allow's CheckResponse, encoded once and split where its decision id
+    goes (the value of `x-policyd-decision-id`)."""
+
+    def __init__(self, remove_authorization: bool) -> None:
+        super().__init__()
+        self.remove_authorization = remove_authorization
+
+    def form(self, decision: Decision) -> tuple[bytes, bytes] | None:
+        marked = decision._replace(decision_id=_ID_MARK)
+        try:
+            data = allow(marked, {}, self.remove_authorization).SerializeToString()
+        except Exception:
+            return None  # each repeat rendered in full
+        parts = data.split(_ID_MARK.encode())
+        return (parts[0], parts[1]) if len(parts) == 2 else None
+
+    def render_form(
+        self, form: tuple[bytes, bytes], decision_id: str
+    ) -> external_auth_pb2.CheckResponse | bytes:
+        if len(decision_id) != len(_ID_MARK):
+            raise ValueError(f"a decision id of {len(decision_id)} characters")
+        return form[0] + decision_id.encode() + form[1]
+
+
 class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
+    """Check: a response message, or (a remembered allow) its encoded bytes, which
+    policyd.service.add_unary's serializer passes through."""
+
     def __init__(self, decider: Decider, *, remove_authorization: bool = False) -> None:
         self.decider = decider
         self.remove_authorization = remove_authorization
+        self._door = _Remembered(remove_authorization)
 
     def Check(
         self, request: external_auth_pb2.CheckRequest, context: grpc.ServicerContext
-    ) -> external_auth_pb2.CheckResponse:
+    ) -> external_auth_pb2.CheckResponse | bytes:
         started = time.perf_counter_ns()
         check = to_input(request)
-        decision = self.decider.check(check, started)
-        if decision.allowed:
-            return allow(
-                decision, request.attributes.request.http.headers, self.remove_authorization
-            )
-        return deny(decision)
+        sent = request.attributes.request.http.headers
+        remove_authorization = self.remove_authorization
+
+        def render(decision: Decision) -> external_auth_pb2.CheckResponse:
+            if decision.allowed:
+                return allow(decision, sent, remove_authorization)
+            return deny(decision)
+
+        # A client that sent identity headers of its own gets an answer naming them for
+        # removal: not the remembered one.
+        decider = self.decider
+        policy = decider.engine.policy
+        return decider.answer(
+            self._door,
+            render,
+            check.memo_key(policy.reads_headers),
+            policy,
+            check.request_id,
+            lambda: check,
+            started,
+            remembered=not any(name.startswith(IDENTITY_PREFIXES) for name in sent),
+        )
