@@ -36,6 +36,7 @@ from policyd.audit import (
     journal_dir,
     json_strings,
     load_key,
+    masked_path,
     open_log_file,
     prune,
     record_for,
@@ -156,6 +157,16 @@ def test_every_check_over_grpc_is_recorded_with_its_fields_and_no_secrets(
     assert token.encode() not in raw
     assert token.split(".")[2].encode() not in raw  # not even the signature
     assert b"secret-tag" not in raw
+
+
+def test_audit_masks_query_values_left_in_the_path() -> None:
+    """audit.masked_path: a Decision API caller that leaves the query in `http.path` (the
+    engine denies it, PATH_AMBIGUOUS) had its query values, e.g. an access_token, stored
+    verbatim in the audit log."""
+    target = HttpTarget("GET", "/api/data/tags/x?access_token=SECRET#frag", "a=b", {}, b"")
+    method, path = masked_path(target)
+    assert "SECRET" not in path and "frag" not in path
+    assert (method, path) == ("GET", "/api/data/tags/x?access_token=*&a=*")
 
 
 def test_local_cli_check_is_recorded_with_door_cli(

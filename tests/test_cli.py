@@ -11,11 +11,15 @@ import io
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
+import jwt
 import pytest
 
 from policyd.cli import main
+from policyd.facts import Facts
 from policyd.store import hash_secret
 from tests.helpers import Home, free_port, run_server
 
@@ -382,6 +386,25 @@ def test_tokens_revoke_denies_the_token(ready: Policyd, home: Home, how: str) ->
     assert result.out.startswith("revoked token ")
     denied = _check(ready, token, ME)
     assert (denied.code, denied.lines[0]) == (3, "deny TOKEN_REVOKED: token has been revoked")
+
+
+def test_revoking_by_jti_outlives_a_token_issued_with_a_long_ttl(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """cli.tokens_revoke --jti: the revocation lasted the configured ttl (3600 s) only, but
+    `tokens issue --ttl` mints tokens of up to a day; the server purges expired revocations,
+    so such a token was accepted again while still valid (fail open)."""
+    home = Home(tmp_path)
+    home.seed()
+    monkeypatch.chdir(tmp_path)
+    token = home.token(ttl_seconds=86400)
+    jti = jwt.decode(token, options={"verify_signature": False})["jti"]
+    assert main(["--config", str(home.config_path), "tokens", "revoke", "--jti", jti]) == 0
+    capsys.readouterr()
+    # What the server's purge does an hour and a bit later, while the token is still valid.
+    home.store.purge_expired_revocations(time.time() + 3700, home.config.tokens.leeway_seconds)
+    facts = Facts(home.store)
+    assert facts.view().token_revoked(jti)
 
 
 # -- demo ----------------------------------------------------------------------------------

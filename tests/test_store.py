@@ -455,6 +455,36 @@ def test_a_revocation_by_another_process_is_seen_by_the_next_view(seeded: Home) 
     assert view.grant("alice", "app1", "ds-b") is None
 
 
+def test_caches_see_a_revocation_after_the_shm_file_was_recreated(tmp_path: Path) -> None:
+    """facts._CommitWatch: when every connection of the process has closed (per-thread
+    connections close when their thread ends), SQLite deletes `<db>-shm`; the next
+    connection makes a new one. A map of the old file never changed again, so the caches
+    were served after a revocation had committed (fail open)."""
+    db = tmp_path / "policyd.db"
+    store = Store(db)
+    store.close()
+    facts = Facts(store)
+    seen: list[bool] = []
+
+    def decide() -> None:
+        seen.append(facts.view().token_revoked("jti-1"))
+        store.close()  # as when a worker thread ends
+
+    for _ in range(2):
+        worker = threading.Thread(target=decide)
+        worker.start()
+        worker.join()
+        if not seen[-1]:
+            writer = Store(db, migrate=False)
+            with writer.write() as conn:
+                conn.execute(
+                    "INSERT INTO revoked_tokens (jti, expires_at, revoked_at)"
+                    " VALUES ('jti-1', 9e9, 0)"
+                )
+            writer.close()
+    assert seen == [False, True]
+
+
 def test_view_serves_cached_facts_until_the_generation_changes(seeded: Home) -> None:
     facts = Facts(seeded.store)
     assert facts.view().grant("alice", "app1", "ds-a") == Access.WRITE
