@@ -1,8 +1,13 @@
-"""Which request headers the doors tell policyd about (policy conditions can read them).
+"""Which request headers the doors tell policyd about (policy conditions can read them),
+and which carry identity.
 
 The same selection for every door (ASGI, Envoy gRPC, Envoy HTTP), so a condition over
 `request.headers` holds or not whichever door the request came through. Credentials are
 never sent, whatever a list says: the token travels in CheckRequest.token only.
+
+IDENTITY_PREFIXES name the headers that say who a request is for: the `x-policyd-*`
+headers the Envoy doors set on an allowed request (docs/hub.md), and the `x-auth-*` some
+other gateways set. The doors remove those a client sent, so none can be spoofed.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ FORWARD_HEADERS = (
     "x-forwarded-proto",
     "x-request-id",
 )
+# Lower-case prefixes of identity headers: set only by a door, removed when a client sends them.
+IDENTITY_PREFIXES = ("x-policyd-", "x-auth-")
 NEVER_FORWARD = frozenset({"authorization", "proxy-authorization", "cookie"})
 _FORWARD = frozenset(FORWARD_HEADERS) - NEVER_FORWARD
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from policyd import affinity
+from policyd import affinity, net
 from policyd.errors import ConfigError
 from policyd.keys import ALGORITHMS
 
@@ -158,16 +158,18 @@ class Config:
 
     def validate(self) -> None:
         s = self.server
-        _address("server.address", s.address)
+        net.parse("server.address", s.address)
         if self.client.address:
-            _address("client.address", self.client.address)
-        if self.envoy.http_address.startswith("unix:"):
-            if not self.envoy.http_address[5:].startswith("/"):
+            net.parse("client.address", self.client.address)
+        unix = net.UNIX_PREFIX
+        if self.envoy.http_address.startswith(unix):
+            path = self.envoy.http_address[len(unix) :]
+            if not path.startswith("/"):
                 raise ConfigError(
                     "envoy.http_address: a Unix socket is unix:/ABSOLUTE/PATH,"
                     f" not {self.envoy.http_address!r}"
                 )
-            if len(self.envoy.http_address[5:].encode()) > 107:  # sun_path holds 108 bytes
+            if len(path.encode()) > 107:  # sun_path holds 108 bytes
                 raise ConfigError(
                     "envoy.http_address: a Unix socket path is at most 107 bytes long"
                 )
@@ -177,7 +179,7 @@ class Config:
                     " (use HOST:PORT)"
                 )
         elif self.envoy.http_address:
-            _address("envoy.http_address", self.envoy.http_address)
+            net.parse("envoy.http_address", self.envoy.http_address)
         _at_least("server.workers", s.workers, 1)
         _at_least("server.threads", s.threads, 1)
         affinity.parse(s.cpu_affinity)
@@ -235,7 +237,7 @@ class Config:
 
     def _validate_oauth(self) -> None:
         o = self.oauth
-        _address("oauth.address", o.address)
+        net.parse("oauth.address", o.address)
         if bool(o.cert_file) != bool(o.key_file):
             raise ConfigError("oauth: set both cert_file and key_file, or neither")
         for key, path in (("oauth.cert_file", o.cert_file), ("oauth.key_file", o.key_file)):
@@ -257,12 +259,6 @@ class Config:
     @property
     def client_address(self) -> str:
         return self.client.address or self.server.address
-
-
-def _address(key: str, value: str) -> None:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ConfigError(f"{key} must be HOST:PORT, not {value!r}")
 
 
 def _at_least(key: str, value: float, low: float) -> None:

@@ -17,11 +17,9 @@ finish (up to server.grace_seconds), then the process exits 0.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -41,7 +39,7 @@ from grpc_reflection.v1alpha import reflection
 
 from adapters.envoy import servicer as envoy_servicer
 from adapters.envoy.http_door import HttpDoor
-from policyd import affinity
+from policyd import affinity, net
 from policyd.audit import load_key
 from policyd.config import Config, TLSConfig
 from policyd.decider import Decider
@@ -88,28 +86,6 @@ def server_credentials(tls: TLSConfig) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([(key, chain)])
 
 
-def ensure_free(address: str) -> None:
-    """Fail with one line when the address is taken (grpc only says 'Failed to bind', and
-    binds beside another listener that set SO_REUSEPORT, as a live policyd's gRPC does).
-
-    The probe sets SO_REUSEADDR, as every server's listening socket does: connections of a
-    stopped server still in TIME_WAIT do not hold the port (a restart after a busy run
-    comes up at once), while a live listener still does."""
-    host, _, port = address.rpartition(":")
-    host = host.strip("[]")
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, int(port)))
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise ConfigError(f"server.address: {address} is already in use") from None
-            raise ConfigError(
-                f"server.address: cannot listen on {address}: {exc.strerror}"
-            ) from None
-
-
 class Server:
     """One serving process: the gRPC server and its health status."""
 
@@ -124,7 +100,7 @@ class Server:
         # Only the workers of one supervisor share a port; a lone server must own it.
         worker = WORKER_ENV in os.environ
         if not worker:
-            ensure_free(config.server.address)
+            net.ensure_free("server.address", config.server.address)
         self.grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.server.threads),
             options=[("grpc.so_reuseport", int(worker))],
@@ -234,7 +210,8 @@ def serve(config: Config, config_path: str | None = None) -> int:
     indexer = None
     cpu = None
     if WORKER_ENV not in os.environ:  # a lone server: the audit indexer is its child
-        ensure_free(config.server.address)  # said before anything else is touched
+        # Said before anything else is touched.
+        net.ensure_free("server.address", config.server.address)
         serving = affinity.serving_cpus(config.server.cpu_affinity, None)
         cpu = min(serving) if serving else None
         indexer = IndexerProcess.start_for(config, config_path, affinity.spare(serving))
@@ -386,7 +363,7 @@ class IndexerProcess:
 
 def _supervise(config: Config, config_path: str | None) -> int:
     """Start config.server.workers copies of `policyd serve` sharing one port."""
-    ensure_free(config.server.address)
+    net.ensure_free("server.address", config.server.address)
     # A CPU list naming a missing CPU is said once, here.
     serving = affinity.serving_cpus(config.server.cpu_affinity, config.server.workers)
     load_policy(config.policy.dir)  # an invalid policy stops here, said once, not per worker

@@ -28,6 +28,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from adapters import rfc6750
 from adapters.asgi import AuthInfo, PolicydMiddleware, status_of
 from adapters.asgi.middleware import ASGIApp, Message, Scope, check_request
 from policyd.reasons import Reason
@@ -197,6 +198,15 @@ def test_two_authorization_headers_are_400_without_asking(hub: str, token: str) 
     assert r.status_code == 400
     assert r.json()["reason"] == "REQUEST_INVALID"
     assert r.json()["decision_id"] == ""
+
+
+def test_the_asgi_header_list_gives_one_bearer_token_or_refuses_two() -> None:
+    assert rfc6750.bearer_token([(b"host", b"x"), (b"authorization", b"bEaReR abc")]) == "abc"
+    assert rfc6750.bearer_token([(b"Authorization", b"Basic abc")]) == ""
+    assert rfc6750.bearer_token([(b"host", b"x")]) == ""
+    for second in (b"Bearer abc", b"Basic abc", b""):  # even the same one, or another scheme
+        with pytest.raises(rfc6750.AmbiguousAuthorization):
+            rfc6750.bearer_token([(b"authorization", b"Bearer abc"), (b"AUTHORIZATION", second)])
 
 
 def test_the_raw_path_is_checked_not_the_decoded_one(hub: str, token: str) -> None:

@@ -25,6 +25,7 @@ import pytest
 from envoy.service.auth.v3 import external_auth_pb2
 from google.rpc import code_pb2
 
+from adapters import rfc6750
 from adapters.envoy import config as envoy_config
 from adapters.envoy import servicer
 from examples.hub.catalogue import Catalogue
@@ -413,6 +414,28 @@ def test_the_bearer_token_comes_from_the_authorization_header_only() -> None:
     assert servicer.bearer_token({"authorization": "bearer  abc "}) == "abc"
     assert servicer.bearer_token({"authorization": "Basic abc"}) == ""
     assert servicer.bearer_token({"x-token": "abc"}) == ""
+
+
+BEARER_VALUES = [
+    ("Bearer abc", "abc"),
+    ("bearer  abc ", "abc"),
+    ("BEARER abc", "abc"),
+    ("  Bearer abc.def-ghi_~+/=  ", "abc.def-ghi_~+/="),
+    ("Bearer", ""),  # the scheme without a token
+    ("Bearer ", ""),
+    ("", ""),
+    ("Basic abc", ""),  # another scheme
+    ("Bearerabc", ""),
+    ("DPoP abc", ""),
+]
+
+
+@pytest.mark.parametrize(("value", "token"), BEARER_VALUES)
+def test_every_door_reads_the_bearer_token_the_same_way(value: str, token: str) -> None:
+    """One parser (adapters/rfc6750.token_from) behind the Envoy doors' map and ASGI's list."""
+    assert rfc6750.token_from(value) == token
+    assert servicer.bearer_token({"authorization": value}) == token
+    assert rfc6750.bearer_token([(b"Authorization", value.encode("latin-1"))]) == token
 
 
 def test_the_check_input_splits_path_and_query_and_keeps_the_body() -> None:

@@ -30,7 +30,7 @@ import grpc.aio
 from adapters.asgi.channel import ChannelSettings, open_channel
 from adapters.denials import Denial, ambiguous_authorization, body_too_large, for_reason
 from adapters.denials import unavailable as unavailable_denial
-from adapters.headers import FORWARD_HEADERS, NEVER_FORWARD
+from adapters.headers import FORWARD_HEADERS, IDENTITY_PREFIXES, NEVER_FORWARD
 from adapters.rfc6750 import AmbiguousAuthorization, bearer_token
 from policyd.gen.v1 import decision_pb2
 from policyd.reasons import Reason
@@ -50,7 +50,7 @@ BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 # Headers policyd is told about (lower-case), as at every door (adapters/headers.py).
 DEFAULT_FORWARD_HEADERS = FORWARD_HEADERS
 # Headers removed before the app sees the request: identity a client could make up.
-STRIP_HEADER_PREFIXES = ("x-policyd-", "x-auth-")
+STRIP_HEADER_PREFIXES = IDENTITY_PREFIXES
 STRIP_HEADERS = frozenset(
     {
         "x-forwarded-user",

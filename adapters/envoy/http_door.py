@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import os
 import re
@@ -43,8 +42,9 @@ from typing import cast
 import uvloop
 
 from adapters.denials import Denial, body_too_large, for_reason
-from adapters.envoy.servicer import IDENTITY_PREFIXES, bearer_token, identity_headers
-from adapters.headers import selected
+from adapters.envoy.servicer import bearer_token, identity_headers
+from adapters.headers import IDENTITY_PREFIXES, selected
+from policyd import net
 from policyd.decider import Decider, Door
 from policyd.errors import ConfigError
 from policyd.model import CheckInput, Decision, HttpTarget
@@ -234,30 +234,14 @@ class DoorProtocol(asyncio.Protocol):
             self.transport.close()
 
 
-UNIX_PREFIX = "unix:"
+KEY = "envoy.http_address"
 
 
 def _bind(address: str, reuse_port: bool) -> socket.socket:
-    if address.startswith(UNIX_PREFIX):
-        return _bind_unix(address[len(UNIX_PREFIX) :], address)
-    host, _, port = address.rpartition(":")
-    host = host.strip("[]")
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, int(port)))
-        sock.listen(512)
-        sock.setblocking(False)
-    except OSError as exc:
-        sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise ConfigError(f"envoy.http_address: {address} is already in use") from None
-        raise ConfigError(
-            f"envoy.http_address: cannot listen on {address}: {exc.strerror}"
-        ) from None
+    if address.startswith(net.UNIX_PREFIX):
+        return _bind_unix(address[len(net.UNIX_PREFIX) :], address)
+    sock = net.listen(KEY, address, backlog=512, reuse_port=reuse_port)
+    sock.setblocking(False)
     return sock
 
 
@@ -278,7 +262,7 @@ def _bind_unix(path: str, address: str) -> socket.socket:
         mode = None
     if mode is not None:
         if not stat.S_ISSOCK(mode):
-            raise ConfigError(f"envoy.http_address: {path} exists and is not a socket")
+            raise ConfigError(f"{KEY}: {path} exists and is not a socket")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         probe.settimeout(1.0)  # a live server whose backlog is full: in use, not stale
         try:
@@ -287,13 +271,11 @@ def _bind_unix(path: str, address: str) -> socket.socket:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         except TimeoutError:
-            raise ConfigError(f"envoy.http_address: {address} is already in use") from None
+            raise net.AddressInUse(KEY, address) from None
         except OSError as exc:  # e.g. not ours to use: leave it alone
-            raise ConfigError(
-                f"envoy.http_address: cannot use {address}: {exc.strerror or exc}"
-            ) from None
+            raise ConfigError(f"{KEY}: cannot use {address}: {exc.strerror or exc}") from None
         else:
-            raise ConfigError(f"envoy.http_address: {address} is already in use")
+            raise net.AddressInUse(KEY, address)
         finally:
             probe.close()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -304,9 +286,7 @@ def _bind_unix(path: str, address: str) -> socket.socket:
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
-        raise ConfigError(
-            f"envoy.http_address: cannot listen on {address}: {exc.strerror}"
-        ) from None
+        raise ConfigError(f"{KEY}: cannot listen on {address}: {exc.strerror}") from None
     return sock
 
 
@@ -348,7 +328,9 @@ class HttpDoor:
         self.max_body_bytes = max_body_bytes
         self.sock = _bind(address, reuse_port)
         # The TCP port (0 for a Unix socket: `unix_path` instead).
-        self.unix_path = address[len(UNIX_PREFIX) :] if address.startswith(UNIX_PREFIX) else ""
+        self.unix_path = (
+            address[len(net.UNIX_PREFIX) :] if address.startswith(net.UNIX_PREFIX) else ""
+        )
         # The socket file this door made (device, inode): stop() removes only that one, not
         # one a newer server has put at the same path meanwhile.
         self._unix_file = _file_id(self.unix_path) if self.unix_path else None

@@ -28,19 +28,18 @@ from envoy.type.v3 import http_status_pb2
 from google.rpc import code_pb2, status_pb2
 
 from adapters.denials import for_reason
-from adapters.headers import selected
+from adapters.headers import IDENTITY_PREFIXES, selected
+from adapters.rfc6750 import token_from
 from policyd.decider import Decider, Door
 from policyd.model import CheckInput, Decision, HttpTarget
 
 SERVICE_NAME = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
-IDENTITY_PREFIXES = ("x-policyd-", "x-auth-")
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
 
 def bearer_token(headers: Mapping[str, str]) -> str:
     """The RFC 6750 bearer token of the `authorization` header, or "" (any other scheme)."""
-    scheme, _, credentials = headers.get("authorization", "").strip().partition(" ")
-    return credentials.strip() if scheme.lower() == "bearer" else ""
+    return token_from(headers.get("authorization", ""))
 
 
 def to_input(request: external_auth_pb2.CheckRequest) -> CheckInput:

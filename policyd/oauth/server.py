@@ -6,13 +6,16 @@ ConfigError at start-up. `stop()` asks uvicorn to finish the requests in flight 
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import socket
 import threading
 import time
 
 import uvicorn
 
+from policyd import net
 from policyd.config import Config
 from policyd.errors import ConfigError
 
@@ -20,17 +23,12 @@ log = logging.getLogger("policyd.oauth")
 
 
 def bind(address: str) -> socket.socket:
-    host, _, port = address.rpartition(":")
-    host = host.strip("[]")
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    """The listening socket at `oauth.address`, or a one-line ConfigError."""
     try:
-        sock.bind((host, int(port)))
-    except OSError as exc:
-        sock.close()
-        raise ConfigError(f"oauth.address: cannot listen on {address}: {exc.strerror}") from None
-    sock.listen(128)
+        sock = net.listen("oauth.address", address, backlog=128)
+    except net.AddressInUse:  # this door has always said a taken port in the OS's words
+        strerror = os.strerror(errno.EADDRINUSE)
+        raise ConfigError(f"oauth.address: cannot listen on {address}: {strerror}") from None
     sock.set_inheritable(True)
     return sock
 
