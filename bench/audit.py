@@ -2,7 +2,7 @@
 and the indexer's cost per record as a log grows.
 
 The log is generated inside SQLite (a recursive CTE, so generation takes about a minute,
-not an hour of Python) into the real schema that `policyd.audit.open_log_file` creates,
+not an hour of Python) into the real schema that `policyd.audit.records.open_log_file` creates,
 then queried through `AuditReader.query` exactly as `policyd audit query` does (default
 limit 100): by user, by data source, by app, and by a one-hour time window. The generated
 records are realistic in shape (1,000 users, 20 apps, 100 data sources, 1-2 data sources
@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.procs import ROOT
-from policyd.audit import AuditReader, AuditRecord, Query, load_key, open_log_file
-from policyd.ids import new_id
-from policyd.journal import AuditLog, Indexer
+from policyd.audit.journal import AuditLog, Indexer
+from policyd.audit.records import AuditReader, AuditRecord, Query, load_key, open_log_file
+from policyd.core.ids import new_id
 
 DAYS = 30
 USERS = 1000

@@ -1,7 +1,7 @@
 """The headline figure: Check throughput and latency of policyd against an empty handler.
 
 Set-up: a policyd home in a temp folder whose store (the real schema, made by
-policyd.store.Store) holds `grants` live grants (1,000,000 by default), bulk-inserted with
+policyd.store.sqlite.Store) holds `grants` live grants (1,000,000 by default), bulk-inserted with
 executemany in one transaction, spread over users x apps x data sources. The checked user
 (u000000) and app (app0) are among them. The request is `GET /api/data/tags/ds007` with a
 token for DataRead, which policyd allows after every check (route, cached token, revocation,
@@ -40,18 +40,18 @@ from bench.loadgen import LoadSpec, Target, run_in_process
 from bench.procs import ROOT, ServerProcess, free_port, server_process
 from bench.report import summarize
 from bench.stats import time_per_call, time_per_call_cold
-from policyd.audit import record_for
+from policyd.audit.journal import Indexer, LineTemplate
+from policyd.audit.records import record_for
 from policyd.config import Config, load_config
-from policyd.facts import Facts
+from policyd.core.ids import new_id
+from policyd.core.routes import split_path
+from policyd.decision.tokens import issue_token
+from policyd.decision.wiring import build_decider, token_settings
+from policyd.doors.service import DecisionServicer, to_input, to_response
 from policyd.gen.v1 import decision_pb2, decision_pb2_grpc
-from policyd.ids import new_id
-from policyd.journal import Indexer, LineTemplate
-from policyd.keys import KeyRing
-from policyd.routes import split_path
-from policyd.service import DecisionServicer, to_input, to_response
-from policyd.store import Store
-from policyd.tokens import issue_token
-from policyd.wiring import build_decider, token_settings
+from policyd.store.facts import Facts
+from policyd.store.keys import KeyRing
+from policyd.store.sqlite import Store
 
 METHOD = "/policyd.v1.Decision/Check"
 APPS = 5

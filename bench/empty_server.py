@@ -2,12 +2,12 @@
 
 `python -m bench.empty_server --config FILE --address HOST:PORT --response-file FILE`
 
-It builds the gRPC server the way policyd.server.Server does (grpcio's sync server on a
+It builds the gRPC server the way policyd.serve.server.Server does (grpcio's sync server on a
 ThreadPoolExecutor of `server.threads` threads read from the same config file, pinned to a
 CPU by the same `server.cpu_affinity` rule, the same server options, and the same Health
 and reflection services next to Decision), but its
 Check handler returns the bytes of a real allow response that the benchmark captured from
-policyd, through the same handler registration (policyd.service.add_unary, whose
+policyd, through the same handler registration (policyd.doors.service.add_unary, whose
 serializer passes encoded responses through, as policyd's remembered answers are), so both
 servers parse the same request and send a response of the same size. The difference between
 the two is the decision itself (and the service layer around it).
@@ -25,13 +25,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from policyd import affinity
 from policyd.config import load_config
+from policyd.doors.service import SERVICE_NAME, add_unary
 from policyd.gen.v1 import decision_pb2
-from policyd.service import SERVICE_NAME, add_unary
+from policyd.serve import affinity
 
-# The options policyd.server.Server passes to grpc.server() for a lone server (not one of
-# several `server.workers` sharing a port). Keep in step with policyd/server.py.
+# The options policyd.serve.server.Server passes to grpc.server() for a lone server (not one of
+# several `server.workers` sharing a port). Keep in step with policyd/serve/server.py.
 SERVER_OPTIONS = [("grpc.so_reuseport", 0)]
 
 

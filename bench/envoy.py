@@ -9,7 +9,7 @@ measured in one run over loopback with `wrk` (Debian's package):
   `extauthz-workers2` (`server.workers = 2`, audit on);
 * `extauthz-http`: the same ext_authz filter in HTTP mode (`http_service`, the filter of
   adapters/envoy/envoy-http.yaml) asking the `policyd` above on its HTTP/1.1 door
-  (`envoy.http_address`, adapters/envoy/http_door.py), audit on;
+  (`envoy.http_address`, policyd/doors/envoy_http.py), audit on;
 * `extauthz-uds`: the same, asking another policyd whose door listens on a Unix socket,
   and `extauthz-uds-noaudit`, the same again with `audit.enabled = false` (what the audit
   record costs this door).
@@ -586,11 +586,11 @@ def _in_process(config_path: Path, token: str, calls: int = 2000) -> dict[str, f
     """CPU us per call of the ext_authz servicer's parts, in this process (warm)."""
     from envoy.service.auth.v3 import external_auth_pb2
 
-    from adapters.envoy import servicer
     from bench.stats import time_per_call
+    from policyd.audit.journal import Indexer
     from policyd.config import load_config
-    from policyd.journal import Indexer
-    from policyd.wiring import build_decider
+    from policyd.decision.wiring import build_decider
+    from policyd.doors import envoy_servicer as servicer
 
     config = load_config(config_path, env={})
     decider = build_decider(config)
@@ -611,7 +611,7 @@ def _in_process(config_path: Path, token: str, calls: int = 2000) -> dict[str, f
     assert decision.allowed, decision
     response = servicer.allow(decision, http.headers, False)
     answered = s.Check(request, None)  # type: ignore[arg-type]
-    # A remembered allow is answered already encoded (policyd.service.add_unary).
+    # A remembered allow is answered already encoded (policyd.doors.service.add_unary).
     out = answered if isinstance(answered, bytes) else answered.SerializeToString()
     try:
         return {

@@ -2,7 +2,7 @@
 
 The same empty handler (bytes in, empty bytes out, no protobuf) is served by grpcio's
 synchronous server on a ThreadPoolExecutor (policyd's stack: the default thread count and
-the options of policyd.server.Server) and by grpc.aio, each in its own process. One load
+the options of policyd.serve.server.Server) and by grpc.aio, each in its own process. One load
 generator process drives both, alternating windows (sync, aio, sync, aio, ...), at 1 and 16
 concurrent callers. The figure that matters is the server CPU time per call, read from
 /proc/PID/stat; calls/s on this 2-core machine also depends on the client sharing the cores.

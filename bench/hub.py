@@ -192,12 +192,12 @@ def _first_tag(data_source: str) -> str:
 
 def _seed(home: Path) -> tuple[Path, str]:
     """A policyd config and demo store under home; a token for alice."""
-    from policyd import demo
+    from policyd.cli import demo
     from policyd.config import Config, load_config
-    from policyd.keys import KeyRing
-    from policyd.store import Store
-    from policyd.tokens import issue_token
-    from policyd.wiring import token_settings
+    from policyd.decision.tokens import issue_token
+    from policyd.decision.wiring import token_settings
+    from policyd.store.keys import KeyRing
+    from policyd.store.sqlite import Store
 
     config_path = home / "policyd.toml"
     text = f'[store]\npath = "{home / "policyd.db"}"\n[tokens]\nkey_dir = "{home / "keys"}"\n'

@@ -26,11 +26,11 @@ from typing import Any
 
 from bench.procs import ROOT
 from bench.stats import median, ratio, time_per_call
-from policyd import cel
-from policyd.engine import Engine
-from policyd.model import Access, CheckInput, HttpTarget
-from policyd.policy import Policy, load_policy
-from policyd.policytest import Fixture, Principal, Runner, scratch_dir
+from policyd.core import cel
+from policyd.core.model import Access, CheckInput, HttpTarget
+from policyd.core.policy import Policy, load_policy
+from policyd.decision.engine import Engine
+from policyd.policy.policytest import Fixture, Principal, Runner, scratch_dir
 
 GOAL_RATIO = 1.2
 SIZES = (20, 2000)

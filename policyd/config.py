@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from policyd import affinity, net
-from policyd.errors import ConfigError
-from policyd.keys import ALGORITHMS
+from policyd.core import cpus, net
+from policyd.core.errors import ConfigError
+from policyd.store.keys import ALGORITHMS
 
 DEFAULT_FILE = "policyd.toml"
 
@@ -41,7 +41,7 @@ class ServerConfig:
     # Threads per process handling calls.
     threads: int = 16
     # "auto": each serving process runs on one CPU of its own (worker i on the i-th);
-    # "none": unpinned; or a CPU list such as "0,2" or "0-3" (policyd/affinity.py).
+    # "none": unpinned; or a CPU list such as "0,2" or "0-3" (policyd/core/cpus.py).
     cpu_affinity: str = "auto"
     # On SIGTERM: stop accepting, let in-flight calls finish for up to this long.
     grace_seconds: float = 10.0
@@ -182,7 +182,7 @@ class Config:
             net.parse("envoy.http_address", self.envoy.http_address)
         _at_least("server.workers", s.workers, 1)
         _at_least("server.threads", s.threads, 1)
-        affinity.parse(s.cpu_affinity)
+        cpus.parse(s.cpu_affinity)
         _at_least("server.grace_seconds", s.grace_seconds, 0)
         if not self.client.timeout_seconds > 0:
             raise ConfigError(

@@ -17,14 +17,14 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from policyd.audit import AuditReader, AuditRecord, Query
+from policyd.audit.records import AuditReader, AuditRecord, Query
 from policyd.config import Config, load_config
+from policyd.core.model import Access
+from policyd.decision.tokens import issue_token
+from policyd.decision.wiring import token_settings
 from policyd.gen.v1 import decision_pb2, decision_pb2_grpc
-from policyd.keys import KeyRing
-from policyd.model import Access
-from policyd.store import Store
-from policyd.tokens import issue_token
-from policyd.wiring import token_settings
+from policyd.store.keys import KeyRing
+from policyd.store.sqlite import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 

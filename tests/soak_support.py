@@ -27,7 +27,7 @@ import grpc
 import httpx
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
-from policyd.reasons import Reason
+from policyd.core.reasons import Reason
 from tests.helpers import check_request, child_pids, cmdline, decision_stub
 
 ALLOW = "allow"

@@ -1,4 +1,4 @@
-"""`server.cpu_affinity`: which CPU a serving process runs on (policyd/affinity.py)."""
+"""`server.cpu_affinity`: which CPU a serving process runs on (policyd/serve/affinity.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from policyd import affinity
-from policyd.errors import ConfigError
+from policyd.core.cpus import parse as parse_cpus
+from policyd.core.errors import ConfigError
+from policyd.serve import affinity
 from tests.helpers import Home, ServerProcess, child_pids, cmdline, run_server
 
 
@@ -48,13 +49,13 @@ def cpu_list(cpus: set[int]) -> str:
     ],
 )
 def test_parse_reads_auto_none_and_cpu_lists(setting: str, cpus: list[int] | None) -> None:
-    assert affinity.parse(setting) == cpus
+    assert parse_cpus(setting) == cpus
 
 
 @pytest.mark.parametrize("setting", ["fast", "", "1,x", "3-1", "-1", "0-", "1.5", "0-999999"])
 def test_parse_refuses_anything_else_naming_the_key(setting: str) -> None:
     with pytest.raises(ConfigError, match=r"server\.cpu_affinity"):
-        affinity.parse(setting)
+        parse_cpus(setting)
 
 
 def test_auto_gives_worker_i_the_i_th_allowed_cpu_wrapping_around() -> None:
@@ -163,5 +164,5 @@ def test_the_audit_indexer_runs_on_the_cpus_the_server_is_not_pinned_to(
             pid for pid in child_pids(server.process.pid) if b"audit\0index" in cmdline(pid)
         ]
         for cpus in thread_cpus(indexer).values():
-            assert set(affinity.parse(cpus) or ()) == allowed - {first}
+            assert set(parse_cpus(cpus) or ()) == allowed - {first}
         assert set(thread_cpus(server.process.pid).values()) == {str(first)}

@@ -28,10 +28,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from adapters import rfc6750
 from adapters.asgi import AuthInfo, PolicydMiddleware, status_of
 from adapters.asgi.middleware import ASGIApp, Message, Scope, check_request
-from policyd.reasons import Reason
+from policyd.core.reasons import Reason
+from policyd.doors import rfc6750
 from tests.asgi_server import serve_asgi
 from tests.helpers import ROOT, Home, ServerProcess, free_port, run_server
 from tests.test_server import PKI, _credentials, _tls_config, pki  # noqa: F401

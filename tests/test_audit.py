@@ -23,8 +23,9 @@ from typing import IO, Any
 import grpc
 import pytest
 
-from policyd import journal as journal_module
-from policyd.audit import (
+from policyd.audit import journal as journal_module
+from policyd.audit.journal import JOURNAL_SUFFIX, AuditLog, Indexer, LineTemplate
+from policyd.audit.records import (
     CANONICAL,
     FIELDS,
     AuditReader,
@@ -43,10 +44,9 @@ from policyd.audit import (
     verify,
 )
 from policyd.cli import main
-from policyd.ids import new_id
-from policyd.journal import JOURNAL_SUFFIX, AuditLog, Indexer, LineTemplate
-from policyd.model import CheckInput, Decision, HttpTarget
-from policyd.reasons import Reason
+from policyd.core.ids import new_id
+from policyd.core.model import CheckInput, Decision, HttpTarget
+from policyd.core.reasons import Reason
 from tests.helpers import (
     Home,
     ServerProcess,
@@ -277,8 +277,8 @@ def test_without_start_record_indexes_before_returning(log_path: Path, key: byte
 
 _CRASH = """
 import os, sys, time
-from policyd.audit import load_key
-from policyd.journal import AuditLog
+from policyd.audit.records import load_key
+from policyd.audit.journal import AuditLog
 from tests.test_audit import _record
 audit = AuditLog(sys.argv[1], load_key(sys.argv[2]))
 audit.start()  # no indexing in this process
@@ -378,7 +378,7 @@ def test_a_full_journal_is_replaced_and_deleted_onceindexed_records(
 def test_records_are_refused_while_the_indexer_is_too_far_behind(
     log_path: Path, key: bytes, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="policyd.journal")
+    caplog.set_level(logging.WARNING, logger="policyd.audit.journal")
     audit = AuditLog(log_path, key, timeout=0.3)
     audit.start()
     try:
@@ -1090,7 +1090,7 @@ def test_a_journal_whose_making_was_cut_short_is_swept_once_old(log_path: Path, 
 def test_processes_starting_together_all_get_the_one_whole_audit_key(tmp_path: Path) -> None:
     path = tmp_path / "keys" / "audit.key"
     code = (
-        "import sys; from policyd.audit import load_key;"
+        "import sys; from policyd.audit.records import load_key;"
         " print(load_key(sys.argv[1], create=True).hex())"
     )
     processes = [

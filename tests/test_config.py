@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from policyd.config import Config, load_config
-from policyd.errors import ConfigError
+from policyd.core.errors import ConfigError
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 

@@ -3,11 +3,11 @@
 Each row sets up a store, a token and a request, and names the decision it must get: the
 reason code (allowed exactly when it is ALLOWED) and, where it matters, the rule. The rows
 cover every reason code the engine can give and every edge of the check order at the top of
-policyd/engine.py: a request that fails two adjacent checks gets the earlier one's reason.
+policyd/decision/engine.py: a request that fails two adjacent checks gets the earlier one's reason.
 Each row runs on a freshly seeded home (tests.helpers.Home.seed) with real tokens signed by
 its real keys, the repo's default policy (policies/) and an engine from
-policyd.wiring.build_engine; nothing is mocked. The meta-tests at the end fail when a reason
-or a pair of adjacent checks has no row.
+policyd.decision.wiring.build_engine; nothing is mocked. The meta-tests at the end fail when a
+reason or a pair of adjacent checks has no row.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ import jwt
 import pytest
 from jwt.api_jws import PyJWS
 
-from policyd.keys import PrivateKey, generate_private_key
-from policyd.model import Access, ActionTarget, CheckInput, HttpTarget
-from policyd.reasons import Reason
-from policyd.wiring import build_engine
+from policyd.core.model import Access, ActionTarget, CheckInput, HttpTarget
+from policyd.core.reasons import Reason
+from policyd.decision.wiring import build_engine
+from policyd.store.keys import PrivateKey, generate_private_key
 from tests.helpers import ROOT, Home
 
 Token = Callable[[Home], str]

@@ -25,13 +25,13 @@ import pytest
 from envoy.service.auth.v3 import external_auth_pb2
 from google.rpc import code_pb2
 
-from adapters import rfc6750
 from adapters.envoy import config as envoy_config
-from adapters.envoy import servicer
 from examples.hub.catalogue import Catalogue
-from policyd.model import Decision, HttpTarget, Principal
-from policyd.reasons import Reason
-from policyd.wiring import build_decider
+from policyd.core.model import Decision, HttpTarget, Principal
+from policyd.core.reasons import Reason
+from policyd.decision.wiring import build_decider
+from policyd.doors import envoy_servicer as servicer
+from policyd.doors import rfc6750
 from tests.helpers import ROOT, Home, free_port, indexed_records, run_server
 from tests.test_server import PKI, pki  # noqa: F401  (the CA/server/client certificate fixture)
 
@@ -469,7 +469,7 @@ def test_the_check_input_carries_the_selected_headers_and_never_credentials() ->
     )
     check = servicer.to_input(request)
     assert isinstance(check.target, HttpTarget)
-    # What policy conditions may read, as behind the ASGI door (adapters/headers.py).
+    # What policy conditions may read, as behind the ASGI door (policyd/doors/headers.py).
     assert check.target.headers == {"user-agent": "ua/1", "x-forwarded-for": "10.0.0.1"}
 
 

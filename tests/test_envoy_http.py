@@ -1,5 +1,5 @@
 """Envoy's ext_authz in HTTP mode (`http_service`, adapters/envoy/envoy-http.yaml) against
-policyd's HTTP/1.1 door (`envoy.http_address`, adapters/envoy/http_door.py): end to end
+policyd's HTTP/1.1 door (`envoy.http_address`, policyd/doors/envoy_http.py): end to end
 through the real `envoy` binary in front of the reference hub, and the door's parser in
 process (malformed input is 400 and the connection closed)."""
 
@@ -18,10 +18,10 @@ import httpx
 import pytest
 
 from adapters.envoy import config as envoy_config
-from adapters.envoy import http_door
 from policyd.config import load_config
-from policyd.model import HttpTarget
-from policyd.wiring import build_decider
+from policyd.core.model import HttpTarget
+from policyd.decision.wiring import build_decider
+from policyd.doors import envoy_http as http_door
 from tests.helpers import Home, free_port
 from tests.test_envoy import FLOW_A, FLOW_B, FLOW_C, INSUFFICIENT, Stack, _stop, start_envoy
 from tests.test_envoy import start_hub as start_hub
@@ -313,7 +313,7 @@ def test_the_body_and_query_reach_the_check() -> None:
     )
     check = http_door.to_input(request)
     assert (check.token, check.request_id, check.door) == ("tok", "rid", "envoy")
-    # The selected headers reach the check (adapters/headers.py); the credentials never.
+    # The selected headers reach the check (policyd/doors/headers.py); the credentials never.
     assert check.target == HttpTarget(
         "POST", "/api/data/v2/raw", "x=1", {"x-request-id": "rid"}, b"{}"
     )

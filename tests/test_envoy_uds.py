@@ -14,11 +14,11 @@ import httpx
 import pytest
 
 from adapters.envoy import config as envoy_config
-from adapters.envoy import http_door
 from policyd.config import load_config
-from policyd.decider import Decider
-from policyd.errors import ConfigError
-from policyd.wiring import build_decider
+from policyd.core.errors import ConfigError
+from policyd.decision.decider import Decider
+from policyd.decision.wiring import build_decider
+from policyd.doors import envoy_http as http_door
 from tests.helpers import Home, free_port, run_server
 from tests.test_envoy import INSUFFICIENT, _stop, start_envoy, start_hub
 

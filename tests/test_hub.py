@@ -17,7 +17,7 @@ from examples.hub.app import create_app
 from examples.hub.catalogue import DEMO_DATA_SOURCES, Catalogue
 from examples.hub.settings import HubSettings, SettingsError
 from examples.hub.times import format_time, parse_time
-from policyd import demo
+from policyd.cli import demo
 from tests.asgi_server import serve_asgi
 from tests.helpers import Home, ServerProcess
 

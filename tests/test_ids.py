@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 import uuid
 
-from policyd.ids import id_time_ms, new_id
-from policyd.service import ID_LENGTH
+from policyd.core.ids import id_time_ms, new_id
+from policyd.doors.service import ID_LENGTH
 
 
 def test_ids_are_uuid7_with_the_rfc_9562_variant() -> None:

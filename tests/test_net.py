@@ -1,4 +1,4 @@
-"""policyd.net: the one HOST:PORT parser and binder, and the messages each caller gives.
+"""policyd.core.net: the one HOST:PORT parser and binder, and the messages each caller gives.
 
 That a port whose old connections are only in TIME_WAIT is not refused is shown with a real
 server: tests/test_server.py, test_serve_starts_again_at_once_on_its_address_after_a_busy_run.
@@ -11,9 +11,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from adapters.envoy import http_door
-from policyd import net
-from policyd.errors import ConfigError
+from policyd.core import net
+from policyd.core.errors import ConfigError
+from policyd.doors import envoy_http as http_door
 from policyd.oauth.server import bind as oauth_bind
 
 

@@ -25,7 +25,7 @@ from urllib.parse import urlencode
 import httpx
 import pytest
 
-from policyd.demo import PASSWORDS
+from policyd.cli.demo import PASSWORDS
 from tests.helpers import ROOT, Home, free_port, run_server
 from tests.oauth_support import Browser, csrf_token, pkce, query_of
 
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow
 
 CHROMIUM = Path("/usr/bin/chromium")
 SHOTS = ROOT / "docs" / "screenshots"
-CALLBACK = "http://127.0.0.1:8090/callback"  # the demo app's redirect URI (policyd.demo)
+CALLBACK = "http://127.0.0.1:8090/callback"  # the demo app's redirect URI (policyd.cli.demo)
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",

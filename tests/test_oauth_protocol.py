@@ -16,12 +16,12 @@ import jwt
 import pytest
 from authlib.oauth2.rfc8414 import AuthorizationServerMetadata
 
-from policyd.facts import Facts
-from policyd.model import CheckInput, HttpTarget
+from policyd.core.model import CheckInput, HttpTarget
+from policyd.core.reasons import Reason
+from policyd.decision.tokens import Verifier
+from policyd.decision.wiring import build_engine, token_settings
 from policyd.oauth.storage import CodeState, OAuthStorage
-from policyd.reasons import Reason
-from policyd.tokens import Verifier
-from policyd.wiring import build_engine, token_settings
+from policyd.store.facts import Facts
 from tests.helpers import Home
 from tests.oauth_support import (
     PUBLIC_REDIRECT,

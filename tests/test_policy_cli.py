@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from policyd.cli import main
-from policyd.policy import load_policy
+from policyd.core.policy import load_policy
 from tests.helpers import ROOT, Home, free_port
 
 POLICIES = ROOT / "policies"

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from policyd import cel
-from policyd.engine import Engine
-from policyd.model import Access, ActionTarget, CheckInput, Decision, HttpTarget
-from policyd.policy import Policy, load_policy
-from policyd.policytest import Fixture, Principal, Runner, scratch_dir
-from policyd.reasons import Reason
+from policyd.core import cel
+from policyd.core.model import Access, ActionTarget, CheckInput, Decision, HttpTarget
+from policyd.core.policy import Policy, load_policy
+from policyd.core.reasons import Reason
+from policyd.decision.engine import Engine
+from policyd.policy.policytest import Fixture, Principal, Runner, scratch_dir
 
 POLICY = """\
 apiVersion: policyd/v1

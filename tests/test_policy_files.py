@@ -1,4 +1,4 @@
-"""Policy files (policyd/policy.py): the format, and every validation problem with its position."""
+"""Policy files (policyd/core/policy.py): the format, and each validation problem with its place."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from policyd.model import Access
-from policyd.policy import PolicyInvalid, Problem, fingerprint, load_policy, version_of
-from policyd.routes import BUILTIN_RULES, DataSourceRef, split_path
+from policyd.core.model import Access
+from policyd.core.policy import PolicyInvalid, Problem, fingerprint, load_policy, version_of
+from policyd.core.routes import BUILTIN_RULES, DataSourceRef, split_path
 from tests.helpers import ROOT
 
 HEADER = """\

@@ -16,9 +16,9 @@ from typing import Any
 import grpc
 import pytest
 
-from policyd.policy import fingerprint, load_policy
-from policyd.reasons import Reason
-from policyd.reload import status_path
+from policyd.core.policy import fingerprint, load_policy
+from policyd.core.reasons import Reason
+from policyd.policy.reload import status_path
 from tests.helpers import ROOT, Home, ServerProcess, check_request, decision_stub, run_server
 
 TAGS = "/api/data/tags/ds-a"

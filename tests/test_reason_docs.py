@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from policyd.core.reasons import Reason
 from policyd.gen.v1 import decision_pb2
-from policyd.reasons import Reason
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "reason-codes.md"
 # A table row: | `NAME` | number | meaning | when | HTTP status |

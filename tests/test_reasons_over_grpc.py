@@ -22,11 +22,11 @@ import grpc
 import jwt
 import pytest
 
+from policyd.core.model import Access
+from policyd.core.policy import load_policy
+from policyd.core.reasons import Reason
 from policyd.gen.v1 import decision_pb2
-from policyd.keys import SigningKey
-from policyd.model import Access
-from policyd.policy import load_policy
-from policyd.reasons import Reason
+from policyd.store.keys import SigningKey
 from tests.helpers import (
     ROOT,
     Home,

@@ -13,19 +13,19 @@ import grpc
 import jwt
 import pytest
 
-from policyd import decider as decider_module
-from policyd import journal as journal_module
-from policyd.audit import AuditReader, Query
-from policyd.decider import Decider, Door
-from policyd.engine import Engine
+from policyd.audit import journal as journal_module
+from policyd.audit.journal import AuditLog, Indexer
+from policyd.audit.records import AuditReader, Query
+from policyd.core.model import MAX_PLAIN_KEY, Access, ActionTarget, CheckInput, Decision, HttpTarget
+from policyd.core.policy import load_policy
+from policyd.core.reasons import Reason
+from policyd.decision import decider as decider_module
+from policyd.decision.decider import Decider, Door
+from policyd.decision.engine import Engine
+from policyd.decision.wiring import build_decider
 from policyd.gen.v1 import decision_pb2
-from policyd.journal import AuditLog, Indexer
-from policyd.model import MAX_PLAIN_KEY, Access, ActionTarget, CheckInput, Decision, HttpTarget
-from policyd.policy import load_policy
-from policyd.policytest import Fixture, Runner, scratch_dir
-from policyd.reasons import Reason
-from policyd.store import Store
-from policyd.wiring import build_decider
+from policyd.policy.policytest import Fixture, Runner, scratch_dir
+from policyd.store.sqlite import Store
 from tests.helpers import ROOT, Home, check_request, decision_stub, indexed_records, run_server
 from tests.test_policy_conditions import ALICE, GRANTS, LABELS, policy_with
 
@@ -451,7 +451,7 @@ def test_denials_for_a_refusing_audit_log_are_logged_a_line_per_second_with_a_co
     clock = [1000.0]
     throttled = decider_module._Throttled(clock=lambda: clock[0])
     monkeypatch.setattr(decider_module, "_unrecorded_log", throttled)
-    with caplog.at_level(logging.ERROR, logger="policyd.decider"):
+    with caplog.at_level(logging.ERROR, logger="policyd.decision.decider"):
         for n in range(50):
             denied, _ = decider.check_keyed(KEY, decider.engine.policy, f"r{n}", inputs)
             assert denied.reason is Reason.AUDIT_UNAVAILABLE  # every one is still denied

@@ -18,9 +18,9 @@ import grpc
 import jwt
 import pytest
 
+from policyd.core.model import Access
+from policyd.core.reasons import Reason
 from policyd.gen.v1 import decision_pb2
-from policyd.model import Access
-from policyd.reasons import Reason
 from tests.helpers import (
     Home,
     ServerProcess,

@@ -1,4 +1,4 @@
-"""Unit tests of policyd/routes.py: path splitting, the route trie, data-source extraction."""
+"""Unit tests of policyd/core/routes.py: path splitting, the route trie, data-source extraction."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from typing import Literal
 
 import pytest
 
-from policyd.model import Access
-from policyd.reasons import Reason
-from policyd.routes import (
+from policyd.core.model import Access
+from policyd.core.reasons import Reason
+from policyd.core.routes import (
     BUILTIN_RULES,
     DataSourceRef,
     RequestProblem,
@@ -217,7 +217,7 @@ def test_route_table_version_depends_on_the_rules() -> None:
 
 
 _VERSION_OF_A_MULTI_METHOD_RULE = """
-from policyd.routes import RouteRule, RouteTable
+from policyd.core.routes import RouteRule, RouteTable
 rule = RouteRule(
     "r", frozenset({"GET", "HEAD", "POST"}), "/x", "x", frozenset({"A", "B", "C"})
 )

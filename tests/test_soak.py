@@ -39,8 +39,8 @@ from pathlib import Path
 
 import pytest
 
-from policyd import demo
-from policyd.reasons import Reason
+from policyd.cli import demo
+from policyd.core.reasons import Reason
 from tests.helpers import ROOT, free_port, wait_serving
 from tests.soak_support import (
     ALLOW,

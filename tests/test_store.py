@@ -21,12 +21,12 @@ from typing import Any
 import pytest
 from sqlite_utils import Database
 
-from policyd.errors import NotFound
-from policyd.facts import Facts
-from policyd.keys import KeyRing
-from policyd.migrations import DECISION_TABLES, migrations
-from policyd.model import Access
-from policyd.store import Store
+from policyd.core.errors import NotFound
+from policyd.core.model import Access
+from policyd.store.facts import Facts
+from policyd.store.keys import KeyRing
+from policyd.store.migrations import DECISION_TABLES, migrations
+from policyd.store.sqlite import Store
 from tests.helpers import Home
 
 
@@ -91,7 +91,10 @@ def test_migrations_are_applied_once_and_recorded(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_processes_opening_a_new_store_together_apply_migrations_once(tmp_path: Path) -> None:
     path = tmp_path / "policyd.db"
-    code = "import sys; from policyd.store import Store; Store(sys.argv[1]).add_user(sys.argv[2])"
+    code = (
+        "import sys; from policyd.store.sqlite import Store;"
+        " Store(sys.argv[1]).add_user(sys.argv[2])"
+    )
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", code, str(path), f"user{i}"],

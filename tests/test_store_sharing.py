@@ -13,9 +13,9 @@ import textwrap
 import threading
 from pathlib import Path
 
-from policyd.facts import Facts
-from policyd.model import Access
-from policyd.store import Store
+from policyd.core.model import Access
+from policyd.store.facts import Facts
+from policyd.store.sqlite import Store
 from tests.helpers import ROOT
 
 # A long-lived reader, as `policyd serve` is: two threads decide without pause (their
@@ -24,8 +24,8 @@ from tests.helpers import ROOT
 _READER = textwrap.dedent(
     """
     import os, sys, threading
-    from policyd.facts import Facts
-    from policyd.store import Store
+    from policyd.store.facts import Facts
+    from policyd.store.sqlite import Store
 
     facts = Facts(Store(sys.argv[1], migrate=False))
 
@@ -55,7 +55,7 @@ STEPS = 30
 _WRITER = textwrap.dedent(
     """
     import sys
-    from policyd.store import Store
+    from policyd.store.sqlite import Store
 
     Store(sys.argv[1], migrate=False).add_data_source(sys.argv[2])
     """

@@ -24,10 +24,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.api_jws import PyJWS
 
-from policyd.errors import InvalidInput
+from policyd.core.errors import InvalidInput
+from policyd.core.reasons import Reason
 from policyd.gen.v1 import decision_pb2
-from policyd.keys import PrivateKey, SigningKey
-from policyd.reasons import Reason
+from policyd.store.keys import PrivateKey, SigningKey
 from tests.helpers import Home, ServerProcess, check_request, decision_stub, run_server
 
 # -- helpers -------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from adapters.asgi.middleware import (
     AuthInfo,
     PolicydMiddleware,
 )
-from adapters.denials import UNAVAILABLE, status_of
+from policyd.doors.denials import UNAVAILABLE, status_of
 
 __all__ = [
     "DEFAULT_FORWARD_HEADERS",

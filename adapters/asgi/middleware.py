@@ -28,12 +28,12 @@ from urllib.parse import quote, quote_from_bytes
 import grpc.aio
 
 from adapters.asgi.channel import ChannelSettings, open_channel
-from adapters.denials import Denial, ambiguous_authorization, body_too_large, for_reason
-from adapters.denials import unavailable as unavailable_denial
-from adapters.headers import FORWARD_HEADERS, IDENTITY_PREFIXES, NEVER_FORWARD
-from adapters.rfc6750 import AmbiguousAuthorization, bearer_token
+from policyd.core.reasons import Reason
+from policyd.doors.denials import Denial, ambiguous_authorization, body_too_large, for_reason
+from policyd.doors.denials import unavailable as unavailable_denial
+from policyd.doors.headers import FORWARD_HEADERS, IDENTITY_PREFIXES, NEVER_FORWARD
+from policyd.doors.rfc6750 import AmbiguousAuthorization, bearer_token
 from policyd.gen.v1 import decision_pb2
-from policyd.reasons import Reason
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -47,7 +47,7 @@ log = logging.getLogger("adapters.asgi")
 CHECK_METHOD = "/policyd.v1.Decision/Check"
 DOOR = "asgi"
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
-# Headers policyd is told about (lower-case), as at every door (adapters/headers.py).
+# Headers policyd is told about (lower-case), as at every door (policyd/doors/headers.py).
 DEFAULT_FORWARD_HEADERS = FORWARD_HEADERS
 # Headers removed before the app sees the request: identity a client could make up.
 STRIP_HEADER_PREFIXES = IDENTITY_PREFIXES

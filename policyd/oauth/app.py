@@ -33,9 +33,10 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from policyd.config import Config
-from policyd.errors import NotFound
-from policyd.facts import Facts
-from policyd.model import Access
+from policyd.core.errors import NotFound
+from policyd.core.model import Access
+from policyd.decision.tokens import Verifier
+from policyd.decision.wiring import keyring, open_store, token_settings
 from policyd.oauth import rfc8414
 from policyd.oauth.csrf import FIELD as CSRF_FIELD
 from policyd.oauth.csrf import Csrf, load_or_create_key
@@ -49,9 +50,8 @@ from policyd.oauth.scopes import ScopeInfo, scope_catalogue
 from policyd.oauth.sessions import LoginThrottle, Sessions
 from policyd.oauth.storage import OAuthStorage, new_secret
 from policyd.oauth.tokens import TokenFinder
-from policyd.store import Store
-from policyd.tokens import Verifier
-from policyd.wiring import keyring, open_store, token_settings
+from policyd.store.facts import Facts
+from policyd.store.sqlite import Store
 
 log = logging.getLogger("policyd.oauth")
 

@@ -13,7 +13,7 @@ import hmac
 import secrets
 from pathlib import Path
 
-from policyd.files import create_whole
+from policyd.core.files import create_whole
 
 FIELD = "csrf_token"
 

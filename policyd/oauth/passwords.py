@@ -5,7 +5,7 @@ from __future__ import annotations
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
-from policyd.errors import InvalidInput
+from policyd.core.errors import InvalidInput
 
 MIN_LENGTH = 8
 MAX_LENGTH = 1024

@@ -1,7 +1,7 @@
 """RFC 6749 (OAuth 2.0) on authlib's framework-agnostic server core.
 
 The authorization code grant (with PKCE, rfc7636.py) and the refresh token grant, over the
-apps in the policy store. Access tokens are policyd's RFC 9068 JWTs (policyd.tokens);
+apps in the policy store. Access tokens are policyd's RFC 9068 JWTs (policyd.decision.tokens);
 refresh tokens are opaque, rotated on every use, and the reuse of a rotated one revokes its
 whole family (RFC 9700 section 4.14.2). Client authentication: client_secret_basic or
 client_secret_post for confidential apps, `none` (with PKCE) for public ones.
@@ -29,13 +29,13 @@ from authlib.oauth2.rfc6749 import (
 from authlib.oauth2.rfc6749.grants import AuthorizationCodeGrant, RefreshTokenGrant
 from starlette.responses import JSONResponse, Response
 
-from policyd.errors import NotFound
-from policyd.keys import KeyRing
+from policyd.core.errors import NotFound
+from policyd.decision.tokens import TokenSettings, issue_token
 from policyd.oauth.rfc7636 import S256CodeChallenge
 from policyd.oauth.scopes import ScopeInfo
 from policyd.oauth.storage import CodeRow, CodeState, OAuthStorage, RefreshRow, new_secret
-from policyd.store import App, Store
-from policyd.tokens import TokenSettings, issue_token
+from policyd.store.keys import KeyRing
+from policyd.store.sqlite import App, Store
 
 logging.getLogger("authlib").setLevel(logging.INFO)
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from authlib.oauth2.rfc7662 import IntrospectionEndpoint as _IntrospectionEndpoint
 
-from policyd.model import Access
+from policyd.core.model import Access
 from policyd.oauth.rfc6749 import SECRET_METHODS, Client, RefreshToken
 from policyd.oauth.tokens import AccessToken, TokenFinder
 

@@ -12,9 +12,9 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from policyd.errors import PolicydError
-from policyd.model import Access
-from policyd.policy import Policy, fingerprint, load_policy
+from policyd.core.errors import PolicydError
+from policyd.core.model import Access
+from policyd.core.policy import Policy, fingerprint, load_policy
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,9 +15,9 @@ import time
 
 import uvicorn
 
-from policyd import net
 from policyd.config import Config
-from policyd.errors import ConfigError
+from policyd.core import net
+from policyd.core.errors import ConfigError
 
 log = logging.getLogger("policyd.oauth")
 

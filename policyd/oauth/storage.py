@@ -20,7 +20,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 
-from policyd.store import Store
+from policyd.store.sqlite import Store
 
 
 def new_secret() -> str:

@@ -6,9 +6,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from policyd.facts import Facts
+from policyd.decision.tokens import TokenError, Verifier
 from policyd.oauth.rfc6749 import AuthorizationServer, Client, RefreshToken
-from policyd.tokens import TokenError, Verifier
+from policyd.store.facts import Facts
 
 
 class AccessToken:

@@ -1,0 +1,117 @@
+"""The demo data that `make run` seeds: one app, two users, three data sources, some grants.
+
+`policyd demo seed` writes it (and a token for alice); tests and benchmarks use the data.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from policyd.cli.context import Context, pass_ctx
+from policyd.core.errors import Conflict
+from policyd.core.model import Access
+from policyd.decision.tokens import issue_token
+from policyd.decision.wiring import token_settings
+from policyd.oauth.passwords import hash_password
+from policyd.oauth.storage import OAuthStorage
+from policyd.store.keys import KeyRing
+from policyd.store.sqlite import Store
+
+DEMO_APP = "demo-app"
+DATA_SOURCES = {
+    "edge-historian": ("Process historian at the edge gateway", {"site": "north"}),
+    "plant-mes": ("Manufacturing execution system", {"site": "north"}),
+    "lab-lims": ("Laboratory information system", {"class": "safety"}),
+}
+USERS = {"alice": "Alice Operator", "bob": "Bob Engineer"}
+# Sign-in passwords of the demo users (for the authorization server's pages). Demo only.
+PASSWORDS = {"alice": "alice-demo", "bob": "bob-demo"}
+USER_ACCESS = {
+    "alice": {"edge-historian": Access.WRITE, "plant-mes": Access.READ, "lab-lims": Access.READ},
+    "bob": {"edge-historian": Access.READ, "plant-mes": Access.READ},
+}
+CONSENTS = {"alice": ["UserInfo", "DataRead", "DataWrite"], "bob": ["UserInfo", "DataRead"]}
+GRANTS = {
+    "alice": {"edge-historian": Access.WRITE, "lab-lims": Access.READ},
+    "bob": {"plant-mes": Access.READ},
+}
+
+
+def seed(store: Store, keyring: KeyRing, algorithm: str = "ES256") -> list[str]:
+    """Create whatever of the demo is missing. Returns what was created, one line each."""
+    created: list[str] = []
+    try:
+        store.add_app(
+            DEMO_APP,
+            "Demo Historian Viewer",
+            redirect_uris=["http://127.0.0.1:8090/callback"],
+            scopes=["UserInfo", "DataRead", "DataWrite", "AccountDebit"],
+            confidential=False,
+        )
+        created.append(f"app {DEMO_APP}")
+    except Conflict:
+        pass
+    for user_id, name in USERS.items():
+        try:
+            store.add_user(user_id, name)
+            OAuthStorage(store).set_password_hash(user_id, hash_password(PASSWORDS[user_id]))
+            created.append(f"user {user_id}")
+            created.append(f"sign-in password {PASSWORDS[user_id]!r} for {user_id}")
+        except Conflict:
+            pass
+    for ds, (description, labels) in DATA_SOURCES.items():
+        try:
+            store.add_data_source(ds, description, labels)
+            created.append(f"data source {ds}")
+        except Conflict:
+            pass
+    if created:
+        for user_id, access in USER_ACCESS.items():
+            for ds, role in access.items():
+                store.set_user_access(user_id, ds, role)
+        for user_id, scopes in CONSENTS.items():
+            store.set_consent(user_id, DEMO_APP, scopes)
+        for user_id, grants in GRANTS.items():
+            for ds, level in grants.items():
+                store.add_grant(user_id, DEMO_APP, ds, level)
+        created.append("access, consents and grants")
+    if not any(k.state == "active" for k in store.list_signing_keys()):
+        created.append(f"signing key {keyring.rotate(algorithm)}")
+    return created
+
+
+@click.group()
+def demo() -> None:
+    """The demo data used by `make run`."""
+
+
+@demo.command("seed")
+@click.option(
+    "--token-file",
+    type=click.Path(dir_okay=False),
+    default="var/demo-alice.token",
+    show_default=True,
+    help="Where to write a fresh demo token for alice.",
+)
+@pass_ctx
+def demo_seed(obj: Context, token_file: str) -> None:
+    """Create the demo app, users, data sources and grants (idempotent); mint a token."""
+    ring = obj.keyring()
+    for line in seed(obj.store, ring, obj.config.tokens.algorithm):
+        click.echo(f"created {line}")
+    token, _ = issue_token(
+        ring,
+        token_settings(obj.config),
+        sub="alice",
+        client_id=DEMO_APP,
+        scopes=["UserInfo", "DataRead"],
+    )
+    path = Path(token_file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(token + "\n")
+    click.echo(f"wrote a 1-hour access token for alice (demo-app) to {path}")

@@ -1,0 +1,33 @@
+"""`policyd serve`."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from policyd.cli.context import Context, pass_ctx
+
+
+@click.command()
+@click.option("--address", help="HOST:PORT to listen on (overrides server.address).")
+@click.option("--workers", type=click.IntRange(1, 64), help="Processes sharing the port.")
+@pass_ctx
+def serve(obj: Context, address: str | None, workers: int | None) -> None:
+    """Serve the Decision API over gRPC until SIGTERM or Ctrl-C."""
+    # Imported here, not at the top: the server brings grpc's server side, Envoy's protos
+    # (xds-protos) and the authorization server's web stack, which every other command would
+    # otherwise load. Measured: `python -m policyd --help` (docs/architecture.md, issue 14).
+    from policyd.serve.server import serve as run
+
+    config = obj.config
+    if address:
+        config.server.address = address
+    if workers:
+        config.server.workers = workers
+    config.validate()
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    sys.exit(run(config, obj.config_path))

@@ -1,0 +1,1 @@
+"""Deciding: the engine (`decide`), the decider (decide, then record), tokens, wiring."""

@@ -1,0 +1,221 @@
+"""What every door calls: decide, make the decision's audit record durable, then answer.
+
+A decision whose record cannot be made durable is answered as a deny (AUDIT_UNAVAILABLE):
+nothing is allowed that the audit log does not show.
+
+Every door answers through `Decider.answer` with a `Door`: how it renders any decision, and
+what it keeps of a remembered allow (engine.Remembered) to answer its repeats without
+building the request or a Decision (docs/architecture.md, "Remembered decisions"). The
+decider owns remembering: it asks the engine for a remembered answer, records it from the
+entry's audit line, and hands the door the entry's form, built once; only what is not
+remembered is decided in full (`check_keyed`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
+from weakref import WeakKeyDictionary
+
+from policyd.audit.journal import AuditLog, LineTemplate
+from policyd.audit.records import AuditUnavailable, record_for
+from policyd.core.ids import new_id
+from policyd.core.model import CheckInput, Decision
+from policyd.core.policy import Policy
+from policyd.core.reasons import Reason
+from policyd.decision.engine import Engine, Remembered
+
+log = logging.getLogger(__name__)
+
+F = TypeVar("F")  # what a door keeps of a remembered allow
+R = TypeVar("R")  # a door's answer
+
+
+class Door(Generic[F, R]):
+    """What one door keeps of a remembered allow, and how it answers a repeat of it:
+    `form` builds, once per entry, what the door keeps of the allow (its decision_id is "";
+    None when it keeps nothing, say because it cannot be encoded: then every repeat is
+    rendered in full); `render_form` answers a repeat with this answer's decision id. Any
+    other decision the door renders itself (the `render` given to `Decider.answer`)."""
+
+    def __init__(self) -> None:
+        # One form per live entry (_UNFORMED: none to keep): it goes when the engine's caches
+        # drop the entry. One get per answer: `in` and then [] would cost four times more.
+        self._forms: WeakKeyDictionary[Remembered, F | _Unformed] = WeakKeyDictionary()
+
+    def form(self, decision: Decision) -> F | None:
+        raise NotImplementedError
+
+    def render_form(self, form: F, decision_id: str) -> R:
+        raise NotImplementedError
+
+    def remembered(self, entry: Remembered, decision_id: str, render: Callable[[Decision], R]) -> R:
+        form = self._forms.get(entry)
+        if form is None:
+            made = self.form(entry.decision)
+            form = self._forms[entry] = _UNFORMED if made is None else made
+        if isinstance(form, _Unformed):
+            return render(entry.decision._replace(decision_id=decision_id))
+        return self.render_form(form, decision_id)
+
+
+class _Unformed:
+    """A door keeps no form of this entry: each repeat is rendered in full."""
+
+
+_UNFORMED = _Unformed()
+
+
+class Decider:
+    def __init__(self, engine: Engine, audit: AuditLog | None) -> None:
+        self.engine = engine
+        self.audit = audit
+        # Each remembered allow's audit line, made from its first record (LineTemplate).
+        self._lines: WeakKeyDictionary[Remembered, LineTemplate] = WeakKeyDictionary()
+
+    def answer(
+        self,
+        door: Door[F, R],
+        render: Callable[[Decision], R],
+        key: Hashable,
+        policy: Policy,
+        request_id: str,
+        make_input: Callable[[], CheckInput],
+        started_ns: int,
+        *,
+        remembered: bool = True,
+    ) -> R:
+        """Decide (or recall), record, and answer: a remembered allow through `door`'s
+        form, any other decision by `render`. `key` is the request's key under `policy`
+        (the engine's policy, read once by the door: model.small_key); `make_input()` builds
+        the request when it must be decided. `remembered=False`: this request's answer
+        depends on more than its key (say, headers the key leaves out), so every decision is
+        rendered in full."""
+        entry = self.engine.recall(key, policy)
+        if entry is not None:
+            audit = self.audit
+            line = self._lines.get(entry) if audit is not None else None
+            # An entry this decider has no line for (remembered by one without an audit
+            # log) is decided, and recorded, in full below.
+            if audit is None or line is not None:
+                decision_id = new_id()
+                if audit is not None and line is not None:
+                    latency_us = (time.perf_counter_ns() - started_ns) // 1000
+                    try:
+                        audit.append(line.line(decision_id, time.time(), request_id, latency_us))
+                    except AuditUnavailable as exc:
+                        # With `audit.sync = "full"` the line may be in the journal already:
+                        # the deny keeps its id (never a second record for one answer).
+                        denied = entry.decision._replace(decision_id=decision_id)
+                        return render(_unrecorded(denied, exc))
+                if remembered:
+                    return door.remembered(entry, decision_id, render)
+                return render(entry.decision._replace(decision_id=decision_id))
+        decision, entry = self._check(key, policy, request_id, make_input, started_ns)
+        if entry is None or not remembered:
+            return render(decision)
+        return door.remembered(entry, decision.decision_id, render)
+
+    def check(self, request: CheckInput, started_ns: int | None = None) -> Decision:
+        """Decide and record (no remembered form: the CLI, tests)."""
+        start = time.perf_counter_ns() if started_ns is None else started_ns
+        policy = self.engine.policy
+        decision, _ = self._check(
+            request.memo_key(policy.reads_headers),
+            policy,
+            request.request_id,
+            lambda: request,
+            start,
+        )
+        return decision
+
+    def check_keyed(
+        self,
+        key: Hashable,
+        policy: Policy,
+        request_id: str,
+        make_input: Callable[[], CheckInput],
+        started_ns: int | None = None,
+    ) -> tuple[Decision, Remembered | None]:
+        """As check(), for a request that `key` stands for under `policy`
+        (Engine.decide_keyed): a repeat of a remembered allow is answered and recorded
+        without rebuilding the request. Returns the entry of a remembered allow."""
+        start = time.perf_counter_ns() if started_ns is None else started_ns
+        return self._check(key, policy, request_id, make_input, start)
+
+    def _check(
+        self,
+        key: Hashable,
+        policy: Policy,
+        request_id: str,
+        make_input: Callable[[], CheckInput],
+        started_ns: int,
+    ) -> tuple[Decision, Remembered | None]:
+        built: list[CheckInput] = []
+
+        def request() -> CheckInput:
+            if not built:
+                built.append(make_input())
+            return built[0]
+
+        decision, entry = self.engine.decide_keyed(key, policy, request)
+        if self.audit is None:
+            return decision, entry
+        latency_us = (time.perf_counter_ns() - started_ns) // 1000
+        try:
+            template = self._lines.get(entry) if entry is not None else None
+            if template is not None:
+                self.audit.append(
+                    template.line(decision.decision_id, time.time(), request_id, latency_us)
+                )
+            else:
+                record = record_for(request(), decision, latency_us)
+                self.audit.record(record)
+                if entry is not None:
+                    self._lines[entry] = LineTemplate.of(record)
+        except AuditUnavailable as exc:
+            return _unrecorded(decision, exc), None
+        return decision, entry
+
+
+class _Throttled:
+    """At most one log line per `every` seconds; the lines left out are counted into the
+    next one. While the audit log refuses records every decision is denied, and a line for
+    each (thousands per second under load) would flood the log and cost the door more than
+    the decisions do."""
+
+    def __init__(self, every: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.every = every
+        self.clock = clock
+        self._next = 0.0
+        self._skipped = 0
+        self._lock = threading.Lock()
+
+    def error(self, message: str, *args: object) -> None:
+        now = self.clock()
+        with self._lock:
+            if now < self._next:
+                self._skipped += 1
+                return
+            self._next = now + self.every
+            skipped, self._skipped = self._skipped, 0
+        if skipped:
+            message += " (and %d more denied so since the last such line)"
+            args = (*args, skipped)
+        log.error(message, *args)
+
+
+_unrecorded_log = _Throttled()
+
+
+def _unrecorded(decision: Decision, exc: AuditUnavailable) -> Decision:
+    _unrecorded_log.error("decision %s denied: %s", decision.decision_id, exc)
+    return decision._replace(
+        allowed=False,
+        reason=Reason.AUDIT_UNAVAILABLE,
+        message="the audit log is unavailable",
+        data_sources=(),
+    )

@@ -1,0 +1,422 @@
+"""`policyd serve`: the gRPC server with the Decision API, health checking and reflection.
+
+The server is grpcio's synchronous server on a thread pool. Measured on the 2-core dev
+machine (bench/grpc_stack.py), an empty unary call costs the same server CPU with the
+sync server as with grpc.aio (about 240 µs each), and the decision itself is synchronous
+SQLite and dict work that would block an event loop, so sync is the simpler fit; see
+docs/architecture.md.
+
+To use more than one core, `server.workers = N` starts N processes that each bind the same
+address with SO_REUSEPORT; the kernel spreads connections between them. They share the
+store file, and its generation counter keeps their caches exact (facts.py).
+
+SIGTERM or SIGINT: health turns NOT_SERVING, the port stops accepting, calls in flight
+finish (up to server.grace_seconds), then the process exits 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent import futures
+from pathlib import Path
+from types import FrameType
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from envoy.service.auth.v3 import external_auth_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from policyd.audit.journal import INDEXER_ENV, Indexer
+from policyd.audit.records import load_key
+from policyd.config import Config, TLSConfig
+from policyd.core import net
+from policyd.core.errors import ConfigError, PolicydError
+from policyd.core.policy import load_policy
+from policyd.decision.decider import Decider
+from policyd.decision.wiring import build_decider
+from policyd.doors import envoy_servicer
+from policyd.doors.envoy_http import HttpDoor
+from policyd.doors.service import SERVICE_NAME, DecisionServicer, add_unary
+from policyd.gen.v1 import decision_pb2
+from policyd.policy.reload import Reloading
+from policyd.serve import affinity
+
+log = logging.getLogger("policyd.server")
+
+WORKER_ENV = "POLICYD_WORKER_INDEX"
+
+
+def _pem(key: str, path: str, private: bool = False) -> bytes:
+    """Read a PEM file, refusing (with the config key named) anything that isn't one."""
+    try:
+        data = Path(path).read_bytes()
+        if private:
+            serialization.load_pem_private_key(data, password=None)
+        else:
+            x509.load_pem_x509_certificates(data)
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from None
+    except (ValueError, TypeError):
+        kind = "an unencrypted PEM private key" if private else "PEM certificates"
+        raise ConfigError(f"{key}: {path} does not hold {kind}") from None
+    return data
+
+
+def server_credentials(tls: TLSConfig) -> grpc.ServerCredentials | None:
+    if not tls.cert_file:
+        return None
+    chain = _pem("server.tls.cert_file", tls.cert_file)
+    key = _pem("server.tls.key_file", tls.key_file, private=True)
+    if tls.client_ca_file:
+        return grpc.ssl_server_credentials(
+            [(key, chain)],
+            root_certificates=_pem("server.tls.client_ca_file", tls.client_ca_file),
+            require_client_auth=True,
+        )
+    return grpc.ssl_server_credentials([(key, chain)])
+
+
+class Server:
+    """One serving process: the gRPC server and its health status."""
+
+    def __init__(self, config: Config, decider: Decider | None = None) -> None:
+        self.config = config
+        self.decider = decider or build_decider(config)
+        if self.decider.audit is not None:
+            self.decider.audit.start()
+        self.engine = self.decider.engine
+        self.health = health.HealthServicer()
+        self.stopping = threading.Event()
+        # Only the workers of one supervisor share a port; a lone server must own it.
+        worker = WORKER_ENV in os.environ
+        if not worker:
+            net.ensure_free("server.address", config.server.address)
+        self.grpc = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=config.server.threads),
+            options=[("grpc.so_reuseport", int(worker))],
+        )
+        servicer = DecisionServicer(self.decider)
+        add_unary(self.grpc, SERVICE_NAME, "Check", servicer.Check, decision_pb2.CheckRequest)
+        services = [SERVICE_NAME]
+        if config.envoy.enabled:
+            envoy = envoy_servicer.AuthorizationServicer(
+                self.decider, remove_authorization=config.envoy.remove_authorization
+            )
+            add_unary(
+                self.grpc,
+                envoy_servicer.SERVICE_NAME,
+                "Check",
+                envoy.Check,
+                external_auth_pb2.CheckRequest,
+            )
+            services.append(envoy_servicer.SERVICE_NAME)
+        self.services = tuple(services)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        reflection.enable_server_reflection(
+            (*self.services, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc
+        )
+        creds = server_credentials(config.server.tls)
+        address = config.server.address
+        try:
+            if creds is None:
+                self.port = self.grpc.add_insecure_port(address)
+            else:
+                self.port = self.grpc.add_secure_port(address, creds)
+        except RuntimeError as exc:
+            raise ConfigError(f"cannot listen on {address}: {exc}") from None
+        # Envoy's ext_authz over HTTP/1.1 (http_service), on its own port, loop and thread.
+        self.http_door: HttpDoor | None = None
+        if config.envoy.http_address:
+            self.http_door = HttpDoor(
+                self.decider,
+                config.envoy.http_address,
+                remove_authorization=config.envoy.remove_authorization,
+                reuse_port=worker,
+            )
+
+    def start(self) -> None:
+        self.grpc.start()
+        if self.http_door is not None:
+            self.http_door.start()
+        for name in ("", *self.services):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def stop(self, grace: float | None = None) -> None:
+        """Refuse new calls, let calls in flight finish, then stop."""
+        self.stopping.set()
+        self.health.enter_graceful_shutdown()
+        grace = self.config.server.grace_seconds if grace is None else grace
+        self.grpc.stop(grace).wait()
+        if self.http_door is not None:
+            self.http_door.stop()
+        if self.decider.audit is not None:
+            self.decider.audit.close()
+
+
+class Signals:
+    """SIGTERM, SIGINT and SIGHUP, recorded without taking any lock.
+
+    A Python signal handler runs in the main thread between two bytecodes, possibly in the
+    middle of threading code that holds a lock; a handler that then calls Event.set()
+    deadlocks on that lock (seen: Ctrl-C's SIGINT and a SIGTERM arriving together). So the
+    handlers only append to lists, and the main thread polls them.
+    """
+
+    POLL_SECONDS = 0.1
+
+    def __init__(self) -> None:
+        self.stops: list[int] = []
+        self.hups: list[int] = []
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_hup)
+
+    def _on_stop(self, signum: int, _frame: FrameType | None) -> None:
+        self.stops.append(signum)
+
+    def _on_hup(self, signum: int, _frame: FrameType | None) -> None:
+        self.hups.append(signum)
+
+    def wait(self, on_hup: Callable[[], None], on_tick: Callable[[], bool] | None = None) -> int:
+        """Until a stop signal (its number) or on_tick() is true (0); runs on_hup for SIGHUP."""
+        while True:
+            while self.hups:
+                self.hups.pop()
+                on_hup()
+            if self.stops:
+                return self.stops[0]
+            if on_tick is not None and on_tick():
+                return 0
+            time.sleep(self.POLL_SECONDS)
+
+
+def serve(config: Config, config_path: str | None = None) -> int:
+    """Run until SIGTERM/SIGINT. With workers > 1, supervise that many serving processes."""
+    if config.server.workers > 1 and WORKER_ENV not in os.environ:
+        return _supervise(config, config_path)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # not fatal while starting; Reloading takes it
+    indexer = None
+    cpu = None
+    if WORKER_ENV not in os.environ:  # a lone server: the audit indexer is its child
+        # Said before anything else is touched.
+        net.ensure_free("server.address", config.server.address)
+        serving = affinity.serving_cpus(config.server.cpu_affinity, None)
+        cpu = min(serving) if serving else None
+        indexer = IndexerProcess.start_for(config, config_path, affinity.spare(serving))
+    try:
+        return _serve(config, indexer, cpu)
+    finally:
+        if indexer is not None:
+            indexer.stop()
+
+
+def _serve(config: Config, indexer: IndexerProcess | None, cpu: int | None = None) -> int:
+    # Before any server thread starts, so that every thread inherits the CPU (affinity.py).
+    worker = os.environ.get(WORKER_ENV)
+    cpu = affinity.pin_worker(config.server.cpu_affinity, int(worker) if worker else None, cpu)
+    server = Server(config)
+    # The authorization server (HTTP, its own port) runs in one process only: worker 0.
+    from policyd.oauth.server import start_authorization_server
+
+    oauth = None
+    if os.environ.get(WORKER_ENV, "0") == "0":
+        oauth = start_authorization_server(config)
+    server.start()
+    reloading = Reloading(server.engine, config)  # policy: watch the folder, SIGHUP reloads
+    reloading.start()
+    if cpu is not None:  # again, for any thread not started by this one
+        affinity.pin(cpu)
+    signals = Signals()
+    signals.install()
+    janitor = threading.Thread(target=_maintain, args=(server,), daemon=True)
+    janitor.start()
+    tls = config.server.tls
+    mode = "mTLS" if tls.client_ca_file else ("TLS" if tls.cert_file else "plaintext")
+    log.info(
+        "serving %s on %s (%s, pid %d, %s)",
+        SERVICE_NAME,
+        config.server.address,
+        mode,
+        os.getpid(),
+        "unpinned" if cpu is None else f"CPU {cpu}",
+    )
+    supervisor = os.getppid() if worker else None
+
+    def tick() -> bool:
+        if indexer is not None:
+            indexer.keep_running()
+        # A worker whose supervisor is gone (killed) stops too, rather than hold the port
+        # with no indexer behind it (it would soon deny every decision: AUDIT_UNAVAILABLE).
+        return supervisor is not None and os.getppid() != supervisor
+
+    signum = signals.wait(on_hup=reloading.request_reload, on_tick=tick)
+    if signum:
+        log.info("received %s: finishing calls in flight", signal.Signals(signum).name)
+    else:
+        log.warning("the supervisor is gone: finishing calls in flight")
+    reloading.stop()
+    server.stop()  # closes the audit journal: the indexer then finishes it
+    if oauth is not None:
+        oauth.stop()
+    log.info("stopped")
+    return 0
+
+
+def _maintain(server: Server) -> None:
+    """Background upkeep: forget expired revocations (the audit retention is applied by the
+    audit indexer process)."""
+    store = server.engine.facts.store
+    config = server.config
+    while not server.stopping.wait(300):  # every 5 minutes is plenty
+        try:
+            store.purge_expired_revocations(time.time(), config.tokens.leeway_seconds)
+        except (PolicydError, sqlite3.Error) as exc:
+            log.warning("maintenance failed: %s", exc)
+
+
+class IndexerProcess:
+    """`policyd audit index --follow` beside the serving process(es): it moves the audit
+    records from their journals into the audit file (journal.py). Restarted if it exits;
+    stopped after the servers, so that its last pass indexes everything they wrote."""
+
+    RESTART_SECONDS = 1.0
+
+    def __init__(self, command: list[str], cpus: set[int]) -> None:
+        self.command = command
+        self.process: subprocess.Popen[bytes] | None = None
+        self.next_start = 0.0
+        # Where the indexer runs, whenever it is (re)started: the CPUs no serving process
+        # is pinned to (affinity.spare), so that it never takes a serving core.
+        self.cpus = set(cpus)
+
+    @classmethod
+    def start_for(
+        cls, config: Config, config_path: str | None, cpus: set[int]
+    ) -> IndexerProcess | None:
+        """Index what journals of ended servers left (before serving), then start one."""
+        if not config.audit.enabled:
+            return None
+        a = config.audit
+        try:
+            indexer = Indexer(a.path, load_key(a.key_file, create=True), a.sync)
+        except sqlite3.Error as exc:
+            raise ConfigError(f"audit.path: cannot open {a.path}: {exc}") from None
+        try:
+            found = indexer.run_once()
+        except (sqlite3.Error, OSError) as exc:
+            raise PolicydError(f"cannot index the audit journals: {exc}") from None
+        finally:
+            indexer.close()
+        if found:
+            log.warning("indexed %d audit records left in journals by an ended server", found)
+        command = [sys.executable, "-m", "policyd"]
+        if config_path:
+            command += ["--config", config_path]
+        process = cls([*command, "audit", "index", "--follow"], cpus)
+        process.start()
+        return process
+
+    def start(self) -> None:
+        # Its own session: a Ctrl-C or a service manager's signal to the server's process
+        # group must not stop it before the server has drained (stop() stops it after).
+        cpus = ",".join(map(str, sorted(self.cpus)))
+        env = dict(os.environ, **{INDEXER_ENV: f"{os.getpid()}:{cpus}"})
+        self.process = subprocess.Popen(self.command, env=env, start_new_session=True)
+        with contextlib.suppress(OSError, ValueError):  # it also does so itself, once started
+            os.sched_setaffinity(self.process.pid, self.cpus)
+        self.next_start = time.monotonic() + self.RESTART_SECONDS
+
+    def keep_running(self) -> None:
+        """(On each Signals tick.) Restart the indexer if it exited."""
+        process = self.process
+        if (
+            process is not None
+            and process.poll() is not None
+            and time.monotonic() >= self.next_start
+        ):
+            log.error("the audit indexer exited (%s); restarting it", process.returncode)
+            self.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.error("the audit indexer did not stop in %g s; killing it", timeout)
+            self.process.kill()
+            self.process.wait()
+
+
+def _supervise(config: Config, config_path: str | None) -> int:
+    """Start config.server.workers copies of `policyd serve` sharing one port."""
+    net.ensure_free("server.address", config.server.address)
+    # A CPU list naming a missing CPU is said once, here.
+    serving = affinity.serving_cpus(config.server.cpu_affinity, config.server.workers)
+    load_policy(config.policy.dir)  # an invalid policy stops here, said once, not per worker
+    # Handlers first: a SIGTERM while the indexer or the workers start must still stop
+    # every one of them.
+    signals = Signals()
+    signals.install()
+    indexer = IndexerProcess.start_for(config, config_path, affinity.spare(serving))
+    try:
+        return _run_workers(config, config_path, indexer, signals)
+    finally:
+        if indexer is not None:
+            indexer.stop()
+
+
+def _run_workers(
+    config: Config, config_path: str | None, indexer: IndexerProcess | None, signals: Signals
+) -> int:
+    children: list[subprocess.Popen[bytes]] = []
+
+    def forward_hup() -> None:
+        for child in children:  # SIGHUP (reload the policy) goes to every worker
+            if child.poll() is None:
+                child.send_signal(signal.SIGHUP)
+
+    command = [sys.executable, "-m", "policyd"]
+    if config_path:
+        command += ["--config", config_path]
+    command += ["serve", "--address", config.server.address, "--workers", "1"]
+    for index in range(config.server.workers):
+        if signals.stops:
+            break
+        env = dict(os.environ, **{WORKER_ENV: str(index)})
+        children.append(subprocess.Popen(command, env=env))
+    log.info("supervising %d workers on %s", len(children), config.server.address)
+    failed = False
+    if not signals.stops:
+
+        def exited() -> bool:
+            if indexer is not None:
+                indexer.keep_running()
+            return any(child.poll() is not None for child in children)
+
+        if signals.wait(on_hup=forward_hup, on_tick=exited) == 0:
+            log.error("a worker exited; stopping the others")
+            failed = True
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    for child in children:
+        child.wait()
+        # A worker stopped by our SIGTERM before its handler was installed is a clean stop.
+        if child.returncode not in (0, -signal.SIGTERM):
+            failed = True
+    return 1 if failed else 0

@@ -1,0 +1,1 @@
+"""The store: SQLite tables and migrations, exact caches of what decisions read (facts), keys."""

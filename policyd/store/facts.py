@@ -1,0 +1,321 @@
+"""The decision-time view of the store, cached exactly.
+
+Every write to a table that changes decisions bumps the store's generation in the same
+transaction (migrations.DECISION_TABLES), from whatever process made it. The caches are
+filed under the generation they were filled in: a view uses them only when the store's
+generation is still theirs, otherwise it starts new caches. So a revocation is never served
+from a cache once its write has committed, in this process or any other sharing the file,
+and a cache entry is never older than the generation it is filed under: values are read
+after the generation, and a cache is only ever replaced by one of a newer generation.
+
+Every decision starts with `Facts.view()` (or, for a remembered answer, `Facts.recall()`),
+which asks SQLite whether anything has committed since this thread last read the
+generation: `PRAGMA data_version` on the thread's own decision-time connection (one read
+transaction, about 3 us). Only when it has moved is the generation read again (one indexed
+read of a one-row table). data_version does not move for a connection's own commits, so
+decisions read through connections of their own that never write (query_only), never the
+store's write connections. Nothing here opens, maps or locks SQLite's files itself: on
+POSIX, closing any other descriptor of a file drops every lock the process holds on it,
+SQLite's own included (issue 13; https://sqlite.org/howtocorrupt.html, section 2.2).
+
+The caches hold what decisions ask for again and again: app rows, consents, grants, the
+user's own access, revoked token ids, signing keys, data-source labels (for policy
+conditions) and verified token claims.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any
+
+from cachetools import TLRUCache
+
+from policyd.core.errors import StoreUnavailable
+from policyd.core.model import Access
+from policyd.store.sqlite import Store, connect
+
+_GENERATION = "SELECT value FROM generation WHERE id = 1"
+# Moves whenever another connection, in any process, has committed to the file.
+_DATA_VERSION = "PRAGMA data_version"
+REMEMBERED_DECISIONS = 16_384
+_APP = "SELECT enabled, allowed_scopes FROM apps WHERE client_id = ?"
+_CONSENT = "SELECT scopes FROM consents WHERE user_id = ? AND client_id = ?"
+_GRANT = (
+    "SELECT access FROM grants WHERE user_id = ? AND client_id = ? AND data_source = ?"
+    " AND revoked_at IS NULL"
+)
+_USER_ACCESS = "SELECT role FROM user_access WHERE user_id = ? AND data_source = ?"
+_GRANTED_LIST = (
+    "SELECT g.data_source, g.access, u.role FROM grants g JOIN user_access u"
+    " ON u.user_id = g.user_id AND u.data_source = g.data_source"
+    " WHERE g.user_id = ? AND g.client_id = ? AND g.revoked_at IS NULL ORDER BY g.data_source"
+)
+_REVOKED = "SELECT 1 FROM revoked_tokens WHERE jti = ?"
+_KEY = "SELECT alg, state, public_pem FROM signing_keys WHERE kid = ?"
+_LABELS = "SELECT labels FROM data_sources WHERE name = ?"
+
+_ACCESS = {"read": Access.READ, "write": Access.WRITE}
+_MISSING = object()
+
+
+@dataclass(frozen=True, slots=True)
+class AppFacts:
+    enabled: bool
+    allowed_scopes: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class KeyFacts:
+    alg: str
+    state: str
+    public_pem: str
+
+
+class _Caches:
+    """All caches filled under one store generation."""
+
+    __slots__ = ("decisions", "extra", "generation", "rows", "token_lock", "tokens")
+
+    def __init__(self, generation: int, token_cache_size: int) -> None:
+        self.generation = generation
+        # Keyed by (kind, *args). Bounded crudely: cleared whole when it reaches the limit.
+        self.rows: dict[tuple[str, ...], Any] = {}
+        # Verified tokens, each until it expires (time-to-use = exp + leeway).
+        self.tokens: TLRUCache[str, tuple[Any, float]] = TLRUCache(
+            maxsize=token_cache_size, ttu=lambda _k, v, _now: v[1], timer=time.time
+        )
+        self.token_lock = threading.Lock()
+        # Objects derived from rows (e.g. parsed public keys), owned by other modules.
+        self.extra: dict[str, Any] = {}
+        # Allow decisions by request (engine.Remembered); cleared whole at
+        # REMEMBERED_DECISIONS, so that requests that never repeat cannot pile up.
+        self.decisions: dict[Hashable, Any] = {}
+
+
+class _Reader:
+    """One thread's decision-time connection, and what it last confirmed: that when
+    data_version read `version`, the store's generation was that of `caches`. While the
+    connection's data_version still reads `version`, no other connection has committed
+    since, and this one never writes: `caches` are exact."""
+
+    __slots__ = ("caches", "conn", "version")
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.version = -1
+        self.caches: _Caches | None = None
+
+
+class Facts:
+    """Cached, exactly invalidated reads for decisions. Thread-safe."""
+
+    def __init__(
+        self, store: Store, *, row_cache_size: int = 200_000, token_cache_size: int = 100_000
+    ) -> None:
+        self.store = store
+        self._row_limit = row_cache_size
+        self._token_limit = token_cache_size
+        self._swap = threading.Lock()
+        self._caches = _Caches(-1, token_cache_size)
+        self._local = threading.local()
+
+    def _reader(self) -> _Reader:
+        """This thread's decision-time connection (opened on first use)."""
+        reader: _Reader | None = getattr(self._local, "reader", None)
+        if reader is None:
+            try:
+                conn = connect(self.store.path)
+                conn.execute("PRAGMA query_only = ON")
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"cannot open store {self.store.path}: {exc}") from exc
+            reader = self._local.reader = _Reader(conn)
+        return reader
+
+    def close(self) -> None:
+        """Close this thread's decision-time connection (others close as their threads end)."""
+        reader: _Reader | None = getattr(self._local, "reader", None)
+        if reader is not None:
+            self._local.reader = None
+            reader.conn.close()
+
+    def view(self) -> View:
+        """Start a decision: pick the caches that are exact for the store as it is now."""
+        reader = self._reader()
+        conn = reader.conn
+        try:
+            # Read before the generation: a commit in between moves it for the next view.
+            version = conn.execute(_DATA_VERSION).fetchone()[0]
+            caches = self._caches
+            if version == reader.version and reader.caches is caches:
+                return View(conn, caches, self._row_limit)  # nothing committed since
+            generation = conn.execute(_GENERATION).fetchone()[0]
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"store unreadable: {exc}") from exc
+        if caches.generation != generation:
+            with self._swap:
+                caches = self._caches
+                if generation > caches.generation:
+                    caches = self._caches = _Caches(generation, self._token_limit)
+            if caches.generation != generation:
+                # This view read an older generation than the current caches: it must
+                # neither use nor fill them. Give it private caches.
+                return View(conn, _Caches(generation, 16), self._row_limit)
+        reader.version = version
+        reader.caches = caches
+        return View(conn, caches, self._row_limit)
+
+    def recall(self, key: Hashable) -> Any:
+        """What View.remember() kept under this key, if nothing has been committed to the
+        store since this thread last found its caches exact; else None (view() then finds
+        out). No generation read and no View: the fast path of a remembered decision."""
+        try:
+            reader = self._reader()
+            caches = reader.caches
+            if caches is not self._caches or caches is None:
+                return None
+            version = reader.conn.execute(_DATA_VERSION).fetchone()[0]
+        except (sqlite3.Error, StoreUnavailable):
+            return None  # view() reports it
+        if version != reader.version:
+            return None
+        return caches.decisions.get(key)
+
+
+def _labels(text: str) -> dict[str, str]:
+    # Unreadable labels raise (a deny, INTERNAL_ERROR): read as {} they could let a
+    # request past a condition that looks for a label.
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError("data_sources.labels is not a JSON object")
+    return {str(k): str(v) for k, v in value.items()}
+
+
+class View:
+    """The facts one decision sees. Not shared between threads."""
+
+    __slots__ = ("_caches", "_conn", "_limit", "_rows")
+
+    def __init__(self, conn: sqlite3.Connection, caches: _Caches, limit: int) -> None:
+        self._conn = conn
+        self._caches = caches
+        self._rows = caches.rows
+        self._limit = limit
+
+    @property
+    def generation(self) -> int:
+        return self._caches.generation
+
+    def _one(
+        self,
+        key: tuple[str, ...],
+        sql: str,
+        args: tuple[str, ...],
+        convert: Callable[[tuple[Any, ...]], Any],
+    ) -> Any:
+        """One row by key, converted, or None when there is no row; cached."""
+        value = self._rows.get(key, _MISSING)
+        if value is _MISSING:
+            try:
+                row = self._conn.execute(sql, args).fetchone()
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"store unreadable: {exc}") from exc
+            value = None if row is None else convert(row)
+            if len(self._rows) >= self._limit:
+                self._rows.clear()
+            self._rows[key] = value
+        return value
+
+    def app(self, client_id: str) -> AppFacts | None:
+        return self._one(  # type: ignore[no-any-return]
+            ("app", client_id),
+            _APP,
+            (client_id,),
+            lambda r: AppFacts(bool(r[0]), frozenset(r[1].split())),
+        )
+
+    def consent(self, user_id: str, client_id: str) -> frozenset[str] | None:
+        return self._one(  # type: ignore[no-any-return]
+            ("consent", user_id, client_id),
+            _CONSENT,
+            (user_id, client_id),
+            lambda r: frozenset(r[0].split()),
+        )
+
+    def grant(self, user_id: str, client_id: str, data_source: str) -> Access | None:
+        return self._one(  # type: ignore[no-any-return]
+            ("grant", user_id, client_id, data_source),
+            _GRANT,
+            (user_id, client_id, data_source),
+            lambda r: _ACCESS[r[0]],
+        )
+
+    def user_access(self, user_id: str, data_source: str) -> Access | None:
+        return self._one(  # type: ignore[no-any-return]
+            ("user-access", user_id, data_source),
+            _USER_ACCESS,
+            (user_id, data_source),
+            lambda r: _ACCESS[r[0]],
+        )
+
+    def granted(self, user_id: str, client_id: str, need: Access) -> tuple[str, ...]:
+        """Data sources granted to the app at `need` or more that the user still reaches."""
+        key = ("granted", user_id, client_id, need.label)
+        value = self._rows.get(key, _MISSING)
+        if value is _MISSING:
+            try:
+                rows = self._conn.execute(_GRANTED_LIST, (user_id, client_id)).fetchall()
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"store unreadable: {exc}") from exc
+            value = tuple(
+                ds for ds, access, role in rows if _ACCESS[access] >= need and _ACCESS[role] >= need
+            )
+            self._rows[key] = value
+        return value  # type: ignore[no-any-return]
+
+    def data_source_labels(self, name: str) -> dict[str, str]:
+        """A data source's labels ({} when it has none or does not exist). Do not modify."""
+        labels = self._one(("labels", name), _LABELS, (name,), lambda r: _labels(r[0]))
+        return labels if labels is not None else {}
+
+    def token_revoked(self, jti: str) -> bool:
+        return self._one(("revoked", jti), _REVOKED, (jti,), bool) is not None
+
+    def key(self, kid: str) -> KeyFacts | None:
+        return self._one(  # type: ignore[no-any-return]
+            ("key", kid), _KEY, (kid,), lambda r: KeyFacts(r[0], r[1], r[2])
+        )
+
+    def derived(self, name: str, build: Callable[[], Any]) -> Any:
+        """A value derived from facts of this generation (built once, then cached)."""
+        extra = self._caches.extra
+        value = extra.get(name, _MISSING)
+        if value is _MISSING:
+            value = extra[name] = build()
+        return value
+
+    def remembered(self, key: Hashable) -> Any:
+        """What remember() kept under this key in this generation, or None."""
+        return self._caches.decisions.get(key)
+
+    def remember(self, key: Hashable, value: Any) -> None:
+        decisions = self._caches.decisions
+        if len(decisions) >= REMEMBERED_DECISIONS:
+            decisions.clear()
+        decisions[key] = value
+
+    def cached_token(self, token: str) -> Any:
+        """What cache_token stored for this token, if it has not expired."""
+        caches = self._caches
+        with caches.token_lock:
+            hit = caches.tokens.get(token)
+        return None if hit is None else hit[0]
+
+    def cache_token(self, token: str, verified: Any, until: float) -> None:
+        caches = self._caches
+        with caches.token_lock:
+            caches.tokens[token] = (verified, until)
