@@ -47,6 +47,7 @@ from policyd.cli import main
 from policyd.core.ids import new_id
 from policyd.core.model import CheckInput, Decision, HttpTarget
 from policyd.core.reasons import Reason
+from policyd.serve.indexer import INDEXER_ENV
 from tests.helpers import (
     Home,
     ServerProcess,
@@ -1049,7 +1050,7 @@ def test_an_indexer_whose_server_is_gone_indexes_what_is_left_and_exits(seeded: 
     audit.close()
     # Started by a server (INDEXER_ENV) that is not its parent: it was gone before the
     # indexer could look. It must not keep running as an orphan.
-    env = dict(os.environ, **{journal_module.INDEXER_ENV: f"{2**22 + 1}:0"})
+    env = dict(os.environ, **{INDEXER_ENV: f"{2**22 + 1}:0"})
     command = [sys.executable, "-m", "policyd", "--config", str(seeded.config_path)]
     result = subprocess.run(
         [*command, "audit", "index", "--follow"],

@@ -65,11 +65,6 @@ from policyd.store.sqlite import transaction
 log = logging.getLogger(__name__)
 
 JOURNAL_SUFFIX = ".journal"
-# Set in the environment of the indexer process a server starts, to "PID:CPUS": the server
-# (the indexer stops once that is no longer its parent, even if it was gone before the
-# indexer got to look) and the CPUs it runs on: those no serving process is pinned to
-# (affinity.spare).
-INDEXER_ENV = "POLICYD_AUDIT_INDEXER"
 # Bytes reserved per journal file: about 50,000 records.
 JOURNAL_BYTES = 16 << 20
 # The most the indexer reads from one journal per transaction (about 3,000 records; a

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -20,7 +18,7 @@ from typing import Any, TypeVar
 
 import click
 
-from policyd.audit.journal import INDEXER_ENV, Indexer
+from policyd.audit.journal import Indexer
 from policyd.audit.records import (
     FIELDS,
     AuditReader,
@@ -31,8 +29,10 @@ from policyd.audit.records import (
     prune,
 )
 from policyd.audit.records import follow as follow_records
+from policyd.cli.context import Context, pass_ctx
 from policyd.core.errors import InvalidInput
 from policyd.core.reasons import Reason
+from policyd.serve.indexer import follow
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -160,8 +160,8 @@ def _query(kw: dict[str, Any]) -> tuple[Query, str]:
     return Query(**kw), fmt
 
 
-def _reader(ctx: click.Context, *, with_key: bool = False) -> AuditReader:
-    config = ctx.obj.config
+def _reader(obj: Context, *, with_key: bool = False) -> AuditReader:
+    config = obj.config
     key = load_key(config.audit.key_file) if with_key else None
     return AuditReader(config.audit.path, key)
 
@@ -182,14 +182,14 @@ def audit() -> None:
     help="At most this many records: the newest that match, oldest first.",
 )
 @filter_options
-@click.pass_context
-def audit_query(ctx: click.Context, /, since: str | None, until: str | None, **kw: Any) -> None:
+@pass_ctx
+def audit_query(obj: Context, /, since: str | None, until: str | None, **kw: Any) -> None:
     """Find decisions. Prints the newest matching records, oldest first."""
     now = time.time()
     kw["since"] = parse_when(since, now) if since else None
     kw["until"] = parse_when(until, now) if until else None
     q, fmt = _query(kw)
-    reader = _reader(ctx)
+    reader = _reader(obj)
     printer = Printer(fmt)
     printer.header()
     for stored in reader.query(q):
@@ -213,11 +213,11 @@ def audit_query(ctx: click.Context, /, since: str | None, until: str | None, **k
     help="Keep printing new records as they are written, until Ctrl-C.",
 )
 @filter_options
-@click.pass_context
-def audit_tail(ctx: click.Context, /, lines: int, follow_mode: bool, **kw: Any) -> None:
+@pass_ctx
+def audit_tail(obj: Context, /, lines: int, follow_mode: bool, **kw: Any) -> None:
     """Show the latest records; with --follow, stream new ones as they come."""
     q, fmt = _query(kw)
-    reader = _reader(ctx)
+    reader = _reader(obj)
     printer = Printer(fmt)
     printer.header()
     last = reader.last_seq()
@@ -234,10 +234,10 @@ def audit_tail(ctx: click.Context, /, lines: int, follow_mode: bool, **kw: Any) 
 @audit.command("show")
 @click.argument("decision_id")
 @click.option("--json", "as_json", is_flag=True)
-@click.pass_context
-def audit_show(ctx: click.Context, decision_id: str, as_json: bool) -> None:
+@pass_ctx
+def audit_show(obj: Context, decision_id: str, as_json: bool) -> None:
     """Print one record whole, by decision id."""
-    stored = _reader(ctx).show(decision_id)
+    stored = _reader(obj).show(decision_id)
     if stored is None:
         raise InvalidInput(f"no audit record {decision_id!r}")
     data = stored.as_dict()
@@ -262,11 +262,11 @@ def audit_show(ctx: click.Context, decision_id: str, as_json: bool) -> None:
 @click.option("--since", default="24h", show_default=True, help="A duration ago or ISO time.")
 @click.option("--until", help="End (exclusive).")
 @click.option("--json", "as_json", is_flag=True)
-@click.pass_context
-def audit_stats(ctx: click.Context, since: str, until: str | None, as_json: bool) -> None:
+@pass_ctx
+def audit_stats(obj: Context, since: str, until: str | None, as_json: bool) -> None:
     """Count decisions by decision, reason, app and data source over a window."""
     now = time.time()
-    stats = _reader(ctx).stats(parse_when(since, now), parse_when(until, now) if until else None)
+    stats = _reader(obj).stats(parse_when(since, now), parse_when(until, now) if until else None)
     if as_json:
         click.echo(json.dumps(stats, sort_keys=True))
         return
@@ -280,10 +280,10 @@ def audit_stats(ctx: click.Context, since: str, until: str | None, as_json: bool
 
 
 @audit.command("verify")
-@click.pass_context
-def audit_verify(ctx: click.Context) -> None:
+@pass_ctx
+def audit_verify(obj: Context) -> None:
     """Check the hash chain; name the first broken link (exit 1 when broken)."""
-    result = _reader(ctx, with_key=True).verify()
+    result = _reader(obj, with_key=True).verify()
     if result.ok:
         click.echo(f"ok: {result.checked} records, chain head {result.head}")
         return
@@ -293,10 +293,10 @@ def audit_verify(ctx: click.Context) -> None:
 
 @audit.command("prune")
 @click.option("--before", required=True, help="Delete records older than this (e.g. 90d).")
-@click.pass_context
-def audit_prune(ctx: click.Context, before: str) -> None:
+@pass_ctx
+def audit_prune(obj: Context, before: str) -> None:
     """Delete old records; the remaining chain still verifies."""
-    config = ctx.obj.config
+    config = obj.config
     conn = open_log_file(Path(config.audit.path), config.audit.sync)
     try:
         removed = prune(conn, before=parse_when(before))
@@ -312,56 +312,20 @@ def audit_prune(ctx: click.Context, before: str) -> None:
     is_flag=True,
     help="Keep indexing new records until SIGTERM (what `policyd serve` runs).",
 )
-@click.pass_context
-def audit_index(ctx: click.Context, follow_mode: bool) -> None:
+@pass_ctx
+def audit_index(obj: Context, follow_mode: bool) -> None:
     """Move records from the journals into the audit file.
 
     Without --follow: one pass, e.g. for journals a crashed server left behind (`policyd
     serve` does that itself when it starts). With --follow, also apply the retention
     settings (audit.max_age_days, audit.max_bytes)."""
-    config = ctx.obj.config
+    config = obj.config
     a = config.audit
     indexer = Indexer(a.path, load_key(a.key_file, create=True), a.sync)
     try:
         if not follow_mode:
             click.echo(f"indexed {indexer.run_once()} records")
             return
-        stop = _SignalStop()
-        signal.signal(signal.SIGTERM, stop.on_signal)
-        # Started by `policyd serve`, it stops when the server says so (SIGTERM) or is gone.
-        serving = os.environ.get(INDEXER_ENV)
-        signal.signal(signal.SIGINT, signal.SIG_IGN if serving else stop.on_signal)
-        parent = None
-        if serving:  # "PID:CPUS": the server, and the CPUs to run on (affinity.spare)
-            pid, _, cpus = serving.partition(":")
-            try:
-                parent = int(pid)
-                os.sched_setaffinity(0, {int(cpu) for cpu in cpus.split(",")})
-            except (OSError, ValueError) as exc:
-                click.echo(f"policyd: warning: {INDEXER_ENV}={serving!r}: {exc}", err=True)
-        indexer.run(
-            stop,
-            retention=(a.max_age_days * 86400 or None, a.max_bytes or None),
-            retention_every=a.retention_interval_seconds,
-            parent=parent,
-        )
+        follow(indexer, config)
     finally:
         indexer.close()
-
-
-class _SignalStop:
-    """Stop on a signal, taking no lock in the handler (see server.Signals)."""
-
-    def __init__(self) -> None:
-        self.signals: list[int] = []
-
-    def on_signal(self, signum: int, _frame: object) -> None:
-        self.signals.append(signum)
-
-    def is_set(self) -> bool:
-        return bool(self.signals)
-
-    def wait(self, seconds: float) -> bool:
-        if not self.signals:
-            time.sleep(seconds)
-        return self.is_set()

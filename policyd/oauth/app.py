@@ -41,7 +41,7 @@ from policyd.oauth import rfc8414
 from policyd.oauth.csrf import FIELD as CSRF_FIELD
 from policyd.oauth.csrf import Csrf, load_or_create_key
 from policyd.oauth.pages import STATIC, Pages, origin
-from policyd.oauth.passwords import verify_password
+from policyd.oauth.passwords import dummy_hash, verify_password
 from policyd.oauth.requests import StarletteOAuth2Request, adapt
 from policyd.oauth.rfc6749 import Approval, AuthorizationServer, refuse_repeated_parameters
 from policyd.oauth.rfc7009 import RevocationEndpoint
@@ -68,6 +68,7 @@ class AuthorizationApp:
     """Everything one authorization server needs, and its ASGI app (`.asgi`)."""
 
     def __init__(self, config: Config, store: Store | None = None) -> None:
+        dummy_hash()  # before the first sign-in, so that it does not take twice as long
         self.config = config
         self.store = store or open_store(config)
         self.issuer = config.tokens.issuer

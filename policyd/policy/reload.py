@@ -197,7 +197,7 @@ class Reloading:
 
     def start(self) -> None:
         """Write the status and start watching. The server's main thread turns SIGHUP into
-        request_reload() (server.Signals), never from inside a signal handler."""
+        request_reload() (serve/signals.py), never from inside a signal handler."""
         self.reloader.write_status()
         self._thread.start()
 

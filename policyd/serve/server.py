@@ -16,7 +16,6 @@ finish (up to server.grace_seconds), then the process exits 0.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
@@ -25,10 +24,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
-from types import FrameType
 
 import grpc
 from cryptography import x509
@@ -37,8 +34,6 @@ from envoy.service.auth.v3 import external_auth_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from policyd.audit.journal import INDEXER_ENV, Indexer
-from policyd.audit.records import load_key
 from policyd.config import Config, TLSConfig
 from policyd.core import net
 from policyd.core.errors import ConfigError, PolicydError
@@ -49,8 +44,11 @@ from policyd.doors import envoy_servicer
 from policyd.doors.envoy_http import HttpDoor
 from policyd.doors.service import SERVICE_NAME, DecisionServicer, add_unary
 from policyd.gen.v1 import decision_pb2
+from policyd.oauth.server import start_authorization_server
 from policyd.policy.reload import Reloading
 from policyd.serve import affinity
+from policyd.serve.indexer import IndexerProcess
+from policyd.serve.signals import Signals
 
 log = logging.getLogger("policyd.server")
 
@@ -164,45 +162,6 @@ class Server:
             self.decider.audit.close()
 
 
-class Signals:
-    """SIGTERM, SIGINT and SIGHUP, recorded without taking any lock.
-
-    A Python signal handler runs in the main thread between two bytecodes, possibly in the
-    middle of threading code that holds a lock; a handler that then calls Event.set()
-    deadlocks on that lock (seen: Ctrl-C's SIGINT and a SIGTERM arriving together). So the
-    handlers only append to lists, and the main thread polls them.
-    """
-
-    POLL_SECONDS = 0.1
-
-    def __init__(self) -> None:
-        self.stops: list[int] = []
-        self.hups: list[int] = []
-
-    def install(self) -> None:
-        signal.signal(signal.SIGTERM, self._on_stop)
-        signal.signal(signal.SIGINT, self._on_stop)
-        signal.signal(signal.SIGHUP, self._on_hup)
-
-    def _on_stop(self, signum: int, _frame: FrameType | None) -> None:
-        self.stops.append(signum)
-
-    def _on_hup(self, signum: int, _frame: FrameType | None) -> None:
-        self.hups.append(signum)
-
-    def wait(self, on_hup: Callable[[], None], on_tick: Callable[[], bool] | None = None) -> int:
-        """Until a stop signal (its number) or on_tick() is true (0); runs on_hup for SIGHUP."""
-        while True:
-            while self.hups:
-                self.hups.pop()
-                on_hup()
-            if self.stops:
-                return self.stops[0]
-            if on_tick is not None and on_tick():
-                return 0
-            time.sleep(self.POLL_SECONDS)
-
-
 def serve(config: Config, config_path: str | None = None) -> int:
     """Run until SIGTERM/SIGINT. With workers > 1, supervise that many serving processes."""
     if config.server.workers > 1 and WORKER_ENV not in os.environ:
@@ -229,8 +188,6 @@ def _serve(config: Config, indexer: IndexerProcess | None, cpu: int | None = Non
     cpu = affinity.pin_worker(config.server.cpu_affinity, int(worker) if worker else None, cpu)
     server = Server(config)
     # The authorization server (HTTP, its own port) runs in one process only: worker 0.
-    from policyd.oauth.server import start_authorization_server
-
     oauth = None
     if os.environ.get(WORKER_ENV, "0") == "0":
         oauth = start_authorization_server(config)
@@ -285,81 +242,6 @@ def _maintain(server: Server) -> None:
             store.purge_expired_revocations(time.time(), config.tokens.leeway_seconds)
         except (PolicydError, sqlite3.Error) as exc:
             log.warning("maintenance failed: %s", exc)
-
-
-class IndexerProcess:
-    """`policyd audit index --follow` beside the serving process(es): it moves the audit
-    records from their journals into the audit file (journal.py). Restarted if it exits;
-    stopped after the servers, so that its last pass indexes everything they wrote."""
-
-    RESTART_SECONDS = 1.0
-
-    def __init__(self, command: list[str], cpus: set[int]) -> None:
-        self.command = command
-        self.process: subprocess.Popen[bytes] | None = None
-        self.next_start = 0.0
-        # Where the indexer runs, whenever it is (re)started: the CPUs no serving process
-        # is pinned to (affinity.spare), so that it never takes a serving core.
-        self.cpus = set(cpus)
-
-    @classmethod
-    def start_for(
-        cls, config: Config, config_path: str | None, cpus: set[int]
-    ) -> IndexerProcess | None:
-        """Index what journals of ended servers left (before serving), then start one."""
-        if not config.audit.enabled:
-            return None
-        a = config.audit
-        try:
-            indexer = Indexer(a.path, load_key(a.key_file, create=True), a.sync)
-        except sqlite3.Error as exc:
-            raise ConfigError(f"audit.path: cannot open {a.path}: {exc}") from None
-        try:
-            found = indexer.run_once()
-        except (sqlite3.Error, OSError) as exc:
-            raise PolicydError(f"cannot index the audit journals: {exc}") from None
-        finally:
-            indexer.close()
-        if found:
-            log.warning("indexed %d audit records left in journals by an ended server", found)
-        command = [sys.executable, "-m", "policyd"]
-        if config_path:
-            command += ["--config", config_path]
-        process = cls([*command, "audit", "index", "--follow"], cpus)
-        process.start()
-        return process
-
-    def start(self) -> None:
-        # Its own session: a Ctrl-C or a service manager's signal to the server's process
-        # group must not stop it before the server has drained (stop() stops it after).
-        cpus = ",".join(map(str, sorted(self.cpus)))
-        env = dict(os.environ, **{INDEXER_ENV: f"{os.getpid()}:{cpus}"})
-        self.process = subprocess.Popen(self.command, env=env, start_new_session=True)
-        with contextlib.suppress(OSError, ValueError):  # it also does so itself, once started
-            os.sched_setaffinity(self.process.pid, self.cpus)
-        self.next_start = time.monotonic() + self.RESTART_SECONDS
-
-    def keep_running(self) -> None:
-        """(On each Signals tick.) Restart the indexer if it exited."""
-        process = self.process
-        if (
-            process is not None
-            and process.poll() is not None
-            and time.monotonic() >= self.next_start
-        ):
-            log.error("the audit indexer exited (%s); restarting it", process.returncode)
-            self.start()
-
-    def stop(self, timeout: float = 30.0) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            log.error("the audit indexer did not stop in %g s; killing it", timeout)
-            self.process.kill()
-            self.process.wait()
 
 
 def _supervise(config: Config, config_path: str | None) -> int:
