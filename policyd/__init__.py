@@ -1,6 +1,6 @@
 """policyd: the authorization decision service for the data hub.
 
-The core (`engine.decide`) is plain Python over plain data; gRPC, Envoy, ASGI and the CLI
+The core (`decision.engine`: decide) is plain Python over plain data; gRPC, Envoy, ASGI and the CLI
 are doors into it. See docs/architecture.md.
 """
 

@@ -1,1 +1,4 @@
-"""Envoy ext_authz v3 adapter: the servicer and a sample envoy.yaml (docs/envoy.md)."""
+"""Envoy: sample envoy*.yaml files and config.py, which writes Envoy configs (docs/envoy.md).
+
+The ext_authz doors themselves (gRPC and HTTP) are served by `policyd serve`: policyd/doors/.
+"""

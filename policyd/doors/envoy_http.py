@@ -1,6 +1,6 @@
 """Envoy's ext_authz over HTTP (`http_service`): a small HTTP/1.1 keep-alive door.
 
-The gRPC door (servicer.py) costs more CPU in grpcio's HTTP/2 stack, and in Envoy's gRPC
+The gRPC door (envoy_servicer.py) costs more CPU in grpcio's HTTP/2 stack, and in Envoy's gRPC
 client, than the decision itself (docs/benchmarks.md). In `http_service` mode Envoy sends
 the check as a plain HTTP/1.1 request instead: the original method, `path_prefix` + the
 original path (with its query), the headers of `allowed_headers` (`authorization`,
