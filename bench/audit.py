@@ -30,7 +30,8 @@ from typing import Any
 
 from bench.procs import ROOT
 from policyd.audit.journal import AuditLog, Indexer
-from policyd.audit.records import AuditReader, AuditRecord, Query, load_key, open_log_file
+from policyd.audit.reader import AuditReader, Query
+from policyd.audit.records import AuditRecord, load_key, open_log_file
 from policyd.core.ids import new_id
 
 DAYS = 30

@@ -17,7 +17,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from policyd.audit.records import AuditReader, AuditRecord, Query
+from policyd.audit.reader import AuditReader, Query
+from policyd.audit.records import AuditRecord
 from policyd.config import Config, load_config
 from policyd.core.model import Access
 from policyd.decision.tokens import issue_token

@@ -25,13 +25,12 @@ import pytest
 
 from policyd.audit import journal as journal_module
 from policyd.audit.journal import JOURNAL_SUFFIX, AuditLog, Indexer, LineTemplate
+from policyd.audit.reader import AuditReader, Query, prune, verify
 from policyd.audit.records import (
     CANONICAL,
     FIELDS,
-    AuditReader,
     AuditRecord,
     AuditUnavailable,
-    Query,
     chain_hash,
     fields_of_line,
     journal_dir,
@@ -39,9 +38,7 @@ from policyd.audit.records import (
     load_key,
     masked_path,
     open_log_file,
-    prune,
     record_for,
-    verify,
 )
 from policyd.cli import main
 from policyd.core.ids import new_id

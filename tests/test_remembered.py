@@ -15,7 +15,7 @@ import pytest
 
 from policyd.audit import journal as journal_module
 from policyd.audit.journal import AuditLog, Indexer
-from policyd.audit.records import AuditReader, Query
+from policyd.audit.reader import AuditReader, Query
 from policyd.core.model import MAX_PLAIN_KEY, Access, ActionTarget, CheckInput, Decision, HttpTarget
 from policyd.core.policy import load_policy
 from policyd.core.reasons import Reason

@@ -1,1 +1,2 @@
-"""The audit log: records and their hash chain (records), the writer and indexer (journal)."""
+"""The audit log: records and their hash chain (records), reading (reader), the writer and
+indexer (journal)."""

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from policyd.audit.reader import prune
 from policyd.audit.records import (
     CANONICAL,
     AuditRecord,
@@ -58,7 +59,6 @@ from policyd.audit.records import (
     journal_dir,
     json_string,
     open_log_file,
-    prune,
 )
 from policyd.store.sqlite import transaction
 

@@ -19,16 +19,9 @@ from typing import Any, TypeVar
 import click
 
 from policyd.audit.journal import Indexer
-from policyd.audit.records import (
-    FIELDS,
-    AuditReader,
-    Query,
-    StoredRecord,
-    load_key,
-    open_log_file,
-    prune,
-)
-from policyd.audit.records import follow as follow_records
+from policyd.audit.reader import AuditReader, Query, prune
+from policyd.audit.reader import follow as follow_records
+from policyd.audit.records import FIELDS, StoredRecord, load_key, open_log_file
 from policyd.cli.context import Context, pass_ctx
 from policyd.core.errors import InvalidInput
 from policyd.core.reasons import Reason
