@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import jwt
 import pytest
 
 from policyd.oauth.passwords import verify_password
@@ -162,6 +163,10 @@ def test_settings_lists_revokes_and_disconnects(
     assert refresh(base, "app1", tokens["refresh_token"], secret).json()["error"] == (
         "invalid_grant"
     )
+    # As `policyd consents revoke` does (Store.disconnect): the pair's access tokens too.
+    jti = jwt.decode(tokens["access_token"], options={"verify_signature": False})["jti"]
+    revoked = home.store.conn().execute("SELECT 1 FROM revoked_tokens WHERE jti = ?", (jti,))
+    assert revoked.fetchone() is not None
     assert "App One is disconnected" in browser.http.get(reply.headers["location"]).text
 
 

@@ -23,7 +23,9 @@ from sqlite_utils import Database
 
 from policyd.core.errors import NotFound
 from policyd.core.model import Access
+from policyd.oauth.storage import OAuthStorage
 from policyd.store.facts import Facts
+from policyd.store.families import revoke_pair_families
 from policyd.store.keys import KeyRing
 from policyd.store.migrations import DECISION_TABLES, migrations
 from policyd.store.sqlite import Store
@@ -173,6 +175,7 @@ STORE_WRITES: dict[str, Callable[[Home], Any]] = {
     "remove_user_access": lambda h: h.store.remove_user_access("alice", "ds-c"),
     "set_consent": lambda h: h.store.set_consent("bob", "app1", ["UserInfo"]),
     "revoke_consent": lambda h: h.store.revoke_consent("alice", "app1"),
+    "disconnect": lambda h: h.store.disconnect("alice", "app1"),
     "add_grant": lambda h: h.store.add_grant("alice", "app1", "ds-c", Access.READ),
     "replace_grant": lambda h: h.store.add_grant("alice", "app1", "ds-a", Access.READ),
     "revoke_grant": lambda h: h.store.revoke_grant("alice", "app1", "ds-a"),
@@ -321,6 +324,153 @@ def test_revoking_a_consent_revokes_only_that_pairs_grants(seeded: Home) -> None
     assert [c["client_id"] for c in s.list_consents("alice")] == ["app-off"]
     with pytest.raises(NotFound):
         s.revoke_consent("alice", "app1")
+
+
+# -- disconnect: one transaction --------------------------------------------------------
+
+# The pair (alice, app1) as any reader sees it, in one statement (one read snapshot): the
+# generation, its consent, live grants, live token families and refresh tokens, and
+# whether its access token's id is revoked.
+_PAIR_STATE = (
+    "SELECT (SELECT value FROM generation),"
+    " (SELECT count(*) FROM consents WHERE user_id = 'alice' AND client_id = 'app1'),"
+    " (SELECT count(*) FROM grants WHERE user_id = 'alice' AND client_id = 'app1'"
+    "  AND revoked_at IS NULL),"
+    " (SELECT count(*) FROM oauth_families WHERE user_id = 'alice' AND client_id = 'app1'"
+    "  AND revoked_at IS NULL),"
+    " (SELECT count(*) FROM oauth_refresh_tokens r JOIN oauth_families f USING (family_id)"
+    "  WHERE f.user_id = 'alice' AND f.client_id = 'app1' AND r.revoked_at IS NULL),"
+    " (SELECT count(*) FROM revoked_tokens WHERE jti = 'jti-pair')"
+)
+_CONNECTED = (1, 2, 1, 1, 0)  # consent, live grants, families, refresh tokens, jti revoked
+_DISCONNECTED = (0, 0, 0, 0, 1)
+
+
+def _with_token_family(home: Home) -> None:
+    """alice's app1 pair also holds a token family: an access token id and a refresh token."""
+    storage = OAuthStorage(home.store)
+    family = storage.save_code(
+        "code-1",
+        client_id="app1",
+        user_id="alice",
+        redirect_uri="https://app1.test/cb",
+        scopes=["UserInfo"],
+        data_sources=[],
+        code_challenge="challenge",
+        code_challenge_method="S256",
+        ttl_seconds=60,
+    )
+    assert storage.save_tokens(
+        family,
+        jti="jti-pair",
+        access_expires_at=time.time() + 3600,
+        refresh_token="refresh-1",
+        scopes=["UserInfo"],
+        refresh_ttl_seconds=3600,
+    )
+
+
+class _Observer:
+    """Every time the store's connection starts a statement, reads the pair's state
+    through a connection of its own: what any other reader could see at that moment."""
+
+    def __init__(self, db: Path) -> None:
+        self.conn = _raw(db)
+        self.statements: list[str] = []
+        self.seen: list[tuple[int, ...]] = []
+        self.errors: list[BaseException] = []
+
+    def state(self) -> tuple[int, ...]:
+        return tuple(self.conn.execute(_PAIR_STATE).fetchone())
+
+    def __call__(self, sql: str) -> None:
+        self.statements.append(sql)
+        try:
+            self.seen.append(self.state())
+        except BaseException as exc:  # sqlite3 swallows a trace callback's exceptions
+            self.errors.append(exc)
+
+    def watch(self, store: Store, write: Callable[[], Any]) -> None:
+        store.conn().set_trace_callback(self)
+        try:
+            write()
+        finally:
+            store.conn().set_trace_callback(None)
+        assert self.errors == []
+
+
+def _transactions(statements: list[str]) -> list[str]:
+    return [s for s in statements if s.split()[0] in ("BEGIN", "COMMIT", "ROLLBACK")]
+
+
+def test_disconnect_is_one_transaction_no_reader_sees_a_part_of_it(seeded: Home) -> None:
+    _with_token_family(seeded)
+    observer = _Observer(_db(seeded))
+    before = observer.state()
+    assert before[1:] == _CONNECTED
+
+    # A reader polling from another thread the whole time, as well as one at every step.
+    polled: list[tuple[int, ...]] = []
+    stop = threading.Event()
+
+    def poll() -> None:
+        conn = _raw(_db(seeded))
+        try:
+            while not stop.is_set() or len(polled) < 2:
+                polled.append(tuple(conn.execute(_PAIR_STATE).fetchone()))
+        finally:
+            conn.close()
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        while not polled:
+            time.sleep(0.001)
+        done = []
+        observer.watch(seeded.store, lambda: done.append(seeded.store.disconnect("alice", "app1")))
+    finally:
+        stop.set()
+        poller.join(10)
+    after = observer.state()
+
+    assert done[0].consent and (done[0].grants, done[0].families) == (2, 1)
+    assert after[1:] == _DISCONNECTED
+    assert after[0] > before[0] + 1  # several rows changed, each bumping the generation...
+    assert set(observer.seen) | set(polled) <= {before, after}  # ...seen all at once or not
+    assert _transactions(observer.statements) == ["BEGIN IMMEDIATE", "COMMIT"]
+
+
+def test_the_observer_would_see_a_disconnect_split_into_two_transactions(seeded: Home) -> None:
+    """The check above is not vacuous: the old way (consent and grants, then families)
+    lets a reader see the consent gone while the token family still lives."""
+    _with_token_family(seeded)
+    observer = _Observer(_db(seeded))
+    before = observer.state()
+
+    def in_two() -> None:
+        with seeded.store.write() as conn:
+            conn.execute("DELETE FROM consents WHERE user_id = 'alice' AND client_id = 'app1'")
+            conn.execute("UPDATE grants SET revoked_at = 1 WHERE user_id = 'alice'")
+        with seeded.store.write() as conn:
+            revoke_pair_families(conn, "alice", "app1", time.time())
+
+    observer.watch(seeded.store, in_two)
+    after = observer.state()
+    assert after[1:] == _DISCONNECTED
+    assert [s[1:] for s in set(observer.seen) - {before, after}] == [(0, 0, 1, 1, 0)]
+
+
+def test_disconnect_takes_what_a_pair_holds_even_without_a_consent(seeded: Home) -> None:
+    s = seeded.store
+    s.add_grant("bob", "app1", "ds-a", Access.READ)  # a grant without a consent
+    with pytest.raises(NotFound):
+        s.disconnect("bob", "app1", missing_ok=False)
+    assert [g.data_source for g in s.list_grants("bob", "app1")] == ["ds-a"]  # untouched
+    done = s.disconnect("bob", "app1")
+    assert (done.consent, done.grants, done.families) == (False, 1, 0)
+    assert s.list_grants("bob", "app1") == []
+    again = s.disconnect("bob", "app1")
+    assert (again.consent, again.grants, again.families) == (False, 0, 0)
 
 
 # -- client secrets ---------------------------------------------------------------------

@@ -6,7 +6,6 @@ import click
 
 from policyd.cli.context import Context, access_option_callback, emit, json_option, pass_ctx, when
 from policyd.core.model import Access
-from policyd.oauth.storage import OAuthStorage
 
 
 @click.group()
@@ -42,10 +41,10 @@ def consents_list(obj: Context, user_id: str | None, client_id: str | None, as_j
 def consents_revoke(obj: Context, user_id: str, client_id: str) -> None:
     """Revoke a consent, the pair's grants and refresh tokens (like Disconnect on the
     Connected apps page); the app's next request is denied."""
-    n = obj.store.revoke_consent(user_id, client_id)
-    families = OAuthStorage(obj.store).revoke_pair(user_id, client_id)
+    done = obj.store.disconnect(user_id, client_id, missing_ok=False)
+    families = done.families
     click.echo(
-        f"revoked consent of {user_id} for {client_id}, {n} grant(s)"
+        f"revoked consent of {user_id} for {client_id}, {done.grants} grant(s)"
         f" and {families} refresh-token famil{'y' if families == 1 else 'ies'}"
     )
 

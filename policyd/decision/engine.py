@@ -15,6 +15,9 @@ order and the first that fails decides the reason code:
     and still accessible to the user at that level;
  9. the rule's allow/deny conditions (CEL, policy files), only for rules that have them.
 
+Checks 3 to 5 are one function, liveness.principal_denial, which token introspection asks
+too: RFC 7662 `active` and these decisions cannot disagree.
+
 The policy (route table, scopes, compiled conditions, version) is one immutable object in
 one attribute: a decision reads it once, so a reload that swaps it mid-request never mixes
 two versions in one decision. `explain` runs the same code with a trace of every check.
@@ -57,6 +60,7 @@ from policyd.core.routes import (
     extract_with_sources,
     split_path,
 )
+from policyd.decision.liveness import principal_denial
 from policyd.decision.tokens import Verifier
 from policyd.store.facts import Facts, View
 
@@ -312,22 +316,10 @@ class Engine:
 
     @staticmethod
     def _check_principal(view: View, p: Principal, trace: Trace | None) -> None:
-        if view.token_revoked(p.jti):
-            raise Denied(Reason.TOKEN_REVOKED, "token has been revoked")
-        app = view.app(p.client_id)
-        if app is None:
-            raise Denied(Reason.APP_UNKNOWN, f"app {p.client_id[:80]!r} is not registered")
-        if not app.enabled:
-            raise Denied(Reason.APP_DISABLED, f"app {p.client_id!r} is disabled")
-        consent = view.consent(p.sub, p.client_id)
-        if consent is None:
-            raise Denied(Reason.CONSENT_MISSING, "the user has not consented to this app")
-        missing = [s for s in p.scopes if s not in consent]
-        if missing:
-            raise Denied(
-                Reason.CONSENT_INSUFFICIENT,
-                f"the user's consent does not cover {' '.join(missing)[:200]}",
-            )
+        """Checks 3 to 5, as introspection asks them too (liveness.py)."""
+        denied = principal_denial(view, p)
+        if denied is not None:
+            raise denied
         if trace is not None:
             trace.ok("token id", f"{p.jti} not revoked")
             trace.ok("app", f"{p.client_id} registered and enabled")

@@ -76,15 +76,17 @@ class AuthorizationApp:
         self.prefix = urlsplit(self.issuer).path.rstrip("/")
         o = config.oauth
         settings = token_settings(config)
+        self.facts = Facts(self.store)
         self.server = AuthorizationServer(
             self.store,
+            self.facts,
             keyring(config, self.store),
             settings,
             code_ttl_seconds=o.code_ttl_seconds,
             refresh_ttl_seconds=o.refresh_ttl_seconds,
             scopes=self.scopes,
         )
-        finder = TokenFinder(self.server, Facts(self.store), Verifier(settings))
+        finder = TokenFinder(self.server, self.facts, Verifier(settings))
         self.server.register_endpoint(RevocationEndpoint(finder))
         self.server.register_endpoint(IntrospectionEndpoint(finder))
         self.storage = OAuthStorage(self.store)
@@ -445,6 +447,7 @@ class AuthorizationApp:
             return self._sign_in_redirect(request)
         apps = []
         catalogue = self.scopes()
+        view = self.facts.view()
         for consent in self.store.list_consents(user_id=user):
             try:
                 app = self.store.get_app(consent["client_id"])
@@ -455,7 +458,7 @@ class AuthorizationApp:
                     "client_id": app.client_id,
                     "name": app.name,
                     "scopes": [catalogue.get(s, ScopeInfo(s, s, False)) for s in consent["scopes"]],
-                    "data_sources": live_data_sources(self.store, user, app.client_id),
+                    "data_sources": live_data_sources(view, user, app.client_id),
                 }
             )
         notice = ""
@@ -491,9 +494,7 @@ class AuthorizationApp:
             return self._forbidden(request)
         client_id = form.get("client_id", "")
         if disconnect:
-            with contextlib.suppress(NotFound):
-                self.store.revoke_consent(user, client_id)
-            families = self.storage.revoke_pair(user, client_id)
+            families = self.store.disconnect(user, client_id).families
             log.info("user %s disconnected app %s (%d token families)", user, client_id, families)
             subject = self._app_label(client_id)
             done = "disconnected"

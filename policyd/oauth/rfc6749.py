@@ -30,10 +30,12 @@ from authlib.oauth2.rfc6749.grants import AuthorizationCodeGrant, RefreshTokenGr
 from starlette.responses import JSONResponse, Response
 
 from policyd.core.errors import NotFound
+from policyd.decision.liveness import pair_denial
 from policyd.decision.tokens import TokenSettings, issue_token
 from policyd.oauth.rfc7636 import S256CodeChallenge
 from policyd.oauth.scopes import ScopeInfo
 from policyd.oauth.storage import CodeRow, CodeState, OAuthStorage, RefreshRow, new_secret
+from policyd.store.facts import Facts
 from policyd.store.keys import KeyRing
 from policyd.store.sqlite import App, Store
 
@@ -188,9 +190,9 @@ class RefreshGrant(RefreshTokenGrant):  # type: ignore[misc]
         requested = (self.request.payload.scope or "").split()
         if not set(requested) <= set(row.scopes):
             raise InvalidScopeError()
-        consent = self.server.store.list_consents(row.user_id, row.client_id)
-        if not consent or not set(requested or row.scopes) <= set(consent[0]["scopes"]):
-            return None  # the user took the consent back
+        view = self.server.facts.view()
+        if pair_denial(view, row.user_id, row.client_id, requested or row.scopes) is not None:
+            return None  # the user took the consent back (or the app is off)
         if not storage.rotate_refresh_token(refresh_token):  # lost a race with a reuse
             storage.revoke_family(row.family_id)
             raise InvalidGrantError("The refresh token was used before.")
@@ -209,6 +211,7 @@ class AuthorizationServer(_AuthorizationServer):  # type: ignore[misc]
     def __init__(
         self,
         store: Store,
+        facts: Facts,
         keyring: KeyRing,
         token_settings: TokenSettings,
         *,
@@ -219,6 +222,7 @@ class AuthorizationServer(_AuthorizationServer):  # type: ignore[misc]
         super().__init__()
         self.scopes = scopes
         self.store = store
+        self.facts = facts  # what decisions read; the refresh grant asks liveness.py of it
         self.storage = OAuthStorage(store)
         self.keyring = keyring
         self.token_settings = token_settings

@@ -2,13 +2,15 @@
 
 A confidential app (client_secret_basic or client_secret_post) may introspect its own
 tokens. `active` is true only for a token the hub would accept right now: genuine,
-unexpired, not revoked, its app enabled and its scopes still consented. The answer also
+unexpired, not revoked, its app enabled and its scopes still consented, asked of the
+engine's own checks (liveness.py) on the facts decisions read (facts.py). The answer also
 carries the live grants, as an extension member:
 
     "data_sources": [{"name": "edge-historian", "access": "read"}, ...]
 
-(each grant's level capped at the user's own access), read from the store at the moment
-of the call: grants are not in the token.
+(each grant's level capped at the user's own access: facts.View.shared, from which the
+engine's lists of granted data sources are made), read from the store at the moment of the
+call: grants are not in the token.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from typing import Any
 
 from authlib.oauth2.rfc7662 import IntrospectionEndpoint as _IntrospectionEndpoint
 
-from policyd.core.model import Access
+from policyd.decision.liveness import pair_denial
 from policyd.oauth.rfc6749 import SECRET_METHODS, Client, RefreshToken
 from policyd.oauth.tokens import AccessToken, TokenFinder
+from policyd.store.facts import View
 
 
 class IntrospectionEndpoint(_IntrospectionEndpoint):  # type: ignore[misc]
@@ -40,7 +43,7 @@ class IntrospectionEndpoint(_IntrospectionEndpoint):  # type: ignore[misc]
         return token.client_id == client.client_id
 
     def introspect_token(self, token: AccessToken | RefreshToken) -> dict[str, Any]:
-        server = self.finder.server
+        view = self.finder.facts.view()
         if isinstance(token, AccessToken):
             user_id = token.user_id
             payload: dict[str, Any] = {
@@ -54,7 +57,9 @@ class IntrospectionEndpoint(_IntrospectionEndpoint):  # type: ignore[misc]
         else:
             user_id = token.row.user_id
             payload = {"exp": int(token.row.expires_at)}
-            if token.row.client_id and server.query_client(token.client_id) is None:
+            # A refresh token is live while its app is enabled and its scopes consented,
+            # as the refresh grant requires (its own revocation is RefreshToken.is_revoked).
+            if pair_denial(view, user_id, token.client_id, token.row.scopes) is not None:
                 return {"active": False}
         payload.update(
             {
@@ -63,18 +68,14 @@ class IntrospectionEndpoint(_IntrospectionEndpoint):  # type: ignore[misc]
                 "sub": user_id,
                 "username": user_id,
                 "scope": token.get_scope(),
-                "data_sources": live_data_sources(server.store, user_id, token.client_id),
+                "data_sources": live_data_sources(view, user_id, token.client_id),
             }
         )
         return payload
 
 
-def live_data_sources(store: Any, user_id: str, client_id: str) -> list[dict[str, str]]:
-    """The grants of (user, app) that work now: each at min(grant, the user's own access)."""
-    own = {row["data_source"]: Access.parse(row["role"]) for row in store.list_user_access(user_id)}
-    result = []
-    for grant in store.list_grants(user_id, client_id):
-        role = own.get(grant.data_source)
-        if role is not None:
-            result.append({"name": grant.data_source, "access": min(grant.access, role).label})
-    return result
+def live_data_sources(view: View, user_id: str, client_id: str) -> list[dict[str, str]]:
+    """The `data_sources` member: what (user, app) can use now (facts.View.shared)."""
+    return [
+        {"name": name, "access": level.label} for name, level in view.shared(user_id, client_id)
+    ]

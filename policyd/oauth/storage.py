@@ -6,7 +6,9 @@ entropy). Every code starts a token *family*: the access tokens (by `jti`) and r
 tokens issued from that code and from its refreshes. Revoking a family (refresh-token
 reuse, code replay, disconnecting the app) marks its refresh tokens revoked and writes its
 live access-token ids to `revoked_tokens` in the same transaction, so the very next
-decision denies them.
+decision denies them. Those revoking statements are families.py, shared with
+Store.disconnect, which revokes a pair's families in one transaction with its consent and
+grants.
 
 Local users' passwords are argon2id hashes in `users.password_hash` (passwords.py).
 """
@@ -16,10 +18,10 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-import sqlite3
 import time
 from dataclasses import dataclass
 
+from policyd.store import families
 from policyd.store.sqlite import Store
 
 
@@ -158,7 +160,7 @@ class OAuthStorage:
                 return CodeState.UNKNOWN, None
             if row[9] is not None:
                 # RFC 6749 section 4.1.2: a replayed code SHOULD revoke what it issued.
-                _revoke_family(conn, row[0], now)
+                families.revoke_family(conn, row[0], now)
                 return CodeState.REPLAYED, None
             conn.execute(
                 "UPDATE oauth_codes SET used_at = ? WHERE code_hash = ?", (now, digest(code))
@@ -206,7 +208,7 @@ class OAuthStorage:
             ).fetchone()
             if revoked is None or revoked[0]:
                 # In this transaction, so no moment exists where the token is saved and live.
-                _revoke_family(conn, family_id, now)
+                families.revoke_family(conn, family_id, now)
                 return False
             # Forget ids of access tokens that have expired anyway.
             conn.execute(
@@ -263,23 +265,7 @@ class OAuthStorage:
 
     def revoke_family(self, family_id: str) -> None:
         with self.store.write() as conn:
-            _revoke_family(conn, family_id, time.time())
-
-    def revoke_pair(self, user_id: str, client_id: str) -> int:
-        """Revoke every token family of (user, app). Returns how many were live."""
-        now = time.time()
-        with self.store.write() as conn:
-            families = [
-                r[0]
-                for r in conn.execute(
-                    "SELECT family_id FROM oauth_families WHERE user_id = ? AND client_id = ?"
-                    " AND revoked_at IS NULL",
-                    (user_id, client_id),
-                )
-            ]
-            for family_id in families:
-                _revoke_family(conn, family_id, now)
-        return len(families)
+            families.revoke_family(conn, family_id, time.time())
 
     def access_token_family(self, jti: str) -> str | None:
         row = (
@@ -315,22 +301,3 @@ class OAuthStorage:
     def end_session(self, session_id: str) -> None:
         with self.store.write() as conn:
             conn.execute("DELETE FROM oauth_sessions WHERE session_hash = ?", (digest(session_id),))
-
-
-def _revoke_family(conn: sqlite3.Connection, family_id: str, now: float) -> None:
-    """Inside a write transaction: revoke the family's refresh and live access tokens."""
-    conn.execute(
-        "UPDATE oauth_families SET revoked_at = ? WHERE family_id = ? AND revoked_at IS NULL",
-        (now, family_id),
-    )
-    conn.execute(
-        "UPDATE oauth_refresh_tokens SET revoked_at = ? WHERE family_id = ? AND revoked_at IS NULL",
-        (now, family_id),
-    )
-    # The same row Store.revoke_token writes, here in the family's transaction.
-    conn.execute(
-        "INSERT INTO revoked_tokens (jti, expires_at, revoked_at)"
-        " SELECT jti, expires_at, ? FROM oauth_access_tokens"
-        " WHERE family_id = ? AND expires_at > ? ON CONFLICT (jti) DO NOTHING",
-        (now, family_id, now - 300),  # past any verifier's leeway: expired for good
-    )

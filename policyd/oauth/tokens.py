@@ -1,4 +1,8 @@
-"""Finding a presented token, of either kind, for revocation and introspection."""
+"""Finding a presented token, of either kind, for revocation and introspection.
+
+Whether an access token is still live is asked of liveness.principal_denial, on the facts
+the decisions read (facts.py), so introspection answers exactly as the hub decides.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from policyd.decision.tokens import TokenError, Verifier
+from policyd.decision.liveness import principal_denial
+from policyd.decision.tokens import TokenError, VerifiedToken, Verifier
 from policyd.oauth.rfc6749 import AuthorizationServer, Client, RefreshToken
 from policyd.store.facts import Facts
 
@@ -14,11 +19,12 @@ from policyd.store.facts import Facts
 class AccessToken:
     """A genuine, unexpired access token of ours (an RFC 9068 JWT)."""
 
-    def __init__(self, claims: dict[str, Any], server: AuthorizationServer) -> None:
-        self.claims = claims
-        self.client_id: str = claims["client_id"]
-        self.user_id: str = claims["sub"]
-        self._server = server
+    def __init__(self, verified: VerifiedToken, facts: Facts) -> None:
+        self.claims: dict[str, Any] = verified.claims
+        self.principal = verified.principal
+        self.client_id: str = verified.principal.client_id
+        self.user_id: str = verified.principal.sub
+        self._facts = facts
 
     def check_client(self, client: Client) -> bool:
         return self.client_id == client.client_id
@@ -30,15 +36,9 @@ class AccessToken:
         return float(self.claims["exp"]) <= time.time()
 
     def is_revoked(self) -> bool:
-        """Revoked, or no longer usable: the app disabled or the consent taken back."""
-        store = self._server.store
-        revoked = store.conn().execute(
-            "SELECT 1 FROM revoked_tokens WHERE jti = ?", (self.claims["jti"],)
-        )
-        if revoked.fetchone() is not None or self._server.query_client(self.client_id) is None:
-            return True
-        consents = store.list_consents(self.user_id, self.client_id)
-        return not consents or not set(self.get_scope().split()) <= set(consents[0]["scopes"])
+        """No longer live: its id revoked, its app unknown or disabled, or its scopes no
+        longer consented (the engine's checks 3 to 5)."""
+        return principal_denial(self._facts.view(), self.principal) is not None
 
 
 class TokenFinder:
@@ -68,7 +68,7 @@ class TokenFinder:
             verified = self.verifier.verify(self.facts.view(), value)
         except TokenError:
             return None  # not ours, altered, or expired: nothing to revoke or report
-        return AccessToken(verified.claims, self.server)
+        return AccessToken(verified, self.facts)
 
     def _refresh(self, value: str) -> RefreshToken | None:
         row = self.server.storage.refresh_token(value)

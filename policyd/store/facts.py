@@ -225,10 +225,13 @@ class View:
             except sqlite3.Error as exc:
                 raise StoreUnavailable(f"store unreadable: {exc}") from exc
             value = None if row is None else convert(row)
-            if len(self._rows) >= self._limit:
-                self._rows.clear()
-            self._rows[key] = value
+            self._put(key, value)
         return value
+
+    def _put(self, key: tuple[str, ...], value: Any) -> None:
+        if len(self._rows) >= self._limit:
+            self._rows.clear()
+        self._rows[key] = value
 
     def app(self, client_id: str) -> AppFacts | None:
         return self._one(  # type: ignore[no-any-return]
@@ -262,19 +265,29 @@ class View:
             lambda r: _ACCESS[r[0]],
         )
 
-    def granted(self, user_id: str, client_id: str, need: Access) -> tuple[str, ...]:
-        """Data sources granted to the app at `need` or more that the user still reaches."""
-        key = ("granted", user_id, client_id, need.label)
+    def shared(self, user_id: str, client_id: str) -> tuple[tuple[str, Access], ...]:
+        """The data sources the app can use for the user now, each at the level it can use:
+        its live grant capped at the user's own access (none without that access); by name.
+        Token introspection and the Connected apps page report this."""
+        key = ("shared", user_id, client_id)
         value = self._rows.get(key, _MISSING)
         if value is _MISSING:
             try:
                 rows = self._conn.execute(_GRANTED_LIST, (user_id, client_id)).fetchall()
             except sqlite3.Error as exc:
                 raise StoreUnavailable(f"store unreadable: {exc}") from exc
-            value = tuple(
-                ds for ds, access, role in rows if _ACCESS[access] >= need and _ACCESS[role] >= need
-            )
-            self._rows[key] = value
+            value = tuple((ds, min(_ACCESS[access], _ACCESS[role])) for ds, access, role in rows)
+            self._put(key, value)
+        return value  # type: ignore[no-any-return]
+
+    def granted(self, user_id: str, client_id: str, need: Access) -> tuple[str, ...]:
+        """Data sources granted to the app at `need` or more that the user still reaches at
+        `need` (those `shared` at `need` or more)."""
+        key = ("granted", user_id, client_id, need.label)
+        value = self._rows.get(key, _MISSING)
+        if value is _MISSING:
+            value = tuple(ds for ds, level in self.shared(user_id, client_id) if level >= need)
+            self._put(key, value)
         return value  # type: ignore[no-any-return]
 
     def data_source_labels(self, name: str) -> dict[str, str]:

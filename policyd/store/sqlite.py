@@ -29,6 +29,7 @@ from sqlite_utils import Database
 from policyd.core.errors import Conflict, InvalidInput, NotFound, StoreUnavailable
 from policyd.core.files import create_private
 from policyd.core.model import Access
+from policyd.store.families import revoke_pair_families
 from policyd.store.migrations import migrations
 
 BUSY_TIMEOUT_MS = 5000
@@ -76,6 +77,15 @@ class Grant:
             "granted_at": self.granted_at,
             "revoked_at": self.revoked_at,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnected:
+    """What Store.disconnect took away from (user, app)."""
+
+    consent: bool  # there was a consent
+    grants: int  # live grants revoked
+    families: int  # live token families revoked
 
 
 @dataclass(frozen=True, slots=True)
@@ -411,20 +421,33 @@ class Store:
             for r in rows
         ]
 
-    def revoke_consent(self, user_id: str, client_id: str) -> int:
-        """Remove the consent and revoke the pair's live grants. Returns grants revoked."""
+    def disconnect(self, user_id: str, client_id: str, *, missing_ok: bool = True) -> Disconnected:
+        """Disconnect an app from a user: remove the consent, revoke the pair's live grants
+        and its live token families (their refresh tokens, and their access tokens' ids
+        into revoked_tokens), in one transaction, so that no reader ever sees a part of it
+        done (say, the consent gone and a grant still live). With `missing_ok` false, a
+        pair without a consent is NotFound and nothing changes."""
+        now = time.time()
         with self.write() as conn:
             cur = conn.execute(
                 "DELETE FROM consents WHERE user_id = ? AND client_id = ?", (user_id, client_id)
             )
-            if cur.rowcount == 0:
+            if cur.rowcount == 0 and not missing_ok:
                 raise NotFound(f"no consent of user {user_id!r} for app {client_id!r}")
+            consent = cur.rowcount > 0
             cur = conn.execute(
                 "UPDATE grants SET revoked_at = ? WHERE user_id = ? AND client_id = ?"
                 " AND revoked_at IS NULL",
-                (time.time(), user_id, client_id),
+                (now, user_id, client_id),
             )
-            return cur.rowcount
+            grants = cur.rowcount
+            families = revoke_pair_families(conn, user_id, client_id, now)
+        return Disconnected(consent, grants, families)
+
+    def revoke_consent(self, user_id: str, client_id: str) -> int:
+        """`disconnect`, refusing a pair without a consent (NotFound). Returns the number
+        of grants revoked."""
+        return self.disconnect(user_id, client_id, missing_ok=False).grants
 
     # -- grants ------------------------------------------------------------------------
 
