@@ -8,6 +8,7 @@ source, at a level, exactly when the engine allows reading it (and writing it, a
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,3 +176,20 @@ def test_a_refresh_token_introspects_inactive_once_the_refresh_grant_would_refus
     assert hub.introspect(tokens["access_token"]) == {"active": False}
     reply = refresh(hub.base, "app1", tokens["refresh_token"], hub.secret)
     assert (reply.status_code, reply.json()["error"]) == (400, "invalid_grant")
+
+
+@pytest.mark.parametrize(("past_exp", "active"), [(10.0, True), (40.0, False)])
+def test_introspection_calls_a_token_expired_when_the_hub_does(
+    hub: Hub, past_exp: float, active: bool
+) -> None:
+    """The engine accepts a token until exp plus the verifier's leeway (30 s); introspection
+    used exp alone, and said inactive while the hub still let the token in."""
+    leeway = hub.home.config.tokens.leeway_seconds
+    assert 10.0 < leeway < 40.0
+    ttl = 60
+    token = hub.home.token(client_id="app1", ttl_seconds=ttl, now=time.time() - ttl - past_exp)
+    info = hub.introspect(token)
+    decision = hub.check(token, "GET", "/api/user/me")
+    assert (info["active"], decision.allowed) == (active, active), (info, decision)
+    if not active:
+        assert decision.reason is Reason.TOKEN_EXPIRED

@@ -19,12 +19,14 @@ from policyd.store.facts import Facts
 class AccessToken:
     """A genuine, unexpired access token of ours (an RFC 9068 JWT)."""
 
-    def __init__(self, verified: VerifiedToken, facts: Facts) -> None:
+    def __init__(self, verified: VerifiedToken, facts: Facts, leeway_seconds: float) -> None:
         self.claims: dict[str, Any] = verified.claims
         self.principal = verified.principal
         self.client_id: str = verified.principal.client_id
         self.user_id: str = verified.principal.sub
         self._facts = facts
+        # Until when the hub accepts it: the verifier's rule (tokens.py), exp plus its leeway.
+        self._until = float(self.claims["exp"]) + leeway_seconds
 
     def check_client(self, client: Client) -> bool:
         return self.client_id == client.client_id
@@ -33,7 +35,7 @@ class AccessToken:
         return str(self.claims.get("scope", ""))
 
     def is_expired(self) -> bool:
-        return float(self.claims["exp"]) <= time.time()
+        return self._until <= time.time()
 
     def is_revoked(self) -> bool:
         """No longer live: its id revoked, its app unknown or disabled, or its scopes no
@@ -68,7 +70,7 @@ class TokenFinder:
             verified = self.verifier.verify(self.facts.view(), value)
         except TokenError:
             return None  # not ours, altered, or expired: nothing to revoke or report
-        return AccessToken(verified, self.facts)
+        return AccessToken(verified, self.facts, self.verifier.settings.leeway_seconds)
 
     def _refresh(self, value: str) -> RefreshToken | None:
         row = self.server.storage.refresh_token(value)
