@@ -440,6 +440,72 @@ def test_disconnect_is_one_transaction_no_reader_sees_a_part_of_it(seeded: Home)
     assert _transactions(observer.statements) == ["BEGIN IMMEDIATE", "COMMIT"]
 
 
+_APPROVAL_STATE = (
+    "SELECT (SELECT scopes FROM consents WHERE user_id = 'alice' AND client_id = 'app1'),"
+    " (SELECT group_concat(data_source || ':' || access || ':' || id, ' ') FROM"
+    " (SELECT data_source, access, id FROM grants WHERE user_id = 'alice'"
+    " AND client_id = 'app1' AND revoked_at IS NULL ORDER BY data_source))"
+)
+
+
+class _ApprovalObserver(_Observer):
+    """As _Observer, over the pair's consent and live grants (scopes; source:level:id)."""
+
+    def state(self) -> tuple[Any, ...]:
+        return tuple(self.conn.execute(_APPROVAL_STATE).fetchone())
+
+
+def test_an_approval_is_one_transaction_no_reader_sees_the_new_consent_beside_an_old_grant(
+    seeded: Home,
+) -> None:
+    """The consent screen's Allow (Store.approve). Written as a consent and then one write
+    per grant, a reader could see the new consent (say, DataWrite newly approved) beside a
+    write grant the same Allow takes away: an allow that neither choice gives."""
+    observer = _ApprovalObserver(_db(seeded))
+    before: tuple[Any, ...] = observer.state()
+    assert before[0] == "UserInfo DataRead DataWrite"
+    kept = next(g for g in seeded.store.list_grants("alice", "app1") if g.data_source == "ds-b")
+    observer.watch(
+        seeded.store,
+        lambda: seeded.store.approve(
+            "alice", "app1", ["UserInfo", "DataRead"], {"ds-b": Access.READ, "ds-c": Access.READ}
+        ),
+    )
+    after: tuple[Any, ...] = observer.state()
+    live = {g.data_source: g for g in seeded.store.list_grants("alice", "app1")}
+    assert sorted(live) == ["ds-b", "ds-c"] and live["ds-b"].id == kept.id  # kept, not rewritten
+    assert after[0] == "UserInfo DataRead"
+    assert set(observer.seen) <= {before, after}
+    assert _transactions(observer.statements) == ["BEGIN IMMEDIATE", "COMMIT"]
+
+
+def test_the_observer_would_see_an_approval_written_as_several_transactions(
+    seeded: Home,
+) -> None:
+    """The check above is not vacuous: the old way (the consent, then each grant) shows a
+    reader the new consent beside the grant about to be taken away."""
+    observer = _ApprovalObserver(_db(seeded))
+    before: tuple[Any, ...] = observer.state()
+
+    def old_way() -> None:
+        store = seeded.store
+        store.set_consent("alice", "app1", ["UserInfo", "DataRead"])
+        store.revoke_grant("alice", "app1", "ds-a")
+        store.add_grant("alice", "app1", "ds-c", Access.READ)
+
+    observer.watch(seeded.store, old_way)
+    after: tuple[Any, ...] = observer.state()
+    assert set(observer.seen) - {before, after}
+    assert len(_transactions(observer.statements)) == 6
+
+
+def test_an_approval_without_data_sources_leaves_the_grants_as_they_are(seeded: Home) -> None:
+    grants = seeded.store.list_grants("alice", "app1")
+    seeded.store.approve("alice", "app1", ["UserInfo"], None)
+    assert seeded.store.list_consents("alice", "app1")[0]["scopes"] == ["UserInfo"]
+    assert seeded.store.list_grants("alice", "app1") == grants
+
+
 def test_the_observer_would_see_a_disconnect_split_into_two_transactions(seeded: Home) -> None:
     """The check above is not vacuous: the old way (consent and grants, then families)
     lets a reader see the consent gone while the token family still lives."""

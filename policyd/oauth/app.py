@@ -311,9 +311,9 @@ class AuthorizationApp:
         )
 
     def _approve(self, grant: Any, user: str, ticked: list[str], form: Any) -> Approval | None:
-        """Write what the user chose: the consent, and, when the page listed data sources,
-        exactly the ticked grants (an unticked one is taken away; a page that listed none
-        leaves the grants as they are)."""
+        """Write what the user chose, in one transaction (Store.approve): the consent, and,
+        when the page listed data sources, exactly the ticked grants (an unticked one is
+        taken away; a page that listed none leaves the grants as they are)."""
         client_id = grant.request.client.client_id
         offered = self._offered(grant)
         scopes = [s for s in offered if s.name in ticked]
@@ -325,16 +325,10 @@ class AuthorizationApp:
         if data_scopes:
             chosen = [d for d in dict.fromkeys(form.getlist("data_source")) if d in own]
         level = max((s.access for s in data_scopes), default=Access.READ)
-        self.store.set_consent(user, client_id, [s.name for s in scopes])
+        grants = None
         if any(s.needs_grants for s in offered):  # the page asked which data sources
-            live = {g.data_source: g.access for g in self.store.list_grants(user, client_id)}
-            for name in live:
-                if name not in chosen:
-                    self.store.revoke_grant(user, client_id, name)
-            for name in chosen:
-                access = min(level, own[name])
-                if live.get(name) != access:  # a grant kept as it was is not rewritten
-                    self.store.add_grant(user, client_id, name, access)
+            grants = {name: min(level, own[name]) for name in chosen}
+        self.store.approve(user, client_id, [s.name for s in scopes], grants)
         return Approval(user, tuple(s.name for s in scopes), tuple(chosen))
 
     # -- token, revocation, introspection ---------------------------------------------

@@ -18,7 +18,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -392,14 +392,47 @@ class Store:
             raise InvalidInput(
                 f"app {client_id!r} is not registered for scope(s) {', '.join(sorted(extra))}"
             )
+        with self.write() as conn:
+            _write_consent(conn, user_id, client_id, scopes, time.time())
+
+    def approve(
+        self,
+        user_id: str,
+        client_id: str,
+        scopes: list[str],
+        grants: Mapping[str, Access] | None,
+    ) -> None:
+        """What the consent screen's Allow writes, in one transaction: the consent and, when
+        `grants` is given (the screen listed data sources), exactly those live grants: the
+        others revoked, each kept as it is when its level is unchanged. Never a moment where
+        a reader sees the new consent beside a grant the user has just taken away."""
+        self._require("users", "user_id", user_id, "user")
+        app = self.get_app(client_id)
+        extra = set(scopes) - set(app.allowed_scopes)
+        if extra:
+            raise InvalidInput(
+                f"app {client_id!r} is not registered for scope(s) {', '.join(sorted(extra))}"
+            )
+        for name in grants or {}:
+            self._require("data_sources", "name", name, "data source")
         now = time.time()
         with self.write() as conn:
-            conn.execute(
-                "INSERT INTO consents (user_id, client_id, scopes, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (user_id, client_id)"
-                " DO UPDATE SET scopes = excluded.scopes, updated_at = excluded.updated_at",
-                (user_id, client_id, " ".join(scopes), now, now),
+            _write_consent(conn, user_id, client_id, scopes, now)
+            if grants is None:
+                return
+            live = dict(
+                conn.execute(
+                    "SELECT data_source, access FROM grants WHERE user_id = ? AND client_id = ?"
+                    " AND revoked_at IS NULL",
+                    (user_id, client_id),
+                ).fetchall()
             )
+            for name in live:
+                if name not in grants:
+                    _revoke_grant(conn, user_id, client_id, name, now)
+            for name, access in grants.items():
+                if live.get(name) != access.label:
+                    _write_grant(conn, user_id, client_id, name, access, now)
 
     def list_consents(
         self, user_id: str | None = None, client_id: str | None = None
@@ -456,27 +489,12 @@ class Store:
         self._require("users", "user_id", user_id, "user")
         self._require("apps", "client_id", client_id, "app")
         self._require("data_sources", "name", data_source, "data source")
-        now = time.time()
         with self.write() as conn:
-            conn.execute(
-                "UPDATE grants SET revoked_at = ? WHERE user_id = ? AND client_id = ?"
-                " AND data_source = ? AND revoked_at IS NULL",
-                (now, user_id, client_id, data_source),
-            )
-            conn.execute(
-                "INSERT INTO grants (user_id, client_id, data_source, access, granted_at)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (user_id, client_id, data_source, access.label, now),
-            )
+            _write_grant(conn, user_id, client_id, data_source, access, time.time())
 
     def revoke_grant(self, user_id: str, client_id: str, data_source: str) -> None:
         with self.write() as conn:
-            cur = conn.execute(
-                "UPDATE grants SET revoked_at = ? WHERE user_id = ? AND client_id = ?"
-                " AND data_source = ? AND revoked_at IS NULL",
-                (time.time(), user_id, client_id, data_source),
-            )
-            if cur.rowcount == 0:
+            if not _revoke_grant(conn, user_id, client_id, data_source, time.time()):
                 raise NotFound(
                     f"no live grant of {data_source!r} to app {client_id!r} by user {user_id!r}"
                 )
@@ -555,3 +573,44 @@ def _filters(values: dict[str, str | None]) -> tuple[str, tuple[str, ...]]:
     clauses = [f"{column} = ?" for column, v in values.items() if v is not None]
     args = tuple(v for v in values.values() if v is not None)
     return ((" WHERE " + " AND ".join(clauses)) if clauses else ""), args
+
+
+def _write_consent(
+    conn: sqlite3.Connection, user_id: str, client_id: str, scopes: list[str], now: float
+) -> None:
+    """(Inside a write transaction.) Record or replace the scopes a user approved."""
+    conn.execute(
+        "INSERT INTO consents (user_id, client_id, scopes, created_at, updated_at)"
+        " VALUES (?, ?, ?, ?, ?) ON CONFLICT (user_id, client_id)"
+        " DO UPDATE SET scopes = excluded.scopes, updated_at = excluded.updated_at",
+        (user_id, client_id, " ".join(scopes), now, now),
+    )
+
+
+def _revoke_grant(
+    conn: sqlite3.Connection, user_id: str, client_id: str, data_source: str, now: float
+) -> bool:
+    """(Inside a write transaction.) Revoke the live grant; False when there was none."""
+    cur = conn.execute(
+        "UPDATE grants SET revoked_at = ? WHERE user_id = ? AND client_id = ?"
+        " AND data_source = ? AND revoked_at IS NULL",
+        (now, user_id, client_id, data_source),
+    )
+    return cur.rowcount > 0
+
+
+def _write_grant(
+    conn: sqlite3.Connection,
+    user_id: str,
+    client_id: str,
+    data_source: str,
+    access: Access,
+    now: float,
+) -> None:
+    """(Inside a write transaction.) Grant at `access`, replacing a live grant."""
+    _revoke_grant(conn, user_id, client_id, data_source, now)
+    conn.execute(
+        "INSERT INTO grants (user_id, client_id, data_source, access, granted_at)"
+        " VALUES (?, ?, ?, ?, ?)",
+        (user_id, client_id, data_source, access.label, now),
+    )
