@@ -15,9 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import click
-from policyd.cli.check import EXIT_DENY
 
 from policyd.cli import cli
+from policyd.cli.check import EXIT_DENY
 from policyd.cli.policy import EXIT_INVALID, EXIT_TESTS_FAILED
 
 ROOT = Path(__file__).resolve().parent.parent
