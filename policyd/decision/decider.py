@@ -119,6 +119,28 @@ class Decider:
             return render(decision)
         return door.remembered(entry, decision.decision_id, render)
 
+    def answer_input(
+        self,
+        door: Door[F, R],
+        render: Callable[[Decision], R],
+        check: CheckInput,
+        started_ns: int,
+        *,
+        remembered: bool = True,
+    ) -> R:
+        """`answer` for a door that has built the CheckInput (keyed by its memo_key)."""
+        policy = self.engine.policy
+        return self.answer(
+            door,
+            render,
+            check.memo_key(policy.reads_headers),
+            policy,
+            check.request_id,
+            lambda: check,
+            started_ns,
+            remembered=remembered,
+        )
+
     def check(self, request: CheckInput, started_ns: int | None = None) -> Decision:
         """Decide and record (no remembered form: the CLI, tests)."""
         start = time.perf_counter_ns() if started_ns is None else started_ns

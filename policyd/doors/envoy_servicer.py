@@ -170,15 +170,10 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
 
         # A client that sent identity headers of its own gets an answer naming them for
         # removal: not the remembered one.
-        decider = self.decider
-        policy = decider.engine.policy
-        return decider.answer(
+        return self.decider.answer_input(
             self._door,
             render,
-            check.memo_key(policy.reads_headers),
-            policy,
-            check.request_id,
-            lambda: check,
+            check,
             started,
             remembered=not any(name.startswith(IDENTITY_PREFIXES) for name in sent),
         )

@@ -383,8 +383,8 @@ class Store:
 
     # -- consents ----------------------------------------------------------------------
 
-    def set_consent(self, user_id: str, client_id: str, scopes: list[str]) -> None:
-        """Record (or replace) the scopes a user approved for an app."""
+    def _check_consent(self, user_id: str, client_id: str, scopes: list[str]) -> None:
+        """The user exists and the app is registered for every scope (InvalidInput if not)."""
         self._require("users", "user_id", user_id, "user")
         app = self.get_app(client_id)
         extra = set(scopes) - set(app.allowed_scopes)
@@ -392,6 +392,10 @@ class Store:
             raise InvalidInput(
                 f"app {client_id!r} is not registered for scope(s) {', '.join(sorted(extra))}"
             )
+
+    def set_consent(self, user_id: str, client_id: str, scopes: list[str]) -> None:
+        """Record (or replace) the scopes a user approved for an app."""
+        self._check_consent(user_id, client_id, scopes)
         with self.write() as conn:
             _write_consent(conn, user_id, client_id, scopes, time.time())
 
@@ -406,13 +410,7 @@ class Store:
         `grants` is given (the screen listed data sources), exactly those live grants: the
         others revoked, each kept as it is when its level is unchanged. Never a moment where
         a reader sees the new consent beside a grant the user has just taken away."""
-        self._require("users", "user_id", user_id, "user")
-        app = self.get_app(client_id)
-        extra = set(scopes) - set(app.allowed_scopes)
-        if extra:
-            raise InvalidInput(
-                f"app {client_id!r} is not registered for scope(s) {', '.join(sorted(extra))}"
-            )
+        self._check_consent(user_id, client_id, scopes)
         for name in grants or {}:
             self._require("data_sources", "name", name, "data source")
         now = time.time()
