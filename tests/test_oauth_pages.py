@@ -208,12 +208,18 @@ def test_reconsent_ticks_what_was_given_marks_the_rest_new_and_keeps_it_on_allow
             browser.authorize(flow, data_sources=shown)
             assert {g.data_source: g for g in store.list_grants("alice", "pub")} == before
 
-            # A request whose page lists no data sources leaves the grants alone.
+            # A request whose page lists no data sources leaves the grants alone, and the
+            # scopes it did not ask for (DataRead) stay consented: the app's tokens that
+            # carry them stay usable.
             browser.authorize(Flow(client_id="pub", redirect_uri=PUBLIC_REDIRECT, scope="UserInfo"))
-            assert store.list_consents("alice", "pub")[0]["scopes"] == ["UserInfo"]
+            assert sorted(store.list_consents("alice", "pub")[0]["scopes"]) == [
+                "DataRead",
+                "UserInfo",
+            ]
             assert {g.data_source: g for g in store.list_grants("alice", "pub")} == before
 
             # A scope not consented before is ticked and marked new; the grants stay ticked.
+            store.set_consent("alice", "pub", ["UserInfo"])  # consented without DataRead
             choices = consent_choices(browser.consent_page(flow).text)
             assert (choices["DataRead"].checked, choices["DataRead"].new) == (True, True)
             assert (choices["UserInfo"].checked, choices["UserInfo"].new) == (True, False)

@@ -234,6 +234,7 @@ def test_a_code_redeemed_from_many_threads_at_once_leaves_no_token_active(server
     save of its tokens used to leave that access token live until it expired."""
     engine = build_engine(server.home.config, server.home.store)
     attempts, rounds = 8, 12
+    redeemed = 0
     for _ in range(rounds):
         flow = Flow()
         code = server.code(flow)
@@ -250,6 +251,7 @@ def test_a_code_redeemed_from_many_threads_at_once_leaves_no_token_active(server
             replies = list(pool.map(redeem, range(attempts)))
         issued = [r.json()["access_token"] for r in replies if r.status_code == 200]
         assert len(issued) <= 1, [r.text for r in replies]
+        redeemed += len(issued)
         for reply in replies:
             if reply.status_code != 200:
                 _error(reply, 400, "invalid_grant")
@@ -260,6 +262,8 @@ def test_a_code_redeemed_from_many_threads_at_once_leaves_no_token_active(server
                 CheckInput(token, HttpTarget("GET", "/api/user/me"), "replay", "test")
             )
             assert (decision.allowed, decision.reason) == (False, Reason.TOKEN_REVOKED)
+    # Not vacuous: some codes were redeemed (a redemption that no replay reached first).
+    assert redeemed > 0
 
 
 def test_a_replay_between_a_codes_claim_and_the_save_of_its_tokens_kills_them(

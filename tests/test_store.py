@@ -22,7 +22,8 @@ import pytest
 from sqlite_utils import Database
 
 from policyd.core.errors import NotFound
-from policyd.core.model import Access
+from policyd.core.model import Access, CheckInput, HttpTarget
+from policyd.decision.wiring import build_engine
 from policyd.oauth.storage import OAuthStorage
 from policyd.store.facts import Facts
 from policyd.store.families import revoke_pair_families
@@ -499,6 +500,43 @@ def test_the_observer_would_see_an_approval_written_as_several_transactions(
     assert len(_transactions(observer.statements)) == 6
 
 
+def test_a_decision_sees_one_state_of_the_store_even_when_a_write_commits_while_it_runs(
+    seeded: Home,
+) -> None:
+    """A decision reads the consent (check 5) and later a grant (check 8). If an Allow that
+    narrows the consent and shares another source at write commits in between, the decision
+    must see the store before it or after it, never the old consent beside the new grant
+    (DataWrite still consented and ds-c now writable: neither state allows writing ds-c)."""
+    facts = Facts(seeded.store)
+    view = facts.view()
+    assert view.consent("alice", "app1") == frozenset({"UserInfo", "DataRead", "DataWrite"})
+    Store(_db(seeded), migrate=False).approve(
+        "alice", "app1", ["UserInfo", "DataRead"], {"ds-c": Access.WRITE}
+    )
+    assert view.grant("alice", "app1", "ds-c") is None  # as it was when the view began
+    assert view.grant("alice", "app1", "ds-a") is Access.WRITE
+    facts.end()
+    after = facts.view()
+    assert after.consent("alice", "app1") == frozenset({"UserInfo", "DataRead"})
+    assert after.grant("alice", "app1", "ds-c") is Access.WRITE
+    assert after.grant("alice", "app1", "ds-a") is None
+    facts.end()
+
+
+def test_an_ended_view_leaves_no_read_transaction_open(seeded: Home) -> None:
+    """A view's snapshot ends with the decision: a reader left open would keep the WAL from
+    being checkpointed back to its start."""
+    engine = build_engine(seeded.config, seeded.store)
+    token = seeded.token()
+    decision = engine.decide(CheckInput(token, HttpTarget("GET", "/api/data/tags/ds-a"), "r"))
+    assert decision.allowed
+    assert not engine.facts._reader().conn.in_transaction
+    with engine.facts.view() as view:
+        assert view.grant("alice", "app1", "ds-a") is Access.WRITE
+        assert engine.facts._reader().conn.in_transaction
+    assert not engine.facts._reader().conn.in_transaction
+
+
 def test_an_approval_without_data_sources_leaves_the_grants_as_they_are(seeded: Home) -> None:
     grants = seeded.store.list_grants("alice", "app1")
     seeded.store.approve("alice", "app1", ["UserInfo"], None)
@@ -724,8 +762,10 @@ def test_a_view_of_an_older_generation_does_not_poison_the_cache(seeded: Home) -
     store = seeded.store
     facts = Facts(store)
     assert facts.view().grant("alice", "app1", "ds-a") == Access.WRITE
-    # This thread's decision-time connection, held in a read transaction: its views read
-    # the generation as it was (as a thread does that reads it just before a commit).
+    facts.end()
+    # This thread's decision-time connection, held in a read transaction of the test's own:
+    # its views read the generation as it was (as a thread does whose view began just
+    # before a commit and reads the generation after another thread swapped the caches).
     conn = facts._reader().conn
     conn.execute("BEGIN")
     try:

@@ -155,7 +155,10 @@ class Engine:
         return self.policy.routes
 
     def decide(self, request: CheckInput) -> Decision:
-        return self._decide(request, None)
+        try:
+            return self._decide(request, None)
+        finally:
+            self._end_view()
 
     def decide_keyed(
         self, key: Hashable, policy: Policy, make_input: Callable[[], CheckInput]
@@ -171,16 +174,27 @@ class Engine:
             view = self.facts.view()
         except StoreUnavailable:
             return self.decide(make_input()), None  # the same deny, with its logging
-        entry = _holding(view.remembered(key), policy)
-        if entry is not None:
-            return entry.decision._replace(decision_id=new_id()), entry
-        bounds = _Bounds()
-        decision = self._decide(make_input(), None, policy, view, bounds)
-        if not decision.allowed or bounds.uses_clock:
-            return decision, None
-        entry = Remembered(decision._replace(decision_id=""), policy, bounds.expires)
-        view.remember(key, entry)
-        return decision, entry
+        try:
+            entry = _holding(view.remembered(key), policy)
+            if entry is not None:
+                return entry.decision._replace(decision_id=new_id()), entry
+            bounds = _Bounds()
+            decision = self._decide(make_input(), None, policy, view, bounds)
+            if not decision.allowed or bounds.uses_clock:
+                return decision, None
+            entry = Remembered(decision._replace(decision_id=""), policy, bounds.expires)
+            view.remember(key, entry)
+            return decision, entry
+        finally:
+            self._end_view()
+
+    def _end_view(self) -> None:
+        """The decision's snapshot ends (Facts.end); a store that cannot say so already
+        denied the decision, or will deny the next."""
+        try:
+            self.facts.end()
+        except StoreUnavailable as exc:
+            log.warning("ending a decision's read of the store: %s", exc)
 
     def recall(self, key: Hashable, policy: Policy) -> Remembered | None:
         """The remembered allow for the request `key` stands for under `policy`, while it
@@ -193,7 +207,10 @@ class Engine:
         """Decide, recording the rule, the data sources and every check on the way."""
         policy = self.policy
         trace = Trace()
-        decision = self._decide(request, trace, policy)
+        try:
+            decision = self._decide(request, trace, policy)
+        finally:
+            self._end_view()
         return Explanation(decision, policy, trace)
 
     def _decide(

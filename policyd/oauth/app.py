@@ -328,7 +328,12 @@ class AuthorizationApp:
         grants = None
         if any(s.needs_grants for s in offered):  # the page asked which data sources
             grants = {name: min(level, own[name]) for name in chosen}
-        self.store.approve(user, client_id, [s.name for s in scopes], grants)
+        # Scopes consented before that this request did not ask for (so the page did not
+        # show them) stay consented: only an offered scope left unticked is taken away.
+        asked = {s.name for s in offered}
+        earlier, _ = self._earlier(user, client_id)
+        kept = [name for name in sorted(earlier or ()) if name not in asked]
+        self.store.approve(user, client_id, [*(s.name for s in scopes), *kept], grants)
         return Approval(user, tuple(s.name for s in scopes), tuple(chosen))
 
     # -- token, revocation, introspection ---------------------------------------------
@@ -441,20 +446,21 @@ class AuthorizationApp:
             return self._sign_in_redirect(request)
         apps = []
         catalogue = self.scopes()
-        view = self.facts.view()
-        for consent in self.store.list_consents(user_id=user):
-            try:
-                app = self.store.get_app(consent["client_id"])
-            except NotFound:
-                continue
-            apps.append(
-                {
-                    "client_id": app.client_id,
-                    "name": app.name,
-                    "scopes": [catalogue.get(s, ScopeInfo(s, s, False)) for s in consent["scopes"]],
-                    "data_sources": live_data_sources(view, user, app.client_id),
-                }
-            )
+        with self.facts.view() as view:
+            for consent in self.store.list_consents(user_id=user):
+                try:
+                    app = self.store.get_app(consent["client_id"])
+                except NotFound:
+                    continue
+                scopes = [catalogue.get(s, ScopeInfo(s, s, False)) for s in consent["scopes"]]
+                apps.append(
+                    {
+                        "client_id": app.client_id,
+                        "name": app.name,
+                        "scopes": scopes,
+                        "data_sources": live_data_sources(view, user, app.client_id),
+                    }
+                )
         notice = ""
         done = request.query_params.get("done")
         subject = request.query_params.get("subject", "")[:200]

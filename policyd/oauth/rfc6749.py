@@ -190,8 +190,9 @@ class RefreshGrant(RefreshTokenGrant):  # type: ignore[misc]
         requested = (self.request.payload.scope or "").split()
         if not set(requested) <= set(row.scopes):
             raise InvalidScopeError()
-        view = self.server.facts.view()
-        if pair_denial(view, row.user_id, row.client_id, requested or row.scopes) is not None:
+        with self.server.facts.view() as view:
+            denied = pair_denial(view, row.user_id, row.client_id, requested or row.scopes)
+        if denied is not None:
             return None  # the user took the consent back (or the app is off)
         if not storage.rotate_refresh_token(refresh_token):  # lost a race with a reuse
             storage.revoke_family(row.family_id)

@@ -43,7 +43,10 @@ class IntrospectionEndpoint(_IntrospectionEndpoint):  # type: ignore[misc]
         return token.client_id == client.client_id
 
     def introspect_token(self, token: AccessToken | RefreshToken) -> dict[str, Any]:
-        view = self.finder.facts.view()
+        with self.finder.facts.view() as view:  # one state of the store for the answer
+            return self._introspect(view, token)
+
+    def _introspect(self, view: View, token: AccessToken | RefreshToken) -> dict[str, Any]:
         if isinstance(token, AccessToken):
             user_id = token.user_id
             payload: dict[str, Any] = {

@@ -40,7 +40,8 @@ class AccessToken:
     def is_revoked(self) -> bool:
         """No longer live: its id revoked, its app unknown or disabled, or its scopes no
         longer consented (the engine's checks 3 to 5)."""
-        return principal_denial(self._facts.view(), self.principal) is not None
+        with self._facts.view() as view:
+            return principal_denial(view, self.principal) is not None
 
 
 class TokenFinder:
@@ -67,7 +68,8 @@ class TokenFinder:
         if value.count(".") != 2:
             return None
         try:
-            verified = self.verifier.verify(self.facts.view(), value)
+            with self.facts.view() as view:
+                verified = self.verifier.verify(view, value)
         except TokenError:
             return None  # not ours, altered, or expired: nothing to revoke or report
         return AccessToken(verified, self.facts, self.verifier.settings.leeway_seconds)

@@ -14,7 +14,11 @@ generation: `PRAGMA data_version` on the thread's own decision-time connection (
 transaction, about 3 us). Only when it has moved is the generation read again (one indexed
 read of a one-row table). data_version does not move for a connection's own commits, so
 decisions read through connections of their own that never write (query_only), never the
-store's write connections. Nothing here opens, maps or locks SQLite's files itself: on
+store's write connections. A view's reads (the check itself, the generation and every row
+it reads through) are one read transaction, so one decision sees one state of the store even
+when a write commits while it runs; the engine ends it when the decision ends
+(`Facts.end`, or leaving the View's `with` block). Nothing here opens, maps or locks
+SQLite's files itself: on
 POSIX, closing any other descriptor of a file drops every lock the process holds on it,
 SQLite's own included (issue 13; https://sqlite.org/howtocorrupt.html, section 2.2).
 
@@ -103,12 +107,19 @@ class _Reader:
     connection's data_version still reads `version`, no other connection has committed
     since, and this one never writes: `caches` are exact."""
 
-    __slots__ = ("caches", "conn", "version")
+    __slots__ = ("caches", "conn", "open", "version")
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
         self.version = -1
         self.caches: _Caches | None = None
+        # A view's read transaction is open (view() began it; end() or the next view ends it).
+        self.open = False
+
+    def end(self) -> None:
+        if self.open:
+            self.open = False
+            self.conn.execute("COMMIT")
 
 
 class Facts:
@@ -130,8 +141,12 @@ class Facts:
         if reader is None:
             try:
                 conn = connect(self.store.path)
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"cannot open store {self.store.path}: {exc}") from exc
+            try:
                 conn.execute("PRAGMA query_only = ON")
             except sqlite3.Error as exc:
+                conn.close()
                 raise StoreUnavailable(f"cannot open store {self.store.path}: {exc}") from exc
             reader = self._local.reader = _Reader(conn)
         return reader
@@ -143,19 +158,40 @@ class Facts:
             self._local.reader = None
             reader.conn.close()
 
+    def end(self) -> None:
+        """End this thread's view: its read transaction (a decision's snapshot) closes."""
+        reader: _Reader | None = getattr(self._local, "reader", None)
+        if reader is not None:
+            try:
+                reader.end()
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"store unreadable: {exc}") from exc
+
     def view(self) -> View:
-        """Start a decision: pick the caches that are exact for the store as it is now."""
+        """Start a decision: pick the caches that are exact for the store as it is now, in a
+        read transaction that every read of this view shares (until `end`)."""
         reader = self._reader()
         conn = reader.conn
         try:
-            # Read before the generation: a commit in between moves it for the next view.
+            reader.end()  # a view this thread left open
+            if not conn.in_transaction:  # (a caller's own transaction: read inside it)
+                conn.execute("BEGIN")
+                reader.open = True
+            # The snapshot starts here: the check, the generation and every row read below.
             version = conn.execute(_DATA_VERSION).fetchone()[0]
             caches = self._caches
             if version == reader.version and reader.caches is caches:
-                return View(conn, caches, self._row_limit)  # nothing committed since
-            generation = conn.execute(_GENERATION).fetchone()[0]
+                return View(self, conn, caches, self._row_limit)  # nothing committed since
+            row = conn.execute(_GENERATION).fetchone()
         except sqlite3.Error as exc:
+            reader.open = False
+            if conn.in_transaction:
+                conn.rollback()
             raise StoreUnavailable(f"store unreadable: {exc}") from exc
+        if row is None:
+            self.end()
+            raise StoreUnavailable("store unreadable: it has no generation row")
+        generation = row[0]
         if caches.generation != generation:
             with self._swap:
                 caches = self._caches
@@ -164,10 +200,10 @@ class Facts:
             if caches.generation != generation:
                 # This view read an older generation than the current caches: it must
                 # neither use nor fill them. Give it private caches.
-                return View(conn, _Caches(generation, 16), self._row_limit)
+                return View(self, conn, _Caches(generation, 16), self._row_limit)
         reader.version = version
         reader.caches = caches
-        return View(conn, caches, self._row_limit)
+        return View(self, conn, caches, self._row_limit)
 
     def recall(self, key: Hashable) -> Any:
         """What View.remember() kept under this key, if nothing has been committed to the
@@ -178,6 +214,7 @@ class Facts:
             caches = reader.caches
             if caches is not self._caches or caches is None:
                 return None
+            reader.end()  # never ask inside the snapshot of a view left open
             version = reader.conn.execute(_DATA_VERSION).fetchone()[0]
         except (sqlite3.Error, StoreUnavailable):
             return None  # view() reports it
@@ -196,15 +233,23 @@ def _labels(text: str) -> dict[str, str]:
 
 
 class View:
-    """The facts one decision sees. Not shared between threads."""
+    """The facts one decision sees. Not shared between threads. A context manager: leaving
+    the `with` block ends its read transaction (Facts.end)."""
 
-    __slots__ = ("_caches", "_conn", "_limit", "_rows")
+    __slots__ = ("_caches", "_conn", "_facts", "_limit", "_rows")
 
-    def __init__(self, conn: sqlite3.Connection, caches: _Caches, limit: int) -> None:
+    def __init__(self, facts: Facts, conn: sqlite3.Connection, caches: _Caches, limit: int) -> None:
+        self._facts = facts
         self._conn = conn
         self._caches = caches
         self._rows = caches.rows
         self._limit = limit
+
+    def __enter__(self) -> View:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._facts.end()
 
     @property
     def generation(self) -> int:
