@@ -257,6 +257,13 @@ class CallLoop:
 # outcome) and a function that closes its connection once the loop ends.
 
 
+def _grpc_error(exc: grpc.RpcError) -> str:
+    """A failed gRPC call, as a loop records it."""
+    if isinstance(exc, grpc.Call):
+        return f"error gRPC {exc.code()}: {exc.details()}"
+    return "error gRPC None: "
+
+
 def decision_api(address: str, token: str, path: str) -> Door:
     """policyd.v1.Decision/Check, on a channel of the loop's own."""
     channel = grpc.insecure_channel(address)
@@ -268,9 +275,7 @@ def decision_api(address: str, token: str, path: str) -> Door:
         try:
             reply = stub.Check(request, timeout=GRPC_TIMEOUT_SECONDS)
         except grpc.RpcError as exc:
-            code = exc.code() if isinstance(exc, grpc.Call) else None
-            details = exc.details() if isinstance(exc, grpc.Call) else ""
-            return f"error gRPC {code}: {details}"
+            return _grpc_error(exc)
         return ALLOW if reply.allowed else deny(Reason(reply.reason).name)
 
     return call, channel.close
@@ -293,9 +298,7 @@ def envoy_door(address: str, token: str, path: str) -> Door:
         try:
             reply = stub.Check(request, timeout=GRPC_TIMEOUT_SECONDS)
         except grpc.RpcError as exc:
-            code = exc.code() if isinstance(exc, grpc.Call) else None
-            details = exc.details() if isinstance(exc, grpc.Call) else ""
-            return f"error gRPC {code}: {details}"
+            return _grpc_error(exc)
         if reply.status.code == 0 and reply.HasField("ok_response"):
             return ALLOW
         status = reply.denied_response.status.code

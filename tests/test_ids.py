@@ -5,8 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 
-from policyd.core.ids import id_time_ms, new_id
-from policyd.doors.service import ID_LENGTH
+from policyd.core.ids import ID_LENGTH, id_time_ms, new_id
 
 
 def test_ids_are_uuid7_with_the_rfc_9562_variant() -> None:

@@ -713,10 +713,11 @@ def test_a_revocation_by_another_process_is_seen_by_the_next_view(seeded: Home) 
 
 
 def test_caches_see_a_revocation_after_the_shm_file_was_recreated(tmp_path: Path) -> None:
-    """facts._CommitWatch: when every connection of the process has closed (per-thread
-    connections close when their thread ends), SQLite deletes `<db>-shm`; the next
-    connection makes a new one. A map of the old file never changed again, so the caches
-    were served after a revocation had committed (fail open)."""
+    """When every connection of the process has closed (per-thread connections close when
+    their thread ends), SQLite deletes `<db>-shm` and the next connection makes a new one.
+    The commit watch that came before PRAGMA data_version mapped the old file, which never
+    changed again, so the caches were served after a revocation had committed (fail open).
+    Each new thread's decision connection must still see the write."""
     db = tmp_path / "policyd.db"
     store = Store(db)
     store.close()

@@ -98,8 +98,9 @@ def _write(db: Path, name: str) -> None:
 def test_a_short_lived_writer_process_leaves_a_live_readers_shared_memory_alone(
     tmp_path: Path,
 ) -> None:
-    """Old facts._CommitWatch opened `<db>-shm` with open() and closed it after mapping it:
-    on POSIX that dropped every fcntl lock the reader process held on the file, SQLite's
+    """The old commit watch (before PRAGMA data_version) opened `<db>-shm` with open() and
+    closed it after mapping it: on POSIX that dropped every fcntl lock the reader process
+    held on the file, SQLite's
     "shared memory in use" lock included. The next process to open the store then thought
     itself alone, reset the shared memory under the reader (SIGBUS in the reader) and, on
     closing, deleted it (the reader stopped seeing commits)."""

@@ -9,6 +9,10 @@ from __future__ import annotations
 import random
 import time
 
+# Every id's length (8-4-4-4-12 hex digits and dashes): the doors that answer a remembered
+# allow from its encoded form splice the id into a slot of this length.
+ID_LENGTH = 36
+
 # The variant nibble (0b10xx) for each hex digit of random bits: its low two bits kept.
 _VARIANT = {f"{n:x}": f"{8 | (n & 3):x}" for n in range(16)}
 # The id's first 15 characters for the last millisecond seen ("xxxxxxxx-xxxx-7"): made once

@@ -27,6 +27,7 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.type.v3 import http_status_pb2
 from google.rpc import code_pb2, status_pb2
 
+from policyd.core.ids import ID_LENGTH
 from policyd.core.model import CheckInput, Decision, HttpTarget
 from policyd.decision.decider import Decider, Door
 from policyd.doors.denials import for_reason
@@ -116,9 +117,9 @@ def deny(decision: Decision) -> external_auth_pb2.CheckResponse:
     )
 
 
-# Where a remembered allow's encoded answer is split for its decision id: as long as one
-# (ids.new_id), so the lengths in the encoding stay right, and no identity value holds it.
-_ID_MARK = "\0" * 36
+# Where a remembered allow's encoded answer is split for its decision id: as long as one,
+# so the lengths in the encoding stay right, and no identity value holds it.
+_ID_MARK = "\0" * ID_LENGTH
 
 
 class _Remembered(Door[tuple[bytes, bytes], external_auth_pb2.CheckResponse | bytes]):
@@ -141,9 +142,7 @@ class _Remembered(Door[tuple[bytes, bytes], external_auth_pb2.CheckResponse | by
     def render_form(
         self, form: tuple[bytes, bytes], decision_id: str
     ) -> external_auth_pb2.CheckResponse | bytes:
-        if len(decision_id) != len(_ID_MARK):
-            raise ValueError(f"a decision id of {len(decision_id)} characters")
-        return form[0] + decision_id.encode() + form[1]
+        return form[0] + decision_id.encode() + form[1]  # every id is ID_LENGTH long
 
 
 class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]

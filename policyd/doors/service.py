@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 
+from policyd.core.ids import ID_LENGTH
 from policyd.core.model import ActionTarget, CheckInput, Decision, HttpTarget, small_key
 from policyd.core.policy import Policy
 from policyd.core.reasons import Reason
@@ -79,12 +80,11 @@ def _key(request: decision_pb2.CheckRequest, policy: Policy) -> Hashable:
 
 
 # The encoding of CheckResponse.decision_id's tag (field number, wire type 2: a string) and
-# length, before the id: a UUID of 36 characters (ids.new_id). One byte each, for field
+# length, before the id: ids.ID_LENGTH characters. One byte each, for field
 # numbers below 16.
 _ID_NUMBER = decision_pb2.CheckResponse.DESCRIPTOR.fields_by_name["decision_id"].number
 if not 0 < _ID_NUMBER < 16:
     raise ImportError("CheckResponse.decision_id needs a field number below 16")
-ID_LENGTH = 36
 _ID_HEAD = bytes((_ID_NUMBER << 3 | 2, ID_LENGTH))
 
 
