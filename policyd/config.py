@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -61,7 +62,23 @@ class ClientConfig:
 
 @dataclass
 class StoreConfig:
+    # "" = the SQLite file at `path` (one host); "postgresql://USER@HOST:PORT/DB" = the
+    # PostgreSQL store that several replicas share (docs/cluster.md); "sqlite:///PATH" too.
+    url: str = ""
     path: str = "var/policyd.db"
+    # PostgreSQL: connections each process keeps for decision-time reads.
+    pool_size: int = 8
+    # PostgreSQL: each serving process holds a lease this long, renewed every quarter of
+    # it; a revoking write waits for every live lease's acknowledgement, at most this long
+    # for a replica that stopped answering (docs/cluster.md, "Consistency protocol").
+    lease_seconds: float = 2.0
+
+
+@dataclass
+class ClusterConfig:
+    # This replica's name in the cluster: its lease rows and its audit chain are filed under
+    # it. "" = HOSTNAME:PORT of server.address (unique per replica on one host, too).
+    node: str = ""
 
 
 @dataclass
@@ -155,6 +172,7 @@ class Config:
     audit: AuditConfig = field(default_factory=AuditConfig)
     envoy: EnvoyConfig = field(default_factory=EnvoyConfig)
     oauth: OAuthConfig = field(default_factory=OAuthConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def validate(self) -> None:
         s = self.server
@@ -220,8 +238,18 @@ class Config:
         if not self.policy.dir:
             raise ConfigError("policy.dir must not be empty")
         _at_least("policy.watch_seconds", self.policy.watch_seconds, 0)
-        if not self.store.path:
+        st = self.store
+        if st.url and not st.url.startswith(STORE_SCHEMES):
+            raise ConfigError(
+                f"store.url must start with {' or '.join(STORE_SCHEMES)}, not {_redact(st.url)!r}"
+            )
+        if not st.url and not st.path:
             raise ConfigError("store.path must not be empty")
+        if st.url.startswith("sqlite:") and not st.url.startswith("sqlite:///"):
+            raise ConfigError("store.url: a SQLite store is sqlite:///PATH")
+        _at_least("store.pool_size", st.pool_size, 1)
+        if not 0.5 <= st.lease_seconds <= 60:
+            raise ConfigError("store.lease_seconds must be between 0.5 and 60")
         a = self.audit
         if a.sync not in ("normal", "full"):
             raise ConfigError(f"audit.sync must be 'normal' or 'full', not {a.sync!r}")
@@ -259,6 +287,38 @@ class Config:
     @property
     def client_address(self) -> str:
         return self.client.address or self.server.address
+
+    @property
+    def store_url(self) -> str:
+        """The store as a URL: store.url, else sqlite:///<store.path>."""
+        if self.store.url:
+            return self.store.url
+        return "sqlite:///" + self.store.path
+
+    @property
+    def postgres(self) -> bool:
+        return self.store.url.startswith(("postgresql:", "postgres:"))
+
+    @property
+    def node(self) -> str:
+        """cluster.node, else HOSTNAME:PORT of server.address."""
+        if self.cluster.node:
+            return self.cluster.node
+        address = self.server.address
+        port = address.rsplit(":", 1)[-1] if not address.startswith(net.UNIX_PREFIX) else "unix"
+        return f"{socket.gethostname()}:{port}"
+
+
+STORE_SCHEMES = ("sqlite:///", "postgresql://", "postgres://")
+
+
+def _redact(url: str) -> str:
+    """A URL without its password (never printed)."""
+    head, sep, tail = url.partition("@")
+    if not sep or ":" not in head.split("//", 1)[-1]:
+        return url
+    scheme, _, userinfo = head.partition("//")
+    return f"{scheme}//{userinfo.split(':', 1)[0]}:***@{tail}"
 
 
 def _at_least(key: str, value: float, low: float) -> None:
