@@ -49,9 +49,10 @@ from policyd.decision.tokens import issue_token
 from policyd.decision.wiring import build_decider, token_settings
 from policyd.doors.service import DecisionServicer, to_input, to_response
 from policyd.gen.v1 import decision_pb2, decision_pb2_grpc
+from policyd.store.base import Store
 from policyd.store.facts import Facts
 from policyd.store.keys import KeyRing
-from policyd.store.sqlite import Store
+from policyd.store.sqlite import SqliteStore
 
 METHOD = "/policyd.v1.Decision/Check"
 APPS = 5
@@ -200,6 +201,7 @@ def in_process(
     if not decision.allowed:
         raise RuntimeError(f"bench request is not allowed in-process: {decision}")
     facts = engine.facts
+    assert isinstance(store, SqliteStore)  # the bench's store
     conn = store.conn()
     view = facts.view()
     principal = decision.principal
@@ -368,7 +370,7 @@ def run(
         root = Path(tmp)
         audited, unaudited = make_home(root)
         config = load_config(audited, env={})
-        store = Store(config.store.path)
+        store = SqliteStore(config.store.path)
         keyring = KeyRing(store, config.tokens.key_dir)
         t0 = time.perf_counter()
         counts = bulk_insert(Path(config.store.path), grants)

@@ -197,7 +197,7 @@ def _seed(home: Path) -> tuple[Path, str]:
     from policyd.decision.tokens import issue_token
     from policyd.decision.wiring import token_settings
     from policyd.store.keys import KeyRing
-    from policyd.store.sqlite import Store
+    from policyd.store.sqlite import SqliteStore
 
     config_path = home / "policyd.toml"
     text = f'[store]\npath = "{home / "policyd.db"}"\n[tokens]\nkey_dir = "{home / "keys"}"\n'
@@ -209,7 +209,7 @@ def _seed(home: Path) -> tuple[Path, str]:
         text += f'[audit]\npath = "{home / "audit.db"}"\nkey_file = "{home / "audit.key"}"\n'
     config_path.write_text(text)
     config = load_config(config_path, env={})
-    store = Store(Path(config.store.path))
+    store = SqliteStore(Path(config.store.path))
     ring = KeyRing(store, config.tokens.key_dir)
     demo.seed(store, ring, config.tokens.algorithm)
     token, _ = issue_token(

@@ -1,34 +1,45 @@
 from __future__ import annotations
 
+import itertools
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
-from tests.helpers import Home, ServerProcess, decision_stub, run_server
+from policyd import pgserver
+from policyd.pgserver import PgServer
+from tests.helpers import Home, ServerProcess, decision_stub, free_port, run_server
 
 
 @pytest.fixture
-def home(tmp_path: Path) -> Home:
-    """An empty policyd home (config, store, key folder) in a temp dir."""
-    return Home(tmp_path)
+def home(tmp_path: Path, request: pytest.FixtureRequest, store_backend: str) -> Iterator[Home]:
+    """An empty policyd home (config, store, key folder) in a temp dir, on the module's
+    store backend (SQLite unless the module asks for both)."""
+    h = Home(tmp_path, store_url=new_database(request, store_backend))
+    yield h
+    h.store.close()
 
 
 @pytest.fixture
-def seeded(tmp_path: Path) -> Home:
+def seeded(home: Home) -> Home:
     """A home with the standard test data (see Home.seed)."""
-    h = Home(tmp_path)
-    h.seed()
-    return h
+    home.seed()
+    return home
 
 
 @pytest.fixture(scope="module")
-def shared_home(tmp_path_factory: pytest.TempPathFactory) -> Home:
+def shared_home(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest, store_backend: str
+) -> Iterator[Home]:
     """One seeded home per test module, for tests that share a server."""
-    h = Home(tmp_path_factory.mktemp("home"))
+    h = Home(tmp_path_factory.mktemp("home"), store_url=new_database(request, store_backend))
     h.seed()
-    return h
+    yield h
+    h.store.close()
 
 
 @pytest.fixture(scope="module")
@@ -43,3 +54,52 @@ def stub(shared_server: ServerProcess) -> Iterator[object]:
     """A Decision stub over a real socket to the shared server."""
     with grpc.insecure_channel(shared_server.address) as channel:
         yield decision_stub(channel)
+
+
+# -- the store's backends ----------------------------------------------------------------
+# Test modules that run on both backends override `store_backend` with
+# `store_backend = backends` (below); the rest run on SQLite only.
+
+BACKENDS = ("sqlite", "postgresql")
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """One private PostgreSQL server for the test session (policyd/pgserver.py), in a
+    folder under /tmp that its `postgres` user can reach; stopped and removed at the end."""
+    if not pgserver.available():
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL's initdb/pg_ctl are missing (.ci/run installs postgresql)")
+        pytest.skip("PostgreSQL's initdb/pg_ctl are missing: apt-get install postgresql")
+    root = Path(tempfile.mkdtemp(prefix="policyd-pg-"))
+    try:
+        with pgserver.running(root / "pg", free_port(), fsync=False) as server:
+            yield server
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def store_backend() -> str:
+    return "sqlite"
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def backends(request: pytest.FixtureRequest) -> str:
+    """Use as `store_backend = backends` in a module: its tests run on both backends."""
+    return str(request.param)
+
+
+def new_database(request: pytest.FixtureRequest, backend: str) -> str:
+    """ "" for SQLite; for PostgreSQL, the URL of a new empty database on the session's
+    server (dropped when the requesting test or module ends)."""
+    if backend == "sqlite":
+        return ""
+    server: PgServer = request.getfixturevalue("pg_server")
+    name = f"t{next(_databases)}_{os.getpid()}"
+    url = server.create_database(name)
+    request.addfinalizer(lambda: server.drop_database(name))
+    return url
+
+
+_databases = itertools.count()

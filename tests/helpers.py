@@ -22,12 +22,30 @@ from policyd.audit.records import AuditRecord
 from policyd.config import Config, load_config
 from policyd.core.model import Access
 from policyd.decision.tokens import issue_token
-from policyd.decision.wiring import token_settings
+from policyd.decision.wiring import open_store, token_settings
 from policyd.gen.v1 import decision_pb2, decision_pb2_grpc
+from policyd.store.base import Store
 from policyd.store.keys import KeyRing
-from policyd.store.sqlite import Store
+from policyd.store.sqlite import SqliteStore
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def dump_store(store: Store) -> str:
+    """Every row of every table of the store, as text (either backend)."""
+    tables = (
+        "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name"
+        if isinstance(store, SqliteStore)
+        else "SELECT table_name FROM information_schema.tables"
+        " WHERE table_schema = 'public' ORDER BY table_name"
+    )
+    with store.read() as conn:
+        names = [r[0] for r in conn.execute(tables).fetchall()]
+        return "\n".join(
+            repr(row)
+            for name in names
+            for row in conn.execute(f'SELECT * FROM "{name}"').fetchall()
+        )
 
 
 def free_port() -> int:
@@ -42,9 +60,11 @@ class Home:
 
     root: Path
     extra_config: str = ""
+    # "" = the SQLite file under root; a postgresql:// URL = that (empty) database.
+    store_url: str = ""
     config_path: Path = field(init=False)
     config: Config = field(init=False)
-    store: Store = field(init=False)
+    store: Store = field(init=False, default=None)  # type: ignore[assignment]
     keyring: KeyRing = field(init=False)
 
     def __post_init__(self) -> None:
@@ -63,13 +83,16 @@ class Home:
         policy = ""
         if "[policy]" not in extra:  # the repo's default policy, wherever the test runs
             policy = f'[policy]\ndir = "{ROOT / "policies"}"\n'
+        url = f'url = "{self.store_url}"\n' if self.store_url else ""
         self.config_path.write_text(
-            f'[store]\npath = "{self.root / "policyd.db"}"\n'
+            f'[store]\n{url}path = "{self.root / "policyd.db"}"\n'
             f'[tokens]\nkey_dir = "{self.root / "keys"}"\n'
             'issuer = "https://auth.test"\naudience = "hub-test"\n' + audit + policy + oauth + extra
         )
         self.config = load_config(self.config_path, env={})
-        self.store = Store(self.config.store.path)
+        if getattr(self, "store", None) is not None:
+            self.store.close()
+        self.store = open_store(self.config)
         self.keyring = KeyRing(self.store, self.config.tokens.key_dir)
 
     def seed(self) -> None:

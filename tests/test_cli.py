@@ -19,8 +19,8 @@ import jwt
 import pytest
 
 from policyd.cli import main
+from policyd.store.base import hash_secret
 from policyd.store.facts import Facts
-from policyd.store.sqlite import hash_secret
 from tests.helpers import Home, free_port, run_server
 
 ME = "/api/user/me"

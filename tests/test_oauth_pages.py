@@ -165,8 +165,9 @@ def test_settings_lists_revokes_and_disconnects(
     )
     # As `policyd consents revoke` does (Store.disconnect): the pair's access tokens too.
     jti = jwt.decode(tokens["access_token"], options={"verify_signature": False})["jti"]
-    revoked = home.store.conn().execute("SELECT 1 FROM revoked_tokens WHERE jti = ?", (jti,))
-    assert revoked.fetchone() is not None
+    with home.store.read() as conn:
+        revoked = conn.execute("SELECT 1 FROM revoked_tokens WHERE jti = ?", (jti,)).fetchone()
+    assert revoked is not None
     assert "App One is disconnected" in browser.http.get(reply.headers["location"]).text
 
 

@@ -21,8 +21,8 @@ from policyd.core.reasons import Reason
 from policyd.decision.tokens import Verifier
 from policyd.decision.wiring import build_engine, token_settings
 from policyd.oauth.storage import CodeState, OAuthStorage
-from policyd.store.facts import Facts
-from tests.helpers import Home
+from policyd.store.facts import facts_for
+from tests.helpers import Home, dump_store
 from tests.oauth_support import (
     PUBLIC_REDIRECT,
     Browser,
@@ -55,13 +55,14 @@ class AS:
     def revoked(self, access_token: str) -> bool:
         claims = (
             Verifier(token_settings(self.home.config))
-            .verify(Facts(self.home.store).view(), access_token)
+            .verify(facts_for(self.home.store).view(), access_token)
             .claims
         )
-        row = self.home.store.conn().execute(
-            "SELECT 1 FROM revoked_tokens WHERE jti = ?", (claims["jti"],)
-        )
-        return row.fetchone() is not None
+        with self.home.store.read() as conn:
+            row = conn.execute(
+                "SELECT 1 FROM revoked_tokens WHERE jti = ?", (claims["jti"],)
+            ).fetchone()
+        return row is not None
 
     def post(self, path: str, data: dict[str, str], secret: str | None = None) -> httpx.Response:
         auth = ("app1", self.secret if secret is None else secret)
@@ -113,7 +114,7 @@ def test_code_exchange_gives_an_rfc9068_token_the_decision_core_accepts(server: 
     assert tokens["scope"] == "UserInfo DataRead"
     assert tokens["refresh_token"]
     verified = Verifier(token_settings(server.home.config)).verify(
-        Facts(server.home.store).view(), tokens["access_token"]
+        facts_for(server.home.store).view(), tokens["access_token"]
     )
     assert verified.claims["sub"] == "alice"
     assert verified.claims["client_id"] == "app1"
@@ -316,11 +317,10 @@ def test_expired_code_is_invalid_grant(server: AS) -> None:
 
 def test_codes_live_sixty_seconds_by_default(server: AS) -> None:
     server.code(Flow())
-    row = (
-        server.home.store.conn()
-        .execute("SELECT expires_at - created_at FROM oauth_codes ORDER BY created_at DESC LIMIT 1")
-        .fetchone()
-    )
+    with server.home.store.read() as conn:
+        row = conn.execute(
+            "SELECT expires_at - created_at FROM oauth_codes ORDER BY created_at DESC LIMIT 1"
+        ).fetchone()
     assert row[0] == pytest.approx(60)
 
 
@@ -328,7 +328,7 @@ def test_codes_and_refresh_tokens_are_stored_only_hashed(server: AS) -> None:
     flow = Flow()
     code = server.code(flow)
     tokens = exchange(server.base, code, flow, secret=server.secret).json()
-    dump = "\n".join(server.home.store.conn().iterdump())
+    dump = dump_store(server.home.store)
     assert code not in dump
     assert tokens["refresh_token"] not in dump
 

@@ -25,7 +25,8 @@ from policyd.decision.engine import Engine
 from policyd.decision.wiring import build_decider
 from policyd.gen.v1 import decision_pb2
 from policyd.policy.policytest import Fixture, Runner, scratch_dir
-from policyd.store.sqlite import Store
+from policyd.store.base import Store
+from policyd.store.sqlite import SqliteStore
 from tests.helpers import ROOT, Home, check_request, decision_stub, indexed_records, run_server
 from tests.test_policy_conditions import ALICE, GRANTS, LABELS, policy_with
 
@@ -105,7 +106,7 @@ def test_any_store_write_forgets_it_before_the_write_returns(
     _, entry = engine.decide_keyed(KEY, engine.policy, inputs)
     assert entry is not None and engine.recall(KEY, engine.policy) is entry
     change, reason = WRITES[write]
-    other = Store(seeded.config.store.path)  # as another process would
+    other = SqliteStore(seeded.config.store.path)  # as another process would
     try:
         change(other, token)
     finally:

@@ -25,11 +25,12 @@ from policyd.core.errors import NotFound
 from policyd.core.model import Access, CheckInput, HttpTarget
 from policyd.decision.wiring import build_engine
 from policyd.oauth.storage import OAuthStorage
+from policyd.store.base import Store
 from policyd.store.facts import Facts
 from policyd.store.families import revoke_pair_families
 from policyd.store.keys import KeyRing
 from policyd.store.migrations import DECISION_TABLES, migrations
-from policyd.store.sqlite import Store
+from policyd.store.sqlite import SqliteStore
 from tests.helpers import Home
 
 
@@ -75,7 +76,7 @@ def _applied(path: Path) -> list[tuple[str, str]]:
 
 def test_migrations_are_applied_once_and_recorded(tmp_path: Path) -> None:
     path = tmp_path / "policyd.db"
-    store = Store(path)
+    store = SqliteStore(path)
     registered = _registered_migrations()
     assert registered, "no migrations registered"
     first = _applied(path)
@@ -83,20 +84,20 @@ def test_migrations_are_applied_once_and_recorded(tmp_path: Path) -> None:
     store.add_user("carol")
     generation = store.generation()
 
-    Store(path)  # as a second process starting on the same file would
-    Store(path).migrate()
+    SqliteStore(path)  # as a second process starting on the same file would
+    SqliteStore(path).migrate()
 
     assert _applied(path) == first, "a migration was applied again"
-    assert Store(path).generation() == generation
-    assert [u["user_id"] for u in Store(path).list_users()] == ["carol"]
+    assert SqliteStore(path).generation() == generation
+    assert [u["user_id"] for u in SqliteStore(path).list_users()] == ["carol"]
 
 
 @pytest.mark.slow
 def test_processes_opening_a_new_store_together_apply_migrations_once(tmp_path: Path) -> None:
     path = tmp_path / "policyd.db"
     code = (
-        "import sys; from policyd.store.sqlite import Store;"
-        " Store(sys.argv[1]).add_user(sys.argv[2])"
+        "import sys; from policyd.store.sqlite import SqliteStore;"
+        " SqliteStore(sys.argv[1]).add_user(sys.argv[2])"
     )
     procs = [
         subprocess.Popen(
@@ -111,12 +112,14 @@ def test_processes_opening_a_new_store_together_apply_migrations_once(tmp_path: 
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err
     assert [name for name, _ in _applied(path)] == _registered_migrations()
-    assert sorted(u["user_id"] for u in Store(path).list_users()) == [f"user{i}" for i in range(4)]
+    assert sorted(u["user_id"] for u in SqliteStore(path).list_users()) == [
+        f"user{i}" for i in range(4)
+    ]
 
 
 def test_store_file_and_its_wal_files_are_private(tmp_path: Path, permissive_umask: None) -> None:
     path = tmp_path / "data" / "policyd.db"
-    store = Store(path)
+    store = SqliteStore(path)
     store.add_user("carol")  # a write, so the WAL and shared-memory files exist
     files = [path, path.with_name("policyd.db-wal"), path.with_name("policyd.db-shm")]
     files.append(path.with_name("policyd.db.migrate-lock"))
@@ -131,7 +134,7 @@ def test_private_signing_keys_are_0600_in_a_0700_folder(
     key_dir = tmp_path / "keys"
     key_dir.mkdir(mode=0o755)
     os.chmod(key_dir, 0o755)
-    ring = KeyRing(Store(tmp_path / "policyd.db"), key_dir)
+    ring = KeyRing(SqliteStore(tmp_path / "policyd.db"), key_dir)
     kids = [ring.rotate("ES256"), ring.rotate("EdDSA")]
     assert _mode(key_dir) == 0o700
     for kid in kids:
@@ -141,7 +144,7 @@ def test_private_signing_keys_are_0600_in_a_0700_folder(
 
 def test_store_uses_write_ahead_logging(tmp_path: Path) -> None:
     path = tmp_path / "policyd.db"
-    Store(path)
+    SqliteStore(path)
     conn = _raw(path)
     try:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -191,7 +194,7 @@ STORE_WRITES: dict[str, Callable[[Home], Any]] = {
 def test_every_store_write_bumps_the_generation_seen_by_other_connections(
     seeded: Home, write: str
 ) -> None:
-    other = Store(_db(seeded), migrate=False)
+    other = SqliteStore(_db(seeded), migrate=False)
     before = other.generation()
     STORE_WRITES[write](seeded)
     assert other.generation() > before
@@ -392,6 +395,7 @@ class _Observer:
             self.errors.append(exc)
 
     def watch(self, store: Store, write: Callable[[], Any]) -> None:
+        assert isinstance(store, SqliteStore)  # a trace callback is SQLite's
         store.conn().set_trace_callback(self)
         try:
             write()
@@ -510,7 +514,7 @@ def test_a_decision_sees_one_state_of_the_store_even_when_a_write_commits_while_
     facts = Facts(seeded.store)
     view = facts.view()
     assert view.consent("alice", "app1") == frozenset({"UserInfo", "DataRead", "DataWrite"})
-    Store(_db(seeded), migrate=False).approve(
+    SqliteStore(_db(seeded), migrate=False).approve(
         "alice", "app1", ["UserInfo", "DataRead"], {"ds-c": Access.WRITE}
     )
     assert view.grant("alice", "app1", "ds-c") is None  # as it was when the view began
@@ -587,7 +591,7 @@ def _file_bytes(db: Path) -> bytes:
 
 def test_client_secrets_are_stored_hashed_and_verify(tmp_path: Path) -> None:
     db = tmp_path / "policyd.db"
-    s = Store(db)
+    s = SqliteStore(db)
     secret = s.add_app(
         "conf", "Confidential", redirect_uris=["https://c.test/cb"], scopes=[], confidential=True
     )
@@ -692,7 +696,7 @@ def test_a_write_through_another_store_is_seen_by_the_next_view(seeded: Home, ch
     facts = Facts(seeded.store)
     assert c.read(facts, seeded) == c.before
     assert c.read(facts, seeded) == c.before  # now from the cache
-    other = Store(_db(seeded), migrate=False)  # another process, as far as SQLite knows
+    other = SqliteStore(_db(seeded), migrate=False)  # another process, as far as SQLite knows
     c.write(other, seeded)
     assert c.read(facts, seeded) == c.after
 
@@ -719,7 +723,7 @@ def test_caches_see_a_revocation_after_the_shm_file_was_recreated(tmp_path: Path
     changed again, so the caches were served after a revocation had committed (fail open).
     Each new thread's decision connection must still see the write."""
     db = tmp_path / "policyd.db"
-    store = Store(db)
+    store = SqliteStore(db)
     store.close()
     facts = Facts(store)
     seen: list[bool] = []
@@ -733,7 +737,7 @@ def test_caches_see_a_revocation_after_the_shm_file_was_recreated(tmp_path: Path
         worker.start()
         worker.join()
         if not seen[-1]:
-            writer = Store(db, migrate=False)
+            writer = SqliteStore(db, migrate=False)
             with writer.write() as conn:
                 conn.execute(
                     "INSERT INTO revoked_tokens (jti, expires_at, revoked_at)"
@@ -773,7 +777,7 @@ def test_a_view_of_an_older_generation_does_not_poison_the_cache(seeded: Home) -
         old_generation = conn.execute("SELECT value FROM generation").fetchone()[0]
         # Another process revokes; another thread of this one starts a view of the new
         # generation (swapping the caches) but reads nothing yet.
-        Store(_db(seeded), migrate=False).revoke_grant("alice", "app1", "ds-a")
+        SqliteStore(_db(seeded), migrate=False).revoke_grant("alice", "app1", "ds-a")
         seen: list[int] = []
         thread = threading.Thread(target=lambda: seen.append(facts.view().generation))
         thread.start()

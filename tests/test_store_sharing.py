@@ -15,7 +15,7 @@ from pathlib import Path
 
 from policyd.core.model import Access
 from policyd.store.facts import Facts
-from policyd.store.sqlite import Store
+from policyd.store.sqlite import SqliteStore
 from tests.helpers import ROOT
 
 # A long-lived reader, as `policyd serve` is: two threads decide without pause (their
@@ -25,9 +25,9 @@ _READER = textwrap.dedent(
     """
     import os, sys, threading
     from policyd.store.facts import Facts
-    from policyd.store.sqlite import Store
+    from policyd.store.sqlite import SqliteStore
 
-    facts = Facts(Store(sys.argv[1], migrate=False))
+    facts = Facts(SqliteStore(sys.argv[1], migrate=False))
 
     def busy():
         try:
@@ -55,9 +55,9 @@ STEPS = 30
 _WRITER = textwrap.dedent(
     """
     import sys
-    from policyd.store.sqlite import Store
+    from policyd.store.sqlite import SqliteStore
 
-    Store(sys.argv[1], migrate=False).add_data_source(sys.argv[2])
+    SqliteStore(sys.argv[1], migrate=False).add_data_source(sys.argv[2])
     """
 )
 
@@ -79,7 +79,7 @@ def test_deciding_keeps_sqlites_lock_on_the_shared_memory_file(tmp_path: Path) -
     other processes the shared memory is in use. Closing any other descriptor of that file
     in the process would drop it (POSIX): views, remembering and recalling must keep it."""
     db = tmp_path / "policyd.db"
-    store = Store(db)
+    store = SqliteStore(db)
     store.add_user("alice")
     shm = db.with_name(db.name + "-shm")
     assert _locks_held_on(shm), "SQLite holds no lock on its shared memory: test set-up"
@@ -105,8 +105,8 @@ def test_a_short_lived_writer_process_leaves_a_live_readers_shared_memory_alone(
     itself alone, reset the shared memory under the reader (SIGBUS in the reader) and, on
     closing, deleted it (the reader stopped seeing commits)."""
     db = tmp_path / "policyd.db"
-    Store(db).close()  # created and migrated; this process keeps no connection
-    start = Store(db, migrate=False)
+    SqliteStore(db).close()  # created and migrated; this process keeps no connection
+    start = SqliteStore(db, migrate=False)
     first = start.generation()
     start.close()
     reader = subprocess.Popen(
@@ -158,7 +158,7 @@ def test_a_write_on_the_deciding_threads_own_connection_is_seen_by_its_next_view
     """A thread that writes (the authorization server's, say) and then decides: the change
     counter SQLite offers (PRAGMA data_version) does not move for a connection's own
     commits, so the decision-time reads must not share the writer's connection."""
-    store = Store(tmp_path / "policyd.db")
+    store = SqliteStore(tmp_path / "policyd.db")
     store.add_user("alice")
     store.add_app("app1", "App", redirect_uris=[], scopes=["DataRead"], confidential=False)
     store.add_data_source("ds-a")
@@ -174,7 +174,7 @@ def test_a_write_on_the_deciding_threads_own_connection_is_seen_by_its_next_view
 
 
 def test_a_view_on_another_thread_sees_a_write_that_returned_before_it(tmp_path: Path) -> None:
-    store = Store(tmp_path / "policyd.db")
+    store = SqliteStore(tmp_path / "policyd.db")
     store.add_user("alice")
     store.add_app("app1", "App", redirect_uris=[], scopes=["DataRead"], confidential=False)
     store.add_data_source("ds-a")

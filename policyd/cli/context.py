@@ -15,8 +15,8 @@ import click
 from policyd.config import Config, load_config
 from policyd.core.model import Access
 from policyd.decision.wiring import keyring, open_store
+from policyd.store.base import Store
 from policyd.store.keys import KeyRing
-from policyd.store.sqlite import Store
 
 
 class Context:

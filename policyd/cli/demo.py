@@ -17,8 +17,8 @@ from policyd.decision.tokens import issue_token
 from policyd.decision.wiring import token_settings
 from policyd.oauth.passwords import hash_password
 from policyd.oauth.storage import OAuthStorage
+from policyd.store.base import Store
 from policyd.store.keys import KeyRing
-from policyd.store.sqlite import Store
 
 DEMO_APP = "demo-app"
 DATA_SOURCES = {

@@ -25,3 +25,8 @@ class ConfigError(PolicydError):
 
 class StoreUnavailable(PolicydError):
     """The store could not be read or written (locked past the timeout, missing, corrupt)."""
+
+
+class StoreMoved(StoreUnavailable):
+    """A decision's read found the store at a newer generation than the caches it had used:
+    it starts over once, on the newer one (PostgreSQL only; facts.py)."""

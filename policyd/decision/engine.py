@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from policyd.core import conditions as cond
-from policyd.core.errors import StoreUnavailable
+from policyd.core.errors import StoreMoved, StoreUnavailable
 from policyd.core.ids import new_id
 from policyd.core.model import ActionTarget, CheckInput, Decision, HttpTarget, Principal
 from policyd.core.policy import Policy
@@ -156,7 +156,10 @@ class Engine:
 
     def decide(self, request: CheckInput) -> Decision:
         try:
-            return self._decide(request, None)
+            return self._decide(request, None, retry=True)
+        except StoreMoved:
+            self._end_view()
+            return self._decide(request, None)  # once more, on the newer generation
         finally:
             self._end_view()
 
@@ -170,23 +173,27 @@ class Engine:
         CheckInput (the caller's request id aside): with `policy.reads_headers` false, the
         headers may be left out. Returns the decision and, for a remembered allow, its
         Remembered entry."""
-        try:
-            view = self.facts.view()
-        except StoreUnavailable:
-            return self.decide(make_input()), None  # the same deny, with its logging
-        try:
-            entry = _holding(view.remembered(key), policy)
-            if entry is not None:
-                return entry.decision._replace(decision_id=new_id()), entry
-            bounds = _Bounds()
-            decision = self._decide(make_input(), None, policy, view, bounds)
-            if not decision.allowed or bounds.uses_clock:
-                return decision, None
-            entry = Remembered(decision._replace(decision_id=""), policy, bounds.expires)
-            view.remember(key, entry)
-            return decision, entry
-        finally:
-            self._end_view()
+        for retry in (True, False):
+            try:
+                view = self.facts.view()
+            except StoreUnavailable:
+                return self.decide(make_input()), None  # the same deny, with its logging
+            try:
+                entry = _holding(view.remembered(key), policy)
+                if entry is not None:
+                    return entry.decision._replace(decision_id=new_id()), entry
+                bounds = _Bounds()
+                decision = self._decide(make_input(), None, policy, view, bounds, retry=retry)
+                if not decision.allowed or bounds.uses_clock:
+                    return decision, None
+                entry = Remembered(decision._replace(decision_id=""), policy, bounds.expires)
+                view.remember(key, entry)
+                return decision, entry
+            except StoreMoved:
+                continue  # once more, on the newer generation (the second does not raise)
+            finally:
+                self._end_view()
+        raise AssertionError("unreachable: the second attempt does not raise StoreMoved")
 
     def _end_view(self) -> None:
         """The decision's snapshot ends (Facts.end); a store that cannot say so already
@@ -208,6 +215,10 @@ class Engine:
         policy = self.policy
         trace = Trace()
         try:
+            decision = self._decide(request, trace, policy, retry=True)
+        except StoreMoved:
+            self._end_view()
+            trace = Trace()
             decision = self._decide(request, trace, policy)
         finally:
             self._end_view()
@@ -220,7 +231,12 @@ class Engine:
         policy: Policy | None = None,
         view: View | None = None,
         bounds: _Bounds | None = None,
+        *,
+        retry: bool = False,
     ) -> Decision:
+        """Decide. With `retry`, a StoreMoved (the store moved on under the caches this
+        decision used, PostgreSQL only) is raised for the caller to decide once more on a
+        fresh view; without, it is a STORE_UNAVAILABLE deny like any unreadable store."""
         decision_id = new_id()
         policy = policy or self.policy  # one policy for the whole decision, even across a reload
         principal: Principal | None = None
@@ -287,6 +303,8 @@ class Engine:
         except Denied as deny:
             reason, message = deny.reason, deny.message
         except StoreUnavailable as exc:
+            if retry and isinstance(exc, StoreMoved):
+                raise
             reason, message = Reason.STORE_UNAVAILABLE, "the policy store is unavailable"
             log.error("decision %s: %s", decision_id, exc)
         except Exception:

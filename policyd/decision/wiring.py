@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import atexit
 
 from policyd.audit.journal import AuditLog
 from policyd.audit.records import load_key
@@ -11,9 +11,11 @@ from policyd.core.policy import Policy, load_policy
 from policyd.decision.decider import Decider
 from policyd.decision.engine import Engine, EngineSettings
 from policyd.decision.tokens import TokenSettings, Verifier
-from policyd.store.facts import Facts
+from policyd.store.base import Store
+from policyd.store.facts import PgFacts, facts_for
 from policyd.store.keys import KeyRing
-from policyd.store.sqlite import Store
+from policyd.store.open import open_store as open_url
+from policyd.store.replica import Replica
 
 
 def token_settings(config: Config) -> TokenSettings:
@@ -27,8 +29,11 @@ def token_settings(config: Config) -> TokenSettings:
     )
 
 
-def open_store(config: Config) -> Store:
-    return Store(Path(config.store.path))
+def open_store(config: Config, *, migrate: bool = True) -> Store:
+    st = config.store
+    return open_url(
+        config.store_url, migrate=migrate, pool_size=st.pool_size, lease_seconds=st.lease_seconds
+    )
 
 
 def keyring(config: Config, store: Store) -> KeyRing:
@@ -36,12 +41,22 @@ def keyring(config: Config, store: Store) -> KeyRing:
 
 
 def build_engine(
-    config: Config, store: Store | None = None, policy: Policy | None = None
+    config: Config,
+    store: Store | None = None,
+    policy: Policy | None = None,
+    *,
+    serving: bool = False,
 ) -> Engine:
-    """The engine on the configured store and policy (PolicyInvalid if it does not load)."""
+    """The engine on the configured store and policy (PolicyInvalid if it does not load).
+
+    `serving`: a process that answers decisions for long (a server): on PostgreSQL it
+    becomes a replica, with a lease, and answers from caches while it holds it (replica.py);
+    other processes read every decision afresh."""
     policy = policy or load_policy(config.policy.dir)
     store = store or open_store(config)
-    facts = Facts(store, token_cache_size=config.tokens.cache_size)
+    facts = facts_for(store, token_cache_size=config.tokens.cache_size)
+    if serving and isinstance(facts, PgFacts):
+        start_replica(config, facts)
     return Engine(
         facts,
         Verifier(token_settings(config)),
@@ -58,6 +73,22 @@ def open_audit_log(config: Config) -> AuditLog | None:
     return AuditLog(a.path, key, sync=a.sync, timeout=a.timeout_seconds)
 
 
-def build_decider(config: Config, store: Store | None = None) -> Decider:
+def build_decider(config: Config, store: Store | None = None, *, serving: bool = False) -> Decider:
     """The engine plus the audit log: what every door calls."""
-    return Decider(build_engine(config, store), open_audit_log(config))
+    return Decider(build_engine(config, store, serving=serving), open_audit_log(config))
+
+
+# How long a starting replica waits for its first lease before it serves anyway (answering
+# from the database, uncached, until the lease comes).
+FIRST_LEASE_SECONDS = 5.0
+
+
+def start_replica(config: Config, facts: PgFacts) -> Replica:
+    """Make this process a replica of the PostgreSQL store: its lease thread runs, and it
+    gives the lease back when the process exits normally."""
+    replica = Replica(config.store.url, config.node, config.store.lease_seconds, facts.advance)
+    facts.replica = replica
+    replica.start()
+    replica.wait_ready(FIRST_LEASE_SECONDS)
+    atexit.register(replica.stop)
+    return replica

@@ -50,8 +50,8 @@ from policyd.oauth.scopes import ScopeInfo, scope_catalogue
 from policyd.oauth.sessions import LoginThrottle, Sessions
 from policyd.oauth.storage import OAuthStorage, new_secret
 from policyd.oauth.tokens import TokenFinder
-from policyd.store.facts import Facts
-from policyd.store.sqlite import Store
+from policyd.store.base import Store
+from policyd.store.facts import facts_for
 
 log = logging.getLogger("policyd.oauth")
 
@@ -76,7 +76,7 @@ class AuthorizationApp:
         self.prefix = urlsplit(self.issuer).path.rstrip("/")
         o = config.oauth
         settings = token_settings(config)
-        self.facts = Facts(self.store)
+        self.facts = facts_for(self.store)
         self.server = AuthorizationServer(
             self.store,
             self.facts,

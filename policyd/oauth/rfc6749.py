@@ -35,9 +35,9 @@ from policyd.decision.tokens import TokenSettings, issue_token
 from policyd.oauth.rfc7636 import S256CodeChallenge
 from policyd.oauth.scopes import ScopeInfo
 from policyd.oauth.storage import CodeRow, CodeState, OAuthStorage, RefreshRow, new_secret
+from policyd.store.base import App, Store
 from policyd.store.facts import Facts
 from policyd.store.keys import KeyRing
-from policyd.store.sqlite import App, Store
 
 logging.getLogger("authlib").setLevel(logging.INFO)
 

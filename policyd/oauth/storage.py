@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 
 from policyd.store import families
-from policyd.store.sqlite import Store
+from policyd.store.base import Store
 
 
 def new_secret() -> str:
@@ -83,16 +83,16 @@ class OAuthStorage:
             return cur.rowcount == 1
 
     def password_hash(self, user_id: str) -> str | None:
-        row = (
-            self.store.conn()
-            .execute("SELECT password_hash FROM users WHERE user_id = ?", (user_id,))
-            .fetchone()
-        )
+        with self.store.read() as conn:
+            row = conn.execute(
+                "SELECT password_hash FROM users WHERE user_id = ?", (user_id,)
+            ).fetchone()
         return None if row is None else row[0]
 
     def user_exists(self, user_id: str) -> bool:
-        row = self.store.conn().execute("SELECT 1 FROM users WHERE user_id = ?", (user_id,))
-        return row.fetchone() is not None
+        with self.store.read() as conn:
+            row = conn.execute("SELECT 1 FROM users WHERE user_id = ?", (user_id,)).fetchone()
+        return row is not None
 
     # -- authorization codes -----------------------------------------------------------
 
@@ -230,17 +230,14 @@ class OAuthStorage:
         return True
 
     def refresh_token(self, token: str) -> RefreshRow | None:
-        row = (
-            self.store.conn()
-            .execute(
+        with self.store.read() as conn:
+            row = conn.execute(
                 "SELECT r.family_id, f.client_id, f.user_id, r.scopes, r.expires_at,"
                 " r.rotated_at, coalesce(r.revoked_at, f.revoked_at)"
                 " FROM oauth_refresh_tokens r JOIN oauth_families f USING (family_id)"
                 " WHERE r.token_hash = ?",
                 (digest(token),),
-            )
-            .fetchone()
-        )
+            ).fetchone()
         if row is None:
             return None
         return RefreshRow(
@@ -268,11 +265,10 @@ class OAuthStorage:
             families.revoke_family(conn, family_id, time.time())
 
     def access_token_family(self, jti: str) -> str | None:
-        row = (
-            self.store.conn()
-            .execute("SELECT family_id FROM oauth_access_tokens WHERE jti = ?", (jti,))
-            .fetchone()
-        )
+        with self.store.read() as conn:
+            row = conn.execute(
+                "SELECT family_id FROM oauth_access_tokens WHERE jti = ?", (jti,)
+            ).fetchone()
         return None if row is None else str(row[0])
 
     # -- sessions ----------------------------------------------------------------------
@@ -288,14 +284,11 @@ class OAuthStorage:
             )
 
     def session_user(self, session_id: str) -> str | None:
-        row = (
-            self.store.conn()
-            .execute(
+        with self.store.read() as conn:
+            row = conn.execute(
                 "SELECT user_id FROM oauth_sessions WHERE session_hash = ? AND expires_at > ?",
                 (digest(session_id), time.time()),
-            )
-            .fetchone()
-        )
+            ).fetchone()
         return None if row is None else str(row[0])
 
     def end_session(self, session_id: str) -> None:

@@ -38,7 +38,7 @@ from policyd.decision.engine import Engine, EngineSettings, Explanation
 from policyd.decision.tokens import TokenSettings, Verifier, issue_token
 from policyd.store.facts import Facts
 from policyd.store.keys import KeyRing
-from policyd.store.sqlite import Store
+from policyd.store.sqlite import SqliteStore
 
 _SETTINGS = TokenSettings(issuer="https://policy-test.invalid", audience="policy-test")
 _FIXTURES = ("principal", "grants", "userAccess", "dataSources", "now")
@@ -303,7 +303,7 @@ class Runner:
 
     def engine(self, fixture: Fixture) -> tuple[Engine, str]:
         """An engine over a new store holding the fixture, and the principal's token."""
-        store = Store(self.folder / f"store-{new_id()}.db")
+        store = SqliteStore(self.folder / f"store-{new_id()}.db")
         keyring = KeyRing(store, self.folder / "keys")
         keyring.rotate("ES256")
         p = fixture.principal
@@ -361,6 +361,7 @@ def _discard(engine: Engine) -> None:
     store = engine.facts.store
     engine.facts.close()
     store.close()
+    assert isinstance(store, SqliteStore)  # Runner.engine made it
     for suffix in ("", ".migrate-lock"):
         Path(f"{store.path}{suffix}").unlink(missing_ok=True)
 

@@ -90,7 +90,7 @@ class Server:
 
     def __init__(self, config: Config, decider: Decider | None = None) -> None:
         self.config = config
-        self.decider = decider or build_decider(config)
+        self.decider = decider or build_decider(config, serving=True)
         if self.decider.audit is not None:
             self.decider.audit.start()
         self.engine = self.decider.engine

@@ -25,6 +25,15 @@ SQLite's own included (issue 13; https://sqlite.org/howtocorrupt.html, section 2
 The caches hold what decisions ask for again and again: app rows, consents, grants, the
 user's own access, revoked token ids, signing keys, data-source labels (for policy
 conditions) and verified token claims.
+
+On PostgreSQL (`PgFacts`) the same caches are filed under the generation this process has
+applied, which its Replica thread moves as the database notifies it (replica.py). A view
+answers from them only while the replica is fresh (its lease held, its listening
+connection up), so a repeated check costs no round trip; a cache miss reads in a
+REPEATABLE READ snapshot whose generation must be the caches' (else the decision starts
+over once, on the newer generation: StoreMoved). A replica that is not fresh reads every
+decision afresh from the database, in a snapshot of its own, and denies STORE_UNAVAILABLE
+when that fails too.
 """
 
 from __future__ import annotations
@@ -33,15 +42,20 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
+import psycopg
+import psycopg_pool
 from cachetools import TLRUCache
 
-from policyd.core.errors import StoreUnavailable
+from policyd.core.errors import StoreMoved, StoreUnavailable
 from policyd.core.model import Access
-from policyd.store.sqlite import Store, connect
+from policyd.store.base import Store
+from policyd.store.postgres import PostgresStore, pg_sql
+from policyd.store.replica import Replica
+from policyd.store.sqlite import SqliteStore, connect
 
 _GENERATION = "SELECT value FROM generation WHERE id = 1"
 # Moves whenever another connection, in any process, has committed to the file.
@@ -101,6 +115,14 @@ class _Caches:
         self.decisions: dict[Hashable, Any] = {}
 
 
+class _Reads(Protocol):
+    """Where a view reads what its caches miss."""
+
+    def one(self, sql: str, args: Sequence[str]) -> tuple[Any, ...] | None: ...
+
+    def all(self, sql: str, args: Sequence[str]) -> list[tuple[Any, ...]]: ...
+
+
 class _Reader:
     """One thread's decision-time connection, and what it last confirmed: that when
     data_version read `version`, the store's generation was that of `caches`. While the
@@ -121,6 +143,27 @@ class _Reader:
             self.open = False
             self.conn.execute("COMMIT")
 
+    def one(self, sql: str, args: Sequence[str]) -> tuple[Any, ...] | None:
+        try:
+            return self.conn.execute(sql, args).fetchone()  # type: ignore[no-any-return]
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"store unreadable: {exc}") from exc
+
+    def all(self, sql: str, args: Sequence[str]) -> list[tuple[Any, ...]]:
+        try:
+            return self.conn.execute(sql, args).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"store unreadable: {exc}") from exc
+
+
+def facts_for(
+    store: Store, *, token_cache_size: int = 100_000, replica: Replica | None = None
+) -> Facts:
+    """The decision-time view of a store, on its backend."""
+    if isinstance(store, PostgresStore):
+        return PgFacts(store, token_cache_size=token_cache_size, replica=replica)
+    return Facts(store, token_cache_size=token_cache_size)
+
 
 class Facts:
     """Cached, exactly invalidated reads for decisions. Thread-safe."""
@@ -129,6 +172,7 @@ class Facts:
         self, store: Store, *, row_cache_size: int = 200_000, token_cache_size: int = 100_000
     ) -> None:
         self.store = store
+        self.path = store.path if isinstance(store, SqliteStore) else None
         self._row_limit = row_cache_size
         self._token_limit = token_cache_size
         self._swap = threading.Lock()
@@ -139,15 +183,16 @@ class Facts:
         """This thread's decision-time connection (opened on first use)."""
         reader: _Reader | None = getattr(self._local, "reader", None)
         if reader is None:
+            assert self.path is not None
             try:
-                conn = connect(self.store.path)
+                conn = connect(self.path)
             except sqlite3.Error as exc:
-                raise StoreUnavailable(f"cannot open store {self.store.path}: {exc}") from exc
+                raise StoreUnavailable(f"cannot open store {self.path}: {exc}") from exc
             try:
                 conn.execute("PRAGMA query_only = ON")
             except sqlite3.Error as exc:
                 conn.close()
-                raise StoreUnavailable(f"cannot open store {self.store.path}: {exc}") from exc
+                raise StoreUnavailable(f"cannot open store {self.path}: {exc}") from exc
             reader = self._local.reader = _Reader(conn)
         return reader
 
@@ -181,7 +226,7 @@ class Facts:
             version = conn.execute(_DATA_VERSION).fetchone()[0]
             caches = self._caches
             if version == reader.version and reader.caches is caches:
-                return View(self, conn, caches, self._row_limit)  # nothing committed since
+                return View(self, reader, caches, self._row_limit)  # nothing committed since
             row = conn.execute(_GENERATION).fetchone()
         except sqlite3.Error as exc:
             reader.open = False
@@ -200,10 +245,10 @@ class Facts:
             if caches.generation != generation:
                 # This view read an older generation than the current caches: it must
                 # neither use nor fill them. Give it private caches.
-                return View(self, conn, _Caches(generation, 16), self._row_limit)
+                return View(self, reader, _Caches(generation, 16), self._row_limit)
         reader.version = version
         reader.caches = caches
-        return View(self, conn, caches, self._row_limit)
+        return View(self, reader, caches, self._row_limit)
 
     def recall(self, key: Hashable) -> Any:
         """What View.remember() kept under this key, if nothing has been committed to the
@@ -236,11 +281,11 @@ class View:
     """The facts one decision sees. Not shared between threads. A context manager: leaving
     the `with` block ends its read transaction (Facts.end)."""
 
-    __slots__ = ("_caches", "_conn", "_facts", "_limit", "_rows")
+    __slots__ = ("_caches", "_facts", "_limit", "_reads", "_rows")
 
-    def __init__(self, facts: Facts, conn: sqlite3.Connection, caches: _Caches, limit: int) -> None:
+    def __init__(self, facts: Facts, reads: _Reads, caches: _Caches, limit: int) -> None:
         self._facts = facts
-        self._conn = conn
+        self._reads = reads
         self._caches = caches
         self._rows = caches.rows
         self._limit = limit
@@ -265,10 +310,7 @@ class View:
         """One row by key, converted, or None when there is no row; cached."""
         value = self._rows.get(key, _MISSING)
         if value is _MISSING:
-            try:
-                row = self._conn.execute(sql, args).fetchone()
-            except sqlite3.Error as exc:
-                raise StoreUnavailable(f"store unreadable: {exc}") from exc
+            row = self._reads.one(sql, args)
             value = None if row is None else convert(row)
             self._put(key, value)
         return value
@@ -317,10 +359,7 @@ class View:
         key = ("shared", user_id, client_id)
         value = self._rows.get(key, _MISSING)
         if value is _MISSING:
-            try:
-                rows = self._conn.execute(_GRANTED_LIST, (user_id, client_id)).fetchall()
-            except sqlite3.Error as exc:
-                raise StoreUnavailable(f"store unreadable: {exc}") from exc
+            rows = self._reads.all(_GRANTED_LIST, (user_id, client_id))
             value = tuple((ds, min(_ACCESS[access], _ACCESS[role])) for ds, access, role in rows)
             self._put(key, value)
         return value  # type: ignore[no-any-return]
@@ -377,3 +416,120 @@ class View:
         caches = self._caches
         with caches.token_lock:
             caches.tokens[token] = (verified, until)
+
+
+class _Snapshot:
+    """One decision's reads on PostgreSQL: a REPEATABLE READ, READ ONLY transaction on a
+    pooled connection, begun at the first cache miss. `expected` is the generation of the
+    caches the view uses; a snapshot of another generation must not fill them (StoreMoved,
+    after moving the process's caches on). None: a view of private caches, any generation."""
+
+    __slots__ = ("_conn", "_facts", "expected")
+
+    def __init__(self, facts: PgFacts, expected: int | None) -> None:
+        self._facts = facts
+        self.expected = expected
+        self._conn: psycopg.Connection[Any] | None = None
+
+    def begin(self) -> int:
+        pool = self._facts.pool
+        try:
+            conn = self._conn = pool.getconn()
+            conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            row = conn.execute(_GENERATION).fetchone()
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+            self.end()
+            raise StoreUnavailable(f"store unreadable: {_line(exc)}") from exc
+        if row is None:
+            self.end()
+            raise StoreUnavailable("store unreadable: it has no generation row")
+        generation = int(row[0])
+        if self.expected is not None and generation != self.expected:
+            self.end()
+            self._facts.advance(generation)
+            raise StoreMoved(f"store moved to generation {generation} under {self.expected}")
+        return generation
+
+    def one(self, sql: str, args: Sequence[str]) -> tuple[Any, ...] | None:
+        if self._conn is None:
+            self.begin()
+        assert self._conn is not None
+        try:
+            return self._conn.execute(pg_sql(sql), args).fetchone()
+        except psycopg.Error as exc:
+            raise StoreUnavailable(f"store unreadable: {_line(exc)}") from exc
+
+    def all(self, sql: str, args: Sequence[str]) -> list[tuple[Any, ...]]:
+        if self._conn is None:
+            self.begin()
+        assert self._conn is not None
+        try:
+            return self._conn.execute(pg_sql(sql), args).fetchall()
+        except psycopg.Error as exc:
+            raise StoreUnavailable(f"store unreadable: {_line(exc)}") from exc
+
+    def end(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            if not conn.closed:
+                conn.execute("ROLLBACK")  # read only: nothing to commit
+        except psycopg.Error:
+            pass  # broken: the pool replaces it
+        finally:
+            self._facts.pool.putconn(conn)
+
+
+def _line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class PgFacts(Facts):
+    """Facts on the PostgreSQL store: caches valid while this process's replica is fresh."""
+
+    def __init__(
+        self,
+        store: PostgresStore,
+        *,
+        row_cache_size: int = 200_000,
+        token_cache_size: int = 100_000,
+        replica: Replica | None = None,
+    ) -> None:
+        super().__init__(store, row_cache_size=row_cache_size, token_cache_size=token_cache_size)
+        self.pool = store.reads()
+        self.replica = replica
+
+    def advance(self, generation: int) -> None:
+        """Drop every cache older than `generation` (committed: the database said so)."""
+        with self._swap:
+            if generation > self._caches.generation:
+                self._caches = _Caches(generation, self._token_limit)
+
+    def close(self) -> None:
+        self.end()
+
+    def end(self) -> None:
+        snapshot: _Snapshot | None = getattr(self._local, "snapshot", None)
+        if snapshot is not None:
+            self._local.snapshot = None
+            snapshot.end()
+
+    def view(self) -> View:
+        self.end()  # a view this thread left open
+        replica = self.replica
+        if replica is not None and replica.fresh():
+            caches = self._caches
+            snapshot = self._local.snapshot = _Snapshot(self, caches.generation)
+            return View(self, snapshot, caches, self._row_limit)
+        # Not fresh (or no replica: a one-off CLI process): read everything afresh.
+        snapshot = self._local.snapshot = _Snapshot(self, None)
+        generation = snapshot.begin()
+        return View(self, snapshot, _Caches(generation, 16), self._row_limit)
+
+    def recall(self, key: Hashable) -> Any:
+        replica = self.replica
+        if replica is None or not replica.fresh():
+            return None
+        return self._caches.decisions.get(key)

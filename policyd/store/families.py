@@ -11,10 +11,10 @@ they live in the store package, below both of their users.
 
 from __future__ import annotations
 
-import sqlite3
+from policyd.store.sql import Conn
 
 
-def revoke_family(conn: sqlite3.Connection, family_id: str, now: float) -> None:
+def revoke_family(conn: Conn, family_id: str, now: float) -> None:
     """Inside a write transaction: revoke the family's refresh and live access tokens."""
     conn.execute(
         "UPDATE oauth_families SET revoked_at = ? WHERE family_id = ? AND revoked_at IS NULL",
@@ -33,7 +33,7 @@ def revoke_family(conn: sqlite3.Connection, family_id: str, now: float) -> None:
     )
 
 
-def revoke_pair_families(conn: sqlite3.Connection, user_id: str, client_id: str, now: float) -> int:
+def revoke_pair_families(conn: Conn, user_id: str, client_id: str, now: float) -> int:
     """Inside a write transaction: revoke every live token family of (user, app), as
     disconnecting the app does (Store.disconnect). Returns how many were live."""
     families = [

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from policyd.core.errors import InvalidInput, NotFound
-from policyd.store.sqlite import Store
+from policyd.store.base import Store
 
 ALGORITHMS = ("ES256", "RS256", "EdDSA")
 VERIFYING_STATES = frozenset({"active", "retiring"})
