@@ -92,7 +92,7 @@ class PgServer:
             os.chown(self.root, *self._owner)
         if (self.data / "PG_VERSION").exists():
             return
-        self._run(
+        result = self._run(
             find_bin("initdb"),
             "-D",
             str(self.data),
@@ -101,7 +101,10 @@ class PgServer:
             "--auth=trust",
             "--encoding=UTF8",
             "--locale=C",
+            check=False,
         )
+        if result.returncode != 0:
+            raise RuntimeError(f"initdb failed: {(result.stderr or result.stdout).strip()}")
         with (self.data / "postgresql.conf").open("a") as conf:
             conf.write(
                 "\n# policyd's private server (policyd/pgserver.py)\n"

@@ -11,7 +11,10 @@ import grpc
 import pytest
 
 from policyd import pgserver
+from policyd.decision.wiring import start_replica
 from policyd.pgserver import PgServer
+from policyd.store.facts import Facts, PgFacts, facts_for
+from policyd.store.replica import Replica
 from tests.helpers import Home, ServerProcess, decision_stub, free_port, run_server
 
 
@@ -57,8 +60,8 @@ def stub(shared_server: ServerProcess) -> Iterator[object]:
 
 
 # -- the store's backends ----------------------------------------------------------------
-# Test modules that run on both backends override `store_backend` with
-# `store_backend = backends` (below); the rest run on SQLite only.
+# Test modules that run on both backends import tests.backends.both_backends, which
+# overrides `store_backend`; the rest run on SQLite only.
 
 BACKENDS = ("sqlite", "postgresql")
 
@@ -73,7 +76,7 @@ def pg_server() -> Iterator[PgServer]:
         pytest.skip("PostgreSQL's initdb/pg_ctl are missing: apt-get install postgresql")
     root = Path(tempfile.mkdtemp(prefix="policyd-pg-"))
     try:
-        with pgserver.running(root / "pg", free_port(), fsync=False) as server:
+        with pgserver.running(root, free_port(), fsync=False) as server:
             yield server
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -82,12 +85,6 @@ def pg_server() -> Iterator[PgServer]:
 @pytest.fixture(scope="module")
 def store_backend() -> str:
     return "sqlite"
-
-
-@pytest.fixture(scope="module", params=BACKENDS)
-def backends(request: pytest.FixtureRequest) -> str:
-    """Use as `store_backend = backends` in a module: its tests run on both backends."""
-    return str(request.param)
 
 
 def new_database(request: pytest.FixtureRequest, backend: str) -> str:
@@ -103,3 +100,35 @@ def new_database(request: pytest.FixtureRequest, backend: str) -> str:
 
 
 _databases = itertools.count()
+
+
+@pytest.fixture
+def sqlite_only(store_backend: str) -> None:
+    """For a test of SQLite's own mechanisms (files, data_version, per-row triggers) in a
+    module that runs on both backends."""
+    if store_backend != "sqlite":
+        pytest.skip("a test of the SQLite backend's own mechanism")
+
+
+@pytest.fixture(autouse=True)
+def _stop_replicas() -> Iterator[None]:
+    """Every replica a test started in this process (engines built with serving=True on
+    PostgreSQL) gives its lease back when the test ends."""
+    yield
+    for replica in list(Replica.running):
+        replica.stop()
+
+
+@pytest.fixture
+def live_facts(home: Home) -> Iterator[Facts]:
+    """Decision-time facts as a server holds them: on PostgreSQL, those of a replica with a
+    lease and a listening connection (wiring.start_replica), stopped after the test."""
+    facts = facts_for(home.store)
+    if isinstance(facts, PgFacts):
+        replica = start_replica(home.config, facts)
+        assert replica.fresh(), replica.problem
+        yield facts
+        replica.stop()
+    else:
+        yield facts
+    facts.close()

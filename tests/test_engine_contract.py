@@ -31,6 +31,7 @@ from policyd.core.model import Access, ActionTarget, CheckInput, HttpTarget
 from policyd.core.reasons import Reason
 from policyd.decision.wiring import build_engine
 from policyd.store.keys import PrivateKey, generate_private_key
+from tests.backends import both_backends  # noqa: F401  (every test here runs on both)
 from tests.helpers import ROOT, Home
 
 Token = Callable[[Home], str]

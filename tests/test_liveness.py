@@ -21,6 +21,7 @@ from policyd.core.model import Access, CheckInput, Decision, HttpTarget
 from policyd.core.reasons import Reason
 from policyd.decision.engine import Engine
 from policyd.decision.wiring import build_engine
+from tests.backends import both_backends  # noqa: F401  (every test here runs on both)
 from tests.helpers import Home
 from tests.oauth_support import Browser, Flow, exchange, oauth_home, refresh, running
 

@@ -13,6 +13,7 @@ import pytest
 from policyd.oauth.passwords import verify_password
 from policyd.oauth.sessions import COOKIE
 from policyd.oauth.storage import OAuthStorage
+from tests.backends import both_backends  # noqa: F401  (every test here runs on both)
 from tests.helpers import Home
 from tests.oauth_support import (
     PASSWORD,

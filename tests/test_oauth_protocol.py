@@ -22,6 +22,7 @@ from policyd.decision.tokens import Verifier
 from policyd.decision.wiring import build_engine, token_settings
 from policyd.oauth.storage import CodeState, OAuthStorage
 from policyd.store.facts import facts_for
+from tests.backends import both_backends  # noqa: F401  (every test here runs on both)
 from tests.helpers import Home, dump_store
 from tests.oauth_support import (
     PUBLIC_REDIRECT,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,21 +22,28 @@ from policyd.core.reasons import Reason
 from policyd.decision import decider as decider_module
 from policyd.decision.decider import Decider, Door
 from policyd.decision.engine import Engine
-from policyd.decision.wiring import build_decider
+from policyd.decision.wiring import build_decider, open_store
 from policyd.gen.v1 import decision_pb2
 from policyd.policy.policytest import Fixture, Runner, scratch_dir
 from policyd.store.base import Store
-from policyd.store.sqlite import SqliteStore
-from tests.helpers import ROOT, Home, check_request, decision_stub, indexed_records, run_server
+from tests.backends import both_backends  # noqa: F401  (every test here runs on both)
+from tests.helpers import (
+    ROOT,
+    Home,
+    check_request,
+    decision_stub,
+    indexed_records,
+    run_server,
+)
 from tests.test_policy_conditions import ALICE, GRANTS, LABELS, policy_with
 
 KEY = b"GET /api/data/tags/ds-a"
 
 
 @pytest.fixture
-def engine(seeded: Home) -> Iterator[Engine]:
-    engine = build_decider(seeded.config, seeded.store).engine
-    yield engine
+def engine(seeded: Home) -> Engine:
+    """A server's engine: on PostgreSQL, a replica's (wiring.start_replica)."""
+    return build_decider(seeded.config, seeded.store, serving=True).engine
 
 
 class Inputs:
@@ -106,11 +113,8 @@ def test_any_store_write_forgets_it_before_the_write_returns(
     _, entry = engine.decide_keyed(KEY, engine.policy, inputs)
     assert entry is not None and engine.recall(KEY, engine.policy) is entry
     change, reason = WRITES[write]
-    other = SqliteStore(seeded.config.store.path)  # as another process would
-    try:
+    with open_store(seeded.config, migrate=False) as other:  # as another process would
         change(other, token)
-    finally:
-        other.close()
     assert engine.recall(KEY, engine.policy) is None  # the fast path sees the write too
     decision, _ = engine.decide_keyed(KEY, engine.policy, inputs)
     assert inputs.built == 2  # decided again, not remembered
@@ -416,7 +420,7 @@ def _answer(decider: Decider, request_id: str, inputs: Inputs) -> tuple[str, Dec
 
 def _remembered_once(home: Home) -> tuple[Decider, AuditLog, Inputs, Decision]:
     """A decider with its audit log, and the first (recorded, remembered) allow of KEY."""
-    decider = build_decider(home.config, home.store)
+    decider = build_decider(home.config, home.store, serving=True)
     assert decider.audit is not None
     inputs = read_ds_a(home)
     first, entry = decider.check_keyed(KEY, decider.engine.policy, "r0", inputs)

@@ -21,6 +21,7 @@ import pytest
 from policyd.core.model import Access
 from policyd.core.reasons import Reason
 from policyd.gen.v1 import decision_pb2
+from tests.backends import both_backends  # noqa: F401  (every test here runs on both)
 from tests.helpers import (
     Home,
     ServerProcess,

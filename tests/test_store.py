@@ -23,14 +23,15 @@ from sqlite_utils import Database
 
 from policyd.core.errors import NotFound
 from policyd.core.model import Access, CheckInput, HttpTarget
-from policyd.decision.wiring import build_engine
+from policyd.decision.wiring import build_engine, open_store
 from policyd.oauth.storage import OAuthStorage
 from policyd.store.base import Store
-from policyd.store.facts import Facts
+from policyd.store.facts import Facts, facts_for
 from policyd.store.families import revoke_pair_families
 from policyd.store.keys import KeyRing
 from policyd.store.migrations import DECISION_TABLES, migrations
 from policyd.store.sqlite import SqliteStore
+from tests.backends import both_backends  # noqa: F401  (every test here runs on both)
 from tests.helpers import Home
 
 
@@ -194,11 +195,11 @@ STORE_WRITES: dict[str, Callable[[Home], Any]] = {
 def test_every_store_write_bumps_the_generation_seen_by_other_connections(
     seeded: Home, write: str
 ) -> None:
-    other = SqliteStore(_db(seeded), migrate=False)
-    before = other.generation()
-    STORE_WRITES[write](seeded)
-    assert other.generation() > before
-    assert seeded.store.generation() == other.generation()
+    with open_store(seeded.config, migrate=False) as other:
+        before = other.generation()
+        STORE_WRITES[write](seeded)
+        assert other.generation() > before
+        assert seeded.store.generation() == other.generation()
 
 
 # One row per decision table, written with the plain sqlite3 module (no policyd code).
@@ -254,6 +255,7 @@ def test_raw_writes_cover_every_decision_table() -> None:
 
 
 @pytest.mark.parametrize("table", sorted(RAW_WRITES))
+@pytest.mark.usefixtures("sqlite_only")
 def test_plain_sqlite_writes_to_a_decision_table_bump_the_generation(
     seeded: Home, table: str
 ) -> None:
@@ -291,6 +293,7 @@ def test_replacing_and_revoking_grants_keeps_history_with_one_live_grant(seeded:
     assert len(s.list_grants("alice", "app1", "ds-c")) == 1
 
 
+@pytest.mark.usefixtures("sqlite_only")
 def test_the_file_refuses_a_second_live_grant_for_the_same_triple(seeded: Home) -> None:
     conn = _raw(_db(seeded))
     try:
@@ -408,6 +411,7 @@ def _transactions(statements: list[str]) -> list[str]:
     return [s for s in statements if s.split()[0] in ("BEGIN", "COMMIT", "ROLLBACK")]
 
 
+@pytest.mark.usefixtures("sqlite_only")
 def test_disconnect_is_one_transaction_no_reader_sees_a_part_of_it(seeded: Home) -> None:
     _with_token_family(seeded)
     observer = _Observer(_db(seeded))
@@ -460,6 +464,7 @@ class _ApprovalObserver(_Observer):
         return tuple(self.conn.execute(_APPROVAL_STATE).fetchone())
 
 
+@pytest.mark.usefixtures("sqlite_only")
 def test_an_approval_is_one_transaction_no_reader_sees_the_new_consent_beside_an_old_grant(
     seeded: Home,
 ) -> None:
@@ -484,6 +489,7 @@ def test_an_approval_is_one_transaction_no_reader_sees_the_new_consent_beside_an
     assert _transactions(observer.statements) == ["BEGIN IMMEDIATE", "COMMIT"]
 
 
+@pytest.mark.usefixtures("sqlite_only")
 def test_the_observer_would_see_an_approval_written_as_several_transactions(
     seeded: Home,
 ) -> None:
@@ -511,12 +517,11 @@ def test_a_decision_sees_one_state_of_the_store_even_when_a_write_commits_while_
     narrows the consent and shares another source at write commits in between, the decision
     must see the store before it or after it, never the old consent beside the new grant
     (DataWrite still consented and ds-c now writable: neither state allows writing ds-c)."""
-    facts = Facts(seeded.store)
+    facts = facts_for(seeded.store)
     view = facts.view()
     assert view.consent("alice", "app1") == frozenset({"UserInfo", "DataRead", "DataWrite"})
-    SqliteStore(_db(seeded), migrate=False).approve(
-        "alice", "app1", ["UserInfo", "DataRead"], {"ds-c": Access.WRITE}
-    )
+    with open_store(seeded.config, migrate=False) as other:
+        other.approve("alice", "app1", ["UserInfo", "DataRead"], {"ds-c": Access.WRITE})
     assert view.grant("alice", "app1", "ds-c") is None  # as it was when the view began
     assert view.grant("alice", "app1", "ds-a") is Access.WRITE
     facts.end()
@@ -527,6 +532,7 @@ def test_a_decision_sees_one_state_of_the_store_even_when_a_write_commits_while_
     facts.end()
 
 
+@pytest.mark.usefixtures("sqlite_only")
 def test_an_ended_view_leaves_no_read_transaction_open(seeded: Home) -> None:
     """A view's snapshot ends with the decision: a reader left open would keep the WAL from
     being checkpointed back to its start."""
@@ -548,6 +554,7 @@ def test_an_approval_without_data_sources_leaves_the_grants_as_they_are(seeded: 
     assert seeded.store.list_grants("alice", "app1") == grants
 
 
+@pytest.mark.usefixtures("sqlite_only")
 def test_the_observer_would_see_a_disconnect_split_into_two_transactions(seeded: Home) -> None:
     """The check above is not vacuous: the old way (consent and grants, then families)
     lets a reader see the consent gone while the token family still lives."""
@@ -691,19 +698,23 @@ FACT_CHANGES: dict[str, FactChange] = {
 
 
 @pytest.mark.parametrize("change", sorted(FACT_CHANGES))
-def test_a_write_through_another_store_is_seen_by_the_next_view(seeded: Home, change: str) -> None:
+def test_a_write_through_another_store_is_seen_by_the_next_view(
+    seeded: Home, live_facts: Facts, change: str
+) -> None:
     c = FACT_CHANGES[change]
-    facts = Facts(seeded.store)
+    facts = live_facts
     assert c.read(facts, seeded) == c.before
     assert c.read(facts, seeded) == c.before  # now from the cache
-    other = SqliteStore(_db(seeded), migrate=False)  # another process, as far as SQLite knows
-    c.write(other, seeded)
+    with open_store(seeded.config, migrate=False) as other:  # as another process would
+        c.write(other, seeded)
     assert c.read(facts, seeded) == c.after
 
 
 @pytest.mark.slow
-def test_a_revocation_by_another_process_is_seen_by_the_next_view(seeded: Home) -> None:
-    facts = Facts(seeded.store)
+def test_a_revocation_by_another_process_is_seen_by_the_next_view(
+    seeded: Home, live_facts: Facts
+) -> None:
+    facts = live_facts
     assert facts.view().grant("alice", "app1", "ds-a") == Access.WRITE
     assert facts.view().consent("alice", "app1") is not None
     result = seeded.cli("grants", "revoke", "alice", "app1", "ds-a")
@@ -747,6 +758,7 @@ def test_caches_see_a_revocation_after_the_shm_file_was_recreated(tmp_path: Path
     assert seen == [False, True]
 
 
+@pytest.mark.usefixtures("sqlite_only")
 def test_view_serves_cached_facts_until_the_generation_changes(seeded: Home) -> None:
     facts = Facts(seeded.store)
     assert facts.view().grant("alice", "app1", "ds-a") == Access.WRITE
@@ -763,6 +775,7 @@ def test_view_serves_cached_facts_until_the_generation_changes(seeded: Home) -> 
         conn.close()
 
 
+@pytest.mark.usefixtures("sqlite_only")
 def test_a_view_of_an_older_generation_does_not_poison_the_cache(seeded: Home) -> None:
     store = seeded.store
     facts = Facts(store)
@@ -777,7 +790,7 @@ def test_a_view_of_an_older_generation_does_not_poison_the_cache(seeded: Home) -
         old_generation = conn.execute("SELECT value FROM generation").fetchone()[0]
         # Another process revokes; another thread of this one starts a view of the new
         # generation (swapping the caches) but reads nothing yet.
-        SqliteStore(_db(seeded), migrate=False).revoke_grant("alice", "app1", "ds-a")
+        open_store(seeded.config, migrate=False).revoke_grant("alice", "app1", "ds-a")
         seen: list[int] = []
         thread = threading.Thread(target=lambda: seen.append(facts.view().generation))
         thread.start()

@@ -140,6 +140,12 @@ class Store:
         """Close this thread's connections (SQLite) or the pool (PostgreSQL)."""
         raise NotImplementedError
 
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def generation(self) -> int:
         with self.read() as conn:
             row = conn.execute("SELECT value FROM generation WHERE id = 1").fetchone()

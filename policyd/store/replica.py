@@ -33,6 +33,7 @@ import os
 import socket
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -42,6 +43,12 @@ from policyd.store.pg_migrations import CHANNEL, WRITE_LOCK
 from policyd.store.postgres import CONNECT_TIMEOUT_SECONDS, redact
 
 log = logging.getLogger("policyd.store")
+
+# The handler sees every notification (those that arrive during a query too); notifies()
+# only serves as the wait, and what it yields is handled again, harmlessly (a maximum).
+warnings.filterwarnings(
+    "ignore", message=r"using 'notifies\(\)' together with notifies handlers", category=RuntimeWarning
+)
 
 # The replica gives its lease up this much before the database would (clock-rate drift
 # between the hosts, and the time from its renewal's start to the database's clock read).
@@ -56,6 +63,9 @@ def clock() -> float:
 
 class Replica:
     """One serving process's lease and listening connection (a daemon thread)."""
+
+    # The replicas of this process that have started and not stopped.
+    running: set[Replica] = set()
 
     def __init__(
         self,
@@ -81,6 +91,7 @@ class Replica:
         self.problem = ""  # why the replica is not fresh, for the log and status
 
     def start(self) -> None:
+        Replica.running.add(self)
         self._thread.start()
 
     def wait_ready(self, timeout: float) -> bool:
@@ -93,7 +104,10 @@ class Replica:
 
     def stop(self) -> None:
         """Stop, and give the lease back so that no writer waits for this process."""
+        if self._stop.is_set():
+            return
         self._stop.set()
+        Replica.running.discard(self)
         self._until = 0.0
         if self._thread.is_alive():
             self._thread.join(timeout=self.lease_seconds + CONNECT_TIMEOUT_SECONDS)
