@@ -20,11 +20,11 @@ import grpc
 import psycopg
 import pytest
 
-from policyd.audit.index import IndexTarget
 from policyd.audit.journal import AuditLog, Indexer
 from policyd.audit.pg import PgIndex, redact
 from policyd.audit.reader import Query, follow
 from policyd.audit.records import load_key
+from policyd.audit.target import IndexTarget
 from policyd.cli import main
 from policyd.config import load_config
 from tests.helpers import Home, check_request, decision_stub, run_server

@@ -6,9 +6,8 @@ SQLite file: one host, one chain. `pg.PgIndex` is both for a PostgreSQL database
 several replicas share: each replica (`node`) extends a chain of its own
 (docs/audit.md, "Several replicas (PostgreSQL)").
 
-`IndexTarget` names one of them (the audit path, and the PostgreSQL URL and node when
-there is one) and opens it; it is what the server, the indexer process and the commands
-are given. The journals (journal.py) are the same for both.
+`target.IndexTarget` names one of them and opens it. The journals (journal.py) are the
+same for both.
 """
 
 from __future__ import annotations
@@ -16,11 +15,10 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from policyd.audit.reader import AuditReader, Reader, prune
+from policyd.audit.reader import prune
 from policyd.audit.records import append_records, open_log_file
 from policyd.store.sqlite import transaction
 
@@ -106,42 +104,3 @@ class SqliteIndex:
 
     def close(self) -> None:
         self.conn.close()
-
-
-@dataclass(frozen=True, slots=True)
-class IndexTarget:
-    """Which index: the SQLite file at `path` (url ""), or the PostgreSQL database at `url`
-    with this replica's chain named `node`. Opens it for writing or reading."""
-
-    path: Path
-    url: str = ""
-    node: str = ""
-    sync: str = "normal"
-
-    @property
-    def postgres(self) -> bool:
-        return self.url.startswith(("postgresql:", "postgres:"))
-
-    def writer(self) -> Index:
-        """Open for indexing (PolicydError naming what is wrong when it cannot be)."""
-        if self.postgres:
-            from policyd.audit.pg import PgIndex  # psycopg only where it is used
-
-            return PgIndex(self.url, self.node)
-        return SqliteIndex(self.path, self.sync)
-
-    def reader(self, key: bytes | None = None) -> Reader:
-        """Open for reading; `key` is what verify needs."""
-        if self.postgres:
-            from policyd.audit.pg import PgIndex
-
-            return PgIndex(self.url, self.node, key=key)
-        return AuditReader(self.path, key)
-
-    def describe(self) -> str:
-        """For messages: the file, or the database URL without its password."""
-        if self.postgres:
-            from policyd.audit.pg import redact
-
-            return redact(self.url)
-        return str(self.path)

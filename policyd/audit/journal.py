@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from policyd.audit.index import Index, IndexTarget
+from policyd.audit.index import Index
 from policyd.audit.reader import Reader
 from policyd.audit.records import (
     CANONICAL,
@@ -59,6 +59,7 @@ from policyd.audit.records import (
     json_string,
     open_log_file,
 )
+from policyd.audit.target import IndexTarget
 from policyd.core.errors import PolicydError
 
 log = logging.getLogger(__name__)

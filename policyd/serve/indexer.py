@@ -20,9 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-from policyd.audit.index import IndexTarget
 from policyd.audit.journal import Indexer
 from policyd.audit.records import load_key
+from policyd.audit.target import IndexTarget
 from policyd.config import Config
 from policyd.core.errors import ConfigError, PolicydError
 from policyd.serve.signals import Signals
