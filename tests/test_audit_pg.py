@@ -411,6 +411,12 @@ def test_an_unreachable_database_is_a_one_line_error_without_the_password(
         " postgresql://policyd:***@127.0.0.1:1/nowhere: "
     )
     assert "s3cret-pw" not in err
+    bad = _pg_home(tmp_path / "bad", "postgresql://policyd:s3cret-pw@127.0.0.1:port/db", "n")
+    code = main(["--config", str(bad.config_path), "audit", "stats"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.count("\n") == 1 and "Traceback" not in err and "s3cret-pw" not in err
+    assert err.startswith("policyd: error: cannot connect to the audit database ")
     assert redact("postgresql://u:p@h/db?password=p") == "postgresql://u:***@h/db?password=***"
 
 
@@ -481,6 +487,16 @@ def test_kill_9_of_an_indexer_mid_run_then_a_restart_loses_and_duplicates_nothin
         f"node n1: ok: {len(written)} records"
     ), result.stdout + result.stderr
     assert list(Path(str(home.config.audit.path) + ".journal").glob("*.journal")) == []
+
+
+def test_check_local_on_a_postgres_store_indexes_its_record_there(
+    pg_url: str, tmp_path: Path
+) -> None:
+    home = _pg_home(tmp_path, pg_url, "laptop")
+    result = home.cli("check", "--local", "--token", home.token(), "--path", "/api/user/me")
+    assert result.returncode == 0, result.stderr
+    rows = _rows(pg_url, "SELECT node, door, user_id FROM audit_records")
+    assert rows == [("laptop", "cli", "alice")]
 
 
 def test_a_server_on_a_postgres_store_indexes_its_decisions_there_under_its_node(
