@@ -48,19 +48,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from policyd.audit.reader import prune
+from policyd.audit.index import Index
+from policyd.audit.reader import Reader
 from policyd.audit.records import (
     CANONICAL,
     AuditRecord,
     AuditUnavailable,
-    append_records,
-    connect,
     fields_of_line,
     journal_dir,
     json_string,
     open_log_file,
 )
-from policyd.store.sqlite import transaction
+from policyd.audit.target import IndexTarget
+from policyd.core.errors import PolicydError
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,11 @@ class AuditLog:
 
     Until `start()`, each record is also indexed before record() returns (an in-process
     Indexer pass): for `policyd check --local` and tests. A server calls start(), and an
-    indexer process does the indexing."""
+    indexer process does the indexing.
+
+    `index` is where records are indexed (the SQLite file at `path` unless given, or set
+    later by use_index): the in-process passes write it, and the watch thread reads from
+    it how far the indexer has come."""
 
     def __init__(
         self,
@@ -179,8 +183,10 @@ class AuditLog:
         sync: str = "normal",
         timeout: float = 5.0,
         journal_bytes: int = JOURNAL_BYTES,
+        index: IndexTarget | None = None,
     ) -> None:
         self.path = Path(path)
+        self.index = index or IndexTarget(self.path, sync=sync)
         self.key = key
         self.timeout = timeout
         self.sync_full = sync == "full"
@@ -196,7 +202,8 @@ class AuditLog:
         self._indexer: Indexer | None = None
         self._indexer_lock = threading.Lock()
         try:
-            open_log_file(self.path, sync).close()  # the file and its schema, for readers
+            if not self.index.postgres:
+                open_log_file(self.path, sync).close()  # the file and its schema, for readers
             self.journal_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._journal = _Journal(self.journal_dir, journal_bytes, self.sync_full)
         except (OSError, sqlite3.Error) as exc:
@@ -258,12 +265,25 @@ class AuditLog:
             old.close()
         return fresh
 
+    def use_index(self, index: IndexTarget) -> None:
+        """(Before start() and the first record.) Index into `index` instead: what a server
+        or `policyd check --local` on a PostgreSQL store does."""
+        with self._indexer_lock:
+            if self._indexer is not None:
+                self._indexer.close()
+                self._indexer = None
+            self.index = index
+
     def _index_inline(self) -> None:
         """Index now (no watch thread: no indexer process either). The record is already
         durable, so a failure here only leaves it for the next pass."""
         try:
-            self._own_indexer().run_once()
-        except (sqlite3.Error, OSError) as exc:
+            indexer = self._own_indexer()
+            try:
+                indexer.run_once()
+            except indexer.errors as exc:
+                raise PolicydError(str(exc)) from exc
+        except (OSError, PolicydError) as exc:
             log.warning("audit indexing failed, the record waits in its journal: %s", exc)
 
     def flush(self) -> int:
@@ -273,7 +293,12 @@ class AuditLog:
     def _own_indexer(self) -> Indexer:
         with self._indexer_lock:  # one, whichever thread asks first (it is thread-safe)
             if self._indexer is None:
-                self._indexer = Indexer(self.path, self.key, "full" if self.sync_full else "normal")
+                self._indexer = Indexer(
+                    self.path,
+                    self.key,
+                    "full" if self.sync_full else "normal",
+                    index=self.index.writer(),
+                )
             return self._indexer
 
     # -- serving ---------------------------------------------------------------------
@@ -288,7 +313,7 @@ class AuditLog:
 
     def _watch_loop(self) -> None:
         samples: deque[tuple[float, str, int]] = deque()  # (time, journal, offset written)
-        conn: sqlite3.Connection | None = None
+        marks: Reader | None = None
         while not self._stopping.wait(WATCH_INTERVAL_SECONDS):
             if self._standby is None:
                 self._prepare_standby()
@@ -302,17 +327,19 @@ class AuditLog:
                 self._unstick()
                 continue
             try:
-                if conn is None:
-                    conn = connect(self.path, readonly=True)
-                row = conn.execute(
-                    "SELECT offset FROM audit_journal WHERE name = ?", (name,)
-                ).fetchone()
+                if marks is None:
+                    marks = self.index.reader()
+                mark = marks.journal_mark(name)
                 indexed = (self.journal_dir / name).exists() is False or (
-                    row is not None and row[0] >= offset
+                    mark is not None and mark >= offset
                 )
             except Exception as exc:  # never let the watch die: it is what fails closed
                 indexed = False
                 log.warning("audit watch cannot read the log: %s", exc)
+                if marks is not None:  # a fresh connection next time
+                    with contextlib.suppress(Exception):
+                        marks.close()
+                    marks = None
             if indexed:
                 self._unstick()
             elif not self._stuck:
@@ -321,8 +348,8 @@ class AuditLog:
                     " (is `policyd audit index` running?)"
                 )
                 log.error("%s: denying decisions until it catches up", self._stuck)
-        if conn is not None:
-            conn.close()
+        if marks is not None:
+            marks.close()
 
     def _unstick(self) -> None:
         if self._stuck:  # said before records are taken again
@@ -361,8 +388,12 @@ class AuditLog:
                 journal.close()
         if self._watch is None:  # no indexer process: index what is left here
             try:
-                self.flush()
-            except (sqlite3.Error, OSError) as exc:
+                indexer = self._own_indexer()
+                try:
+                    indexer.run_once()
+                except indexer.errors as exc:
+                    raise PolicydError(str(exc)) from exc
+            except (OSError, PolicydError) as exc:
                 log.error("audit: records stay in %s: %s", self.journal_dir, exc)
         if self._indexer is not None:
             self._indexer.close()
@@ -404,16 +435,23 @@ class Stop(Protocol):
 
 
 class Indexer:
-    """Moves records from the journals into the audit file: one pass is `run_once()`.
+    """Moves records from the journals at `path` into the index (index.py: the audit
+    file, unless another is given): one pass is `run_once()`.
 
     Several indexers (processes) may run at once on one log: the marks are read and moved
     inside the write transaction that inserts the records, so no line is indexed twice."""
 
-    def __init__(self, path: str | Path, key: bytes, sync: str = "normal") -> None:
+    def __init__(
+        self, path: str | Path, key: bytes, sync: str = "normal", *, index: Index | None = None
+    ) -> None:
         self.path = Path(path)
         self.key = key
         self.journal_dir = journal_dir(self.path)
-        self.conn = open_log_file(self.path, sync)
+        self.index: Index = (
+            index if index is not None else IndexTarget(self.path, sync=sync).writer()
+        )
+        # What a pass may meet and survive (logged, retried): the index's and the files'.
+        self.errors: tuple[type[Exception], ...] = (OSError, *self.index.errors)
         self.records = 0  # indexed by this indexer, and in how many transactions
         self.commits = 0
         self._known: dict[str, int] = {}  # journal -> mark, as last seen
@@ -422,7 +460,7 @@ class Indexer:
 
     def close(self) -> None:
         with self._lock:
-            self.conn.close()
+            self.index.close()
 
     def run_once(self) -> int:
         """Index what every journal holds now; returns how many records. A journal that
@@ -487,16 +525,13 @@ class Indexer:
             os.close(fd)
 
     def _index_chunk(self, path: Path, fd: int, ended: bool) -> tuple[int, bool]:
-        with transaction(self.conn) as conn:
+        with self.index.writing() as tx:
             # Another indexer may have finished this journal (indexed, deleted the file, then
             # its mark) since it was opened: inside the write lock, make sure it still exists
             # as this file, or the missing mark would read as 0 and index it all again.
             if not _same_file(path, fd):
                 return 0, False
-            row = conn.execute(
-                "SELECT offset FROM audit_journal WHERE name = ?", (path.name,)
-            ).fetchone()
-            mark = 0 if row is None else int(row[0])
+            mark = tx.mark(path.name)
             data = os.pread(fd, FIRST_READ_BYTES, mark)
             if len(data) == FIRST_READ_BYTES and b"\0" not in data:
                 data = os.pread(fd, INDEX_CHUNK_BYTES, mark)  # more written: a whole chunk
@@ -518,13 +553,9 @@ class Indexer:
                     log.error("audit journal %s: skipping an oversized line", path.name)
                     new_mark = after
             if records:
-                append_records(conn, self.key, records)
+                tx.append(self.key, records)
             if new_mark != mark:
-                conn.execute(
-                    "INSERT INTO audit_journal (name, offset) VALUES (?, ?)"
-                    " ON CONFLICT (name) DO UPDATE SET offset = excluded.offset",
-                    (path.name, new_mark),
-                )
+                tx.set_mark(path.name, new_mark)
         if records:
             self.records += len(records)
             self.commits += 1
@@ -538,13 +569,13 @@ class Indexer:
                 log.warning("audit journal %s: dropping an unfinished last line", path.name)
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-            conn.execute("DELETE FROM audit_journal WHERE name = ?", (path.name,))
+            self.index.forget(path.name)
             self._known.pop(path.name, None)
         return len(records), more
 
     def prune(self, *, before: float | None = None, max_bytes: int | None = None) -> int:
         with self._lock:
-            return prune(self.conn, before=before, max_bytes=max_bytes)
+            return self.index.prune(before=before, max_bytes=max_bytes)
 
     def run(
         self,
@@ -569,7 +600,7 @@ class Indexer:
                 if failures:
                     log.info("audit indexing works again")
                 failures = 0
-            except (sqlite3.Error, OSError) as exc:
+            except self.errors as exc:
                 failures += 1
                 if failures == 1 or failures % 100 == 0:
                     log.error("audit indexing failed (%d times): %s", failures, exc)
@@ -583,12 +614,12 @@ class Indexer:
                     )
                     if removed:
                         log.info("audit retention pruned %d records", removed)
-                except sqlite3.Error as exc:
+                except self.errors as exc:
                     log.warning("audit retention failed: %s", exc)
             # Every pass, even a busy one, is followed by a pause: records gather meanwhile,
             # and one transaction carries them all (under load, about interval x rate).
             stop.wait(interval if failures == 0 else min(2.0, interval * 2**failures))
         try:
             self.run_once()
-        except (sqlite3.Error, OSError) as exc:
+        except self.errors as exc:
             log.error("audit indexing failed at exit; records stay in their journals: %s", exc)

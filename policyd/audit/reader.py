@@ -1,4 +1,8 @@
-"""Reading the audit file: queries, tail, show, stats, verify (the hash chain), prune.
+"""Reading the audit log: queries, tail, show, stats, verify (the hash chain), prune.
+
+One reading interface (`Reader`), two implementations: `AuditReader` here reads the SQLite
+file (one chain); `pg.PgIndex` reads the PostgreSQL index that several replicas share (one
+chain per replica, `node`). The SQL of a query is written once (`Query.sql`) for both.
 
 What a record is, the chain and the file are in records.py; writing is in journal.py.
 """
@@ -12,10 +16,10 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from policyd.audit.records import (
     COLUMNS,
@@ -26,22 +30,48 @@ from policyd.audit.records import (
     chain_hash,
     connect,
 )
-from policyd.core.errors import PolicydError
+from policyd.core.errors import InvalidInput, PolicydError
 from policyd.core.ids import id_time_ms
 from policyd.store.sqlite import transaction
 
 log = logging.getLogger(__name__)
 
+# Where each chain stands: node -> the seq of its newest record ("" is the SQLite file's
+# one chain). What `follow` resumes from.
+Position = dict[str, int]
 
-def _stored(row: Sequence[Any]) -> StoredRecord:
+
+def stored(row: Sequence[Any], node: str = "") -> StoredRecord:
+    """A record from a row of (seq, FIELDS..., prev_hash, hash)."""
     values = list(row[1 : 1 + len(FIELDS)])
     values[FIELDS.index("scopes")] = tuple(values[FIELDS.index("scopes")].split())
     values[FIELDS.index("data_sources")] = tuple(json.loads(values[FIELDS.index("data_sources")]))
-    return StoredRecord(row[0], AuditRecord(*values), row[-2], row[-1])
+    return StoredRecord(row[0], AuditRecord(*values), row[-2], row[-1], node)
 
 
+_stored = stored
 _SELECT = f"SELECT seq, {COLUMNS}, prev_hash, hash FROM audit"
-_QUALIFIED = ", ".join(f"a.{c}" for c in ("seq", *FIELDS, "prev_hash", "hash"))
+
+
+@dataclass(frozen=True, slots=True)
+class Dialect:
+    """What the SQL of a query differs in between the two indexes."""
+
+    records: str  # the records table
+    data_sources: str  # the (data_source, ts, [node,] seq) table
+    param: str  # the placeholder
+    nodes: bool  # whether records carry a node (one chain per node)
+
+    def columns(self) -> str:
+        columns = ", ".join(f"a.{c}" for c in ("seq", *FIELDS, "prev_hash", "hash"))
+        return columns + ", a.node" if self.nodes else columns
+
+    def same_record(self) -> str:
+        return "a.node = d.node AND a.seq = d.seq" if self.nodes else "a.seq = d.seq"
+
+
+SQLITE = Dialect("audit", "audit_data_sources", "?", nodes=False)
+POSTGRES = Dialect("audit_records", "audit_data_sources", "%s", nodes=True)
 
 
 @dataclass
@@ -58,33 +88,41 @@ class Query:
     request_id: str | None = None
     after_seq: int | None = None
     limit: int = 100
+    node: str | None = None
 
-    def sql(self) -> tuple[str, list[Any]]:
+    def sql(self, dialect: Dialect = SQLITE) -> tuple[str, list[Any]]:
         """SQL for the newest `limit` matching records (callers reverse for display).
 
         Each query walks one index newest-first and stops after `limit` matches: by data
         source alone the (data_source, ts) key of audit_data_sources, else (user_id, ts),
         (client_id, ts) or (ts), whichever the planner picks for the filters (a data
-        source then checked per record in that key).
+        source then checked per record in that key). With after_seq (one chain: with
+        `node` in the PostgreSQL index), the records after it in chain order.
         """
+        d, p = dialect, dialect.param
         where: list[str] = []
         args: list[Any] = []
-        source, ts = "audit a", "a.ts"
-        order = "a.ts DESC, a.seq DESC"
+        source, ts = f"{d.records} a", "a.ts"
+        order = f"a.ts DESC, {'a.node DESC, ' if d.nodes else ''}a.seq DESC"
         if self.data_source is not None and self.user_id is None:
-            source = "audit_data_sources d JOIN audit a ON a.seq = d.seq"
-            ts, order = "d.ts", "d.ts DESC, d.seq DESC"
-            where.append("d.data_source = ?")
+            source = f"{d.data_sources} d JOIN {d.records} a ON {d.same_record()}"
+            ts, order = "d.ts", f"d.ts DESC, {'d.node DESC, ' if d.nodes else ''}d.seq DESC"
+            where.append(f"d.data_source = {p}")
             args.append(self.data_source)
         elif self.data_source is not None:
             # With a user too, walk the user's records (far fewer than a data source's:
             # one user of many) and look each one up in the data-source key.
             where.append(
-                "EXISTS (SELECT 1 FROM audit_data_sources d"
-                " WHERE d.data_source = ? AND d.ts = a.ts AND d.seq = a.seq)"
+                f"EXISTS (SELECT 1 FROM {d.data_sources} d"
+                f" WHERE d.data_source = {p} AND d.ts = a.ts AND {d.same_record()})"
             )
             args.append(self.data_source)
+        if self.node is not None and not d.nodes:
+            raise InvalidInput(
+                "--node filters the PostgreSQL audit index (store.url); this log is one file"
+            )
         for column, value in (
+            ("node", self.node),
             ("client_id", self.client_id),
             ("user_id", self.user_id),
             ("decision", self.decision),
@@ -94,26 +132,48 @@ class Query:
             ("request_id", self.request_id),
         ):
             if value is not None:
-                where.append(f"a.{column} = ?")
+                where.append(f"a.{column} = {p}")
                 args.append(value)
         if self.since is not None:
-            where.append(f"{ts} >= ?")
+            where.append(f"{ts} >= {p}")
             args.append(self.since)
         if self.until is not None:
-            where.append(f"{ts} < ?")
+            where.append(f"{ts} < {p}")
             args.append(self.until)
         if self.after_seq is not None:
-            where.append("a.seq > ?")
+            where.append(f"a.seq > {p}")
             args.append(self.after_seq)
             order = "a.seq"
-        sql = f"SELECT {_QUALIFIED} FROM {source}"
+        sql = f"SELECT {d.columns()} FROM {source}"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        return f"{sql} ORDER BY {order} LIMIT ?", [*args, self.limit]
+        return f"{sql} ORDER BY {order} LIMIT {p}", [*args, self.limit]
+
+
+class Reader(Protocol):
+    """What `policyd audit query/tail/show/stats/verify` read through: the SQLite file
+    (AuditReader) or the PostgreSQL index (pg.PgIndex)."""
+
+    def query(self, q: Query) -> list[StoredRecord]: ...
+
+    def position(self) -> Position: ...
+
+    def newer(self, position: Position, q: Query) -> tuple[list[StoredRecord], Position]: ...
+
+    def show(self, record_id: str) -> StoredRecord | None: ...
+
+    def stats(self, since: float | None, until: float | None) -> dict[str, dict[str, int]]: ...
+
+    def verify_chains(self) -> list[VerifyResult]: ...
+
+    def journal_mark(self, name: str) -> int | None: ...
+
+    def close(self) -> None: ...
 
 
 class AuditReader:
-    """Read side: queries, tail, show, stats, verify. Never blocks the writer (WAL)."""
+    """Reads the SQLite file (one chain): queries, tail, show, stats, verify. Never blocks
+    the writer (WAL)."""
 
     def __init__(self, path: str | Path, key: bytes | None = None) -> None:
         self.path = Path(path)
@@ -134,48 +194,86 @@ class AuditReader:
         row = self._conn.execute("SELECT max(seq) FROM audit").fetchone()
         return int(row[0] or 0)
 
+    def position(self) -> Position:
+        return {"": self.last_seq()}
+
+    def newer(self, position: Position, q: Query) -> tuple[list[StoredRecord], Position]:
+        batch = self.query(Query(**{**asdict(q), "after_seq": position.get("", 0)}))
+        return batch, ({"": batch[-1].seq} if batch else position)
+
     def show(self, record_id: str) -> StoredRecord | None:
         """The record of a decision id. The id's own clock bounds where to look."""
-        try:
-            made = id_time_ms(record_id) / 1000
-        except ValueError:
+        found = show_sql(SQLITE, record_id)
+        if found is None:
             return None
-        row = self._conn.execute(
-            _SELECT + " WHERE ts >= ? AND ts <= ? AND id = ?",
-            (made - 1, made + SHOW_WINDOW_SECONDS, record_id),
-        ).fetchone()
+        row = self._conn.execute(*found).fetchone()
         return None if row is None else _stored(row)
 
     def stats(self, since: float | None, until: float | None) -> dict[str, dict[str, int]]:
-        where, args = [], []
-        if since is not None:
-            where.append("ts >= ?")
-            args.append(since)
-        if until is not None:
-            where.append("ts < ?")
-            args.append(until)
-        clause = (" WHERE " + " AND ".join(where)) if where else ""
-        out: dict[str, dict[str, int]] = {}
-        for name, column in (("decision", "decision"), ("reason", "reason"), ("app", "client_id")):
-            rows = self._conn.execute(
-                f"SELECT {column}, count(*) FROM audit{clause} GROUP BY {column}"
-                " ORDER BY count(*) DESC, 1",
-                args,
-            )
-            out[name] = {str(k) or "-": int(n) for k, n in rows}
-        rows = self._conn.execute(
-            "SELECT data_source, count(*) FROM audit_data_sources"
-            + clause
-            + " GROUP BY data_source ORDER BY count(*) DESC, 1",
-            args,
-        )
-        out["data_source"] = {str(k): int(n) for k, n in rows}
-        return out
+        return count_stats(lambda sql, args: self._conn.execute(sql, args), SQLITE, since, until)
 
     def verify(self) -> VerifyResult:
         if self.key is None:
             raise PolicydError("verifying the audit chain needs the audit key")
         return verify(self._conn, self.key)
+
+    def verify_chains(self) -> list[VerifyResult]:
+        return [self.verify()]
+
+    def journal_mark(self, name: str) -> int | None:
+        """How far the journal `name` is indexed (None: not yet, or finished)."""
+        row = self._conn.execute("SELECT offset FROM audit_journal WHERE name = ?", (name,))
+        found = row.fetchone()
+        return None if found is None else int(found[0])
+
+
+def show_sql(d: Dialect, record_id: str) -> tuple[str, list[Any]] | None:
+    """The SQL finding a decision id's record (None: not an id): its clock bounds the time."""
+    try:
+        made = id_time_ms(record_id) / 1000
+    except ValueError:
+        return None
+    p = d.param
+    return (
+        f"SELECT {d.columns()} FROM {d.records} a WHERE a.ts >= {p} AND a.ts <= {p} AND a.id = {p}",
+        [made - 1, made + SHOW_WINDOW_SECONDS, record_id],
+    )
+
+
+def count_stats(
+    execute: Callable[[str, list[Any]], Iterable[Sequence[Any]]],
+    d: Dialect,
+    since: float | None,
+    until: float | None,
+) -> dict[str, dict[str, int]]:
+    """Counts by decision, reason, app, data source (and node, where records have one)."""
+    p = d.param
+    where, args = [], []
+    if since is not None:
+        where.append(f"ts >= {p}")
+        args.append(since)
+    if until is not None:
+        where.append(f"ts < {p}")
+        args.append(until)
+    clause = (" WHERE " + " AND ".join(where)) if where else ""
+    out: dict[str, dict[str, int]] = {}
+    groups = [("decision", "decision"), ("reason", "reason"), ("app", "client_id")]
+    if d.nodes:
+        groups.append(("node", "node"))
+    for name, column in groups:
+        rows = execute(
+            f"SELECT {column}, count(*) FROM {d.records}{clause} GROUP BY {column}"
+            " ORDER BY count(*) DESC, 1",
+            args,
+        )
+        out[name] = {str(k) or "-": int(n) for k, n in rows}
+    rows = execute(
+        f"SELECT data_source, count(*) FROM {d.data_sources}{clause}"
+        " GROUP BY data_source ORDER BY count(*) DESC, 1",
+        args,
+    )
+    out["data_source"] = {str(k): int(n) for k, n in rows}
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +283,10 @@ class VerifyResult:
     head: str
     problem: str = ""
     seq: int | None = None
+    node: str = ""  # the chain's replica (PostgreSQL index); "" for the SQLite file
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def verify(conn: sqlite3.Connection, key: bytes) -> VerifyResult:
@@ -192,10 +294,18 @@ def verify(conn: sqlite3.Connection, key: bytes) -> VerifyResult:
     first_seq, prev = conn.execute(
         "SELECT first_seq, prev_hash FROM audit_anchor WHERE id = 1"
     ).fetchone()
+    return walk_chain(
+        key, first_seq, prev, (_stored(r) for r in conn.execute(_SELECT + " ORDER BY seq"))
+    )
+
+
+def walk_chain(
+    key: bytes, first_seq: int, prev: str, records: Iterable[StoredRecord], node: str = ""
+) -> VerifyResult:
+    """Check one chain's records, in seq order, from its anchor (first_seq, prev)."""
     expected_seq = first_seq
     checked = 0
-    for row in conn.execute(_SELECT + " ORDER BY seq"):
-        stored = _stored(row)
+    for stored in records:
         if stored.seq != expected_seq:
             return VerifyResult(
                 False,
@@ -203,6 +313,7 @@ def verify(conn: sqlite3.Connection, key: bytes) -> VerifyResult:
                 prev,
                 f"record {expected_seq} is missing (next is {stored.seq}): deleted",
                 stored.seq,
+                node,
             )
         if stored.prev_hash != prev:
             return VerifyResult(
@@ -212,6 +323,7 @@ def verify(conn: sqlite3.Connection, key: bytes) -> VerifyResult:
                 f"record {stored.seq} ({stored.record.id}) does not follow the record before"
                 " it: inserted, deleted or reordered",
                 stored.seq,
+                node,
             )
         if not hmac.compare_digest(chain_hash(key, prev, stored.record), stored.hash):
             return VerifyResult(
@@ -220,11 +332,12 @@ def verify(conn: sqlite3.Connection, key: bytes) -> VerifyResult:
                 prev,
                 f"record {stored.seq} ({stored.record.id}) does not match its hash: edited",
                 stored.seq,
+                node,
             )
         prev = stored.hash
         expected_seq += 1
         checked += 1
-    return VerifyResult(True, checked, prev)
+    return VerifyResult(True, checked, prev, node=node)
 
 
 def prune(
@@ -288,14 +401,16 @@ def _used_bytes(conn: sqlite3.Connection) -> int:
 
 
 def follow(
-    reader: AuditReader, q: Query, poll: float = 0.25, stop: threading.Event | None = None
+    reader: Reader,
+    q: Query,
+    poll: float = 0.25,
+    stop: threading.Event | None = None,
+    after: Position | None = None,
 ) -> Iterator[StoredRecord]:
-    """Yield records as they are written (after q.after_seq), until stop is set."""
-    after = reader.last_seq() if q.after_seq is None else q.after_seq
+    """Yield records as they are indexed (after `after`, else from now), until stop is set."""
+    position = reader.position() if after is None else after
     while stop is None or not stop.is_set():
-        batch = reader.query(Query(**{**asdict(q), "after_seq": after, "limit": 1000}))
-        for stored in batch:
-            after = stored.seq
-            yield stored
+        batch, position = reader.newer(position, Query(**{**asdict(q), "limit": 1000}))
+        yield from batch
         if not batch:
             time.sleep(poll)

@@ -185,10 +185,14 @@ class StoredRecord:
     record: AuditRecord
     prev_hash: str
     hash: str
+    # The replica whose chain holds it (PostgreSQL index; "" in the SQLite file, one chain).
+    node: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         out = self.record.as_dict()
         out.update(seq=self.seq, prev_hash=self.prev_hash, hash=self.hash)
+        if self.node:
+            out["node"] = self.node
         return out
 
 

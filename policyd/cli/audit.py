@@ -1,7 +1,8 @@
 """`policyd audit ...`: query, tail, show, stats, verify, prune and index the audit log.
 
-The commands read the audit file directly (read-only, WAL), so they never block the
-server writing it. Times are shown in UTC.
+The commands read the index directly: the audit file (read-only, WAL), so they never block
+the server writing it, or, with a PostgreSQL store, the audit tables of its database, which
+hold every replica's records (each with its node). Times are shown in UTC.
 """
 
 from __future__ import annotations
@@ -13,19 +14,17 @@ import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
-from policyd.audit.journal import Indexer
-from policyd.audit.reader import AuditReader, Query, prune
+from policyd.audit.reader import Query, Reader
 from policyd.audit.reader import follow as follow_records
-from policyd.audit.records import FIELDS, StoredRecord, load_key, open_log_file
+from policyd.audit.records import FIELDS, StoredRecord, load_key
 from policyd.cli.context import Context, pass_ctx
-from policyd.core.errors import InvalidInput
+from policyd.core.errors import InvalidInput, PolicydError
 from policyd.core.reasons import Reason
-from policyd.serve.indexer import follow
+from policyd.serve.indexer import follow, index_target, open_indexer
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -127,6 +126,7 @@ def filter_options(func: F) -> F:
         click.option("--rule", "rule_id", help="A route rule id."),
         click.option("--door", help="grpc, envoy, asgi or cli."),
         click.option("--request-id"),
+        click.option("--node", help="Only this replica's decisions (PostgreSQL store)."),
         click.option(
             "--format",
             "fmt",
@@ -153,10 +153,10 @@ def _query(kw: dict[str, Any]) -> tuple[Query, str]:
     return Query(**kw), fmt
 
 
-def _reader(obj: Context, *, with_key: bool = False) -> AuditReader:
+def _reader(obj: Context, *, with_key: bool = False) -> Reader:
     config = obj.config
     key = load_key(config.audit.key_file) if with_key else None
-    return AuditReader(config.audit.path, key)
+    return index_target(config).reader(key)
 
 
 @click.group()
@@ -213,14 +213,13 @@ def audit_tail(obj: Context, /, lines: int, follow_mode: bool, **kw: Any) -> Non
     reader = _reader(obj)
     printer = Printer(fmt)
     printer.header()
-    last = reader.last_seq()
+    position = reader.position()
     if lines:
         q.limit = lines
         for stored in reader.query(q):
             printer.record(stored)
     if follow_mode:
-        q.after_seq = last
-        for stored in follow_records(reader, q):
+        for stored in follow_records(reader, q, after=position):
             printer.record(stored)
 
 
@@ -239,6 +238,7 @@ def audit_show(obj: Context, decision_id: str, as_json: bool) -> None:
         return
     data["time"] = datetime.fromtimestamp(stored.record.ts, UTC).isoformat(timespec="milliseconds")
     for key in (
+        *(["node"] if stored.node else []),
         "seq",
         "id",
         "time",
@@ -273,28 +273,37 @@ def audit_stats(obj: Context, since: str, until: str | None, as_json: bool) -> N
 
 
 @audit.command("verify")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per chain.")
 @pass_ctx
-def audit_verify(obj: Context) -> None:
-    """Check the hash chain; name the first broken link (exit 1 when broken)."""
-    result = _reader(obj, with_key=True).verify()
-    if result.ok:
-        click.echo(f"ok: {result.checked} records, chain head {result.head}")
-        return
-    click.echo(f"broken after {result.checked} good records: {result.problem}")
-    sys.exit(1)
+def audit_verify(obj: Context, as_json: bool) -> None:
+    """Check the hash chain (with a PostgreSQL store: each replica's); name the first
+    broken link (exit 1 when one is broken)."""
+    results = _reader(obj, with_key=True).verify_chains()
+    for result in results:
+        if as_json:
+            click.echo(json.dumps(result.as_dict(), sort_keys=True))
+            continue
+        node = f"node {result.node}: " if result.node else ""
+        if result.ok:
+            click.echo(f"{node}ok: {result.checked} records, chain head {result.head}")
+        else:
+            click.echo(f"{node}broken after {result.checked} good records: {result.problem}")
+    if not results and not as_json:
+        click.echo("ok: no records yet")
+    if not all(result.ok for result in results):
+        sys.exit(1)
 
 
 @audit.command("prune")
 @click.option("--before", required=True, help="Delete records older than this (e.g. 90d).")
 @pass_ctx
 def audit_prune(obj: Context, before: str) -> None:
-    """Delete old records; the remaining chain still verifies."""
-    config = obj.config
-    conn = open_log_file(Path(config.audit.path), config.audit.sync)
+    """Delete old records (of every replica's chain); the remaining chains still verify."""
+    index = index_target(obj.config).writer()
     try:
-        removed = prune(conn, before=parse_when(before))
+        removed = index.prune(before=parse_when(before))
     finally:
-        conn.close()
+        index.close()
     click.echo(f"pruned {removed} records")
 
 
@@ -307,17 +316,20 @@ def audit_prune(obj: Context, before: str) -> None:
 )
 @pass_ctx
 def audit_index(obj: Context, follow_mode: bool) -> None:
-    """Move records from the journals into the audit file.
+    """Move records from the journals into the audit file (or the PostgreSQL store's).
 
     Without --follow: one pass, e.g. for journals a crashed server left behind (`policyd
     serve` does that itself when it starts). With --follow, also apply the retention
     settings (audit.max_age_days, audit.max_bytes)."""
     config = obj.config
-    a = config.audit
-    indexer = Indexer(a.path, load_key(a.key_file, create=True), a.sync)
+    indexer = open_indexer(config)
     try:
         if not follow_mode:
-            click.echo(f"indexed {indexer.run_once()} records")
+            try:
+                found = indexer.run_once()
+            except indexer.errors as exc:
+                raise PolicydError(f"cannot index the audit journals: {exc}") from None
+            click.echo(f"indexed {found} records")
             return
         follow(indexer, config)
     finally:

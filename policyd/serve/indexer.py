@@ -18,9 +18,11 @@ import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from policyd.audit.journal import Indexer
 from policyd.audit.records import load_key
+from policyd.audit.target import IndexTarget
 from policyd.config import Config
 from policyd.core.errors import ConfigError, PolicydError
 from policyd.serve.signals import Signals
@@ -29,6 +31,27 @@ from policyd.serve.signals import Signals
 log = logging.getLogger("policyd.server")
 
 INDEXER_ENV = "POLICYD_AUDIT_INDEXER"
+
+
+def index_target(config: Config) -> IndexTarget:
+    """Where the audit records are indexed: the PostgreSQL store's database, each replica
+    extending its own chain (named config.node), when store.url is one; else the audit's
+    own SQLite file (audit.path). The journals are at audit.path either way."""
+    a = config.audit
+    if config.postgres:
+        return IndexTarget(Path(a.path), config.store.url, config.node, a.sync)
+    return IndexTarget(Path(a.path), sync=a.sync)
+
+
+def open_indexer(config: Config) -> Indexer:
+    """The indexer of this replica's journals (PolicydError, one line, if it cannot open)."""
+    a = config.audit
+    target = index_target(config)
+    key = load_key(a.key_file, create=True)
+    try:
+        return Indexer(a.path, key, a.sync, index=target.writer())
+    except sqlite3.Error as exc:
+        raise ConfigError(f"audit.path: cannot open {a.path}: {exc}") from None
 
 
 def follow(indexer: Indexer, config: Config) -> None:
@@ -83,14 +106,10 @@ class IndexerProcess:
         """Index what journals of ended servers left (before serving), then start one."""
         if not config.audit.enabled:
             return None
-        a = config.audit
-        try:
-            indexer = Indexer(a.path, load_key(a.key_file, create=True), a.sync)
-        except sqlite3.Error as exc:
-            raise ConfigError(f"audit.path: cannot open {a.path}: {exc}") from None
+        indexer = open_indexer(config)
         try:
             found = indexer.run_once()
-        except (sqlite3.Error, OSError) as exc:
+        except indexer.errors as exc:
             raise PolicydError(f"cannot index the audit journals: {exc}") from None
         finally:
             indexer.close()

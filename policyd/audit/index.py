@@ -1,0 +1,106 @@
+"""Where the indexer puts records: one interface, two implementations.
+
+`Index` is what the indexer (journal.Indexer) writes through and `reader.Reader` what the
+commands read through. `SqliteIndex` (here) and `reader.AuditReader` are the audit's own
+SQLite file: one host, one chain. `pg.PgIndex` is both for a PostgreSQL database that
+several replicas share: each replica (`node`) extends a chain of its own
+(docs/audit.md, "Several replicas (PostgreSQL)").
+
+`target.IndexTarget` names one of them and opens it. The journals (journal.py) are the
+same for both.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import Any, Protocol
+
+from policyd.audit.reader import prune
+from policyd.audit.records import append_records, open_log_file
+from policyd.store.sqlite import transaction
+
+# One record as the indexer hands it over: its journal line (canonical JSON) and the list
+# of its FIELDS values (records.fields_of_line), which the index may reuse in place.
+Line = tuple[bytes, list[Any]]
+
+
+class Writing(Protocol):
+    """One write transaction of the index: the journal marks and the records move together."""
+
+    def mark(self, journal: str) -> int:
+        """How far the journal is indexed (0: not yet)."""
+        ...
+
+    def append(self, key: bytes, records: list[Line]) -> int:
+        """Chain the records after the chain's last one and insert them."""
+        ...
+
+    def set_mark(self, journal: str, offset: int) -> None: ...
+
+
+class Index(Protocol):
+    """The write side of an index (journal.Indexer)."""
+
+    # What its operations raise when the index cannot be used (the indexer retries).
+    errors: tuple[type[Exception], ...]
+
+    def writing(self) -> AbstractContextManager[Writing]:
+        """A write transaction, exclusive for its chain: committed at the end of the block,
+        rolled back if it raises."""
+        ...
+
+    def forget(self, journal: str) -> None:
+        """Delete the mark of a journal that is indexed to its end and deleted."""
+        ...
+
+    def prune(self, *, before: float | None = None, max_bytes: int | None = None) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class _SqliteWriting:
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def mark(self, journal: str) -> int:
+        row = self.conn.execute(
+            "SELECT offset FROM audit_journal WHERE name = ?", (journal,)
+        ).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def append(self, key: bytes, records: list[Line]) -> int:
+        return append_records(self.conn, key, records)
+
+    def set_mark(self, journal: str, offset: int) -> None:
+        self.conn.execute(
+            "INSERT INTO audit_journal (name, offset) VALUES (?, ?)"
+            " ON CONFLICT (name) DO UPDATE SET offset = excluded.offset",
+            (journal, offset),
+        )
+
+
+class SqliteIndex:
+    """The audit's own SQLite file: one chain, extended under SQLite's write lock."""
+
+    errors: tuple[type[Exception], ...] = (sqlite3.Error,)
+
+    def __init__(self, path: str | Path, sync: str = "normal") -> None:
+        self.path = Path(path)
+        self.conn = open_log_file(self.path, sync)
+
+    @contextmanager
+    def writing(self) -> Iterator[Writing]:
+        with transaction(self.conn) as conn:
+            yield _SqliteWriting(conn)
+
+    def forget(self, journal: str) -> None:
+        self.conn.execute("DELETE FROM audit_journal WHERE name = ?", (journal,))
+
+    def prune(self, *, before: float | None = None, max_bytes: int | None = None) -> int:
+        return prune(self.conn, before=before, max_bytes=max_bytes)
+
+    def close(self) -> None:
+        self.conn.close()

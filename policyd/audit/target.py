@@ -1,0 +1,51 @@
+"""Which audit index: `IndexTarget` names the SQLite file or a PostgreSQL database (and this
+replica's node) and opens it for writing (index.Index) or reading (reader.Reader). It is
+what the server, the indexer process and the commands are given (serve/indexer.py makes
+it from the configuration)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from policyd.audit.index import Index, SqliteIndex
+from policyd.audit.reader import AuditReader, Reader
+
+
+@dataclass(frozen=True, slots=True)
+class IndexTarget:
+    """Which index: the SQLite file at `path` (url ""), or the PostgreSQL database at `url`
+    with this replica's chain named `node`. Opens it for writing or reading."""
+
+    path: Path
+    url: str = ""
+    node: str = ""
+    sync: str = "normal"
+
+    @property
+    def postgres(self) -> bool:
+        return self.url.startswith(("postgresql:", "postgres:"))
+
+    def writer(self) -> Index:
+        """Open for indexing (PolicydError naming what is wrong when it cannot be)."""
+        if self.postgres:
+            from policyd.audit.pg import PgIndex  # psycopg only where it is used
+
+            return PgIndex(self.url, self.node)
+        return SqliteIndex(self.path, self.sync)
+
+    def reader(self, key: bytes | None = None) -> Reader:
+        """Open for reading; `key` is what verify needs."""
+        if self.postgres:
+            from policyd.audit.pg import PgIndex
+
+            return PgIndex(self.url, self.node, key=key)
+        return AuditReader(self.path, key)
+
+    def describe(self) -> str:
+        """For messages: the file, or the database URL without its password."""
+        if self.postgres:
+            from policyd.audit.pg import redact
+
+            return redact(self.url)
+        return str(self.path)
