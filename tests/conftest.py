@@ -103,6 +103,12 @@ _databases = itertools.count()
 
 
 @pytest.fixture
+def store_url(request: pytest.FixtureRequest, store_backend: str) -> str:
+    """For a test that makes its own Home: "" (SQLite) or a new PostgreSQL database's URL."""
+    return new_database(request, store_backend)
+
+
+@pytest.fixture
 def sqlite_only(store_backend: str) -> None:
     """For a test of SQLite's own mechanisms (files, data_version, per-row triggers) in a
     module that runs on both backends."""

@@ -22,7 +22,7 @@ from policyd.audit.records import AuditRecord
 from policyd.config import Config, load_config
 from policyd.core.model import Access
 from policyd.decision.tokens import issue_token
-from policyd.decision.wiring import open_store, token_settings
+from policyd.decision.wiring import index_target, open_store, token_settings
 from policyd.gen.v1 import decision_pb2, decision_pb2_grpc
 from policyd.store.base import Store
 from policyd.store.keys import KeyRing
@@ -251,13 +251,14 @@ def decision_stub(channel: grpc.Channel) -> decision_pb2_grpc.DecisionStub:
 
 
 def indexed_records(
-    path: str | Path, ids: set[str], timeout: float = 10.0
+    where: str | Path | Config, ids: set[str], timeout: float = 10.0
 ) -> dict[str, AuditRecord]:
     """The records of these decision ids, once the server's indexer has moved them all from
-    its journal into the log (within journal.INDEX_INTERVAL_SECONDS when idle)."""
+    its journal into the index (within journal.INDEX_INTERVAL_SECONDS when idle). `where`:
+    the SQLite audit file, or a config (its index: the PostgreSQL store's, if it has one)."""
     deadline = time.monotonic() + timeout
     while True:
-        reader = AuditReader(path)
+        reader = index_target(where).reader() if isinstance(where, Config) else AuditReader(where)
         try:
             found = {s.record.id: s.record for s in reader.query(Query(limit=100_000))}
         finally:

@@ -29,10 +29,11 @@ PUBLIC_REDIRECT = "http://127.0.0.1:9/cb"
 CONFIDENTIAL_REDIRECT = "https://app1.test/cb"
 
 
-def oauth_home(root: Path, **oauth: Any) -> tuple[Home, str]:
+def oauth_home(root: Path, store_url: str = "", **oauth: Any) -> tuple[Home, str]:
     """The standard seeded home (tests/helpers.py) with the authorization server on a free
     port, its issuer URL as tokens.issuer; alice and bob have the password PASSWORD; `pub` is
-    a public app registered for UserInfo and DataRead. Returns the home and app1's secret."""
+    a public app registered for UserInfo and DataRead. Returns the home and app1's secret.
+    `store_url`: a PostgreSQL database for the store ("" = SQLite under root)."""
     port = free_port()
     settings = {
         "enabled": True,
@@ -41,7 +42,7 @@ def oauth_home(root: Path, **oauth: Any) -> tuple[Home, str]:
         **oauth,
     }
     lines = "".join(f"{k} = {_toml(v)}\n" for k, v in settings.items())
-    home = Home(root, extra_config="[oauth]\n" + lines)
+    home = Home(root, extra_config="[oauth]\n" + lines, store_url=store_url)
     text = home.config_path.read_text()
     home.config_path.write_text(
         text.replace('issuer = "https://auth.test"', f'issuer = "http://127.0.0.1:{port}"')

@@ -26,12 +26,12 @@ from policyd.audit.reader import Query, follow
 from policyd.audit.records import load_key
 from policyd.audit.target import IndexTarget
 from policyd.cli import main
-from policyd.config import load_config
+from policyd.decision.wiring import index_target
 from tests.helpers import Home, check_request, decision_stub, run_server
-from tests.pg_support import pg_server, pg_url
+from tests.pg_support import pg_url
 from tests.test_audit import _record
 
-__all__ = ["pg_server", "pg_url"]  # fixtures, used by name
+__all__ = ["pg_url"]  # a fixture, used by name
 
 
 class Node:
@@ -46,7 +46,9 @@ class Node:
         self.log = AuditLog(self.path, key, index=self.target)
 
     def indexer(self) -> Indexer:
-        return Indexer(self.path, self.key, index=self.target.writer())
+        return Indexer(
+            self.path, self.key, index=self.target.writer(), journals=self.target.journals
+        )
 
 
 @pytest.fixture
@@ -336,17 +338,13 @@ def test_a_nul_in_a_field_is_stored_as_u_fffd_and_still_verifies(
 # -- the commands, as real processes ----------------------------------------------------------
 
 
-def _pg_home(root: Path, url: str, node: str) -> Home:
-    """A seeded home whose store.url is the test database (the policy store itself stays
-    the SQLite file until it moves to PostgreSQL too) and whose replica is `node`."""
+def _pg_home(root: Path, url: str, node: str, *, seed: bool = True) -> Home:
+    """A home on the test database (policy store and audit index) whose replica is `node`;
+    `seed`: the store gets the standard test data (once per database)."""
     root.mkdir(parents=True, exist_ok=True)
-    home = Home(root)
-    home.seed()
-    text = home.config_path.read_text()
-    home.config_path.write_text(
-        text.replace("[store]\n", f'[store]\nurl = "{url}"\n', 1) + f'[cluster]\nnode = "{node}"\n'
-    )
-    home.config = load_config(home.config_path, env={})
+    home = Home(root, extra_config=f'[cluster]\nnode = "{node}"\n', store_url=url)
+    if seed:
+        home.seed()
     assert home.config.postgres
     return home
 
@@ -354,12 +352,12 @@ def _pg_home(root: Path, url: str, node: str) -> Home:
 def test_cli_query_verify_and_stats_read_every_node_from_postgres(
     pg_url: str, tmp_path: Path
 ) -> None:
-    homes = [_pg_home(tmp_path / name, pg_url, name) for name in ("h1", "h2")]
+    homes = [_pg_home(tmp_path / n, pg_url, n, seed=n == "h1") for n in ("h1", "h2")]
     key = load_key(homes[0].config.audit.key_file, create=True)
     load_key(homes[1].config.audit.key_file, create=True)
     Path(homes[1].config.audit.key_file).write_bytes(key)  # one key for the cluster
     for home, n in zip(homes, (3, 4), strict=True):
-        audit = AuditLog(home.config.audit.path, key)
+        audit = AuditLog(home.config.audit.path, key, index=index_target(home.config))
         audit.start()  # journals only: `policyd audit index` moves them below
         for i in range(n):
             audit.record(_record(request_id=f"{home.config.node}-{i}"))
@@ -398,10 +396,20 @@ def test_cli_query_verify_and_stats_read_every_node_from_postgres(
     assert lines[1].endswith("does not match its hash: edited")
 
 
+def _config_only(root: Path, url: str) -> Home:
+    """A home (made on SQLite) whose config then names `url` as its store: for a database
+    that cannot be reached."""
+    root.mkdir(parents=True, exist_ok=True)
+    home = Home(root)
+    text = home.config_path.read_text()
+    home.config_path.write_text(text.replace("[store]\n", f'[store]\nurl = "{url}"\n', 1))
+    return home
+
+
 def test_an_unreachable_database_is_a_one_line_error_without_the_password(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    home = _pg_home(tmp_path, "postgresql://policyd:s3cret-pw@127.0.0.1:1/nowhere", "n")
+    home = _config_only(tmp_path, "postgresql://policyd:s3cret-pw@127.0.0.1:1/nowhere")
     code = main(["--config", str(home.config_path), "audit", "query"])
     err = capsys.readouterr().err
     assert code == 1
@@ -411,7 +419,7 @@ def test_an_unreachable_database_is_a_one_line_error_without_the_password(
         " postgresql://policyd:***@127.0.0.1:1/nowhere: "
     )
     assert "s3cret-pw" not in err
-    bad = _pg_home(tmp_path / "bad", "postgresql://policyd:s3cret-pw@127.0.0.1:port/db", "n")
+    bad = _config_only(tmp_path / "bad", "postgresql://policyd:s3cret-pw@127.0.0.1:port/db")
     code = main(["--config", str(bad.config_path), "audit", "stats"])
     err = capsys.readouterr().err
     assert code == 1
@@ -447,7 +455,11 @@ def test_kill_9_of_an_indexer_mid_run_then_a_restart_loses_and_duplicates_nothin
     pg_url: str, tmp_path: Path, stopped: list[subprocess.Popen[bytes]]
 ) -> None:
     home = _pg_home(tmp_path, pg_url, "n1")
-    audit = AuditLog(home.config.audit.path, load_key(home.config.audit.key_file, create=True))
+    audit = AuditLog(
+        home.config.audit.path,
+        load_key(home.config.audit.key_file, create=True),
+        index=index_target(home.config),
+    )
     audit.start()  # as a server: the indexer process indexes
     written: list[str] = []
     stop = threading.Event()

@@ -51,10 +51,11 @@ class Hub:
 
 
 @pytest.fixture
-def hub(tmp_path: Path) -> Iterator[Hub]:
-    home, secret = oauth_home(tmp_path)
+def hub(tmp_path: Path, store_url: str) -> Iterator[Hub]:
+    home, secret = oauth_home(tmp_path, store_url)
     with running(home) as base:
-        yield Hub(home, secret, base, build_engine(home.config, home.store))
+        # The hub's engine as a server holds it: on PostgreSQL, a replica's.
+        yield Hub(home, secret, base, build_engine(home.config, home.store, serving=True))
 
 
 def _both_faces(hub: Hub, token: str) -> tuple[dict[str, Any], dict[str, Decision]]:

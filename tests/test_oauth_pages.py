@@ -14,6 +14,7 @@ from policyd.oauth.passwords import verify_password
 from policyd.oauth.sessions import COOKIE
 from policyd.oauth.storage import OAuthStorage
 from tests.backends import both_backends  # noqa: F401  (every test here runs on both)
+from tests.conftest import new_database
 from tests.helpers import Home
 from tests.oauth_support import (
     PASSWORD,
@@ -30,8 +31,11 @@ from tests.oauth_support import (
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Home, str, str]]:
-    home, secret = oauth_home(tmp_path_factory.mktemp("pages"))
+def served(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest, store_backend: str
+) -> Iterator[tuple[Home, str, str]]:
+    url = new_database(request, store_backend)
+    home, secret = oauth_home(tmp_path_factory.mktemp("pages"), store_url=url)
     with running(home) as base:
         yield home, secret, base
 
@@ -173,9 +177,9 @@ def test_settings_lists_revokes_and_disconnects(
 
 
 def test_reconsent_ticks_what_was_given_marks_the_rest_new_and_keeps_it_on_allow(
-    tmp_path: Path,
+    tmp_path: Path, store_url: str
 ) -> None:
-    home, _ = oauth_home(tmp_path)
+    home, _ = oauth_home(tmp_path, store_url)
     store = home.store
     with running(home) as base:
         browser = Browser(base)
@@ -258,8 +262,8 @@ def test_sign_out_ends_the_session(browser: Browser) -> None:
     assert browser.http.get("/settings").status_code == 303
 
 
-def test_sign_in_is_throttled_per_user_and_address(tmp_path: Path) -> None:
-    home, _ = oauth_home(tmp_path, login_max_failures=3)
+def test_sign_in_is_throttled_per_user_and_address(tmp_path: Path, store_url: str) -> None:
+    home, _ = oauth_home(tmp_path, store_url, login_max_failures=3)
     with running(home) as base:
         browser = Browser(base)
         for _ in range(3):
@@ -273,9 +277,9 @@ def test_sign_in_is_throttled_per_user_and_address(tmp_path: Path) -> None:
 
 
 def test_trusted_upstream_header_names_the_user_and_turns_local_sign_in_off(
-    tmp_path: Path,
+    tmp_path: Path, store_url: str
 ) -> None:
-    home, _ = oauth_home(tmp_path, trusted_user_header="X-Forwarded-User")
+    home, _ = oauth_home(tmp_path, store_url, trusted_user_header="X-Forwarded-User")
     with running(home) as base:
         http = httpx.Client(base_url=base, follow_redirects=False)
         assert http.get("/login").status_code == 401

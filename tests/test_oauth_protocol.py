@@ -23,6 +23,7 @@ from policyd.decision.wiring import build_engine, token_settings
 from policyd.oauth.storage import CodeState, OAuthStorage
 from policyd.store.facts import facts_for
 from tests.backends import both_backends  # noqa: F401  (every test here runs on both)
+from tests.conftest import new_database
 from tests.helpers import Home, dump_store
 from tests.oauth_support import (
     PUBLIC_REDIRECT,
@@ -71,8 +72,11 @@ class AS:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AS]:
-    home, secret = oauth_home(tmp_path_factory.mktemp("oauth"))
+def server(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest, store_backend: str
+) -> Iterator[AS]:
+    url = new_database(request, store_backend)
+    home, secret = oauth_home(tmp_path_factory.mktemp("oauth"), store_url=url)
     with running(home) as base:
         a = AS(home, secret, base)
         yield a
@@ -504,9 +508,9 @@ def test_tokens_never_reach_the_log(server: AS, caplog: pytest.LogCaptureFixture
 
 
 def test_cli_consent_revoke_also_refuses_the_apps_refresh_token(
-    tmp_path_factory: pytest.TempPathFactory,
+    tmp_path_factory: pytest.TempPathFactory, store_url: str
 ) -> None:
-    home, secret = oauth_home(tmp_path_factory.mktemp("oauth-cli"))
+    home, secret = oauth_home(tmp_path_factory.mktemp("oauth-cli"), store_url)
     with running(home) as base:
         a = AS(home, secret, base)
         try:

@@ -201,7 +201,7 @@ def test_over_grpc_each_answer_has_its_own_id_and_audit_record(seeded: Home) -> 
         for answer in answers:
             assert answer.allowed and answer.rule_id and answer.principal.sub == "alice"
             assert answer == replace_id(answers[0], answer.decision_id)
-        records = indexed_records(seeded.config.audit.path, set(ids))
+        records = indexed_records(seeded.config, set(ids))
     assert [records[i].request_id for i in ids] == ["call-0", "call-1", "call-2"]
     assert len({replace(records[i], id="", ts=0, request_id="", latency_us=0) for i in ids}) == 1
 
@@ -392,7 +392,7 @@ def test_over_grpc_a_different_body_or_door_is_not_answered_from_memory(seeded: 
         )
         envoy = stub.Check(snapshot(granted, door="envoy"), timeout=5)
         assert envoy.allowed
-        records = indexed_records(seeded.config.audit.path, {envoy.decision_id})
+        records = indexed_records(seeded.config, {envoy.decision_id})
     assert records[envoy.decision_id].door == "envoy"
 
 
@@ -436,7 +436,7 @@ def test_a_recalled_answer_is_recorded_and_one_that_cannot_be_is_decided_and_den
     assert how == "remembered" and isinstance(decision_id, str) and inputs.built == 1
     assert decision_id != first.decision_id
     audit.flush()
-    records = indexed_records(seeded.config.audit.path, {first.decision_id, decision_id})
+    records = indexed_records(seeded.config, {first.decision_id, decision_id})
     assert records[decision_id].request_id == "r1"
     assert records[decision_id].decision == "allow"
     audit.close()  # from now on no record can be written

@@ -22,6 +22,7 @@ from policyd.core.model import Access
 from policyd.core.reasons import Reason
 from policyd.gen.v1 import decision_pb2
 from tests.backends import both_backends  # noqa: F401  (every test here runs on both)
+from tests.conftest import new_database
 from tests.helpers import (
     Home,
     ServerProcess,
@@ -103,9 +104,21 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """Two `policyd serve` processes on different ports and one database file."""
-    home = Home(tmp_path_factory.mktemp("revocation"))
+def cluster(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest, store_backend: str
+) -> Iterator[Cluster]:
+    """Two `policyd serve` processes on different ports and one store: a SQLite file, or a
+    PostgreSQL database of which they are two replicas."""
+    url = new_database(request, store_backend)
+    root = tmp_path_factory.mktemp("revocation")
+    # The check loops run unpaced on a 2-core machine beside CLI processes: an audit indexer
+    # starved of CPU may fall more than the default 5 s behind (then every check is denied
+    # AUDIT_UNAVAILABLE, tests/test_audit.py's subject). These tests are about revocation.
+    audit = (
+        f'[audit]\npath = "{root / "audit.db"}"\nkey_file = "{root / "audit.key"}"\n'
+        "timeout_seconds = 60.0\n"
+    )
+    home = Home(root, extra_config=audit, store_url=url)
     _seed(home)
     with ExitStack() as stack:
         servers = [stack.enter_context(run_server(home, wait=False)) for _ in range(2)]

@@ -171,8 +171,9 @@ class AuditLog:
     Indexer pass): for `policyd check --local` and tests. A server calls start(), and an
     indexer process does the indexing.
 
-    `index` is where records are indexed (the SQLite file at `path` unless given, or set
-    later by use_index): the in-process passes write it, and the watch thread reads from
+    `index` is where records are indexed (the SQLite file at `path` unless given; a
+    PostgreSQL database for a replica of the PostgreSQL store, wiring.index_target): the
+    in-process passes write it, and the watch thread reads from
     it how far the indexer has come."""
 
     def __init__(
@@ -191,7 +192,7 @@ class AuditLog:
         self.timeout = timeout
         self.sync_full = sync == "full"
         self.journal_bytes = journal_bytes
-        self.journal_dir = journal_dir(self.path)
+        self.journal_dir = self.index.journals
         self._wlock = threading.Lock()  # the journals
         self._synclock = threading.Lock()  # one msync at a time (sync = "full")
         self._standby: _Journal | None = None
@@ -204,7 +205,10 @@ class AuditLog:
         try:
             if not self.index.postgres:
                 open_log_file(self.path, sync).close()  # the file and its schema, for readers
-            self.journal_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # The journals' folder, and on PostgreSQL the node's folder in it: both 0700.
+            journal_dir(self.path).mkdir(mode=0o700, exist_ok=True)
+            self.journal_dir.mkdir(mode=0o700, exist_ok=True)
             self._journal = _Journal(self.journal_dir, journal_bytes, self.sync_full)
         except (OSError, sqlite3.Error) as exc:
             raise AuditUnavailable(f"cannot open audit log {self.path}: {exc}") from exc
@@ -265,15 +269,6 @@ class AuditLog:
             old.close()
         return fresh
 
-    def use_index(self, index: IndexTarget) -> None:
-        """(Before start() and the first record.) Index into `index` instead: what a server
-        or `policyd check --local` on a PostgreSQL store does."""
-        with self._indexer_lock:
-            if self._indexer is not None:
-                self._indexer.close()
-                self._indexer = None
-            self.index = index
-
     def _index_inline(self) -> None:
         """Index now (no watch thread: no indexer process either). The record is already
         durable, so a failure here only leaves it for the next pass."""
@@ -298,6 +293,7 @@ class AuditLog:
                     self.key,
                     "full" if self.sync_full else "normal",
                     index=self.index.writer(),
+                    journals=self.journal_dir,
                 )
             return self._indexer
 
@@ -442,11 +438,18 @@ class Indexer:
     inside the write transaction that inserts the records, so no line is indexed twice."""
 
     def __init__(
-        self, path: str | Path, key: bytes, sync: str = "normal", *, index: Index | None = None
+        self,
+        path: str | Path,
+        key: bytes,
+        sync: str = "normal",
+        *,
+        index: Index | None = None,
+        journals: Path | None = None,
     ) -> None:
         self.path = Path(path)
         self.key = key
-        self.journal_dir = journal_dir(self.path)
+        # IndexTarget.journals: on PostgreSQL, the node's own folder.
+        self.journal_dir = journals if journals is not None else journal_dir(self.path)
         self.index: Index = (
             index if index is not None else IndexTarget(self.path, sync=sync).writer()
         )

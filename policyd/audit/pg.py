@@ -106,7 +106,7 @@ SCHEMA_VERSION = MIGRATIONS[-1][0]
 _SCHEMA_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('policyd audit schema', 0))"
 
 _COLUMNS = ", ".join(("node", "seq", *FIELDS, "prev_hash", "hash"))
-_INSERT = f"INSERT INTO audit_records ({_COLUMNS}) VALUES ({', '.join(['%s'] * (len(FIELDS) + 4))})"
+_COPY = f"COPY audit_records ({_COLUMNS}) FROM STDIN"
 _INSERT_DS = (
     "INSERT INTO audit_data_sources (data_source, ts, node, seq) VALUES (%s, %s, %s, %s)"
     " ON CONFLICT DO NOTHING"
@@ -278,7 +278,10 @@ class _PgWriting:
             rows.append((node, seq, *values, prev, digest))
             prev = digest
         with self.conn.cursor() as cur:
-            cur.executemany(_INSERT, rows)
+            # COPY: several times the rate of INSERTs (the indexer must outrun the servers).
+            with cur.copy(_COPY) as copy:
+                for row in rows:
+                    copy.write_row(row)
             if ds_rows:
                 cur.executemany(_INSERT_DS, ds_rows)
         self.seq, self.head, self.moved = seq, prev, True

@@ -5,11 +5,13 @@ it from the configuration)."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from policyd.audit.index import Index, SqliteIndex
 from policyd.audit.reader import AuditReader, Reader
+from policyd.audit.records import journal_dir
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +27,16 @@ class IndexTarget:
     @property
     def postgres(self) -> bool:
         return self.url.startswith(("postgresql:", "postgres:"))
+
+    @property
+    def journals(self) -> Path:
+        """The folder of this log's journals: beside the SQLite file; on PostgreSQL, a
+        folder of this node's own in it, so that replicas sharing a host (and audit.path)
+        each index exactly the journals they wrote, into their own chain."""
+        folder = journal_dir(self.path)
+        if self.postgres:
+            return folder / re.sub(r"[^A-Za-z0-9._-]", "_", self.node or "node")
+        return folder
 
     def writer(self) -> Index:
         """Open for indexing (PolicydError naming what is wrong when it cannot be)."""

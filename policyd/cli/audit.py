@@ -24,7 +24,8 @@ from policyd.audit.records import FIELDS, StoredRecord, load_key
 from policyd.cli.context import Context, pass_ctx
 from policyd.core.errors import InvalidInput, PolicydError
 from policyd.core.reasons import Reason
-from policyd.serve.indexer import follow, index_target, open_indexer
+from policyd.decision.wiring import index_target
+from policyd.serve.indexer import follow, open_indexer
 
 F = TypeVar("F", bound=Callable[..., Any])
 

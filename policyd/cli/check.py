@@ -22,7 +22,6 @@ from policyd.core.model import ActionTarget, CheckInput, Decision, HttpTarget, P
 from policyd.core.reasons import Reason
 from policyd.decision.wiring import build_decider
 from policyd.gen.v1 import decision_pb2
-from policyd.serve.indexer import index_target
 
 EXIT_DENY = 3
 
@@ -58,8 +57,6 @@ def check(
     request = CheckInput(raw_token, target, request_id, "cli")
     if local:
         decider = build_decider(obj.config, obj.store)
-        if decider.audit is not None:
-            decider.audit.use_index(index_target(obj.config))
         try:
             decision = decider.check(request)
         finally:

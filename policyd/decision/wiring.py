@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import atexit
+from pathlib import Path
 
 from policyd.audit.journal import AuditLog
 from policyd.audit.records import load_key
+from policyd.audit.target import IndexTarget
 from policyd.config import Config
 from policyd.core.policy import Policy, load_policy
 from policyd.decision.decider import Decider
@@ -65,12 +67,22 @@ def build_engine(
     )
 
 
+def index_target(config: Config) -> IndexTarget:
+    """Where the audit records are indexed: the PostgreSQL store's database, each replica
+    extending its own chain (named config.node), when store.url is one; else the audit's
+    own SQLite file (audit.path). The journals are at audit.path either way."""
+    a = config.audit
+    if config.postgres:
+        return IndexTarget(Path(a.path), config.store.url, config.node, a.sync)
+    return IndexTarget(Path(a.path), sync=a.sync)
+
+
 def open_audit_log(config: Config) -> AuditLog | None:
     a = config.audit
     if not a.enabled:
         return None
     key = load_key(a.key_file, create=True)
-    return AuditLog(a.path, key, sync=a.sync, timeout=a.timeout_seconds)
+    return AuditLog(a.path, key, sync=a.sync, timeout=a.timeout_seconds, index=index_target(config))
 
 
 def build_decider(config: Config, store: Store | None = None, *, serving: bool = False) -> Decider:

@@ -18,13 +18,12 @@ import sqlite3
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from policyd.audit.journal import Indexer
 from policyd.audit.records import load_key
-from policyd.audit.target import IndexTarget
 from policyd.config import Config
 from policyd.core.errors import ConfigError, PolicydError
+from policyd.decision.wiring import index_target
 from policyd.serve.signals import Signals
 
 # The server's logger: operators filter on it, and these are the server's messages.
@@ -33,23 +32,13 @@ log = logging.getLogger("policyd.server")
 INDEXER_ENV = "POLICYD_AUDIT_INDEXER"
 
 
-def index_target(config: Config) -> IndexTarget:
-    """Where the audit records are indexed: the PostgreSQL store's database, each replica
-    extending its own chain (named config.node), when store.url is one; else the audit's
-    own SQLite file (audit.path). The journals are at audit.path either way."""
-    a = config.audit
-    if config.postgres:
-        return IndexTarget(Path(a.path), config.store.url, config.node, a.sync)
-    return IndexTarget(Path(a.path), sync=a.sync)
-
-
 def open_indexer(config: Config) -> Indexer:
     """The indexer of this replica's journals (PolicydError, one line, if it cannot open)."""
     a = config.audit
     target = index_target(config)
     key = load_key(a.key_file, create=True)
     try:
-        return Indexer(a.path, key, a.sync, index=target.writer())
+        return Indexer(a.path, key, a.sync, index=target.writer(), journals=target.journals)
     except sqlite3.Error as exc:
         raise ConfigError(f"audit.path: cannot open {a.path}: {exc}") from None
 
@@ -91,8 +80,11 @@ class IndexerProcess:
 
     RESTART_SECONDS = 1.0
 
-    def __init__(self, command: list[str], cpus: set[int]) -> None:
+    def __init__(self, command: list[str], cpus: set[int], node: str = "") -> None:
         self.command = command
+        # The server's replica name (it may come from its --address, which the indexer's
+        # command line does not carry): the indexer files the records under it.
+        self.node = node
         self.process: subprocess.Popen[bytes] | None = None
         self.next_start = 0.0
         # Where the indexer runs, whenever it is (re)started: the CPUs no serving process
@@ -118,7 +110,7 @@ class IndexerProcess:
         command = [sys.executable, "-m", "policyd"]
         if config_path:
             command += ["--config", config_path]
-        process = cls([*command, "audit", "index", "--follow"], cpus)
+        process = cls([*command, "audit", "index", "--follow"], cpus, config.node)
         process.start()
         return process
 
@@ -127,6 +119,8 @@ class IndexerProcess:
         # group must not stop it before the server has drained (stop() stops it after).
         cpus = ",".join(map(str, sorted(self.cpus)))
         env = dict(os.environ, **{INDEXER_ENV: f"{os.getpid()}:{cpus}"})  # read by follow()
+        if self.node:
+            env["POLICYD_CLUSTER_NODE"] = self.node
         self.process = subprocess.Popen(self.command, env=env, start_new_session=True)
         with contextlib.suppress(OSError, ValueError):  # it also does so itself, once started
             os.sched_setaffinity(self.process.pid, self.cpus)

@@ -47,7 +47,7 @@ from policyd.gen.v1 import decision_pb2
 from policyd.oauth.server import start_authorization_server
 from policyd.policy.reload import Reloading
 from policyd.serve import affinity
-from policyd.serve.indexer import IndexerProcess, index_target
+from policyd.serve.indexer import IndexerProcess
 from policyd.serve.signals import Signals
 
 log = logging.getLogger("policyd.server")
@@ -92,7 +92,6 @@ class Server:
         self.config = config
         self.decider = decider or build_decider(config, serving=True)
         if self.decider.audit is not None:
-            self.decider.audit.use_index(index_target(config))  # what its watch reads
             self.decider.audit.start()
         self.engine = self.decider.engine
         self.health = health.HealthServicer()

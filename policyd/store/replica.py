@@ -35,7 +35,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import psycopg
 
@@ -47,7 +47,9 @@ log = logging.getLogger("policyd.store")
 # The handler sees every notification (those that arrive during a query too); notifies()
 # only serves as the wait, and what it yields is handled again, harmlessly (a maximum).
 warnings.filterwarnings(
-    "ignore", message=r"using 'notifies\(\)' together with notifies handlers", category=RuntimeWarning
+    "ignore",
+    message=r"using 'notifies\(\)' together with notifies handlers",
+    category=RuntimeWarning,
 )
 
 # The replica gives its lease up this much before the database would (clock-rate drift
@@ -65,7 +67,7 @@ class Replica:
     """One serving process's lease and listening connection (a daemon thread)."""
 
     # The replicas of this process that have started and not stopped.
-    running: set[Replica] = set()
+    running: ClassVar[set[Replica]] = set()
 
     def __init__(
         self,
