@@ -20,6 +20,7 @@ from typing import Any
 
 from policyd.core import cpus, net
 from policyd.core.errors import ConfigError
+from policyd.core.urls import redact
 from policyd.store.keys import ALGORITHMS
 
 DEFAULT_FILE = "policyd.toml"
@@ -241,7 +242,7 @@ class Config:
         st = self.store
         if st.url and not st.url.startswith(STORE_SCHEMES):
             raise ConfigError(
-                f"store.url must start with {' or '.join(STORE_SCHEMES)}, not {_redact(st.url)!r}"
+                f"store.url must start with {' or '.join(STORE_SCHEMES)}, not {redact(st.url)!r}"
             )
         if not st.url and not st.path:
             raise ConfigError("store.path must not be empty")
@@ -310,15 +311,6 @@ class Config:
 
 
 STORE_SCHEMES = ("sqlite:///", "postgresql://", "postgres://")
-
-
-def _redact(url: str) -> str:
-    """A URL without its password (never printed)."""
-    head, sep, tail = url.partition("@")
-    if not sep or ":" not in head.split("//", 1)[-1]:
-        return url
-    scheme, _, userinfo = head.partition("//")
-    return f"{scheme}//{userinfo.split(':', 1)[0]}:***@{tail}"
 
 
 def _at_least(key: str, value: float, low: float) -> None:

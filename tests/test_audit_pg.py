@@ -21,11 +21,12 @@ import psycopg
 import pytest
 
 from policyd.audit.journal import AuditLog, Indexer
-from policyd.audit.pg import PgIndex, redact
+from policyd.audit.pg import PgIndex
 from policyd.audit.reader import Query, follow
 from policyd.audit.records import load_key
 from policyd.audit.target import IndexTarget
 from policyd.cli import main
+from policyd.core.urls import redact
 from policyd.decision.wiring import index_target
 from tests.helpers import Home, check_request, decision_stub, run_server
 from tests.pg_support import pg_url

@@ -28,13 +28,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
-import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any, Concatenate, ParamSpec, TypeVar
-from urllib.parse import urlsplit
 
 import psycopg
 
@@ -57,6 +55,7 @@ from policyd.audit.records import (
     json_strings,
 )
 from policyd.core.errors import PolicydError
+from policyd.core.urls import problem, redact
 
 CONNECT_TIMEOUT_SECONDS = 5
 _SCOPES = FIELDS.index("scopes")
@@ -120,37 +119,6 @@ class AuditIndexUnavailable(PolicydError):
     """The PostgreSQL audit index cannot be reached or used (the indexer retries)."""
 
 
-def redact(url: str) -> str:
-    """The URL without its password, for messages."""
-    url = re.sub(r"(password=)[^&\s]*", r"\1***", url)
-    head, sep, tail = url.rpartition("@")
-    if not sep:
-        return url
-    scheme, slashes, userinfo = head.partition("//")
-    if ":" in userinfo:
-        userinfo = userinfo.split(":", 1)[0] + ":***"
-    return f"{scheme}{slashes}{userinfo}@{tail}"
-
-
-def _password(url: str) -> str:
-    try:
-        password = urlsplit(url).password or ""
-    except ValueError:
-        password = ""
-    found = re.search(r"password=([^&\s]*)", url)
-    return password or (found.group(1) if found else "")
-
-
-def _problem(url: str, exc: Exception) -> str:
-    """psycopg's message, first line, without the password."""
-    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    text = text.removeprefix("connection failed: ")
-    password = _password(url)
-    if password:
-        text = text.replace(password, "***")
-    return text
-
-
 def connect(url: str) -> psycopg.Connection[Any]:
     """An autocommit connection with the audit schema in place."""
     try:
@@ -162,14 +130,14 @@ def connect(url: str) -> psycopg.Connection[Any]:
         )
     except (psycopg.Error, ValueError) as exc:
         raise AuditIndexUnavailable(
-            f"cannot connect to the audit database {redact(url)}: {_problem(url, exc)}"
+            f"cannot connect to the audit database {redact(url)}: {problem(url, exc)}"
         ) from None
     try:
         migrate(conn)
     except psycopg.Error as exc:
         conn.close()
         raise AuditIndexUnavailable(
-            f"cannot prepare the audit tables in {redact(url)}: {_problem(url, exc)}"
+            f"cannot prepare the audit tables in {redact(url)}: {problem(url, exc)}"
         ) from None
     return conn
 
@@ -295,7 +263,7 @@ def _unavailable(url: str) -> Iterator[None]:
         yield
     except psycopg.Error as exc:
         raise AuditIndexUnavailable(
-            f"the audit database {redact(url)} failed: {_problem(url, exc)}"
+            f"the audit database {redact(url)} failed: {problem(url, exc)}"
         ) from None
 
 

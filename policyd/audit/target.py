@@ -12,6 +12,7 @@ from pathlib import Path
 from policyd.audit.index import Index, SqliteIndex
 from policyd.audit.reader import AuditReader, Reader
 from policyd.audit.records import journal_dir
+from policyd.core.urls import redact
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +58,5 @@ class IndexTarget:
     def describe(self) -> str:
         """For messages: the file, or the database URL without its password."""
         if self.postgres:
-            from policyd.audit.pg import redact
-
             return redact(self.url)
         return str(self.path)

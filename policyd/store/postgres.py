@@ -31,6 +31,7 @@ import psycopg
 import psycopg_pool
 
 from policyd.core.errors import StoreUnavailable
+from policyd.core.urls import problem, redact
 from policyd.store.base import Store
 from policyd.store.pg_migrations import MIGRATE_LOCK, WRITE_LOCK, apply_migrations
 from policyd.store.sql import Conn, Cursor
@@ -45,19 +46,6 @@ POOL_TIMEOUT_SECONDS = 5.0
 def pg_sql(sql: str) -> str:
     """A statement written with `?` placeholders, as psycopg wants it (`%s`)."""
     return sql.replace("%", "%%").replace("?", "%s")
-
-
-def redact(url: str) -> str:
-    """A connection URL without its password."""
-    try:
-        info = psycopg.conninfo.conninfo_to_dict(url)
-    except psycopg.Error:
-        return "postgresql://(unparseable URL)"
-    host = info.get("host", "")
-    port = info.get("port", "")
-    user = info.get("user", "")
-    db = info.get("dbname", "")
-    return f"postgresql://{user}{'@' if user else ''}{host}{':' if port else ''}{port}/{db}"
 
 
 class PgConn:
@@ -79,12 +67,7 @@ def connect(url: str, **kwargs: Any) -> psycopg.Connection[Any]:
             url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_SECONDS, **kwargs
         )
     except psycopg.Error as exc:
-        raise StoreUnavailable(f"cannot reach store {redact(url)}: {_first_line(exc)}") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+        raise StoreUnavailable(f"cannot reach store {redact(url)}: {problem(url, exc)}") from None
 
 
 class PostgresStore(Store):
@@ -118,7 +101,11 @@ class PostgresStore(Store):
             name=f"policyd-{name}",
             min_size=1,
             max_size=size,
-            kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT_SECONDS},
+            kwargs={
+                "autocommit": True,
+                "connect_timeout": CONNECT_TIMEOUT_SECONDS,
+                "application_name": f"policyd-{name}",
+            },
             check=psycopg_pool.ConnectionPool.check_connection if check else None,
             timeout=POOL_TIMEOUT_SECONDS,
             open=True,
@@ -141,7 +128,7 @@ class PostgresStore(Store):
             with self._admin.connection() as raw:
                 yield PgConn(raw)
         except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
-            raise StoreUnavailable(f"store {self.where}: {_first_line(exc)}") from exc
+            raise StoreUnavailable(f"store {self.where}: {problem(self.url, exc)}") from exc
 
     @contextmanager
     def write(self) -> Iterator[Conn]:
@@ -156,7 +143,7 @@ class PostgresStore(Store):
                 if moved:
                     self.await_replicas(raw, int(moved))
         except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
-            raise StoreUnavailable(f"store {self.where}: {_first_line(exc)}") from exc
+            raise StoreUnavailable(f"store {self.where}: {problem(self.url, exc)}") from exc
 
     def await_replicas(self, raw: psycopg.Connection[Any], generation: int) -> None:
         """Return once every replica with a live lease has acknowledged `generation`.
@@ -190,5 +177,5 @@ class PostgresStore(Store):
                 apply_migrations(raw, MIGRATE_LOCK)
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
             raise StoreUnavailable(
-                f"cannot migrate store {self.where}: {_first_line(exc)}"
+                f"cannot migrate store {self.where}: {problem(self.url, exc)}"
             ) from exc

@@ -39,8 +39,10 @@ from typing import Any, ClassVar
 
 import psycopg
 
+from policyd.core.urls import problem as url_problem
+from policyd.core.urls import redact
 from policyd.store.pg_migrations import CHANNEL, WRITE_LOCK
-from policyd.store.postgres import CONNECT_TIMEOUT_SECONDS, redact
+from policyd.store.postgres import CONNECT_TIMEOUT_SECONDS
 
 log = logging.getLogger("policyd.store")
 
@@ -80,6 +82,8 @@ class Replica:
         self.where = redact(url)
         self.node = node
         self.replica_id = f"{node}/{os.getpid()}"
+        # Its listening connection, as pg_stat_activity shows it (PostgreSQL keeps 63 bytes).
+        self.application_name = f"policyd-replica {self.replica_id}"[:63]
         self.lease_seconds = lease_seconds
         self.renew_every = lease_seconds / 4
         self._on_generation = on_generation
@@ -131,7 +135,10 @@ class Replica:
             conn: psycopg.Connection[Any] | None = None
             try:
                 conn = psycopg.connect(
-                    self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_SECONDS
+                    self.url,
+                    autocommit=True,
+                    connect_timeout=CONNECT_TIMEOUT_SECONDS,
+                    application_name=self.application_name,
                 )
                 conn.add_notify_handler(self._notified)
                 conn.execute(f"LISTEN {CHANNEL}")
@@ -145,7 +152,7 @@ class Replica:
                 self._serve(conn)
             except psycopg.Error as exc:
                 self._until = 0.0  # deaf: no answer from the caches until caught up
-                problem = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+                problem = url_problem(self.url, exc)
                 if problem != self.problem:
                     log.error(
                         "replica %s: lost the store %s (%s): answering STORE_UNAVAILABLE"
