@@ -523,6 +523,10 @@ class PgFacts(Facts):
             caches = self._caches
             snapshot = self._local.snapshot = _Snapshot(self, caches.generation)
             return View(self, snapshot, caches, self._row_limit)
+        if replica is not None and replica.problem:
+            # Its own connection to the database broke and has not come back: fail fast
+            # rather than wait for a pooled connection that will not come either.
+            raise StoreUnavailable(f"store unreachable: {replica.problem}")
         # Not fresh (or no replica: a one-off CLI process): read everything afresh.
         snapshot = self._local.snapshot = _Snapshot(self, None)
         generation = snapshot.begin()
