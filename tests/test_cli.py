@@ -874,3 +874,13 @@ def test_real_command_help_and_version(home: Home) -> None:
     assert helped.returncode == 0 and helped.stdout.startswith("Usage: policyd")
     version = home.cli("--version")
     assert (version.returncode, version.stdout) == (0, "policyd, version 0.1.0\n")
+
+
+def test_cluster_status_shows_the_generation_and_no_replica_without_servers(home: Home) -> None:
+    result = home.cli("cluster", "status", "--json")
+    assert result.returncode == 0, result.stderr
+    status = json.loads(result.stdout)
+    assert status["replicas"] == [] and status["generation"] == home.store.generation()
+    text = home.cli("cluster", "status").stdout
+    expected = "live replica(s)" if home.store_url else "SQLite, one host: no replicas"
+    assert expected in text

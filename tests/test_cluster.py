@@ -16,6 +16,7 @@ revoking write returned and before the restoring write began: there must be none
 from __future__ import annotations
 
 import dataclasses
+import json
 import signal
 import subprocess
 import sys
@@ -463,3 +464,15 @@ def test_postgres_restarted_under_load_never_allows_stale_and_replicas_recover(
         lambda: cluster.home.store.add_grant(user, app, ds, Access.WRITE),
     )
     _assert_no_stale(cluster)
+
+
+def test_cluster_status_lists_every_live_replica_caught_up(cluster: Cluster) -> None:
+    result = cluster.home.cli("cluster", "status", "--json")
+    assert result.returncode == 0, result.stderr
+    status = json.loads(result.stdout)
+    live = [r for r in status["replicas"] if r["live"]]
+    ports = sorted(s.address.rsplit(":", 1)[1] for s in cluster.servers)
+    assert sorted(r["node"].rsplit(":", 1)[1] for r in live) == ports
+    assert all(r["behind"] == 0 and r["lease_left_seconds"] > 0 for r in live), live
+    text = cluster.home.cli("cluster", "status").stdout
+    assert f"{len(ports)} live replica(s)" in text.splitlines()[0]

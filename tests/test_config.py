@@ -337,6 +337,10 @@ def test_bad_env_value_is_an_error_naming_the_variable(var: str, value: str, kin
         ("[tokens]\naudience = ''\n", "tokens.audience"),
         ("[engine]\nmax_body_bytes = 0\n", "engine.max_body_bytes"),
         ("[store]\npath = ''\n", "store.path"),
+        ("[store]\nurl = 'mysql://db/x'\n", "store.url"),
+        ("[store]\nurl = 'sqlite://relative.db'\n", "store.url"),
+        ("[store]\npool_size = 0\n", "store.pool_size"),
+        ("[store]\nlease_seconds = 0.1\n", "store.lease_seconds"),
     ],
 )
 def test_invalid_value_is_an_error_naming_the_key(tmp_path: Path, text: str, key: str) -> None:
@@ -449,3 +453,19 @@ def test_tls_examples_in_the_docs_load(tmp_path: Path) -> None:
         assert config.server.tls.cert_file == f"{tls_dir}/server.crt"
     assert config.server.tls.client_ca_file == f"{tls_dir}/ca.crt"
     assert config.client.cert_file == f"{tls_dir}/client.crt"
+
+
+def test_a_bad_store_url_is_named_without_its_password() -> None:
+    message = _config_error(env={"POLICYD_STORE_URL": "mysql://admin:hunter2@db/x"})
+    assert message.startswith("store.url must start with") and "hunter2" not in message
+    assert "mysql://admin:***@db/x" in message
+
+
+def test_the_store_url_defaults_to_the_sqlite_path_and_postgres_is_recognised() -> None:
+    config = load_config(None, env={"POLICYD_STORE_PATH": "/srv/p.db"})
+    assert (config.store_url, config.postgres) == ("sqlite:////srv/p.db", False)
+    config = load_config(None, env={"POLICYD_STORE_URL": "postgresql://u@h:5432/db"})
+    assert (config.store_url, config.postgres) == ("postgresql://u@h:5432/db", True)
+    assert load_config(None, env={"POLICYD_CLUSTER_NODE": "n1"}).node == "n1"
+    node = load_config(None, env={"POLICYD_SERVER_ADDRESS": "127.0.0.1:7001"}).node
+    assert node.endswith(":7001")

@@ -25,11 +25,14 @@ from policyd.core.errors import NotFound
 from policyd.core.model import Access, CheckInput, HttpTarget
 from policyd.decision.wiring import build_engine, open_store
 from policyd.oauth.storage import OAuthStorage
+from policyd.pgserver import PgServer
 from policyd.store.base import Store
 from policyd.store.facts import Facts, facts_for
 from policyd.store.families import revoke_pair_families
 from policyd.store.keys import KeyRing
 from policyd.store.migrations import DECISION_TABLES, migrations
+from policyd.store.open import open_store as open_url
+from policyd.store.pg_migrations import MIGRATIONS as PG_MIGRATIONS
 from policyd.store.sqlite import SqliteStore
 from tests.backends import both_backends  # noqa: F401  (every test here runs on both)
 from tests.helpers import Home
@@ -116,6 +119,37 @@ def test_processes_opening_a_new_store_together_apply_migrations_once(tmp_path: 
     assert sorted(u["user_id"] for u in SqliteStore(path).list_users()) == [
         f"user{i}" for i in range(4)
     ]
+
+
+def test_replicas_opening_a_new_postgres_store_together_apply_migrations_once(
+    pg_server: PgServer,
+) -> None:
+    url = pg_server.create_database("migrate_together")
+    code = (
+        "import sys; from policyd.store.open import open_store;"
+        " s = open_store(sys.argv[1]); s.add_user(sys.argv[2]); s.close()"
+    )
+    try:
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", code, url, f"user{i}"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(4)
+        ]
+        for proc in procs:
+            _, err = proc.communicate(timeout=60)
+            assert proc.returncode == 0, err
+        with open_url(url) as store, store.read() as conn:
+            applied = conn.execute("SELECT name FROM policyd_migrations ORDER BY name").fetchall()
+            assert [r[0] for r in applied] == [name for name, _ in PG_MIGRATIONS]
+            assert sorted(u["user_id"] for u in store.list_users()) == [
+                f"user{i}" for i in range(4)
+            ]
+    finally:
+        pg_server.drop_database("migrate_together")
 
 
 def test_store_file_and_its_wal_files_are_private(tmp_path: Path, permissive_umask: None) -> None:

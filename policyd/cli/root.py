@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import click
 
 from policyd import __version__
-from policyd.cli import access, apps, audit, check, demo, grants, policy, serve, tokens
+from policyd.cli import access, apps, audit, check, cluster, demo, grants, policy, serve, tokens
 from policyd.cli.context import Context
 from policyd.core.errors import PolicydError
 
@@ -46,6 +46,7 @@ for command in (
     demo.demo,
     audit.audit,
     policy.policy,
+    cluster.cluster,
 ):
     cli.add_command(command)
 

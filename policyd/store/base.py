@@ -146,6 +146,11 @@ class Store:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def replicas(self) -> list[dict[str, Any]]:
+        """The serving processes holding (or lately holding) a lease: PostgreSQL only; a
+        SQLite store is one host's, whose processes need none."""
+        return []
+
     def generation(self) -> int:
         with self.read() as conn:
             row = conn.execute("SELECT value FROM generation WHERE id = 1").fetchone()

@@ -171,6 +171,31 @@ class PostgresStore(Store):
             time.sleep(pause)
             pause = min(pause * 2, 0.005)
 
+    def replicas(self) -> list[dict[str, Any]]:
+        with self.read() as conn:
+            rows = conn.execute(
+                "SELECT r.replica_id, r.node, r.host, r.pid,"
+                " extract(epoch FROM r.started_at), extract(epoch FROM r.renewed_at),"
+                " extract(epoch FROM r.lease_expires_at - clock_timestamp()),"
+                " r.acked_generation, g.value"
+                " FROM policyd_replicas r, generation g WHERE g.id = 1 ORDER BY r.replica_id"
+            ).fetchall()
+        return [
+            {
+                "replica_id": r[0],
+                "node": r[1],
+                "host": r[2],
+                "pid": r[3],
+                "started_at": float(r[4]),
+                "renewed_at": float(r[5]),
+                "live": r[6] > 0,
+                "lease_left_seconds": round(max(float(r[6]), 0.0), 3),
+                "acked_generation": r[7],
+                "behind": max(r[8] - r[7], 0),
+            }
+            for r in rows
+        ]
+
     def migrate(self) -> None:
         try:
             with self._admin.connection() as raw:
