@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from sqlite_utils import Database
 
@@ -33,6 +34,8 @@ from policyd.store.keys import KeyRing
 from policyd.store.migrations import DECISION_TABLES, migrations
 from policyd.store.open import open_store as open_url
 from policyd.store.pg_migrations import MIGRATIONS as PG_MIGRATIONS
+from policyd.store.pg_migrations import WRITE_LOCK
+from policyd.store.replica import Replica
 from policyd.store.sqlite import SqliteStore
 from tests.backends import both_backends  # noqa: F401  (every test here runs on both)
 from tests.helpers import Home
@@ -150,6 +153,30 @@ def test_replicas_opening_a_new_postgres_store_together_apply_migrations_once(
             ]
     finally:
         pg_server.drop_database("migrate_together")
+
+
+def test_a_replica_stopped_inside_its_renewal_holds_writes_up_for_a_quarter_lease_at_most(
+    pg_server: PgServer,
+) -> None:
+    """Stopped (SIGSTOP) between the statements of a renewal, a replica holds the writers'
+    advisory lock shared: its connection's idle_in_transaction_session_timeout ends the
+    session, so writes wait a quarter of a lease, not until the replica runs again."""
+    url = pg_server.create_database("stuck_renewal")
+    try:
+        with open_url(url) as store:
+            replica = Replica(url, "stuck", 2.0, lambda _generation: None)
+            conn = replica.connect()
+            conn.execute("BEGIN")
+            conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (WRITE_LOCK,))
+            began = time.monotonic()
+            store.add_user("carol")  # waits for the lock
+            waited = time.monotonic() - began
+            assert 0.3 < waited < 1.5, waited
+            with pytest.raises(psycopg.errors.IdleInTransactionSessionTimeout):
+                conn.execute("SELECT 1")  # its session was ended
+            conn.close()
+    finally:
+        pg_server.drop_database("stuck_renewal")
 
 
 def test_store_file_and_its_wal_files_are_private(tmp_path: Path, permissive_umask: None) -> None:

@@ -42,6 +42,12 @@ class Context:
     def keyring(self) -> KeyRing:
         return keyring(self.config, self.store)
 
+    def close(self) -> None:
+        """When the command ends: the store's connections (PostgreSQL: its pools)."""
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
 
 pass_ctx = click.make_pass_decorator(Context)
 

@@ -31,6 +31,7 @@ from policyd.core.errors import PolicydError
 def cli(ctx: click.Context, config_path: str | None) -> None:
     """policyd: authorization decisions for the data hub."""
     ctx.obj = Context(config_path)
+    ctx.call_on_close(ctx.obj.close)
 
 
 for command in (

@@ -40,6 +40,7 @@ log = logging.getLogger("policyd.store")
 
 CONNECT_TIMEOUT_SECONDS = 5
 POOL_TIMEOUT_SECONDS = 5.0
+IDLE_IN_TRANSACTION_MS = 10_000
 
 
 @lru_cache(maxsize=1024)
@@ -105,6 +106,9 @@ class PostgresStore(Store):
                 "autocommit": True,
                 "connect_timeout": CONNECT_TIMEOUT_SECONDS,
                 "application_name": f"policyd-{name}",
+                # A process stopped inside a transaction (a write holds the writers' lock)
+                # must not hold the store up for longer than this.
+                "options": f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_MS}",
             },
             check=psycopg_pool.ConnectionPool.check_connection if check else None,
             timeout=POOL_TIMEOUT_SECONDS,

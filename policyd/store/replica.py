@@ -127,6 +127,27 @@ class Replica:
         except psycopg.Error as exc:
             log.warning("replica %s: could not give its lease back: %s", self.replica_id, exc)
 
+    def connect(self) -> psycopg.Connection[Any]:
+        """The replica's own connection (for the thread: LISTEN, renewals, acks)."""
+        return psycopg.connect(
+            self.url,
+            autocommit=True,
+            connect_timeout=CONNECT_TIMEOUT_SECONDS,
+            application_name=self.application_name,
+            # A database that stops answering without closing the connection is found
+            # out, not waited on forever (the lease lapses meanwhile anyway).
+            keepalives=1,
+            keepalives_idle=5,
+            keepalives_interval=2,
+            keepalives_count=3,
+            options=(
+                f"-c statement_timeout={int(self.lease_seconds * 1000)}"
+                # Stopped inside a renewal, it would hold the writers' lock (shared) and
+                # hold every write up: the server ends its session instead.
+                f" -c idle_in_transaction_session_timeout={int(self.renew_every * 1000)}"
+            ),
+        )
+
     # -- the thread ----------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -134,12 +155,7 @@ class Replica:
         while not self._stop.is_set():
             conn: psycopg.Connection[Any] | None = None
             try:
-                conn = psycopg.connect(
-                    self.url,
-                    autocommit=True,
-                    connect_timeout=CONNECT_TIMEOUT_SECONDS,
-                    application_name=self.application_name,
-                )
+                conn = self.connect()
                 conn.add_notify_handler(self._notified)
                 conn.execute(f"LISTEN {CHANNEL}")
                 self._register(conn)
@@ -150,7 +166,7 @@ class Replica:
                 self._ready.set()
                 pause = 0.05
                 self._serve(conn)
-            except psycopg.Error as exc:
+            except Exception as exc:  # psycopg's errors, and never let the thread die
                 self._until = 0.0  # deaf: no answer from the caches until caught up
                 problem = url_problem(self.url, exc)
                 if problem != self.problem:
