@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 # POLICYD_HUB_* the hub's settings: docs/hub.md).
 VAR ?= var
 
-.PHONY: run run-envoy test test-fast lint format proto docs bench setup clean
+.PHONY: run run-envoy run-cluster test test-fast lint format proto docs bench setup clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,11 @@ run: $(STAMP)
 # policyd, the reference hub and Envoy in front of it (ext_authz; docs/envoy.md).
 run-envoy: $(STAMP)
 	@BIN=$(BIN) VAR=$(VAR) exec bash scripts/run-envoy.sh
+
+# A private PostgreSQL under $(VAR)/pg, three policyd replicas sharing it, the hub and one
+# Envoy balancing its ext_authz checks over the replicas (README.md, "A cluster on one machine").
+run-cluster: $(STAMP)
+	@BIN=$(BIN) VAR=$(VAR) exec bash scripts/run-cluster.sh
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q

@@ -180,9 +180,10 @@ def running(root: Path, port: int, *, fsync: bool = True) -> Iterator[PgServer]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m policyd.pgserver start|stop|url DIR --port N` (scripts/run-cluster.sh)."""
+    """`python -m policyd.pgserver start|stop|status|url DIR --port N` (scripts/run-cluster.sh).
+    status: exit 0 when a server runs in DIR, 3 when none does (as `pg_ctl status`)."""
     parser = argparse.ArgumentParser(prog="python -m policyd.pgserver")
-    parser.add_argument("action", choices=["start", "stop", "url"])
+    parser.add_argument("action", choices=["start", "stop", "status", "url"])
     parser.add_argument("dir", type=Path)
     parser.add_argument("--port", type=int, default=55432)
     args = parser.parse_args(argv)
@@ -194,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
             print(server.url())
         elif args.action == "stop":
             server.stop()
+        elif args.action == "status":
+            if not server.running():
+                return 3
         else:
             print(server.url())
     except (OSError, RuntimeError, subprocess.CalledProcessError, KeyError) as exc:

@@ -1,18 +1,21 @@
 """Render the sample Envoy configurations (envoy.yaml, envoy-tls.yaml, envoy-http.yaml) with
 other ports and certificate paths, for tests, benchmarks and `make run-envoy` on non-default
-ports.
+ports; with several policyd ports, the `policyd` cluster balances over them round robin
+(`make run-cluster`: one Envoy in front of three replicas).
 
 The samples stay the one source of truth: this loads one, changes only addresses and file
 names in the loaded dict, and writes JSON that `envoy -c` reads.
 
     python -m adapters.envoy.config [--tls | --http] --listen 10000 --hub 8001 --policyd 50051 \
-        --admin 9901 [--cert-dir DIR] --out envoy.json
+        [--policyd 50052 ...] --admin 9901 [--cert-dir DIR] --out envoy.json
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,10 +87,13 @@ def render(
     files: dict[str, Path] | None = None,
     policyd_sni: str | None = None,
     policyd_unix: str | None = None,
+    policyd_replicas: Sequence[int] = (),
 ) -> dict[str, Any]:
     """The sample with the listener, admin, hub and policyd addresses changed; `files` maps
     PLACEHOLDERS roles to real certificate files (TLS sample); `policyd_unix`: reach policyd
-    on that Unix socket instead of `ports.policyd` (the HTTP door's `unix:` address)."""
+    on that Unix socket instead of `ports.policyd` (the HTTP door's `unix:` address);
+    `policyd_replicas`: more policyd ports on `ports.host` besides `ports.policyd`, one
+    endpoint each in the `policyd` cluster, balanced round robin."""
     config = load(source)
     _set_address(config["admin"], ports.host, ports.admin)
     _set_address(config["static_resources"]["listeners"][0], ports.host, ports.listen)
@@ -113,7 +119,28 @@ def render(
         cluster = _cluster(config, "policyd")
         endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
         endpoint["address"] = {"pipe": {"path": policyd_unix}}
+    if policyd_replicas:
+        if policyd_unix is not None:
+            raise ValueError("policyd replicas are ports: not with a Unix socket")
+        _balance(config, [ports.policyd, *policyd_replicas], ports.host)
     return config
+
+
+def _balance(config: dict[str, Any], policyd_ports: list[int], host: str) -> None:
+    """The `policyd` cluster: one endpoint per port, each request to the next (round robin)."""
+    for cluster in config["static_resources"]["clusters"]:
+        if cluster["name"] == "policyd":
+            break
+    else:
+        raise KeyError("no cluster 'policyd'")
+    cluster["lb_policy"] = "ROUND_ROBIN"
+    group = cluster["load_assignment"]["endpoints"][0]
+    template = group["lb_endpoints"][0]
+    group["lb_endpoints"] = []
+    for port in policyd_ports:
+        endpoint = copy.deepcopy(template)
+        _set_address(endpoint["endpoint"], host, port)
+        group["lb_endpoints"].append(endpoint)
 
 
 def write(config: dict[str, Any], path: Path) -> Path:
@@ -136,7 +163,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--listen", type=int, default=defaults.listen)
     parser.add_argument("--hub", type=int, default=defaults.hub)
-    parser.add_argument("--policyd", type=int, default=defaults.policyd)
+    parser.add_argument(
+        "--policyd",
+        type=int,
+        action="append",
+        metavar="PORT",
+        help=f"policyd's port (default {defaults.policyd}); repeated: several replicas,"
+        " balanced round robin",
+    )
     parser.add_argument("--admin", type=int, default=defaults.admin)
     parser.add_argument(
         "--policyd-unix",
@@ -153,9 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     files = None
     if args.cert_dir is not None:
         files = {role: args.cert_dir / Path(p).name for role, p in PLACEHOLDERS.items()}
-    ports = Ports(args.listen, args.hub, args.policyd, args.admin)
+    first, *more = args.policyd or [defaults.policyd]
+    ports = Ports(args.listen, args.hub, first, args.admin)
     source = TLS if args.tls else HTTP if args.http else PLAIN
-    write(render(ports, source=source, files=files, policyd_unix=args.policyd_unix), args.out)
+    config = render(
+        ports, source=source, files=files, policyd_unix=args.policyd_unix, policyd_replicas=more
+    )
+    write(config, args.out)
     return 0
 
 
