@@ -40,6 +40,7 @@ import os
 import random
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -234,6 +235,15 @@ def throughput(pg: pgserver.PgServer, root: Path, log_dir: Path, s: Settings) ->
         if not decision_pb2.CheckResponse.FromString(bytes.fromhex(h)).allowed:
             raise RuntimeError(f"{name} did not allow the bench request")
     summary = summarize(result, NAMES, RATIOS)
+    # Both audit logs recorded every call: the records indexed once the servers stopped,
+    # against the calls of the timed windows (the warm-ups' calls come on top).
+    summary["audit_records"] = {
+        "sqlite": _settled(lambda: _sqlite_records(Path(homes["sqlite"].audit.path))),
+        "postgres": _settled(lambda: _pg_records(homes["postgres"].store.url)),
+    }
+    summary["timed_calls"] = {
+        name: sum(w.calls for w in result.windows if w.target == name) for name in NAMES
+    }
     summary.update(
         server_cpu=cpu,
         client_cpus=others,
@@ -241,6 +251,30 @@ def throughput(pg: pgserver.PgServer, root: Path, log_dir: Path, s: Settings) ->
         server_threads=homes["sqlite"].server.threads,
     )
     return summary
+
+
+def _sqlite_records(path: Path) -> int:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return int(conn.execute("SELECT count(*) FROM audit").fetchone()[0])
+
+
+def _pg_records(url: str) -> int:
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT count(*) FROM audit_records").fetchone()
+    return int(row[0]) if row else 0
+
+
+def _settled(count: Callable[[], int], timeout: float = 10.0) -> int:
+    """The count once it stops growing (a stopped server's indexer finishes its journal)."""
+    deadline = time.monotonic() + timeout
+    last = count()
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = count()
+        if now == last:
+            break
+        last = now
+    return last
 
 
 # -- 2 and 3. revokes ---------------------------------------------------------------------
@@ -633,6 +667,10 @@ def report(summary: dict[str, Any]) -> str:
         table(rows),
         f"{CALLERS} callers: postgres/sqlite = {ratio['throughput']:.3f}"
         f" ({ratio_verdict} the goal >= {GOAL_RATIO})",
+        "audit records indexed / calls in the timed windows (warm-ups come on top): "
+        + ", ".join(
+            f"{name} {t['audit_records'][name]:,} / {t['timed_calls'][name]:,}" for name in NAMES
+        ),
         "",
         f"Revokes: 3 replicas (workers = 1, not pinned) on one database, store.lease_seconds ="
         f" {lease:g}; background load {LOAD_THREADS} callers x {LOAD_RATE / LOAD_THREADS:g}"

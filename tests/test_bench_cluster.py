@@ -58,6 +58,8 @@ def _summary(stale: int, first_max_ms: float, live_p99_ms: float) -> dict[str, A
     result = LoadResult([_window("sqlite", 5000.0), _window("postgres", 4900.0)], {})
     throughput = summarize(result, cluster.NAMES, cluster.RATIOS)
     throughput.update(server_cpu=0, client_cpus=[1], audit_sync="normal", seconds=40.0)
+    throughput["audit_records"] = {"sqlite": 6000, "postgres": 5900}
+    throughput["timed_calls"] = {"sqlite": 5000, "postgres": 4900}
 
     def ms(p50: float, p99: float, top: float, n: int) -> dict[str, float]:
         return {"n": n, "p50_ms": p50, "p99_ms": p99, "max_ms": top}
@@ -112,6 +114,7 @@ def test_the_report_gives_each_goal_a_verdict() -> None:
     assert "revoke p99 = 20.0 ms (meets the goal < 50 ms)" in text
     assert "max 1900 ms (within lease + 0.5 s = 2500 ms)" in text
     assert "stale allows: 0 (meets the goal 0)" in text
+    assert "sqlite 6,000 / 5,000, postgres 5,900 / 4,900" in text
 
 
 def test_the_report_flags_misses() -> None:
