@@ -68,6 +68,7 @@ from bench.procs import (
     free_port,
     machine_busy_seconds,
     server_process,
+    tree_cpu_seconds,
 )
 from bench.report import summarize, table
 from bench.stats import percentile
@@ -183,12 +184,18 @@ def _policyd(name: str, config_path: Path, log_dir: Path) -> AbstractContextMana
     )
 
 
+def postmaster_pid(server: pgserver.PgServer) -> int | None:
+    try:
+        return int((server.data / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def pin_postgres(server: pgserver.PgServer, cpus: set[int]) -> None:
     """Put PostgreSQL's processes on these CPUs: the postmaster (its new backends inherit
     it) and the processes it has started. Quietly nothing where that is not allowed."""
-    try:
-        pid = int((server.data / "postmaster.pid").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
+    pid = postmaster_pid(server)
+    if pid is None:
         return
     for p in (pid, *child_pids(pid)):
         with contextlib.suppress(OSError):
@@ -480,7 +487,20 @@ def revocations(pg: pgserver.PgServer, root: Path, log_dir: Path, s: Settings) -
             )
             replicas.wait_allowed(list(REPLICAS), LOAD_DS)
             time.sleep(1.0)  # the load settles
-            live = _live_phase(store, replicas, s.revokes, rng)
+            ours = [srv.pid for srv in servers.values()] + [load.process.pid]
+            postmaster = postmaster_pid(pg)
+            ours += [postmaster] if postmaster is not None else []
+
+            def own_cpu() -> float:
+                """CPU seconds of this benchmark's processes: the replicas and their
+                indexers, the load, PostgreSQL and its backends, this process."""
+                total = time.process_time()
+                for pid in ours:
+                    with contextlib.suppress(OSError):
+                        total += tree_cpu_seconds(pid)
+                return total
+
+            live = _live_phase(store, replicas, s.revokes, rng, own_cpu)
             frozen = _frozen_phase(store, replicas, servers, s.freezes, lease, rng)
             background = load.finish()
             load = None
@@ -508,12 +528,16 @@ def _restore(store: Store, replicas: Replicas) -> float:
 
 
 def _live_phase(
-    store: TimedStore, replicas: Replicas, n: int, rng: random.Random
+    store: TimedStore,
+    replicas: Replicas,
+    n: int,
+    rng: random.Random,
+    own_cpu: Callable[[], float],
 ) -> dict[str, Any]:
     latencies: list[float] = []
     waits: list[float] = []
     checks = Checks(Counter())
-    busy0, wall0 = machine_busy_seconds(), time.perf_counter()
+    busy0, own0, wall0 = machine_busy_seconds(), own_cpu(), time.perf_counter()
     lapsed = 0  # times a replica's lease had run out before a revoke (a starved replica)
     for _ in range(n):
         time.sleep(rng.uniform(0.0, 0.05))  # revokes at all moments of the lease cycle
@@ -531,6 +555,7 @@ def _live_phase(
         "write": _ms([t - w for t, w in zip(latencies, waits, strict=True)]),
         "ack_wait": _ms(waits),
         "cpus_busy": (machine_busy_seconds() - busy0) / (time.perf_counter() - wall0),
+        "cpus_ours": (own_cpu() - own0) / (time.perf_counter() - wall0),
         "revoke_ms": [round(v * 1000, 2) for v in latencies],
         "ack_wait_ms": [round(v * 1000, 2) for v in waits],
         "checks": checks.total,
@@ -755,7 +780,8 @@ def report(summary: dict[str, Any]) -> str:
         f"3 live replicas: revoke p99 = {p99:.1f} ms"
         f" ({'meets' if p99 < GOAL_REVOKE_P99_MS else 'MISSES'} the goal"
         f" < {GOAL_REVOKE_P99_MS:g} ms); the machine's CPUs were"
-        f" {live['cpus_busy']:.2f} of {os.cpu_count()} busy meanwhile",
+        f" {live['cpus_busy']:.2f} of {os.cpu_count()} busy meanwhile, this benchmark's"
+        f" processes {live['cpus_ours']:.2f} of it",
         f"1 frozen (SIGSTOP, {frozen['first_revoke']['n']} cycles): the first revoke waits for"
         f" its lease: max {first_max:.0f} ms"
         f" ({'within' if first_max <= bound_ms else 'OVER'} lease + {FROZEN_MARGIN_SECONDS:g} s ="

@@ -83,6 +83,7 @@ def _summary(stale: int, first_max_ms: float, live_p99_ms: float) -> dict[str, A
         "write": ms(5.0, 8.0, 9.0, 50),
         "ack_wait": ms(5.0, live_p99_ms - 8.0, live_p99_ms - 8.0, 50),
         "cpus_busy": 1.5,
+        "cpus_ours": 1.2,
         "checks": 150,
         "stale_allows": 0,
         "answers": {"DATA_SOURCE_NOT_GRANTED": 150},
