@@ -7,6 +7,8 @@ Benchmarks (docs/benchmarks.md explains each figure):
   audit       audit-log queries over 10M generated records (bench/audit.py)
   hub         the reference hub with and without the ASGI middleware (bench/hub.py)
   envoy       Envoy alone, with jwt_authn, with policyd's ext_authz; wrk (bench/envoy.py)
+  cluster     PostgreSQL vs SQLite throughput; revoke latency on 3 replicas, one frozen
+              (bench/cluster.py; skipped without PostgreSQL's initdb)
 
 Results go to var/bench/results.json (--out to change); server logs to logs/ beside it.
 """
@@ -29,13 +31,14 @@ import grpc
 
 from bench import audit as audit_bench
 from bench import check, grpc_stack
+from bench import cluster as cluster_bench
 from bench import envoy as envoy_bench
 from bench import hub as hub_bench
 from bench import policy as policy_bench
 from bench.procs import ROOT
 from bench.report import load_table, table
 
-NAMES = ("grpc_stack", "check", "policy", "audit", "hub", "envoy")
+NAMES = ("grpc_stack", "check", "policy", "audit", "hub", "envoy", "cluster")
 GOAL_THROUGHPUT_RATIO = 0.9
 
 
@@ -192,6 +195,15 @@ def main(argv: list[str] | None = None) -> int:
         elif name == "envoy":
             summary = envoy_bench.run(args.quick, log_dir)
             reports.append(envoy_bench.report(summary))
+        elif name == "cluster":
+            summary = cluster_bench.run(
+                log_dir,
+                quick=args.quick,
+                rounds=d.rounds,
+                warmup=d.warmup,
+                duration=d.duration,
+            )
+            reports.append(cluster_bench.report(summary))
         else:
             summary = check.run(
                 log_dir,

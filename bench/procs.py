@@ -52,6 +52,22 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
+def child_pids(pid: int) -> list[int]:
+    """The live child processes of `pid` (PostgreSQL's backends, policyd's indexer)."""
+    found: list[int] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_bytes()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        if int(fields[1]) == pid and fields[0] != b"Z":
+            found.append(int(entry))
+    return sorted(found)
+
+
 def machine_busy_seconds() -> float:
     """CPU seconds all CPUs of the machine spent busy (not idle or iowait), from /proc/stat."""
     with open("/proc/stat", "rb") as fh:
