@@ -13,7 +13,9 @@ import pytest
 from policyd import pgserver
 from policyd.decision.wiring import start_replica
 from policyd.pgserver import PgServer
-from policyd.store.facts import Facts, PgFacts, facts_for
+from policyd.store.facts import Facts
+from policyd.store.open import facts_for
+from policyd.store.pgfacts import PgFacts
 from policyd.store.replica import Replica
 from tests.helpers import Home, ServerProcess, decision_stub, free_port, run_server
 

@@ -21,7 +21,7 @@ from policyd.core.reasons import Reason
 from policyd.decision.tokens import Verifier
 from policyd.decision.wiring import build_engine, token_settings
 from policyd.oauth.storage import CodeState, OAuthStorage
-from policyd.store.facts import facts_for
+from policyd.store.open import facts_for
 from tests.backends import both_backends  # noqa: F401  (every test here runs on both)
 from tests.conftest import new_database
 from tests.helpers import Home, dump_store

@@ -28,10 +28,11 @@ from policyd.decision.wiring import build_engine, open_store
 from policyd.oauth.storage import OAuthStorage
 from policyd.pgserver import PgServer
 from policyd.store.base import Store
-from policyd.store.facts import Facts, facts_for
+from policyd.store.facts import Facts
 from policyd.store.families import revoke_pair_families
 from policyd.store.keys import KeyRing
 from policyd.store.migrations import DECISION_TABLES, migrations
+from policyd.store.open import facts_for
 from policyd.store.open import open_store as open_url
 from policyd.store.pg_migrations import MIGRATIONS as PG_MIGRATIONS
 from policyd.store.pg_migrations import WRITE_LOCK

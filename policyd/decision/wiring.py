@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from policyd.audit.journal import AuditLog
 from policyd.audit.records import load_key
@@ -14,10 +15,13 @@ from policyd.decision.decider import Decider
 from policyd.decision.engine import Engine, EngineSettings
 from policyd.decision.tokens import TokenSettings, Verifier
 from policyd.store.base import Store
-from policyd.store.facts import PgFacts, facts_for
+from policyd.store.facts import Facts
 from policyd.store.keys import KeyRing
+from policyd.store.open import facts_for
 from policyd.store.open import open_store as open_url
-from policyd.store.replica import Replica
+
+if TYPE_CHECKING:
+    from policyd.store.replica import Replica
 
 
 def token_settings(config: Config) -> TokenSettings:
@@ -57,7 +61,7 @@ def build_engine(
     policy = policy or load_policy(config.policy.dir)
     store = store or open_store(config)
     facts = facts_for(store, token_cache_size=config.tokens.cache_size)
-    if serving and isinstance(facts, PgFacts):
+    if serving and store.backend == "postgresql":
         start_replica(config, facts)
     return Engine(
         facts,
@@ -95,9 +99,13 @@ def build_decider(config: Config, store: Store | None = None, *, serving: bool =
 FIRST_LEASE_SECONDS = 5.0
 
 
-def start_replica(config: Config, facts: PgFacts) -> Replica:
-    """Make this process a replica of the PostgreSQL store: its lease thread runs, and it
-    gives the lease back when the process exits normally."""
+def start_replica(config: Config, facts: Facts) -> Replica:
+    """Make this process a replica of the PostgreSQL store (its facts: pgfacts.PgFacts):
+    its lease thread runs, and it gives the lease back when the process exits normally."""
+    from policyd.store.pgfacts import PgFacts
+    from policyd.store.replica import Replica
+
+    assert isinstance(facts, PgFacts)
     replica = Replica(config.store.url, config.node, config.store.lease_seconds, facts.advance)
     facts.replica = replica
     replica.start()

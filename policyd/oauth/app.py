@@ -51,7 +51,7 @@ from policyd.oauth.sessions import LoginThrottle, Sessions
 from policyd.oauth.storage import OAuthStorage, new_secret
 from policyd.oauth.tokens import TokenFinder
 from policyd.store.base import Store
-from policyd.store.facts import facts_for
+from policyd.store.open import facts_for
 
 log = logging.getLogger("policyd.oauth")
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -237,10 +236,11 @@ def _maintain(server: Server) -> None:
     audit indexer process)."""
     store = server.engine.facts.store
     config = server.config
+    failures: tuple[type[Exception], ...] = (PolicydError, *store.errors)
     while not server.stopping.wait(300):  # every 5 minutes is plenty
         try:
             store.purge_expired_revocations(time.time(), config.tokens.leeway_seconds)
-        except (PolicydError, sqlite3.Error) as exc:
+        except failures as exc:
             log.warning("maintenance failed: %s", exc)
 
 

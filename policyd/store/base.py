@@ -120,6 +120,8 @@ class Store:
     integrity_errors: tuple[type[Exception], ...] = ()
     # Where it is, for messages (never with a password).
     where: str = ""
+    # "sqlite" or "postgresql": for choosing the matching decision-time view (facts_for).
+    backend: str = ""
 
     # -- the backend ---------------------------------------------------------------------
 

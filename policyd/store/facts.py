@@ -26,8 +26,9 @@ The caches hold what decisions ask for again and again: app rows, consents, gran
 user's own access, revoked token ids, signing keys, data-source labels (for policy
 conditions) and verified token claims.
 
-On PostgreSQL (`PgFacts`) the same caches are filed under the generation this process has
-applied, which its Replica thread moves as the database notifies it (replica.py). A view
+On PostgreSQL (`PgFacts`, pgfacts.py) the same caches are filed under the generation this
+process has applied, which its Replica thread moves as the database notifies it
+(replica.py). A view
 answers from them only while the replica is fresh (its lease held, its listening
 connection up), so a repeated check costs no round trip; a cache miss reads in a
 REPEATABLE READ snapshot whose generation must be the caches' (else the decision starts
@@ -46,15 +47,11 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import psycopg
-import psycopg_pool
 from cachetools import TLRUCache
 
-from policyd.core.errors import StoreMoved, StoreUnavailable
+from policyd.core.errors import StoreUnavailable
 from policyd.core.model import Access
 from policyd.store.base import Store
-from policyd.store.postgres import PostgresStore, pg_sql
-from policyd.store.replica import Replica
 from policyd.store.sqlite import SqliteStore, connect
 
 _GENERATION = "SELECT value FROM generation WHERE id = 1"
@@ -154,15 +151,6 @@ class _Reader:
             return self.conn.execute(sql, args).fetchall()
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"store unreadable: {exc}") from exc
-
-
-def facts_for(
-    store: Store, *, token_cache_size: int = 100_000, replica: Replica | None = None
-) -> Facts:
-    """The decision-time view of a store, on its backend."""
-    if isinstance(store, PostgresStore):
-        return PgFacts(store, token_cache_size=token_cache_size, replica=replica)
-    return Facts(store, token_cache_size=token_cache_size)
 
 
 class Facts:
@@ -416,124 +404,3 @@ class View:
         caches = self._caches
         with caches.token_lock:
             caches.tokens[token] = (verified, until)
-
-
-class _Snapshot:
-    """One decision's reads on PostgreSQL: a REPEATABLE READ, READ ONLY transaction on a
-    pooled connection, begun at the first cache miss. `expected` is the generation of the
-    caches the view uses; a snapshot of another generation must not fill them (StoreMoved,
-    after moving the process's caches on). None: a view of private caches, any generation."""
-
-    __slots__ = ("_conn", "_facts", "expected")
-
-    def __init__(self, facts: PgFacts, expected: int | None) -> None:
-        self._facts = facts
-        self.expected = expected
-        self._conn: psycopg.Connection[Any] | None = None
-
-    def begin(self) -> int:
-        pool = self._facts.pool
-        try:
-            conn = self._conn = pool.getconn()
-            conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            row = conn.execute(_GENERATION).fetchone()
-        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
-            self.end()
-            raise StoreUnavailable(f"store unreadable: {_line(exc)}") from exc
-        if row is None:
-            self.end()
-            raise StoreUnavailable("store unreadable: it has no generation row")
-        generation = int(row[0])
-        if self.expected is not None and generation != self.expected:
-            self.end()
-            self._facts.advance(generation)
-            raise StoreMoved(f"store moved to generation {generation} under {self.expected}")
-        return generation
-
-    def one(self, sql: str, args: Sequence[str]) -> tuple[Any, ...] | None:
-        if self._conn is None:
-            self.begin()
-        assert self._conn is not None
-        try:
-            return self._conn.execute(pg_sql(sql), args).fetchone()
-        except psycopg.Error as exc:
-            raise StoreUnavailable(f"store unreadable: {_line(exc)}") from exc
-
-    def all(self, sql: str, args: Sequence[str]) -> list[tuple[Any, ...]]:
-        if self._conn is None:
-            self.begin()
-        assert self._conn is not None
-        try:
-            return self._conn.execute(pg_sql(sql), args).fetchall()
-        except psycopg.Error as exc:
-            raise StoreUnavailable(f"store unreadable: {_line(exc)}") from exc
-
-    def end(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is None:
-            return
-        try:
-            if not conn.closed:
-                conn.execute("ROLLBACK")  # read only: nothing to commit
-        except psycopg.Error:
-            pass  # broken: the pool replaces it
-        finally:
-            self._facts.pool.putconn(conn)
-
-
-def _line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-class PgFacts(Facts):
-    """Facts on the PostgreSQL store: caches valid while this process's replica is fresh."""
-
-    def __init__(
-        self,
-        store: PostgresStore,
-        *,
-        row_cache_size: int = 200_000,
-        token_cache_size: int = 100_000,
-        replica: Replica | None = None,
-    ) -> None:
-        super().__init__(store, row_cache_size=row_cache_size, token_cache_size=token_cache_size)
-        self.pool = store.reads()
-        self.replica = replica
-
-    def advance(self, generation: int) -> None:
-        """Drop every cache older than `generation` (committed: the database said so)."""
-        with self._swap:
-            if generation > self._caches.generation:
-                self._caches = _Caches(generation, self._token_limit)
-
-    def close(self) -> None:
-        self.end()
-
-    def end(self) -> None:
-        snapshot: _Snapshot | None = getattr(self._local, "snapshot", None)
-        if snapshot is not None:
-            self._local.snapshot = None
-            snapshot.end()
-
-    def view(self) -> View:
-        self.end()  # a view this thread left open
-        replica = self.replica
-        if replica is not None and replica.fresh():
-            caches = self._caches
-            snapshot = self._local.snapshot = _Snapshot(self, caches.generation)
-            return View(self, snapshot, caches, self._row_limit)
-        if replica is not None and replica.problem:
-            # Its own connection to the database broke and has not come back: fail fast
-            # rather than wait for a pooled connection that will not come either.
-            raise StoreUnavailable(f"store unreachable: {replica.problem}")
-        # Not fresh (or no replica: a one-off CLI process): read everything afresh.
-        snapshot = self._local.snapshot = _Snapshot(self, None)
-        generation = snapshot.begin()
-        return View(self, snapshot, _Caches(generation, 16), self._row_limit)
-
-    def recall(self, key: Hashable) -> Any:
-        replica = self.replica
-        if replica is None or not replica.fresh():
-            return None
-        return self._caches.decisions.get(key)

@@ -1,9 +1,10 @@
-"""Opening the store a URL names: `sqlite:///PATH` or `postgresql://…` (config.store_url)."""
+"""Opening the store a URL names (`sqlite:///PATH` or `postgresql://…`, config.store_url),
+and its decision-time view: the one place that picks a backend."""
 
 from __future__ import annotations
 
 from policyd.store.base import Store
-from policyd.store.postgres import PostgresStore
+from policyd.store.facts import Facts
 from policyd.store.sqlite import SqliteStore
 
 
@@ -14,5 +15,18 @@ def open_store(
     if url.startswith("sqlite:///"):
         return SqliteStore(url[len("sqlite:///") :], migrate=migrate)
     if url.startswith(("postgresql://", "postgres://")):
+        # Imported here: psycopg costs a process on SQLite 0.1 s of start-up.
+        from policyd.store.postgres import PostgresStore
+
         return PostgresStore(url, migrate=migrate, pool_size=pool_size, lease_seconds=lease_seconds)
     raise ValueError(f"not a store URL: {url.split(':', 1)[0]}:…")
+
+
+def facts_for(store: Store, *, token_cache_size: int = 100_000) -> Facts:
+    """The decision-time view of a store, on its backend (pgfacts.py for PostgreSQL,
+    imported only there: psycopg costs a SQLite process 0.1 s of start-up)."""
+    if store.backend == "postgresql":
+        from policyd.store.pgfacts import PgFacts
+
+        return PgFacts(store, token_cache_size=token_cache_size)
+    return Facts(store, token_cache_size=token_cache_size)

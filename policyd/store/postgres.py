@@ -41,6 +41,7 @@ log = logging.getLogger("policyd.store")
 CONNECT_TIMEOUT_SECONDS = 5
 POOL_TIMEOUT_SECONDS = 5.0
 IDLE_IN_TRANSACTION_MS = 10_000
+ADMIN_POOL_SIZE = 4
 
 
 @lru_cache(maxsize=1024)
@@ -74,6 +75,7 @@ def connect(url: str, **kwargs: Any) -> psycopg.Connection[Any]:
 class PostgresStore(Store):
     """The policy store on a PostgreSQL database."""
 
+    backend = "postgresql"
     errors = (psycopg.Error, psycopg_pool.PoolTimeout)
     integrity_errors = (psycopg.errors.IntegrityError,)
 
@@ -91,7 +93,8 @@ class PostgresStore(Store):
         self.pool_size = pool_size
         # Fail fast, with one line, when the database cannot be reached at all.
         connect(url).close()
-        self._admin = self._pool("admin", 2, check=True)
+        # Administrative reads and writes: the CLI, the settings page, the maintenance.
+        self._admin = self._pool("admin", ADMIN_POOL_SIZE, check=True)
         self._reads: psycopg_pool.ConnectionPool[Any] | None = None
         if migrate:
             self.migrate()

@@ -60,6 +60,7 @@ def _commit_or_rollback(conn: sqlite3.Connection) -> Iterator[None]:
 class SqliteStore(Store):
     """The policy store on one SQLite file."""
 
+    backend = "sqlite"
     errors = (sqlite3.Error,)
     integrity_errors = (sqlite3.IntegrityError,)
 
