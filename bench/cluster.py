@@ -711,7 +711,16 @@ def report(summary: dict[str, Any]) -> str:
             "",
         ]
     )
-    ratio_verdict = "meets" if ratio["throughput"] >= GOAL_RATIO else "MISSES"
+    # A side that recorded fewer records than it answered calls denied some of them
+    # (AUDIT_UNAVAILABLE: its indexer fell behind): its calls/s are not allowed answers.
+    unrecorded = [n for n in NAMES if t["audit_records"][n] < t["timed_calls"][n]]
+    ratio_verdict = (
+        "INVALID: fewer audit records than calls on " + ", ".join(unrecorded) + "; it"
+        if unrecorded
+        else "meets"
+        if ratio["throughput"] >= GOAL_RATIO
+        else "MISSES"
+    )
     pinned = (
         f"servers pinned to CPU {t['server_cpu']}, the load generator, the audit indexers"
         f" and PostgreSQL on CPU {','.join(map(str, t['client_cpus']))}"

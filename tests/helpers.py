@@ -254,7 +254,7 @@ def indexed_records(
     where: str | Path | Config, ids: set[str], timeout: float = 10.0
 ) -> dict[str, AuditRecord]:
     """The records of these decision ids, once the server's indexer has moved them all from
-    its journal into the index (within journal.INDEX_INTERVAL_SECONDS when idle). `where`:
+    its journal into the index (within its index's pass_interval when idle). `where`:
     the SQLite audit file, or a config (its index: the PostgreSQL store's, if it has one)."""
     deadline = time.monotonic() + timeout
     while True:

@@ -41,11 +41,18 @@ class Writing(Protocol):
     def set_mark(self, journal: str, offset: int) -> None: ...
 
 
+# The pause between two indexing passes into the SQLite file: records gather meanwhile.
+INDEX_INTERVAL_SECONDS = 0.02
+
+
 class Index(Protocol):
     """The write side of an index (journal.Indexer)."""
 
     # What its operations raise when the index cannot be used (the indexer retries).
     errors: tuple[type[Exception], ...]
+    # How often the indexer makes a pass (journal.Indexer.run): what one transaction costs
+    # beside its records decides it (PostgreSQL's round trips want larger batches).
+    pass_interval: float
 
     def writing(self) -> AbstractContextManager[Writing]:
         """A write transaction, exclusive for its chain: committed at the end of the block,
@@ -86,6 +93,7 @@ class SqliteIndex:
     """The audit's own SQLite file: one chain, extended under SQLite's write lock."""
 
     errors: tuple[type[Exception], ...] = (sqlite3.Error,)
+    pass_interval = INDEX_INTERVAL_SECONDS
 
     def __init__(self, path: str | Path, sync: str = "normal") -> None:
         self.path = Path(path)

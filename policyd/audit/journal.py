@@ -74,8 +74,6 @@ INDEX_CHUNK_BYTES = 1 << 20
 # written than that is read a whole chunk at a time. Reading 1 MiB of mostly unwritten
 # journal every 20 ms cost more than the SQL of a small pass.
 FIRST_READ_BYTES = 64 << 10
-# The pause between two indexing passes: records gather meanwhile.
-INDEX_INTERVAL_SECONDS = 0.02
 WATCH_INTERVAL_SECONDS = 0.1
 # How old an unlocked `.new-*` file must be before the indexer deletes it.
 UNFINISHED_SECONDS = 60.0
@@ -584,14 +582,17 @@ class Indexer:
         self,
         stop: Stop,
         *,
-        interval: float = INDEX_INTERVAL_SECONDS,
+        interval: float | None = None,
         retention: tuple[float | None, int | None] = (None, None),
         retention_every: float = 60.0,
         parent: int | None = None,
     ) -> None:
         """Index until `stop` is set (or the process `parent` is gone), then once more.
 
-        `retention` is (max age in seconds, max bytes); applied every retention_every s."""
+        `retention` is (max age in seconds, max bytes); applied every retention_every s.
+        `interval`: between passes (default: the index's pass_interval)."""
+        if interval is None:
+            interval = self.index.pass_interval
         failures = 0
         next_retention = time.monotonic() + retention_every
         while not stop.is_set():
