@@ -39,16 +39,9 @@ def cpu_seconds(pid: int) -> float:
 def tree_cpu_seconds(pid: int) -> float:
     """CPU seconds of a process and its live children (policyd's workers, its audit indexer)."""
     total = cpu_seconds(pid)
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_bytes()
-        except OSError:
-            continue
-        if int(stat[stat.rindex(b")") + 2 :].split()[1]) == pid:
-            with suppress(OSError):
-                total += cpu_seconds(int(entry))
+    for child in child_pids(pid):
+        with suppress(OSError):
+            total += cpu_seconds(child)
     return total
 
 

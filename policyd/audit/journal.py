@@ -270,6 +270,12 @@ class AuditLog:
     def _index_inline(self) -> None:
         """Index now (no watch thread: no indexer process either). The record is already
         durable, so a failure here only leaves it for the next pass."""
+        problem = self._index_here()
+        if problem:
+            log.warning("audit indexing failed, the record waits in its journal: %s", problem)
+
+    def _index_here(self) -> str:
+        """One pass of this process's own indexer; what went wrong ("" when nothing)."""
         try:
             indexer = self._own_indexer()
             try:
@@ -277,7 +283,8 @@ class AuditLog:
             except indexer.errors as exc:
                 raise PolicydError(str(exc)) from exc
         except (OSError, PolicydError) as exc:
-            log.warning("audit indexing failed, the record waits in its journal: %s", exc)
+            return str(exc)
+        return ""
 
     def flush(self) -> int:
         """Index everything written so far, in this process; returns how many records."""
@@ -381,14 +388,9 @@ class AuditLog:
                         journal.sync()
                 journal.close()
         if self._watch is None:  # no indexer process: index what is left here
-            try:
-                indexer = self._own_indexer()
-                try:
-                    indexer.run_once()
-                except indexer.errors as exc:
-                    raise PolicydError(str(exc)) from exc
-            except (OSError, PolicydError) as exc:
-                log.error("audit: records stay in %s: %s", self.journal_dir, exc)
+            problem = self._index_here()
+            if problem:
+                log.error("audit: records stay in %s: %s", self.journal_dir, problem)
         if self._indexer is not None:
             self._indexer.close()
 
