@@ -17,7 +17,8 @@
 # REPLICA_PORTS (default "50061 50062 50063"; one replica per port, replica-1, replica-2...),
 # ENVOY_PORT, HUB_PORT, ENVOY_ADMIN_PORT (defaults 10000, 8001, 9901), POLICYD_* for the
 # replicas (docs/configuration.md; POLICYD_STORE_URL, POLICYD_SERVER_ADDRESS,
-# POLICYD_CLUSTER_NODE and POLICYD_SERVER_WORKERS are set here). Ctrl-C (or SIGTERM) stops
+# POLICYD_CLUSTER_NODE and POLICYD_SERVER_WORKERS are set here, and
+# POLICYD_SERVER_CPU_AFFINITY defaults to none). Ctrl-C (or SIGTERM) stops
 # everything, PostgreSQL included; so does any one process exiting, or a failed start.
 set -euo pipefail
 
@@ -43,6 +44,9 @@ export POLICYD_AUDIT_PATH=${POLICYD_AUDIT_PATH:-$VAR/audit.db}
 export POLICYD_AUDIT_KEY_FILE=${POLICYD_AUDIT_KEY_FILE:-$VAR/audit.key}
 export POLICYD_OAUTH_SESSION_KEY_FILE=${POLICYD_OAUTH_SESSION_KEY_FILE:-$VAR/oauth-session.key}
 export POLICYD_SERVER_WORKERS=1
+# Three lone servers on one host: "auto" would pin each to the first CPU; let the kernel
+# place them (on separate hosts, each replica keeps "auto").
+export POLICYD_SERVER_CPU_AFFINITY=${POLICYD_SERVER_CPU_AFFINITY:-none}
 export POLICYD_HUB_HOST=127.0.0.1
 export POLICYD_HUB_PORT=$HUB_PORT
 export POLICYD_HUB_DATA_DIR=${POLICYD_HUB_DATA_DIR:-$VAR/hub}
