@@ -3,8 +3,9 @@ after a revoking write returns, no replica allows what it revoked (docs/cluster.
 
 Every kind of revoking write (grant, consent, token by jti, app disabled, the user's own
 access removed, key retired) 50 times through the store's API (what the CLI and the
-settings page call), a few times through the CLI, the two the settings page offers through
-it; then with faults: one replica SIGSTOPped across the revoke, a replica's listening
+settings page call), twice through the CLI (a process each: about 0.7 s), the two the
+settings page offers (a grant unticked, an app disconnected) 50 times each through it; then
+with faults: one replica SIGSTOPped across the revoke, a replica's listening
 backend killed with pg_terminate_backend, PostgreSQL restarted under load, a replica started
 while PostgreSQL is down.
 
@@ -337,7 +338,7 @@ def test_no_replica_allows_what_the_settings_page_revoked(cluster: Cluster) -> N
             assert browser.sign_in(user).status_code == 303
             cluster.probe(kind.request())
             cluster.wait_allowed(f"page {name}: first")
-            for i in range(5):
+            for i in range(TIMES):
                 token = csrf_token(browser.http.get("/settings").text)
                 if name == "grant":
                     path, form = "/settings/revoke", {"client_id": app, "data_source": ds}
