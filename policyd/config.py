@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from policyd.core import cpus, net
+from policyd.core import cpus, logs, net
 from policyd.core.errors import ConfigError
 from policyd.core.urls import redact
 from policyd.store.keys import ALGORITHMS
@@ -73,6 +73,13 @@ class StoreConfig:
     # it; a revoking write waits for every live lease's acknowledgement, at most this long
     # for a replica that stopped answering (docs/cluster.md, "Consistency protocol").
     lease_seconds: float = 2.0
+
+
+@dataclass
+class LogConfig:
+    # "plain": a line of text per record; "json": one JSON object per line (time, level,
+    # logger, message, decision_id where there is one) for a log shipper.
+    format: str = "plain"
 
 
 @dataclass
@@ -174,6 +181,7 @@ class Config:
     envoy: EnvoyConfig = field(default_factory=EnvoyConfig)
     oauth: OAuthConfig = field(default_factory=OAuthConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def validate(self) -> None:
         s = self.server
@@ -251,6 +259,8 @@ class Config:
         _at_least("store.pool_size", st.pool_size, 1)
         if not 0.5 <= st.lease_seconds <= 60:
             raise ConfigError("store.lease_seconds must be between 0.5 and 60")
+        if self.log.format not in logs.FORMATS:
+            raise ConfigError(f"log.format must be 'plain' or 'json', not {self.log.format!r}")
         a = self.audit
         if a.sync not in ("normal", "full"):
             raise ConfigError(f"audit.sync must be 'normal' or 'full', not {a.sync!r}")

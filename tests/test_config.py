@@ -193,6 +193,7 @@ def test_every_key_has_an_env_variable_that_overrides_it(tmp_path: Path) -> None
         "store.pool_size": 3,
         "store.lease_seconds": 1.5,
         "cluster.node": "node-7",
+        "log.format": "json",
         "tokens.issuer": "https://issuer.example",
         "tokens.audience": "audience",
         "tokens.leeway_seconds": 7.5,
@@ -341,6 +342,7 @@ def test_bad_env_value_is_an_error_naming_the_variable(var: str, value: str, kin
         ("[store]\nurl = 'sqlite://relative.db'\n", "store.url"),
         ("[store]\npool_size = 0\n", "store.pool_size"),
         ("[store]\nlease_seconds = 0.1\n", "store.lease_seconds"),
+        ("[log]\nformat = 'xml'\n", "log.format"),
     ],
 )
 def test_invalid_value_is_an_error_naming_the_key(tmp_path: Path, text: str, key: str) -> None:

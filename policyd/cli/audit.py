@@ -22,6 +22,7 @@ from policyd.audit.reader import Query, Reader
 from policyd.audit.reader import follow as follow_records
 from policyd.audit.records import FIELDS, StoredRecord, load_key
 from policyd.cli.context import Context, pass_ctx
+from policyd.core import logs
 from policyd.core.errors import InvalidInput, PolicydError
 from policyd.core.reasons import Reason
 from policyd.decision.wiring import index_target
@@ -332,6 +333,7 @@ def audit_index(obj: Context, follow_mode: bool) -> None:
                 raise PolicydError(f"cannot index the audit journals: {exc}") from None
             click.echo(f"indexed {found} records")
             return
+        logs.configure(config.log.format)  # a long-running process: it logs like a server
         follow(indexer, config)
     finally:
         indexer.close()

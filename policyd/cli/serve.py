@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 
 import click
 
 from policyd.cli.context import Context, pass_ctx
+from policyd.core import logs
 
 
 @click.command()
@@ -27,7 +27,5 @@ def serve(obj: Context, address: str | None, workers: int | None) -> None:
     if workers:
         config.server.workers = workers
     config.validate()
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure(config.log.format)
     sys.exit(run(config, obj.config_path))

@@ -216,7 +216,7 @@ class _Throttled:
         self._skipped = 0
         self._lock = threading.Lock()
 
-    def error(self, message: str, *args: object) -> None:
+    def error(self, message: str, *args: object, decision_id: str = "") -> None:
         now = self.clock()
         with self._lock:
             if now < self._next:
@@ -227,14 +227,16 @@ class _Throttled:
         if skipped:
             message += " (and %d more denied so since the last such line)"
             args = (*args, skipped)
-        log.error(message, *args)
+        log.error(message, *args, extra={"decision_id": decision_id})
 
 
 _unrecorded_log = _Throttled()
 
 
 def _unrecorded(decision: Decision, exc: AuditUnavailable) -> Decision:
-    _unrecorded_log.error("decision %s denied: %s", decision.decision_id, exc)
+    _unrecorded_log.error(
+        "decision %s denied: %s", decision.decision_id, exc, decision_id=decision.decision_id
+    )
     return decision._replace(
         allowed=False,
         reason=Reason.AUDIT_UNAVAILABLE,

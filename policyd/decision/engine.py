@@ -306,10 +306,10 @@ class Engine:
             if retry and isinstance(exc, StoreMoved):
                 raise
             reason, message = Reason.STORE_UNAVAILABLE, "the policy store is unavailable"
-            log.error("decision %s: %s", decision_id, exc)
+            log.error("decision %s: %s", decision_id, exc, extra={"decision_id": decision_id})
         except Exception:
             reason, message = Reason.INTERNAL_ERROR, "internal error"
-            log.exception("decision %s failed", decision_id)
+            log.exception("decision %s failed", decision_id, extra={"decision_id": decision_id})
         if trace is not None:
             trace.checks.append(Check(stage, False, f"{reason.name}: {message}"))
         return Decision(

@@ -355,7 +355,12 @@ class HttpDoor:
             try:
                 return allow(decision, sent, remove_authorization)
             except ValueError as exc:
-                log.error("decision %s answered 500: %s", decision.decision_id, exc)
+                log.error(
+                    "decision %s answered 500: %s",
+                    decision.decision_id,
+                    exc,
+                    extra={"decision_id": decision.decision_id},
+                )
                 denial = Denial(
                     500, "server_error", Reason.INTERNAL_ERROR.name, str(exc), decision.decision_id
                 )

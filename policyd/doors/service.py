@@ -94,7 +94,11 @@ def render(decision: Decision) -> decision_pb2.CheckResponse:
     try:
         return to_response(decision)
     except Exception:
-        log.exception("decision %s could not be encoded", decision.decision_id)
+        log.exception(
+            "decision %s could not be encoded",
+            decision.decision_id,
+            extra={"decision_id": decision.decision_id},
+        )
         return decision_pb2.CheckResponse(
             allowed=False,
             reason=Reason.INTERNAL_ERROR.value,  # type: ignore[arg-type]
