@@ -20,7 +20,7 @@ from typing import Any
 
 from policyd.core import cpus, logs, net
 from policyd.core.errors import ConfigError
-from policyd.core.urls import redact
+from policyd.core.urls import POSTGRES_SCHEMES, is_postgres, redact
 from policyd.store.keys import ALGORITHMS
 
 DEFAULT_FILE = "policyd.toml"
@@ -308,7 +308,7 @@ class Config:
 
     @property
     def postgres(self) -> bool:
-        return self.store.url.startswith(("postgresql:", "postgres:"))
+        return is_postgres(self.store.url)
 
     @property
     def node(self) -> str:
@@ -320,7 +320,7 @@ class Config:
         return f"{socket.gethostname()}:{port}"
 
 
-STORE_SCHEMES = ("sqlite:///", "postgresql://", "postgres://")
+STORE_SCHEMES = ("sqlite:///", *POSTGRES_SCHEMES)
 
 
 def _at_least(key: str, value: float, low: float) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from policyd.audit.index import Index, SqliteIndex
 from policyd.audit.reader import AuditReader, Reader
 from policyd.audit.records import journal_dir
-from policyd.core.urls import redact
+from policyd.core.urls import is_postgres, redact
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,7 +27,7 @@ class IndexTarget:
 
     @property
     def postgres(self) -> bool:
-        return self.url.startswith(("postgresql:", "postgres:"))
+        return is_postgres(self.url)
 
     @property
     def journals(self) -> Path:

@@ -5,6 +5,13 @@ from __future__ import annotations
 import re
 from urllib.parse import urlsplit
 
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+def is_postgres(url: str) -> bool:
+    """A PostgreSQL connection URL (store.url, the audit index's)?"""
+    return url.startswith(POSTGRES_SCHEMES)
+
 
 def redact(url: str) -> str:
     """The URL without its password (user:***@, password=***), for messages."""

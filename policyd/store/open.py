@@ -3,6 +3,7 @@ and its decision-time view: the one place that picks a backend."""
 
 from __future__ import annotations
 
+from policyd.core.urls import is_postgres
 from policyd.store.base import Store
 from policyd.store.facts import Facts
 from policyd.store.sqlite import SqliteStore
@@ -14,7 +15,7 @@ def open_store(
     """The store at `url`, migrated (StoreUnavailable, one line, when it cannot be had)."""
     if url.startswith("sqlite:///"):
         return SqliteStore(url[len("sqlite:///") :], migrate=migrate)
-    if url.startswith(("postgresql://", "postgres://")):
+    if is_postgres(url):
         # Imported here: psycopg costs a process on SQLite 0.1 s of start-up.
         from policyd.store.postgres import PostgresStore
 

@@ -11,6 +11,7 @@ import psycopg
 import psycopg_pool
 
 from policyd.core.errors import StoreMoved, StoreUnavailable
+from policyd.core.urls import problem
 from policyd.store.base import Store
 from policyd.store.facts import _GENERATION, Facts, View, _Caches
 from policyd.store.postgres import PostgresStore, pg_sql
@@ -38,7 +39,7 @@ class _Snapshot:
             row = conn.execute(_GENERATION).fetchone()
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
             self.end()
-            raise StoreUnavailable(f"store unreadable: {_line(exc)}") from exc
+            raise StoreUnavailable(f"store unreadable: {self._facts.problem(exc)}") from exc
         if row is None:
             self.end()
             raise StoreUnavailable("store unreadable: it has no generation row")
@@ -50,22 +51,20 @@ class _Snapshot:
         return generation
 
     def one(self, sql: str, args: Sequence[str]) -> tuple[Any, ...] | None:
-        if self._conn is None:
-            self.begin()
-        assert self._conn is not None
-        try:
-            return self._conn.execute(pg_sql(sql), args).fetchone()
-        except psycopg.Error as exc:
-            raise StoreUnavailable(f"store unreadable: {_line(exc)}") from exc
+        return self._read(sql, args).fetchone()
 
     def all(self, sql: str, args: Sequence[str]) -> list[tuple[Any, ...]]:
+        return self._read(sql, args).fetchall()
+
+    def _read(self, sql: str, args: Sequence[str]) -> psycopg.Cursor[Any]:
+        """Run a read in the snapshot (begun here at the first one)."""
         if self._conn is None:
             self.begin()
         assert self._conn is not None
         try:
-            return self._conn.execute(pg_sql(sql), args).fetchall()
+            return self._conn.execute(pg_sql(sql), args)
         except psycopg.Error as exc:
-            raise StoreUnavailable(f"store unreadable: {_line(exc)}") from exc
+            raise StoreUnavailable(f"store unreadable: {self._facts.problem(exc)}") from exc
 
     def end(self) -> None:
         conn, self._conn = self._conn, None
@@ -78,11 +77,6 @@ class _Snapshot:
             pass  # broken: the pool replaces it
         finally:
             self._facts.pool.putconn(conn)
-
-
-def _line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class PgFacts(Facts):
@@ -99,8 +93,13 @@ class PgFacts(Facts):
         assert isinstance(store, PostgresStore)
         super().__init__(store, row_cache_size=row_cache_size, token_cache_size=token_cache_size)
         self.pool = store.reads()
+        self.url = store.url
         # Set by wiring.start_replica in a serving process; None: every view reads afresh.
         self.replica = replica
+
+    def problem(self, exc: BaseException) -> str:
+        """The database's error, one line, without the URL's password."""
+        return problem(self.url, exc)
 
     def advance(self, generation: int) -> None:
         """Drop every cache older than `generation` (committed: the database said so)."""
