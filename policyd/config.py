@@ -83,6 +83,13 @@ class LogConfig:
 
 
 @dataclass
+class MetricsConfig:
+    # HOST:PORT of the Prometheus /metrics endpoint (docs/metrics.md); "" = off. Served by
+    # the process that owns server.address, summing every worker and the audit indexer.
+    address: str = ""
+
+
+@dataclass
 class ClusterConfig:
     # This replica's name in the cluster: its lease rows and its audit chain are filed under
     # it. "" = HOSTNAME:PORT of server.address (unique per replica on one host, too).
@@ -182,12 +189,15 @@ class Config:
     oauth: OAuthConfig = field(default_factory=OAuthConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def validate(self) -> None:
         s = self.server
         net.parse("server.address", s.address)
         if self.client.address:
             net.parse("client.address", self.client.address)
+        if self.metrics.address:
+            net.parse("metrics.address", self.metrics.address)
         unix = net.UNIX_PREFIX
         if self.envoy.http_address.startswith(unix):
             path = self.envoy.http_address[len(unix) :]

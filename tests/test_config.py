@@ -194,6 +194,7 @@ def test_every_key_has_an_env_variable_that_overrides_it(tmp_path: Path) -> None
         "store.lease_seconds": 1.5,
         "cluster.node": "node-7",
         "log.format": "json",
+        "metrics.address": "127.0.0.1:9464",
         "tokens.issuer": "https://issuer.example",
         "tokens.audience": "audience",
         "tokens.leeway_seconds": 7.5,

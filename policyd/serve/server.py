@@ -34,7 +34,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from policyd.config import Config, TLSConfig
-from policyd.core import net
+from policyd.core import metrics, net
 from policyd.core.errors import ConfigError, PolicydError
 from policyd.core.policy import load_policy
 from policyd.decision.decider import Decider
@@ -46,6 +46,7 @@ from policyd.gen.v1 import decision_pb2
 from policyd.oauth.server import start_authorization_server
 from policyd.policy.reload import Reloading
 from policyd.serve import affinity
+from policyd.serve import metrics as metrics_endpoint
 from policyd.serve.indexer import IndexerProcess
 from policyd.serve.signals import Signals
 
@@ -162,18 +163,31 @@ class Server:
 
 
 def serve(config: Config, config_path: str | None = None) -> int:
-    """Run until SIGTERM/SIGINT. With workers > 1, supervise that many serving processes."""
-    if config.server.workers > 1 and WORKER_ENV not in os.environ:
-        return _supervise(config, config_path)
+    """Run until SIGTERM/SIGINT. With workers > 1, supervise that many serving processes.
+
+    The process that owns the address serves /metrics (metrics.address) for itself and
+    every child: its workers and the audit indexer count into the folder it made."""
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # not fatal while starting; Reloading takes it
-    indexer = None
-    cpu = None
-    if WORKER_ENV not in os.environ:  # a lone server: the audit indexer is its child
-        # Said before anything else is touched.
-        net.ensure_free("server.address", config.server.address)
-        serving = affinity.serving_cpus(config.server.cpu_affinity, None)
-        cpu = min(serving) if serving else None
-        indexer = IndexerProcess.start_for(config, config_path, affinity.spare(serving))
+    if WORKER_ENV in os.environ:
+        metrics.enable_inherited()
+        return _serve(config, None)
+    # Said before anything else is touched.
+    net.ensure_free("server.address", config.server.address)
+    endpoint = metrics_endpoint.start(config)
+    try:
+        return _serve_top(config, config_path)
+    finally:
+        if endpoint is not None:
+            endpoint.close()
+
+
+def _serve_top(config: Config, config_path: str | None) -> int:
+    if config.server.workers > 1:
+        return _supervise(config, config_path)
+    # A lone server: the audit indexer is its child.
+    serving = affinity.serving_cpus(config.server.cpu_affinity, None)
+    cpu = min(serving) if serving else None
+    indexer = IndexerProcess.start_for(config, config_path, affinity.spare(serving))
     try:
         return _serve(config, indexer, cpu)
     finally:
@@ -246,7 +260,6 @@ def _maintain(server: Server) -> None:
 
 def _supervise(config: Config, config_path: str | None) -> int:
     """Start config.server.workers copies of `policyd serve` sharing one port."""
-    net.ensure_free("server.address", config.server.address)
     # A CPU list naming a missing CPU is said once, here.
     serving = affinity.serving_cpus(config.server.cpu_affinity, config.server.workers)
     load_policy(config.policy.dir)  # an invalid policy stops here, said once, not per worker

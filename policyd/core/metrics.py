@@ -1,0 +1,226 @@
+"""Prometheus metrics of every policyd process (docs/metrics.md), prometheus-client's
+multiprocess mode.
+
+Off unless `metrics.address` is set. Then the process that serves `/metrics` (a lone
+`policyd serve`, or the supervisor of `server.workers > 1`) makes a private folder, names
+it in $POLICYD_METRICS_DIR and calls `enable()` before it starts a child: every serving
+process and the audit indexer inherits the variable, calls `enable()` too and counts into
+files of its own in that folder, and one scrape sums them all (`collect_registry`).
+
+prometheus-client picks its value class (in memory, or the multiprocess files) when it is
+first imported, from $PROMETHEUS_MULTIPROC_DIR; so nothing imports it before `enable()`
+sets that variable, and code that counts reads `current` (None while metrics are off: the
+hot path then pays one attribute read).
+
+Labels are bounded sets: a door, a reason code, a rule id of the policy, a grant type;
+never a user, an app, a token or a data source.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Where a serving process's children find the folder the metrics are counted in.
+DIR_ENV = "POLICYD_METRICS_DIR"
+_LIB_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+# Decision latency buckets, in seconds: 10 µs to 1 s, fine below a millisecond where the
+# doors answer (a remembered decision takes tens of µs, a gRPC call a few hundred).
+LATENCY_BUCKETS = (
+    0.00001,
+    0.000025,
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+)
+
+# The doors a decision can come through (the `door` label); a Decision API caller names its
+# own door in CheckRequest.door, and a name outside this set is counted as "grpc".
+DOORS = frozenset({"grpc", "asgi", "envoy", "envoy_http", "cli", "embedded"})
+
+
+def door_label(name: str) -> str:
+    return name if name in DOORS else "grpc"
+
+
+class Metrics:
+    """Every metric family policyd exposes, made once per process."""
+
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
+        # -- decisions (the serving processes)
+        self.decisions: Counter = Counter(
+            "policyd_decisions",
+            "Decisions answered, by door, outcome, reason code and route rule id.",
+            ["door", "allowed", "reason", "rule"],
+        )
+        self.decision_seconds: Histogram = Histogram(
+            "policyd_decision_duration_seconds",
+            "Time from a door receiving a request to its answer being ready, audit included.",
+            ["door"],
+            buckets=LATENCY_BUCKETS,
+        )
+        self.remembered: Counter = Counter(
+            "policyd_remembered_answers",
+            "Decisions answered from a remembered allow (hit) or decided in full (miss).",
+            ["result"],
+        )
+        self.cache_generations: Counter = Counter(
+            "policyd_cache_generations",
+            "Times the decision caches were dropped for a new store generation.",
+        )
+        self.store_reads: Counter = Counter(
+            "policyd_store_reads",
+            "Reads of the store on the decision path (cache misses), by what was read.",
+            ["kind"],
+        )
+        # -- the audit log
+        self.audit_records: Counter = Counter(
+            "policyd_audit_records_written",
+            "Audit records made durable in a serving process's journal.",
+        )
+        self.audit_bytes: Counter = Counter(
+            "policyd_audit_bytes_written",
+            "Bytes of audit records written to the journals.",
+        )
+        self.audit_refusals: Counter = Counter(
+            "policyd_audit_refusals",
+            "Decisions denied AUDIT_UNAVAILABLE: their record could not be made durable.",
+        )
+        self.audit_indexed: Counter = Counter(
+            "policyd_audit_records_indexed",
+            "Audit records the indexer moved from the journals into the audit log.",
+        )
+        self.audit_backlog_records: Gauge = Gauge(
+            "policyd_audit_backlog_records",
+            "Audit records in the journals not yet indexed, at the indexer's last pass.",
+            multiprocess_mode="livemax",
+        )
+        self.audit_lag_seconds: Gauge = Gauge(
+            "policyd_audit_lag_seconds",
+            "Age of the oldest audit record not yet indexed, at the indexer's last pass.",
+            multiprocess_mode="livemax",
+        )
+        self.audit_verify_failures: Counter = Counter(
+            "policyd_audit_verify_failures",
+            "Hash-chain checks of the audit log that found a broken or tampered chain.",
+        )
+        # -- the policy
+        self.policy_info: Gauge = Gauge(
+            "policyd_policy_info",
+            "The policy version each serving process decides with (1; 0 once replaced).",
+            ["version"],
+            multiprocess_mode="livemax",
+        )
+        self.policy_reloads: Counter = Counter(
+            "policyd_policy_reloads",
+            "Policy reloads, by result (success or failure: the old policy stays).",
+            ["result"],
+        )
+        self.policy_last_load: Gauge = Gauge(
+            "policyd_policy_last_load_timestamp_seconds",
+            "Unix time of the last good policy load.",
+            multiprocess_mode="livemax",
+        )
+        # -- the authorization server
+        self.tokens_issued: Counter = Counter(
+            "policyd_oauth_tokens_issued",
+            "Access tokens issued by the authorization server, by grant type.",
+            ["grant_type"],
+        )
+        self.refresh_reuse: Counter = Counter(
+            "policyd_oauth_refresh_token_reuse",
+            "Refresh tokens presented again after use (the whole grant is revoked).",
+        )
+        self.consents: Counter = Counter(
+            "policyd_oauth_consents",
+            "Consents given on the consent screen, and revoked (settings page, CLI).",
+            ["event"],
+        )
+        self.sign_in_failures: Counter = Counter(
+            "policyd_oauth_sign_in_failures",
+            "Failed sign-ins on the authorization server's pages.",
+        )
+        # One labelled child per (door, allowed, reason, rule): made once, then a dict get.
+        self._decision_children: dict[tuple[str, bool, str, str], Counter] = {}
+        self._latency_children: dict[str, Histogram] = {}
+        self.hits = self.remembered.labels("hit")
+        self.misses = self.remembered.labels("miss")
+
+    def decided(self, door: str, allowed: bool, reason: str, rule: str, seconds: float) -> None:
+        """Count one answered decision and its latency (the doors' hot path)."""
+        key = (door, allowed, reason, rule)
+        child = self._decision_children.get(key)
+        if child is None:
+            child = self._decision_children.setdefault(
+                key, self.decisions.labels(door, "true" if allowed else "false", reason, rule)
+            )
+        child.inc()
+        latency = self._latency_children.get(door)
+        if latency is None:
+            latency = self._latency_children.setdefault(door, self.decision_seconds.labels(door))
+        latency.observe(seconds)
+
+
+# This process's metrics; None while they are off.
+current: Metrics | None = None
+
+
+def enable(directory: str | None = None) -> Metrics:
+    """Turn metrics on in this process, counting into `directory` (default:
+    $POLICYD_METRICS_DIR), which children started afterwards inherit."""
+    global current
+    if current is not None:
+        return current
+    directory = directory or os.environ.get(DIR_ENV, "")
+    if not directory:
+        raise RuntimeError(f"metrics: no folder to count in (${DIR_ENV} is not set)")
+    if "prometheus_client" in sys.modules and os.environ.get(_LIB_ENV) != directory:
+        # Its value class was chosen already: counts would stay in this process's memory.
+        raise RuntimeError("metrics: prometheus_client was imported before metrics.enable()")
+    os.environ[DIR_ENV] = directory
+    os.environ[_LIB_ENV] = directory
+    current = Metrics()
+    return current
+
+
+def enable_inherited() -> Metrics | None:
+    """In a child of a serving process: turn metrics on when the parent did."""
+    if current is None and os.environ.get(DIR_ENV):
+        return enable()
+    return current
+
+
+def collect_registry(directory: str) -> CollectorRegistry:
+    """A registry that sums every process's counts in `directory`: what /metrics serves."""
+    from prometheus_client import CollectorRegistry, multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    return registry
+
+
+def process_exited(pid: int) -> None:
+    """A child that counted into the folder exited: drop its `live*` gauges."""
+    directory = os.environ.get(DIR_ENV)
+    if current is not None and directory:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
