@@ -161,6 +161,7 @@ class Metrics:
         # One labelled child per (door, allowed, reason, rule): made once, then a dict get.
         self._decision_children: dict[tuple[str, bool, str, str], Counter] = {}
         self._latency_children: dict[str, Histogram] = {}
+        self._read_children: dict[str, Counter] = {}
         self.hits = self.remembered.labels("hit")
         self.misses = self.remembered.labels("miss")
 
@@ -177,6 +178,13 @@ class Metrics:
         if latency is None:
             latency = self._latency_children.setdefault(door, self.decision_seconds.labels(door))
         latency.observe(seconds)
+
+    def store_read(self, kind: str) -> None:
+        """Count one read of the store on the decision path (`kind`: what the cache missed)."""
+        child = self._read_children.get(kind)
+        if child is None:
+            child = self._read_children.setdefault(kind, self.store_reads.labels(kind))
+        child.inc()
 
 
 # This process's metrics; None while they are off.

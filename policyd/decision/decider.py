@@ -22,6 +22,7 @@ from weakref import WeakKeyDictionary
 
 from policyd.audit.journal import AuditLog, LineTemplate
 from policyd.audit.records import AuditUnavailable, record_for
+from policyd.core import metrics, tracing
 from policyd.core.ids import new_id
 from policyd.core.model import CheckInput, Decision
 from policyd.core.policy import Policy
@@ -87,13 +88,16 @@ class Decider:
         started_ns: int,
         *,
         remembered: bool = True,
+        label: str = "grpc",
+        traceparent: str = "",
     ) -> R:
         """Decide (or recall), record, and answer: a remembered allow through `door`'s
         form, any other decision by `render`. `key` is the request's key under `policy`
         (the engine's policy, read once by the door: model.small_key); `make_input()` builds
         the request when it must be decided. `remembered=False`: this request's answer
         depends on more than its key (say, headers the key leaves out), so every decision is
-        rendered in full."""
+        rendered in full. `label` names the door in the metrics (core/metrics.DOORS);
+        `traceparent` is the W3C trace context the door received, when tracing is on."""
         entry = self.engine.recall(key, policy)
         if entry is not None:
             audit = self.audit
@@ -110,14 +114,64 @@ class Decider:
                         # With `audit.sync = "full"` the line may be in the journal already:
                         # the deny keeps its id (never a second record for one answer).
                         denied = entry.decision._replace(decision_id=decision_id)
-                        return render(_unrecorded(denied, exc))
+                        return self._answered(
+                            render, _unrecorded(denied, exc), label, traceparent, started_ns
+                        )
                 if remembered:
-                    return door.remembered(entry, decision_id, render)
-                return render(entry.decision._replace(decision_id=decision_id))
+                    answer = door.remembered(entry, decision_id, render)
+                else:
+                    answer = render(entry.decision._replace(decision_id=decision_id))
+                if metrics.current is not None or tracing.current is not None:
+                    self._observe(entry.decision, decision_id, label, traceparent, started_ns, True)
+                return answer
         decision, entry = self._check(key, policy, request_id, make_input, started_ns)
         if entry is None or not remembered:
-            return render(decision)
-        return door.remembered(entry, decision.decision_id, render)
+            return self._answered(render, decision, label, traceparent, started_ns)
+        answer = door.remembered(entry, decision.decision_id, render)
+        if metrics.current is not None or tracing.current is not None:
+            self._observe(decision, decision.decision_id, label, traceparent, started_ns, False)
+        return answer
+
+    def _answered(
+        self,
+        render: Callable[[Decision], R],
+        decision: Decision,
+        label: str,
+        traceparent: str,
+        started_ns: int,
+    ) -> R:
+        answer = render(decision)
+        if metrics.current is not None or tracing.current is not None:
+            self._observe(decision, decision.decision_id, label, traceparent, started_ns, False)
+        return answer
+
+    @staticmethod
+    def _observe(
+        decision: Decision,
+        decision_id: str,
+        label: str,
+        traceparent: str,
+        started_ns: int,
+        hit: bool,
+    ) -> None:
+        """Count an answered decision (metrics) and trace it (tracing), whichever is on."""
+        m = metrics.current
+        reason = decision.reason.name
+        if m is not None:
+            seconds = (time.perf_counter_ns() - started_ns) / 1e9
+            m.decided(label, decision.allowed, reason, decision.rule_id, seconds)
+            (m.hits if hit else m.misses).inc()
+        t = tracing.current
+        if t is not None:
+            t.decided(
+                traceparent,
+                label,
+                started_ns,
+                decision_id,
+                decision.allowed,
+                reason,
+                decision.rule_id,
+            )
 
     def answer_input(
         self,
@@ -127,6 +181,8 @@ class Decider:
         started_ns: int,
         *,
         remembered: bool = True,
+        label: str = "grpc",
+        traceparent: str = "",
     ) -> R:
         """`answer` for a door that has built the CheckInput (keyed by its memo_key)."""
         policy = self.engine.policy
@@ -139,6 +195,8 @@ class Decider:
             lambda: check,
             started_ns,
             remembered=remembered,
+            label=label,
+            traceparent=traceparent,
         )
 
     def check(self, request: CheckInput, started_ns: int | None = None) -> Decision:
@@ -234,6 +292,9 @@ _unrecorded_log = _Throttled()
 
 
 def _unrecorded(decision: Decision, exc: AuditUnavailable) -> Decision:
+    m = metrics.current
+    if m is not None:
+        m.audit_refusals.inc()
     _unrecorded_log.error(
         "decision %s denied: %s", decision.decision_id, exc, decision_id=decision.decision_id
     )

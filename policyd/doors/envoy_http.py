@@ -41,7 +41,7 @@ from typing import cast
 
 import uvloop
 
-from policyd.core import net
+from policyd.core import net, tracing
 from policyd.core.errors import ConfigError
 from policyd.core.model import CheckInput, Decision, HttpTarget
 from policyd.core.reasons import Reason
@@ -374,6 +374,8 @@ class HttpDoor:
             check,
             started,
             remembered=not any(name.startswith(IDENTITY_PREFIXES) for name in sent),
+            label="envoy_http",
+            traceparent=sent.get("traceparent", "") if tracing.current is not None else "",
         )
 
     def start(self) -> None:

@@ -27,6 +27,7 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.type.v3 import http_status_pb2
 from google.rpc import code_pb2, status_pb2
 
+from policyd.core import tracing
 from policyd.core.ids import ID_LENGTH
 from policyd.core.model import CheckInput, Decision, HttpTarget
 from policyd.decision.decider import Decider, Door
@@ -175,4 +176,15 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             check,
             started,
             remembered=not any(name.startswith(IDENTITY_PREFIXES) for name in sent),
+            label="envoy",
+            traceparent=_traceparent(context, sent) if tracing.current is not None else "",
         )
+
+
+def _traceparent(context: grpc.ServicerContext, sent: Mapping[str, str]) -> str:
+    """The trace context of a check: Envoy's own span's (gRPC metadata, when Envoy traces),
+    else the one the client sent with the request (Envoy passes it on as a header)."""
+    for key, value in context.invocation_metadata():
+        if key == "traceparent":
+            return str(value)
+    return sent.get("traceparent", "")

@@ -10,7 +10,9 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 
+from policyd.core import tracing
 from policyd.core.ids import ID_LENGTH
+from policyd.core.metrics import door_label
 from policyd.core.model import ActionTarget, CheckInput, Decision, HttpTarget, small_key
 from policyd.core.policy import Policy
 from policyd.core.reasons import Reason
@@ -146,7 +148,17 @@ class DecisionServicer(decision_pb2_grpc.DecisionServicer):
             request_id,
             lambda: to_input(request, request_id),
             started,
+            label=door_label(request.door),
+            traceparent=_traceparent(context) if tracing.current is not None else "",
         )
+
+
+def _traceparent(context: grpc.ServicerContext) -> str:
+    """The W3C trace context a caller sent in the call's metadata ("" = none)."""
+    for key, value in context.invocation_metadata():
+        if key == "traceparent":
+            return str(value)
+    return ""
 
 
 def _serialize(response: Message | bytes) -> bytes:

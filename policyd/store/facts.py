@@ -49,6 +49,7 @@ from typing import Any, Protocol
 
 from cachetools import TLRUCache
 
+from policyd.core import metrics
 from policyd.core.errors import StoreUnavailable
 from policyd.core.model import Access
 from policyd.store.base import Store
@@ -230,6 +231,9 @@ class Facts:
                 caches = self._caches
                 if generation > caches.generation:
                     caches = self._caches = _Caches(generation, self._token_limit)
+                    m = metrics.current
+                    if m is not None:
+                        m.cache_generations.inc()
             if caches.generation != generation:
                 # This view read an older generation than the current caches: it must
                 # neither use nor fill them. Give it private caches.
@@ -298,6 +302,9 @@ class View:
         """One row by key, converted, or None when there is no row; cached."""
         value = self._rows.get(key, _MISSING)
         if value is _MISSING:
+            m = metrics.current
+            if m is not None:
+                m.store_read(key[0])
             row = self._reads.one(sql, args)
             value = None if row is None else convert(row)
             self._put(key, value)
@@ -347,6 +354,9 @@ class View:
         key = ("shared", user_id, client_id)
         value = self._rows.get(key, _MISSING)
         if value is _MISSING:
+            m = metrics.current
+            if m is not None:
+                m.store_read("shared")
             rows = self._reads.all(_GRANTED_LIST, (user_id, client_id))
             value = tuple((ds, min(_ACCESS[access], _ACCESS[role])) for ds, access, role in rows)
             self._put(key, value)

@@ -10,6 +10,7 @@ from typing import Any
 import psycopg
 import psycopg_pool
 
+from policyd.core import metrics
 from policyd.core.errors import StoreMoved, StoreUnavailable
 from policyd.core.urls import problem
 from policyd.store.base import Store
@@ -106,6 +107,9 @@ class PgFacts(Facts):
         with self._swap:
             if generation > self._caches.generation:
                 self._caches = _Caches(generation, self._token_limit)
+                m = metrics.current
+                if m is not None:
+                    m.cache_generations.inc()
 
     def close(self) -> None:
         self.end()
