@@ -43,7 +43,11 @@ class MetricsEndpoint:
         except BaseException:
             self.close()
             raise
-        log.info("serving Prometheus metrics on http://%s/metrics", self.address)
+        log.info(
+            "serving Prometheus metrics on http://%s/metrics (counting in %s)",
+            self.address,
+            self.directory,
+        )
 
     def close(self) -> None:
         if self._server is not None:
