@@ -3,6 +3,8 @@
 Benchmarks (docs/benchmarks.md explains each figure):
   grpc_stack  sync vs asyncio gRPC server, empty unary call (bench/grpc_stack.py)
   check       policyd Check vs an empty handler on the same stack, 1M grants (bench/check.py)
+  observe     Check throughput with metrics on vs off, and tracing on, 16 callers
+              (bench/observe.py)
   policy      decision cost with 20 vs 2,000 route rules (bench/policy.py)
   audit       audit-log queries over 10M generated records (bench/audit.py)
   hub         the reference hub with and without the ASGI middleware (bench/hub.py)
@@ -34,11 +36,12 @@ from bench import check, grpc_stack
 from bench import cluster as cluster_bench
 from bench import envoy as envoy_bench
 from bench import hub as hub_bench
+from bench import observe as observe_bench
 from bench import policy as policy_bench
 from bench.procs import ROOT
 from bench.report import load_table, table
 
-NAMES = ("grpc_stack", "check", "policy", "audit", "hub", "envoy", "cluster")
+NAMES = ("grpc_stack", "check", "observe", "policy", "audit", "hub", "envoy", "cluster")
 GOAL_THROUGHPUT_RATIO = 0.9
 
 
@@ -195,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
         elif name == "envoy":
             summary = envoy_bench.run(args.quick, log_dir)
             reports.append(envoy_bench.report(summary))
+        elif name == "observe":
+            summary = observe_bench.run(
+                log_dir, grants=grants, rounds=d.rounds, warmup=d.warmup, duration=d.duration
+            )
+            reports.append(observe_bench.report(summary))
         elif name == "cluster":
             summary = cluster_bench.run(
                 log_dir,

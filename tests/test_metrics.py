@@ -71,8 +71,8 @@ def envoy_check(channel: grpc.Channel, token: str, path: str) -> external_auth_p
     http.method = "GET"
     http.path = path
     http.headers["authorization"] = f"Bearer {token}"
-    stub = external_auth_pb2_grpc.AuthorizationStub(channel)  # type: ignore[no-untyped-call]
-    return stub.Check(request, timeout=10)  # type: ignore[no-any-return]
+    stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+    return stub.Check(request, timeout=10)
 
 
 def test_a_scrape_after_known_traffic_has_the_exact_counts(tmp_path: Path) -> None:
@@ -218,8 +218,8 @@ def _decisions_in(path: Path) -> float:
     """The decisions one process counted: its own file in the folder, merged alone."""
     from prometheus_client.multiprocess import MultiProcessCollector
 
-    families = MultiProcessCollector.merge([str(path)], accumulate=True)
-    return sum(
+    families = MultiProcessCollector.merge([str(path)], accumulate=True)  # type: ignore[no-untyped-call]
+    return sum(  # type: ignore[no-any-return]
         s.value
         for f in families
         if f.name == "policyd_decisions"
