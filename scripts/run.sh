@@ -12,6 +12,8 @@ VAR=${VAR:-var}
 export POLICYD_HUB_HOST=${POLICYD_HUB_HOST:-127.0.0.1}
 export POLICYD_HUB_PORT=${POLICYD_HUB_PORT:-8000}
 export POLICYD_HUB_DATA_DIR=${POLICYD_HUB_DATA_DIR:-$VAR/hub}
+# Prometheus metrics of policyd (docs/metrics.md): on in the demo, off by default elsewhere.
+export POLICYD_METRICS_ADDRESS=${POLICYD_METRICS_ADDRESS:-127.0.0.1:9464}
 
 mkdir -p "$VAR"
 "$BIN/policyd" demo seed --token-file "$VAR/demo-alice.token"
@@ -26,6 +28,7 @@ policyd and the hub are starting (Ctrl-C stops both). In another terminal, try:
   $BIN/policyd grants revoke alice demo-app edge-historian
   curl -i -H "Authorization: Bearer \$TOKEN" $hub/api/data/tags/edge-historian   # 403
   $BIN/policyd grants add alice demo-app edge-historian --access write
+  curl -s http://$POLICYD_METRICS_ADDRESS/metrics | grep '^policyd_decisions_total'
 
 Or click through the whole flow in a browser: open http://127.0.0.1:${POLICYD_CLIENT_PORT:-8090}
 and sign in as alice / alice-demo; take access back at http://127.0.0.1:8080/settings.

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import ROOT, free_port, wait_serving
 
@@ -43,6 +44,7 @@ def _wait_for_hub(url: str, timeout: float = 60.0) -> None:
 def test_make_run_serves_the_demo_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     address = f"127.0.0.1:{free_port()}"
     hub_port, client_port = free_port(), free_port()
+    metrics = f"127.0.0.1:{free_port()}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("POLICYD_")}
     env.update(
         POLICYD_STORE_PATH=str(tmp_path / "policyd.db"),
@@ -54,6 +56,7 @@ def test_make_run_serves_the_demo_and_stops_on_ctrl_c(tmp_path: Path) -> None:
         POLICYD_SERVER_ADDRESS=address,
         POLICYD_HUB_PORT=str(hub_port),
         POLICYD_CLIENT_PORT=str(client_port),
+        POLICYD_METRICS_ADDRESS=metrics,
     )
     run = subprocess.Popen(
         ["make", "--no-print-directory", "run", f"VAR={tmp_path}"],
@@ -85,6 +88,15 @@ def test_make_run_serves_the_demo_and_stops_on_ctrl_c(tmp_path: Path) -> None:
         refused = httpx.get(f"{hub}/api/data/tags/plant-mes", headers=bearer)
         assert refused.status_code == 403
         assert refused.json()["reason"] == "DATA_SOURCE_NOT_GRANTED"
+        # Metrics are on in the demo: the hub's two answers, counted at its door.
+        scraped = httpx.get(f"http://{metrics}/metrics").text
+        at_hub = {
+            s.labels["reason"]: s.value
+            for family in text_string_to_metric_families(scraped)
+            for s in family.samples
+            if s.name == "policyd_decisions_total" and s.labels["door"] == "asgi"
+        }
+        assert at_hub == {"ALLOWED": 1.0, "DATA_SOURCE_NOT_GRANTED": 1.0}, scraped
 
         # The demo app's page, where a newcomer starts the browser flow.
         deadline = time.monotonic() + 30
