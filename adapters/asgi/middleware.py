@@ -22,18 +22,22 @@ import re
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import quote, quote_from_bytes
 
 import grpc.aio
 
 from adapters.asgi.channel import ChannelSettings, open_channel
+from adapters.asgi.metrics import CLIENT_ERROR, MiddlewareMetrics, metrics_in
 from policyd.core.reasons import Reason
 from policyd.doors.denials import Denial, ambiguous_authorization, body_too_large, for_reason
 from policyd.doors.denials import unavailable as unavailable_denial
 from policyd.doors.headers import FORWARD_HEADERS, IDENTITY_PREFIXES, NEVER_FORWARD
 from policyd.doors.rfc6750 import AmbiguousAuthorization, bearer_token
 from policyd.gen.v1 import decision_pb2
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -125,6 +129,7 @@ class PolicydMiddleware:
         forward_headers: Iterable[str] = DEFAULT_FORWARD_HEADERS,
         strip_header_prefixes: Iterable[str] = STRIP_HEADER_PREFIXES,
         strip_headers: Iterable[str] = STRIP_HEADERS,
+        metrics: bool | CollectorRegistry = False,
     ) -> None:
         if not timeout_seconds > 0:
             raise ValueError(f"timeout_seconds must be above 0, not {timeout_seconds}")
@@ -141,6 +146,11 @@ class PolicydMiddleware:
         self._channel: grpc.aio.Channel | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._check: _Check | None = None
+        # Its own counters (adapters/asgi/metrics.py): True counts into prometheus_client's
+        # default registry, a CollectorRegistry into that one.
+        self._metrics: MiddlewareMetrics | None = None
+        if metrics is not False:
+            self._metrics = metrics_in(None if metrics is True else metrics)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -166,7 +176,7 @@ class PolicydMiddleware:
         try:
             token = bearer_token(headers)
         except AmbiguousAuthorization:
-            await _respond(send, ambiguous_authorization())
+            await self._respond(send, ambiguous_authorization())
             return
         method: str = scope["method"]
         body = b""
@@ -175,7 +185,7 @@ class PolicydMiddleware:
             try:
                 body = await self._read_body(headers, receive)
             except _BodyTooLarge:
-                await _respond(send, body_too_large(self.max_body_bytes))
+                await self._respond(send, body_too_large(self.max_body_bytes))
                 return
             except _Disconnected:
                 return
@@ -184,7 +194,7 @@ class PolicydMiddleware:
             check_request(scope, token, method, body, self.forward_headers)
         )
         if denial is not None:
-            await _respond(send, denial)
+            await self._respond(send, denial)
             return
         await self.app(self._app_scope(scope, auth), app_receive, send)
 
@@ -203,7 +213,10 @@ class PolicydMiddleware:
         message = await receive()
         if message["type"] != "websocket.connect":
             return
+        m = self._metrics
         if "websocket.http.response" in (scope.get("extensions") or {}):
+            if m is not None:
+                m.answered(denial.status)
             await send(
                 {
                     "type": "websocket.http.response.start",
@@ -214,6 +227,8 @@ class PolicydMiddleware:
             await send({"type": "websocket.http.response.body", "body": denial.body()})
         else:
             # Closing before accepting makes the server refuse the handshake with 403.
+            if m is not None:
+                m.answered(403)
             await send({"type": "websocket.close", "code": 1008})
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -255,15 +270,22 @@ class PolicydMiddleware:
     async def _decide(
         self, request: decision_pb2.CheckRequest
     ) -> tuple[AuthInfo | None, Denial | None]:
+        m = self._metrics
+        if m is not None:
+            m.checks.inc()
         try:
             call = self._connect()
             response = await call(request, timeout=self.timeout_seconds)
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
             log.warning("policyd Check failed: %s %s", code.name, exc.details() or "")
+            if m is not None:
+                m.failed(code.name.lower())
             return None, unavailable_denial(code.name.lower())
         except Exception:
             log.exception("policyd Check failed")
+            if m is not None:
+                m.failed(CLIENT_ERROR)
             return None, unavailable_denial("client error")
         if response.allowed and int(response.reason) == Reason.ALLOWED.value:
             return AuthInfo.from_response(response), None
@@ -306,6 +328,13 @@ class PolicydMiddleware:
 
     def _spoofable(self, name: bytes) -> bool:
         return name in self.strip_headers or name.startswith(self.strip_header_prefixes)
+
+    async def _respond(self, send: Send, denial: Denial) -> None:
+        """Answer the request in the app's stead."""
+        m = self._metrics
+        if m is not None:
+            m.answered(denial.status)
+        await _respond(send, denial)
 
 
 def check_request(

@@ -8,6 +8,17 @@ import uvicorn
 
 from examples.hub.app import create_app
 from examples.hub.settings import HubSettings, SettingsError
+from policyd.core import net
+
+
+def serve_metrics(address: str) -> None:
+    """The middleware's counters (prometheus_client's default registry) on their own
+    address, in a thread: never on the data API, which answers only what policyd allows."""
+    from prometheus_client import start_http_server
+
+    where = net.parse("POLICYD_HUB_METRICS_ADDRESS", address)
+    start_http_server(where.port, where.host)
+    print(f"hub: serving metrics on http://{address}/metrics", file=sys.stderr, flush=True)
 
 
 def main() -> int:
@@ -16,6 +27,15 @@ def main() -> int:
     except SettingsError as exc:
         print(f"hub: error: {exc}", file=sys.stderr)
         return 2
+    if settings.metrics_address:
+        try:
+            serve_metrics(settings.metrics_address)
+        except OSError as exc:
+            print(
+                f"hub: error: cannot listen on {settings.metrics_address}: {exc.strerror}",
+                file=sys.stderr,
+            )
+            return 2
     print(
         f"hub: serving on http://{settings.host}:{settings.port}"
         + (

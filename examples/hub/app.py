@@ -394,4 +394,5 @@ def create_app(settings: HubSettings | None = None) -> ASGIApp:
         key_file=settings.key_file,
         server_name=settings.server_name,
         max_body_bytes=settings.max_body_bytes,
+        metrics=bool(settings.metrics_address),  # served by __main__.serve_metrics
     )

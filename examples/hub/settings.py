@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from examples.hub.catalogue import DEMO_DATA_SOURCES
+from policyd.core import net
+from policyd.core.errors import ConfigError
 
 GATEWAYS = ("asgi", "envoy")
 
@@ -32,6 +34,9 @@ class HubSettings:
     key_file: str = ""
     server_name: str = ""
     max_body_bytes: int = 1 << 20
+    # HOST:PORT of the hub's own /metrics (the middleware's counters), apart from the data
+    # API; empty: no metrics, and prometheus_client is never imported.
+    metrics_address: str = ""
     users: dict[str, str] = field(
         default_factory=lambda: {"alice": "Alice Operator", "bob": "Bob Engineer"}
     )
@@ -72,6 +77,7 @@ class HubSettings:
             key_file=text("KEY_FILE", ""),
             server_name=text("SERVER_NAME", ""),
             max_body_bytes=int(number("MAX_BODY_BYTES", d.max_body_bytes, int)),
+            metrics_address=text("METRICS_ADDRESS", ""),
         )
         settings.validate()
         return settings
@@ -85,3 +91,8 @@ class HubSettings:
             raise SettingsError("POLICYD_HUB_TIMEOUT_SECONDS must be above 0")
         if self.max_body_bytes < 1:
             raise SettingsError("POLICYD_HUB_MAX_BODY_BYTES must be at least 1")
+        if self.metrics_address:
+            try:
+                net.parse("POLICYD_HUB_METRICS_ADDRESS", self.metrics_address)
+            except ConfigError as exc:
+                raise SettingsError(str(exc)) from None

@@ -60,6 +60,7 @@ from policyd.audit.records import (
     open_log_file,
 )
 from policyd.audit.target import IndexTarget
+from policyd.core import metrics
 from policyd.core.errors import PolicydError
 
 log = logging.getLogger(__name__)
@@ -234,6 +235,10 @@ class AuditLog:
                     raise AuditUnavailable(f"audit record of {len(data)} bytes: too large")
         if self.sync_full:
             self._sync(journal, end)
+        m = metrics.current
+        if m is not None:  # durable now (counted only once it is)
+            m.audit_records.inc()
+            m.audit_bytes.inc(len(data))
         if self._watch is None:
             self._index_inline()
 
@@ -457,6 +462,11 @@ class Indexer:
         self.errors: tuple[type[Exception], ...] = (OSError, *self.index.errors)
         self.records = 0  # indexed by this indexer, and in how many transactions
         self.commits = 0
+        # What the last pass found not yet indexed: how many records, and the time of the
+        # oldest (each chunk's first line: a journal is written in time order, give or take
+        # the microseconds between a decision's clock and its append).
+        self.found = 0
+        self.oldest: float | None = None
         self._known: dict[str, int] = {}  # journal -> mark, as last seen
         self._lock = threading.Lock()  # one pass at a time on the one connection
         self._next_sweep = 0.0  # when to look for journals cut short again
@@ -471,6 +481,7 @@ class Indexer:
         the audit file itself is raised."""
         total = 0
         with self._lock:
+            self.found, self.oldest = 0, None
             try:
                 paths = sorted(self.journal_dir.glob("*" + JOURNAL_SUFFIX))
             except FileNotFoundError:
@@ -547,6 +558,11 @@ class Indexer:
                     records.append((line, fields_of_line(line)))
                 except ValueError as exc:  # damaged: not as AuditLog wrote it
                     log.error("audit journal %s: skipping an unreadable line: %s", path, exc)
+            if records:
+                self.found += len(records)
+                first = records[0][1][1]
+                if self.oldest is None or first < self.oldest:
+                    self.oldest = first
             new_mark = mark + len(complete)
             if not complete and len(written) == INDEX_CHUNK_BYTES:
                 # A line longer than a chunk: AuditLog never writes one (record_for bounds
@@ -562,6 +578,9 @@ class Indexer:
         if records:
             self.records += len(records)
             self.commits += 1
+            m = metrics.current
+            if m is not None:
+                m.audit_indexed.inc(len(records))
         self._known[path.name] = new_mark
         more = len(data) == INDEX_CHUNK_BYTES and zero < 0
         if ended and not more:
@@ -597,10 +616,12 @@ class Indexer:
             interval = self.index.pass_interval
         failures = 0
         next_retention = time.monotonic() + retention_every
+        m = metrics.current
         while not stop.is_set():
             if parent is not None and os.getppid() != parent:
                 log.warning("audit indexer: the server is gone; indexing what is left")
                 break
+            started = time.time()
             try:
                 self.run_once()
                 if failures:
@@ -610,6 +631,13 @@ class Indexer:
                 failures += 1
                 if failures == 1 or failures % 100 == 0:
                     log.error("audit indexing failed (%d times): %s", failures, exc)
+            if m is not None:
+                # What this pass found waiting, and for how long the oldest of it had
+                # waited when the pass began. A failed pass (the index cannot be written)
+                # finds the same records again next time, so the lag keeps growing.
+                m.audit_backlog_records.set(self.found)
+                oldest = self.oldest
+                m.audit_lag_seconds.set(0.0 if oldest is None else max(0.0, started - oldest))
             max_age, max_bytes = retention
             if (max_age or max_bytes) and time.monotonic() >= next_retention:
                 next_retention = time.monotonic() + retention_every

@@ -33,6 +33,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from policyd.config import Config
+from policyd.core import metrics
 from policyd.core.errors import NotFound
 from policyd.core.model import Access
 from policyd.decision.tokens import Verifier
@@ -334,6 +335,9 @@ class AuthorizationApp:
         earlier, _ = self._earlier(user, client_id)
         kept = [name for name in sorted(earlier or ()) if name not in asked]
         self.store.approve(user, client_id, [*(s.name for s in scopes), *kept], grants)
+        m = metrics.current
+        if m is not None:
+            m.consents.labels("given").inc()
         return Approval(user, tuple(s.name for s in scopes), tuple(chosen))
 
     # -- token, revocation, introspection ---------------------------------------------
@@ -412,6 +416,9 @@ class AuthorizationApp:
         if not verify_password(stored, form.get("password", "")):
             self.throttle.failed(username, address)
             log.info("failed sign-in for user %r from %s", username, address)
+            m = metrics.current
+            if m is not None:
+                m.sign_in_failures.inc()
             return self._page(
                 request,
                 browser,
@@ -494,8 +501,12 @@ class AuthorizationApp:
             return self._forbidden(request)
         client_id = form.get("client_id", "")
         if disconnect:
-            families = self.store.disconnect(user, client_id).families
+            gone = self.store.disconnect(user, client_id)
+            families = gone.families
             log.info("user %s disconnected app %s (%d token families)", user, client_id, families)
+            m = metrics.current
+            if m is not None and gone.consent:  # a pair with no consent left had none to lose
+                m.consents.labels("revoked").inc()
             subject = self._app_label(client_id)
             done = "disconnected"
         else:

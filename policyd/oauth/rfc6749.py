@@ -29,6 +29,7 @@ from authlib.oauth2.rfc6749 import (
 from authlib.oauth2.rfc6749.grants import AuthorizationCodeGrant, RefreshTokenGrant
 from starlette.responses import JSONResponse, Response
 
+from policyd.core import metrics
 from policyd.core.errors import NotFound
 from policyd.decision.liveness import pair_denial
 from policyd.decision.tokens import TokenSettings, issue_token
@@ -182,6 +183,7 @@ class RefreshGrant(RefreshTokenGrant):  # type: ignore[misc]
             return None
         if row.rotated:
             storage.revoke_family(row.family_id)
+            _count_reuse()
             raise InvalidGrantError(
                 "The refresh token was used before; every token of its family is revoked."
             )
@@ -196,6 +198,7 @@ class RefreshGrant(RefreshTokenGrant):  # type: ignore[misc]
             return None  # the user took the consent back (or the app is off)
         if not storage.rotate_refresh_token(refresh_token):  # lost a race with a reuse
             storage.revoke_family(row.family_id)
+            _count_reuse()
             raise InvalidGrantError("The refresh token was used before.")
         return RefreshToken(row, refresh_token)
 
@@ -274,8 +277,10 @@ class AuthorizationServer(_AuthorizationServer):  # type: ignore[misc]
     def save_token(self, token: dict[str, Any], request: Any) -> None:
         if request.authorization_code is not None:
             family_id = request.authorization_code.row.family_id
+            grant_type = "authorization_code"
         else:
             family_id = request.refresh_token.row.family_id
+            grant_type = "refresh_token"
         # Our own token, just signed: read back its id and expiry.
         claims = jwt.decode(token["access_token"], options={"verify_signature": False})
         saved = self.storage.save_tokens(
@@ -290,6 +295,9 @@ class AuthorizationServer(_AuthorizationServer):  # type: ignore[misc]
             raise InvalidGrantError(
                 "The grant was used twice; the tokens issued from it are revoked."
             )
+        m = metrics.current
+        if m is not None:  # handed out now (a token saved too late, above, never is)
+            m.tokens_issued.labels(grant_type).inc()
 
     def create_oauth2_request(self, request: Any) -> Any:
         return request  # already adapted (requests.py)
@@ -308,6 +316,12 @@ class AuthorizationServer(_AuthorizationServer):  # type: ignore[misc]
 
     def send_signal(self, name: str, *args: Any, **kwargs: Any) -> None:
         pass
+
+
+def _count_reuse() -> None:
+    m = metrics.current
+    if m is not None:
+        m.refresh_reuse.inc()
 
 
 def refuse_repeated_parameters(request: Any) -> Response | None:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from policyd.config import Config
+from policyd.core import metrics
 from policyd.core.policy import PolicyInvalid, compile_policy, read_policy_files, version_of
 from policyd.decision.engine import Engine
 
@@ -110,6 +111,7 @@ class Reloader:
                     self.engine.policy = policy  # the swap: one attribute, read once per decision
                     self.loaded_at = time.time()
                     self._rejected = ""
+                    _count_load(current, version, self.loaded_at)
                     log.info(
                         "policy %s loaded from %s (%s, was %s)",
                         version,
@@ -119,6 +121,9 @@ class Reloader:
                     )
                     return self._record(ReloadResult("loaded", version, trigger))
             self._rejected = version
+            m = metrics.current
+            if m is not None:
+                m.policy_reloads.labels("failure").inc()
             log.error(
                 "policy change rejected (%s); still serving %s:\n  %s",
                 trigger,
@@ -175,6 +180,19 @@ class Reloader:
                 log.exception("policy reload failed")
 
 
+def _count_load(replaced: str, version: str, at: float) -> None:
+    """Metrics of a good load: the version decided with now, and when it came. At start
+    (`replaced` empty) it is no reload."""
+    m = metrics.current
+    if m is None:
+        return
+    if replaced:
+        m.policy_reloads.labels("success").inc()
+        m.policy_info.labels(replaced).set(0)
+    m.policy_info.labels(version).set(1)
+    m.policy_last_load.set(at)
+
+
 class Reloading:
     """The reloader of a serving process, its thread and its SIGHUP handler."""
 
@@ -199,6 +217,8 @@ class Reloading:
         """Write the status and start watching. The server's main thread turns SIGHUP into
         request_reload() (serve/signals.py), never from inside a signal handler."""
         self.reloader.write_status()
+        # The policy the serving process loaded as it started (wiring.build_decider).
+        _count_load("", self.reloader.engine.policy.version, self.reloader.loaded_at)
         self._thread.start()
 
     def request_reload(self) -> None:

@@ -22,6 +22,7 @@ import time
 from policyd.audit.journal import Indexer
 from policyd.audit.records import load_key
 from policyd.config import Config
+from policyd.core import metrics
 from policyd.core.errors import ConfigError, PolicydError
 from policyd.decision.wiring import index_target
 from policyd.serve.signals import Signals
@@ -52,6 +53,8 @@ def follow(indexer: Indexer, config: Config) -> None:
     # Started by `policyd serve`, it stops when the server says so (SIGTERM) or is gone:
     # a Ctrl-C on the server's terminal is the server's to handle.
     signals.install(interrupt=not serving, hup=False)
+    if serving:  # counts into the server's metrics folder, when it serves /metrics
+        metrics.enable_inherited()
     indexer.run(
         signals.as_stop(),
         retention=(a.max_age_days * 86400 or None, a.max_bytes or None),
@@ -135,6 +138,7 @@ class IndexerProcess:
             and time.monotonic() >= self.next_start
         ):
             log.error("the audit indexer exited (%s); restarting it", process.returncode)
+            metrics.process_exited(process.pid)  # its backlog and lag gauges go with it
             self.start()
 
     def stop(self, timeout: float = 30.0) -> None:
