@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from policyd.audit.reader import prune
-from policyd.audit.records import append_records, open_log_file
+from policyd.audit.records import append_records, chain_head, open_log_file
 from policyd.store.sqlite import transaction
 
 # One record as the indexer hands it over: its journal line (canonical JSON) and the list
@@ -39,6 +39,11 @@ class Writing(Protocol):
         ...
 
     def set_mark(self, journal: str, offset: int) -> None: ...
+
+    def chain_head(self) -> tuple[int, str]:
+        """The chain's newest record as this transaction sees it: (seq, hash); with no
+        record, (the anchor's first seq - 1, the hash the first must follow)."""
+        ...
 
 
 # The pause between two indexing passes into the SQLite file: records gather meanwhile.
@@ -87,6 +92,9 @@ class _SqliteWriting:
             " ON CONFLICT (name) DO UPDATE SET offset = excluded.offset",
             (journal, offset),
         )
+
+    def chain_head(self) -> tuple[int, str]:
+        return chain_head(self.conn)
 
 
 class SqliteIndex:

@@ -467,6 +467,10 @@ class Indexer:
         # the microseconds between a decision's clock and its append).
         self.found = 0
         self.oldest: float | None = None
+        # The chain's head after this indexer's last commit, and how often the next
+        # transaction found the chain short of it (check_head).
+        self._head: tuple[int, str] | None = None
+        self.chain_breaks = 0
         self._known: dict[str, int] = {}  # journal -> mark, as last seen
         self._lock = threading.Lock()  # one pass at a time on the one connection
         self._next_sweep = 0.0  # when to look for journals cut short again
@@ -571,10 +575,15 @@ class Indexer:
                 if after is not None:
                     log.error("audit journal %s: skipping an oversized line", path.name)
                     new_mark = after
+            head = None
             if records:
+                self._check_head(tx.chain_head())
                 tx.append(self.key, records)
+                head = tx.chain_head()
             if new_mark != mark:
                 tx.set_mark(path.name, new_mark)
+        if head is not None:  # committed
+            self._head = head
         if records:
             self.records += len(records)
             self.commits += 1
@@ -594,6 +603,27 @@ class Indexer:
             self.index.forget(path.name)
             self._known.pop(path.name, None)
         return len(records), more
+
+    def _check_head(self, found: tuple[int, str]) -> None:
+        """The chain must still end where this indexer left it, or further on (another
+        indexer may have added records since). A head further back, or the same record
+        with another hash, means the newest records were deleted or edited: the one
+        tampering a chain cannot show by itself (docs/audit.md). Said and counted; the
+        chain goes on from what is there, and `policyd audit verify` names the damage."""
+        left = self._head
+        if left is None or found[0] > left[0] or found == left:
+            return
+        self.chain_breaks += 1
+        log.error(
+            "the audit chain ends at record %d, but this indexer left it at record %d"
+            " (%s...): its newest records were deleted or edited; run `policyd audit verify`",
+            found[0],
+            left[0],
+            left[1][:12],
+        )
+        m = metrics.current
+        if m is not None:
+            m.audit_verify_failures.inc()
 
     def prune(self, *, before: float | None = None, max_bytes: int | None = None) -> int:
         with self._lock:

@@ -219,6 +219,9 @@ class _PgWriting:
             (self.node, journal, offset),
         )
 
+    def chain_head(self) -> tuple[int, str]:
+        return self.seq, self.head  # audit_chains' row, locked by this transaction
+
     def append(self, key: bytes, records: list[Line]) -> int:
         if not self.key_id:
             self.key_id = key_id(key)

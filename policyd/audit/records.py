@@ -304,20 +304,24 @@ def open_log_file(path: Path, sync: str) -> sqlite3.Connection:
     return conn
 
 
+def chain_head(conn: sqlite3.Connection) -> tuple[int, str]:
+    """(seq, hash) of the chain's newest record; with none, those the first must follow."""
+    last = conn.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+    if last is None:
+        anchor = conn.execute(
+            "SELECT first_seq, prev_hash FROM audit_anchor WHERE id = 1"
+        ).fetchone()
+        return int(anchor[0]) - 1, str(anchor[1])
+    return int(last[0]), str(last[1])
+
+
 def append_records(
     conn: sqlite3.Connection, key: bytes, records: Iterable[tuple[bytes, list[Any]]]
 ) -> int:
     """(Inside the caller's write transaction.) Chain the records after the last one and
     insert them; returns how many. Each record is its canonical JSON, as a journal line
     holds it, with the list of FIELDS values it holds (fields_of_line)."""
-    last = conn.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
-    if last is None:
-        anchor = conn.execute(
-            "SELECT first_seq, prev_hash FROM audit_anchor WHERE id = 1"
-        ).fetchone()
-        seq, prev = anchor[0] - 1, anchor[1]
-    else:
-        seq, prev = last
+    seq, prev = chain_head(conn)
     rows = []
     ds_rows: list[tuple[str, float, int]] = []
     keyed = hmac.new(key, digestmod=hashlib.sha256)
