@@ -44,7 +44,12 @@ from policyd.oauth.csrf import Csrf, load_or_create_key
 from policyd.oauth.pages import STATIC, Pages, origin
 from policyd.oauth.passwords import dummy_hash, verify_password
 from policyd.oauth.requests import StarletteOAuth2Request, adapt
-from policyd.oauth.rfc6749 import Approval, AuthorizationServer, refuse_repeated_parameters
+from policyd.oauth.rfc6749 import (
+    GRANT_TYPES,
+    Approval,
+    AuthorizationServer,
+    refuse_repeated_parameters,
+)
 from policyd.oauth.rfc7009 import RevocationEndpoint
 from policyd.oauth.rfc7662 import IntrospectionEndpoint, live_data_sources
 from policyd.oauth.scopes import ScopeInfo, scope_catalogue
@@ -102,6 +107,12 @@ class AuthorizationApp:
         self.throttle = LoginThrottle(o.login_max_failures, o.login_window_seconds)
         self.pages = Pages(self.prefix)
         self.asgi = self._build()
+        m = metrics.current
+        if m is not None:  # every series at 0 from the start, so rates and alerts see them
+            for grant_type in GRANT_TYPES:
+                m.tokens_issued.labels(grant_type)
+            for event in ("given", "revoked"):
+                m.consents.labels(event)
 
     def scopes(self) -> dict[str, ScopeInfo]:
         """The policy's scopes, as they are now (reloaded when the policy files change)."""

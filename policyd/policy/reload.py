@@ -189,6 +189,9 @@ def _count_load(replaced: str, version: str, at: float) -> None:
     if replaced:
         m.policy_reloads.labels("success").inc()
         m.policy_info.labels(replaced).set(0)
+    else:  # both series at 0 from the start, so rates and alerts see them
+        m.policy_reloads.labels("success")
+        m.policy_reloads.labels("failure")
     m.policy_info.labels(version).set(1)
     m.policy_last_load.set(at)
 
