@@ -12,6 +12,9 @@ type, the body. The body is read fully (at most `max_body_bytes`, else 413 witho
 and the app then receives exactly those bytes. Headers a client could use to pose as
 someone (`x-policyd-*`, `x-auth-*`, `x-forwarded-user`, ...) are removed before the app
 sees the request: the app's only source of identity is `scope["auth"]`.
+
+With `metrics`, it also counts its calls to policyd, the calls that failed and the answers
+it gave itself (adapters/asgi/metrics.py, docs/metrics.md).
 """
 
 from __future__ import annotations
