@@ -13,6 +13,7 @@ Benchmarks (docs/benchmarks.md explains each figure):
               (bench/cluster.py; skipped without PostgreSQL's initdb)
 
 Results go to var/bench/results.json (--out to change); server logs to logs/ beside it.
+Progress goes to stderr: a bar over the benchmarks on a terminal, else a line per benchmark.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from bench import observe as observe_bench
 from bench import policy as policy_bench
 from bench.procs import ROOT
 from bench.report import load_table, table
+from policyd.cli.progress import progress
 
 NAMES = ("grpc_stack", "check", "observe", "policy", "audit", "hub", "envoy", "cluster")
 GOAL_THROUGHPUT_RATIO = 0.9
@@ -149,6 +151,59 @@ def _report_check(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _run_one(
+    name: str, args: argparse.Namespace, d: Durations, grants: int, log_dir: Path
+) -> tuple[dict[str, Any], str]:
+    """Run the benchmark `name`: its summary (results.json) and its report (the text)."""
+    if name == "grpc_stack":
+        summary = grpc_stack.run(
+            log_dir,
+            callers=CALLERS,
+            rounds=d.rounds,
+            warmup=d.warmup,
+            duration=d.stack_duration,
+        )
+        report = _report_stack(summary)
+    elif name == "policy":
+        summary = policy_bench.run(args.quick)
+        report = policy_bench.report(summary)
+    elif name == "audit":
+        summary = audit_bench.run(args.quick)
+        report = audit_bench.report(summary)
+    elif name == "hub":
+        summary = hub_bench.run(args.quick)
+        report = hub_bench.report(summary)
+    elif name == "envoy":
+        summary = envoy_bench.run(args.quick, log_dir)
+        report = envoy_bench.report(summary)
+    elif name == "observe":
+        summary = observe_bench.run(
+            log_dir, grants=grants, rounds=d.rounds, warmup=d.warmup, duration=d.duration
+        )
+        report = observe_bench.report(summary)
+    elif name == "cluster":
+        summary = cluster_bench.run(
+            log_dir,
+            quick=args.quick,
+            rounds=d.rounds,
+            warmup=d.warmup,
+            duration=d.duration,
+        )
+        report = cluster_bench.report(summary)
+    else:
+        summary = check.run(
+            log_dir,
+            grants=grants,
+            callers=CALLERS,
+            rounds=d.rounds,
+            warmup=d.warmup,
+            duration=d.duration,
+            micro_calls=d.micro_calls,
+        )
+        report = _report_check(summary)
+    return summary, report
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="short runs (a smoke test)")
@@ -174,57 +229,21 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {**d.__dict__, "grants": grants, "callers": CALLERS},
     }
     reports: list[str] = []
-    for name in names:
-        t0 = time.monotonic()
-        print(f"running {name} ...", file=sys.stderr, flush=True)
-        if name == "grpc_stack":
-            summary = grpc_stack.run(
-                log_dir,
-                callers=CALLERS,
-                rounds=d.rounds,
-                warmup=d.warmup,
-                duration=d.stack_duration,
-            )
-            reports.append(_report_stack(summary))
-        elif name == "policy":
-            summary = policy_bench.run(args.quick)
-            reports.append(policy_bench.report(summary))
-        elif name == "audit":
-            summary = audit_bench.run(args.quick)
-            reports.append(audit_bench.report(summary))
-        elif name == "hub":
-            summary = hub_bench.run(args.quick)
-            reports.append(hub_bench.report(summary))
-        elif name == "envoy":
-            summary = envoy_bench.run(args.quick, log_dir)
-            reports.append(envoy_bench.report(summary))
-        elif name == "observe":
-            summary = observe_bench.run(
-                log_dir, grants=grants, rounds=d.rounds, warmup=d.warmup, duration=d.duration
-            )
-            reports.append(observe_bench.report(summary))
-        elif name == "cluster":
-            summary = cluster_bench.run(
-                log_dir,
-                quick=args.quick,
-                rounds=d.rounds,
-                warmup=d.warmup,
-                duration=d.duration,
-            )
-            reports.append(cluster_bench.report(summary))
-        else:
-            summary = check.run(
-                log_dir,
-                grants=grants,
-                callers=CALLERS,
-                rounds=d.rounds,
-                warmup=d.warmup,
-                duration=d.duration,
-                micro_calls=d.micro_calls,
-            )
-            reports.append(_report_check(summary))
-        summary["seconds"] = round(time.monotonic() - t0, 1)
-        results[name] = summary
+    with progress("benchmarks", machine=False) as bar:
+        for done, name in enumerate(names):
+            if bar is None:
+                print(f"running {name} ...", file=sys.stderr, flush=True)
+            else:
+                bar.note(name)
+                bar(done, len(names))
+            t0 = time.monotonic()
+            summary, report = _run_one(name, args, d, grants, log_dir)
+            reports.append(report)
+            summary["seconds"] = round(time.monotonic() - t0, 1)
+            results[name] = summary
+        if bar is not None:
+            bar.note("")
+            bar(len(names), len(names))
     results["seconds"] = round(time.monotonic() - started, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

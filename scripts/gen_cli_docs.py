@@ -55,6 +55,16 @@ Listing commands print an aligned table, or with `--json` one JSON object per li
 | {EXIT_DENY} | `policyd check` only: the decision was **deny** (the reason code is printed). |
 | {EXIT_INVALID} | `policyd policy ...`: the policy or a test suite does not validate. |
 | {EXIT_TESTS_FAILED} | `policyd policy test`: at least one policy test failed. |
+
+## Progress
+
+Long commands draw a progress bar on **stderr**: `policyd audit verify` (records checked),
+`policyd audit prune` (records deleted), `policyd audit index` without `--follow` (journals
+indexed), and the first command that opens a store with pending schema migrations
+(migrations applied). The bar is drawn only when stderr is a terminal whose `TERM` is not
+`dumb`, and never with `--json` (or `--csv`, `--format json|csv`); otherwise nothing at all
+is written for it, not even its label. stdout is the same either way, so scripts that read
+it see no difference.
 """
 
 

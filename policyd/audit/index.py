@@ -13,7 +13,7 @@ same for both.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Protocol
@@ -68,7 +68,16 @@ class Index(Protocol):
         """Delete the mark of a journal that is indexed to its end and deleted."""
         ...
 
-    def prune(self, *, before: float | None = None, max_bytes: int | None = None) -> int: ...
+    def prune(
+        self,
+        *,
+        before: float | None = None,
+        max_bytes: int | None = None,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> int:
+        """Delete the oldest records (older than `before`, or beyond max_bytes) and move
+        the chains' anchors; returns how many. `on_progress(deleted, total)` as it goes."""
+        ...
 
     def close(self) -> None: ...
 
@@ -115,8 +124,14 @@ class SqliteIndex:
     def forget(self, journal: str) -> None:
         self.conn.execute("DELETE FROM audit_journal WHERE name = ?", (journal,))
 
-    def prune(self, *, before: float | None = None, max_bytes: int | None = None) -> int:
-        return prune(self.conn, before=before, max_bytes=max_bytes)
+    def prune(
+        self,
+        *,
+        before: float | None = None,
+        max_bytes: int | None = None,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> int:
+        return prune(self.conn, before=before, max_bytes=max_bytes, on_progress=on_progress)
 
     def close(self) -> None:
         self.conn.close()

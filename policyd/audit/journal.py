@@ -44,6 +44,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -479,10 +480,11 @@ class Indexer:
         with self._lock:
             self.index.close()
 
-    def run_once(self) -> int:
+    def run_once(self, on_progress: Callable[[int, int], None] | None = None) -> int:
         """Index what every journal holds now; returns how many records. A journal that
         cannot be read is logged and skipped (the others still get indexed); an error of
-        the audit file itself is raised."""
+        the audit file itself is raised. `on_progress(journals done, journals)` after each
+        journal."""
         total = 0
         with self._lock:
             self.found, self.oldest = 0, None
@@ -490,7 +492,9 @@ class Indexer:
                 paths = sorted(self.journal_dir.glob("*" + JOURNAL_SUFFIX))
             except FileNotFoundError:
                 return 0
-            for path in paths:
+            if on_progress is not None:
+                on_progress(0, len(paths))
+            for done, path in enumerate(paths, 1):
                 more = True
                 while more:
                     try:
@@ -499,6 +503,8 @@ class Indexer:
                         log.error("audit journal %s cannot be read: %s", path.name, exc)
                         break
                     total += indexed
+                if on_progress is not None:
+                    on_progress(done, len(paths))
             if time.monotonic() >= self._next_sweep:
                 self._next_sweep = time.monotonic() + UNFINISHED_SECONDS
                 self._sweep_unfinished()

@@ -39,6 +39,7 @@ import psycopg
 from policyd.audit.index import Line, Writing
 from policyd.audit.reader import (
     POSTGRES,
+    PRUNE_BATCH,
     Position,
     Query,
     VerifyResult,
@@ -345,10 +346,17 @@ class PgIndex:
         )
 
     @_one_line
-    def prune(self, *, before: float | None = None, max_bytes: int | None = None) -> int:
+    def prune(
+        self,
+        *,
+        before: float | None = None,
+        max_bytes: int | None = None,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> int:
         """Delete each node's oldest records (older than `before`; or, when the audit
         tables take more than max_bytes, the oldest share of each chain that brings them
-        under it, plus 10 %) and move each chain's anchor, under that node's lock."""
+        under it, plus 10 %) and move each chain's anchor, under that node's lock.
+        `on_progress(deleted, total)`: total as the chains stood just before."""
         conn = self._connection()
         share = None
         if max_bytes is not None:
@@ -357,8 +365,19 @@ class PgIndex:
                 share = min(1.0, (used - max_bytes) / used + 0.1)
         removed = 0
         nodes = [str(r[0]) for r in conn.execute("SELECT node FROM audit_chains ORDER BY node")]
+        report: Callable[[int], None] | None = None
+        if on_progress is not None:
+            total = 0
+            for node in nodes:
+                cut, first = _cut(conn, node, before, share)
+                total += max(0, cut - first + 1) if cut is not None and first is not None else 0
+            on_progress(0, total)
+
+            def report(n: int) -> None:
+                on_progress(removed + n, max(total, removed + n))
+
         for node in nodes:
-            removed += self._prune_chain(conn, node, before, share)
+            removed += self._prune_chain(conn, node, before, share, report)
         return removed
 
     def used_bytes(self) -> int:
@@ -374,24 +393,15 @@ class PgIndex:
 
     @staticmethod
     def _prune_chain(
-        conn: psycopg.Connection[Any], node: str, before: float | None, share: float | None
+        conn: psycopg.Connection[Any],
+        node: str,
+        before: float | None,
+        share: float | None,
+        on_deleted: Callable[[int], None] | None = None,
     ) -> int:
         with conn.transaction():
             conn.execute("SELECT 1 FROM audit_chains WHERE node = %s FOR UPDATE", (node,))
-            cut: int | None = None
-            if before is not None:
-                row = conn.execute(
-                    "SELECT max(seq) FROM audit_records WHERE node = %s AND ts < %s",
-                    (node, before),
-                ).fetchone()
-                cut = None if row is None or row[0] is None else int(row[0])
-            if share is not None:
-                count, first = conn.execute(
-                    "SELECT count(*), min(seq) FROM audit_records WHERE node = %s", (node,)
-                ).fetchone() or (0, None)
-                if count and first is not None:
-                    size_cut = int(first) + int(count * share) - 1
-                    cut = size_cut if cut is None else max(cut, size_cut)
+            cut, first = _cut(conn, node, before, share)
             if cut is None:
                 return 0
             last = conn.execute(
@@ -418,9 +428,16 @@ class PgIndex:
                     " AND node = %s AND seq <= %s",
                     (name, newest, node, cut),
                 )
-            removed = conn.execute(
-                "DELETE FROM audit_records WHERE node = %s AND seq <= %s", (node, cut)
-            ).rowcount
+            removed, upto = 0, (cut if first is None else first - 1)
+            while True:
+                upto = min(cut, upto + PRUNE_BATCH)
+                removed += conn.execute(
+                    "DELETE FROM audit_records WHERE node = %s AND seq <= %s", (node, upto)
+                ).rowcount
+                if on_deleted is not None:
+                    on_deleted(removed)
+                if upto >= cut:
+                    break
             first_seq, anchor = (keep[0], keep[1]) if keep else (last[0] + 1, last[1])
             conn.execute(
                 "UPDATE audit_chains SET first_seq = %s, anchor_hash = %s WHERE node = %s",
@@ -493,8 +510,11 @@ class PgIndex:
         return None if row is None else int(row[0])
 
     @_one_line
-    def verify_chains(self) -> list[VerifyResult]:
-        """Every node's chain from its anchor to its head, in one snapshot."""
+    def verify_chains(
+        self, on_progress: Callable[[int, int], None] | None = None
+    ) -> list[VerifyResult]:
+        """Every node's chain from its anchor to its head, in one snapshot.
+        `on_progress(checked, total)`: total is what the chains hold, anchor to head."""
         if self.key is None:
             raise PolicydError("verifying the audit chain needs the audit key")
         key, mine = self.key, key_id(self.key)
@@ -506,6 +526,10 @@ class PgIndex:
                 "SELECT node, key_id, first_seq, anchor_hash, last_seq, last_hash"
                 " FROM audit_chains ORDER BY node"
             ).fetchall()
+            total = sum(max(0, int(c[4]) - int(c[2]) + 1) for c in chains)
+            done = 0
+            if on_progress is not None:
+                on_progress(0, total)
             for node, chain_key, first_seq, anchor, last_seq, last_hash in chains:
                 if chain_key and chain_key != mine:
                     results.append(
@@ -524,10 +548,53 @@ class PgIndex:
                     cur.itersize = 2000
                     cur.execute(_CHAIN_ORDER + " WHERE node = %s ORDER BY seq", (node,))
                     result = walk_chain(
-                        key, int(first_seq), anchor, (stored(r, node) for r in cur), node
+                        key,
+                        int(first_seq),
+                        anchor,
+                        (stored(r, node) for r in cur),
+                        node,
+                        on_checked=_shifted(on_progress, done, total),
                     )
                 results.append(_against_head(result, int(first_seq), int(last_seq), last_hash))
+                # A broken chain stops early: count it whole, so the bar still ends at the total.
+                done += max(result.checked, int(last_seq) - int(first_seq) + 1)
+                if on_progress is not None:
+                    on_progress(done, max(total, done))
         return results
+
+
+def _shifted(
+    on_progress: Callable[[int, int], None] | None, done: int, total: int
+) -> Callable[[int], None] | None:
+    """A chain's `on_checked(n)` as the whole walk's `on_progress(done + n, total)`."""
+    if on_progress is None:
+        return None
+    report = on_progress
+    return lambda n: report(done + n, max(total, done + n))
+
+
+def _cut(
+    conn: psycopg.Connection[Any], node: str, before: float | None, share: float | None
+) -> tuple[int | None, int | None]:
+    """Where prune cuts the node's chain (its last record to delete; None: none) and the
+    chain's first record."""
+    cut: int | None = None
+    row = conn.execute("SELECT min(seq) FROM audit_records WHERE node = %s", (node,)).fetchone()
+    first = None if row is None or row[0] is None else int(row[0])
+    if first is None:
+        return None, None
+    if before is not None:
+        row = conn.execute(
+            "SELECT max(seq) FROM audit_records WHERE node = %s AND ts < %s",
+            (node, before),
+        ).fetchone()
+        cut = None if row is None or row[0] is None else int(row[0])
+    if share is not None:
+        row = conn.execute("SELECT count(*) FROM audit_records WHERE node = %s", (node,)).fetchone()
+        size_cut = first + int((int(row[0]) if row else 0) * share) - 1
+        if size_cut >= first:
+            cut = size_cut if cut is None else max(cut, size_cut)
+    return cut, first
 
 
 def _against_head(result: VerifyResult, first_seq: int, last_seq: int, head: str) -> VerifyResult:

@@ -36,6 +36,11 @@ from policyd.store.sqlite import transaction
 
 log = logging.getLogger(__name__)
 
+# How many records a long walk (verify) checks between two reports of its progress.
+PROGRESS_EVERY = 2000
+# How many records prune deletes per statement, reporting its progress between them.
+PRUNE_BATCH = 20_000
+
 # Where each chain stands: node -> the seq of its newest record ("" is the SQLite file's
 # one chain). What `follow` resumes from.
 Position = dict[str, int]
@@ -164,7 +169,12 @@ class Reader(Protocol):
 
     def stats(self, since: float | None, until: float | None) -> dict[str, dict[str, int]]: ...
 
-    def verify_chains(self) -> list[VerifyResult]: ...
+    def verify_chains(
+        self, on_progress: Callable[[int, int], None] | None = None
+    ) -> list[VerifyResult]:
+        """Every chain's result; `on_progress(checked, total)` as the records are walked
+        (total: what the chains should hold)."""
+        ...
 
     def journal_mark(self, name: str) -> int | None: ...
 
@@ -212,13 +222,15 @@ class AuditReader:
     def stats(self, since: float | None, until: float | None) -> dict[str, dict[str, int]]:
         return count_stats(lambda sql, args: self._conn.execute(sql, args), SQLITE, since, until)
 
-    def verify(self) -> VerifyResult:
+    def verify(self, on_progress: Callable[[int, int], None] | None = None) -> VerifyResult:
         if self.key is None:
             raise PolicydError("verifying the audit chain needs the audit key")
-        return verify(self._conn, self.key)
+        return verify(self._conn, self.key, on_progress)
 
-    def verify_chains(self) -> list[VerifyResult]:
-        return [self.verify()]
+    def verify_chains(
+        self, on_progress: Callable[[int, int], None] | None = None
+    ) -> list[VerifyResult]:
+        return [self.verify(on_progress)]
 
     def journal_mark(self, name: str) -> int | None:
         """How far the journal `name` is indexed (None: not yet, or finished)."""
@@ -289,23 +301,47 @@ class VerifyResult:
         return asdict(self)
 
 
-def verify(conn: sqlite3.Connection, key: bytes) -> VerifyResult:
-    """Walk the chain from its anchor; report the first record that breaks it."""
+def verify(
+    conn: sqlite3.Connection, key: bytes, on_progress: Callable[[int, int], None] | None = None
+) -> VerifyResult:
+    """Walk the chain from its anchor; report the first record that breaks it.
+    `on_progress(checked, total)`: total is what an intact chain holds (anchor to newest)."""
     first_seq, prev = conn.execute(
         "SELECT first_seq, prev_hash FROM audit_anchor WHERE id = 1"
     ).fetchone()
-    return walk_chain(
-        key, first_seq, prev, (_stored(r) for r in conn.execute(_SELECT + " ORDER BY seq"))
+    total = 0
+    if on_progress is not None:
+        last = conn.execute("SELECT max(seq) FROM audit").fetchone()[0]
+        total = max(0, int(last) - int(first_seq) + 1) if last is not None else 0
+        on_progress(0, total)
+    result = walk_chain(
+        key,
+        first_seq,
+        prev,
+        (_stored(r) for r in conn.execute(_SELECT + " ORDER BY seq")),
+        on_checked=None if on_progress is None else lambda n: on_progress(n, total),
     )
+    if on_progress is not None:
+        on_progress(result.checked, total)
+    return result
 
 
 def walk_chain(
-    key: bytes, first_seq: int, prev: str, records: Iterable[StoredRecord], node: str = ""
+    key: bytes,
+    first_seq: int,
+    prev: str,
+    records: Iterable[StoredRecord],
+    node: str = "",
+    *,
+    on_checked: Callable[[int], None] | None = None,
 ) -> VerifyResult:
-    """Check one chain's records, in seq order, from its anchor (first_seq, prev)."""
+    """Check one chain's records, in seq order, from its anchor (first_seq, prev).
+    `on_checked(n)`: every PROGRESS_EVERY records, how many are checked so far."""
     expected_seq = first_seq
     checked = 0
     for stored in records:
+        if on_checked is not None and checked % PROGRESS_EVERY == 0 and checked:
+            on_checked(checked)
         if stored.seq != expected_seq:
             return VerifyResult(
                 False,
@@ -341,9 +377,15 @@ def walk_chain(
 
 
 def prune(
-    conn: sqlite3.Connection, *, before: float | None = None, max_bytes: int | None = None
+    conn: sqlite3.Connection,
+    *,
+    before: float | None = None,
+    max_bytes: int | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> int:
-    """Delete the oldest records (by chain order) and move the anchor; returns how many."""
+    """Delete the oldest records (by chain order) and move the anchor; returns how many.
+    `on_progress(deleted, total)` between batches of PRUNE_BATCH records (one transaction
+    all the same)."""
     removed = 0
     with transaction(conn):
         cut: int | None = None
@@ -373,7 +415,7 @@ def prune(
                         (cut,),
                     )
                 ]
-                removed = conn.execute("DELETE FROM audit WHERE seq <= ?", (cut,)).rowcount
+                removed = _delete_upto(conn, cut, on_progress)
                 # A data-source row has its record's ts: rows older than the oldest kept
                 # record belong to deleted ones. (Rows of deleted records not older than
                 # that stay behind; queries join through audit, so they never show.)
@@ -390,6 +432,23 @@ def prune(
                 )
     if removed:
         conn.execute("PRAGMA incremental_vacuum")
+    return removed
+
+
+def _delete_upto(
+    conn: sqlite3.Connection, cut: int, on_progress: Callable[[int, int], None] | None
+) -> int:
+    """Delete the records up to seq `cut`, a batch at a time; returns how many."""
+    first = conn.execute("SELECT min(seq) FROM audit").fetchone()[0]
+    if first is None:
+        return 0
+    total = max(0, cut - int(first) + 1)  # exact for a whole chain: its seqs have no gaps
+    removed, upto = 0, int(first) - 1
+    while upto < cut:
+        upto = min(cut, upto + PRUNE_BATCH)
+        removed += conn.execute("DELETE FROM audit WHERE seq <= ?", (upto,)).rowcount
+        if on_progress is not None:
+            on_progress(removed, max(total, removed))
     return removed
 
 

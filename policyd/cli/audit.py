@@ -22,6 +22,7 @@ from policyd.audit.reader import Query, Reader
 from policyd.audit.reader import follow as follow_records
 from policyd.audit.records import FIELDS, StoredRecord, load_key
 from policyd.cli.context import Context, pass_ctx
+from policyd.cli.progress import progress
 from policyd.core import logs
 from policyd.core.errors import InvalidInput, PolicydError
 from policyd.core.reasons import Reason
@@ -280,7 +281,9 @@ def audit_stats(obj: Context, since: str, until: str | None, as_json: bool) -> N
 def audit_verify(obj: Context, as_json: bool) -> None:
     """Check the hash chain (with a PostgreSQL store: each replica's); name the first
     broken link (exit 1 when one is broken)."""
-    results = _reader(obj, with_key=True).verify_chains()
+    reader = _reader(obj, with_key=True)
+    with progress("verifying records") as bar:
+        results = reader.verify_chains(on_progress=bar)
     for result in results:
         if as_json:
             click.echo(json.dumps(result.as_dict(), sort_keys=True))
@@ -301,9 +304,11 @@ def audit_verify(obj: Context, as_json: bool) -> None:
 @pass_ctx
 def audit_prune(obj: Context, before: str) -> None:
     """Delete old records (of every replica's chain); the remaining chains still verify."""
+    cut = parse_when(before)
     index = index_target(obj.config).writer()
     try:
-        removed = index.prune(before=parse_when(before))
+        with progress("pruning records") as bar:
+            removed = index.prune(before=cut, on_progress=bar)
     finally:
         index.close()
     click.echo(f"pruned {removed} records")
@@ -328,7 +333,8 @@ def audit_index(obj: Context, follow_mode: bool) -> None:
     try:
         if not follow_mode:
             try:
-                found = indexer.run_once()
+                with progress("indexing journals") as bar:
+                    found = indexer.run_once(on_progress=bar)
             except indexer.errors as exc:
                 raise PolicydError(f"cannot index the audit journals: {exc}") from None
             click.echo(f"indexed {found} records")

@@ -12,11 +12,13 @@ from typing import Any
 
 import click
 
+from policyd.cli.progress import progress
 from policyd.config import Config, load_config
 from policyd.core.model import Access
 from policyd.decision.wiring import keyring, open_store
 from policyd.store.base import Store
 from policyd.store.keys import KeyRing
+from policyd.store.open import migrate_store
 
 
 class Context:
@@ -35,7 +37,12 @@ class Context:
 
     @property
     def store(self) -> Store:
+        """The store, opened (and migrated: with a bar when one is pending, on a terminal)
+        on first use."""
         if self._store is None:
+            with progress("migrating the store") as bar:
+                if bar is not None:  # else opening migrates, as it does for a server
+                    migrate_store(self.config.store_url, on_progress=bar)
             self._store = open_store(self.config)
         return self._store
 

@@ -3,6 +3,8 @@ and its decision-time view: the one place that picks a backend."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from policyd.core.urls import is_postgres
 from policyd.store.base import Store
 from policyd.store.facts import Facts
@@ -21,6 +23,21 @@ def open_store(
 
         return PostgresStore(url, migrate=migrate, pool_size=pool_size, lease_seconds=lease_seconds)
     raise ValueError(f"not a store URL: {url.split(':', 1)[0]}:…")
+
+
+def migrate_store(url: str, *, on_progress: Callable[[int, int], None] | None = None) -> None:
+    """Apply the pending migrations of the store at `url` and nothing more, reporting
+    `on_progress(applied, pending)` after each (not called when none is pending); opening
+    it afterwards finds nothing left to do. StoreUnavailable (one line) on failure."""
+    if url.startswith("sqlite:///"):
+        # It opens no connection of its own until used: this migrates and is done.
+        SqliteStore(url[len("sqlite:///") :], on_progress=on_progress)
+    elif is_postgres(url):
+        from policyd.store.postgres import migrate
+
+        migrate(url, on_progress)
+    else:
+        raise ValueError(f"not a store URL: {url.split(':', 1)[0]}:…")
 
 
 def facts_for(store: Store, *, token_cache_size: int = 100_000) -> Facts:

@@ -14,6 +14,7 @@ transaction (`policyd.generation`, read by PostgresStore.write) and NOTIFYs it o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -179,8 +180,13 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
 )
 
 
-def apply_migrations(raw: psycopg.Connection[Any], lock: int) -> list[str]:
-    """Apply the pending migrations (autocommit connection); returns their names."""
+def apply_migrations(
+    raw: psycopg.Connection[Any],
+    lock: int,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> list[str]:
+    """Apply the pending migrations (autocommit connection); returns their names.
+    `on_progress(applied, pending)` after each (not called when none is pending)."""
     applied: list[str] = []
     raw.execute("SELECT pg_advisory_lock(%s)", (lock,))
     try:
@@ -189,13 +195,16 @@ def apply_migrations(raw: psycopg.Connection[Any], lock: int) -> list[str]:
             " (name TEXT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
         )
         done = {r[0] for r in raw.execute("SELECT name FROM policyd_migrations")}
-        for name, sql in MIGRATIONS:
-            if name in done:
-                continue
+        pending = [(name, sql) for name, sql in MIGRATIONS if name not in done]
+        if pending and on_progress is not None:
+            on_progress(0, len(pending))
+        for name, sql in pending:
             with raw.transaction():
                 raw.execute(sql.encode())
                 raw.execute("INSERT INTO policyd_migrations (name) VALUES (%s)", (name,))
             applied.append(name)
+            if on_progress is not None:
+                on_progress(len(applied), len(pending))
     finally:
         raw.execute("SELECT pg_advisory_unlock(%s)", (lock,))
     return applied

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
@@ -211,3 +211,15 @@ class PostgresStore(Store):
             raise StoreUnavailable(
                 f"cannot migrate store {self.where}: {problem(self.url, exc)}"
             ) from exc
+
+
+def migrate(url: str, on_progress: Callable[[int, int], None] | None = None) -> None:
+    """Apply the pending migrations of the database at `url` on a connection of its own
+    (what PostgresStore does on opening), reporting `on_progress(applied, pending)`."""
+    raw = connect(url)
+    try:
+        apply_migrations(raw, MIGRATE_LOCK, on_progress)
+    except psycopg.Error as exc:
+        raise StoreUnavailable(f"cannot migrate store {redact(url)}: {problem(url, exc)}") from exc
+    finally:
+        raw.close()

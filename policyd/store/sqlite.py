@@ -13,7 +13,7 @@ import fcntl
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -64,12 +64,20 @@ class SqliteStore(Store):
     errors = (sqlite3.Error,)
     integrity_errors = (sqlite3.IntegrityError,)
 
-    def __init__(self, path: str | Path, *, migrate: bool = True) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        migrate: bool = True,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> None:
+        """Open the store at `path`; with `migrate`, create it and apply pending migrations
+        first, reporting `on_progress(applied, pending)` after each."""
         self.path = Path(path)
         self.where = str(self.path)
         self._local = threading.local()
         if migrate:
-            self.migrate()
+            self.migrate(on_progress)
         elif not self.path.exists():
             raise StoreUnavailable(f"store {self.path} does not exist")
 
@@ -104,8 +112,9 @@ class SqliteStore(Store):
         with _commit_or_rollback(conn):
             yield conn
 
-    def migrate(self) -> None:
-        """Create the file (mode 0600) and apply pending migrations, one process at a time."""
+    def migrate(self, on_progress: Callable[[int, int], None] | None = None) -> None:
+        """Create the file (mode 0600) and apply pending migrations, one process at a time;
+        `on_progress(applied, pending)` after each (not called when none is pending)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         create_private(self.path)
         lock_path = self.path.with_name(self.path.name + ".migrate-lock")
@@ -116,8 +125,14 @@ class SqliteStore(Store):
             try:
                 raw.execute("PRAGMA journal_mode = WAL")
                 db = Database(raw, execute_plugins=False)
-                if migrations.pending(db):
-                    migrations.apply(db)
+                pending = [m.name for m in migrations.pending(db)]
+                if pending and on_progress is not None:
+                    on_progress(0, len(pending))
+                # One at a time (each in its own transaction, as apply does them all).
+                for done, following in enumerate([*pending[1:], None], 1):
+                    migrations.apply(db, stop_before=following)
+                    if on_progress is not None:
+                        on_progress(done, len(pending))
             except sqlite3.DatabaseError as exc:
                 raise StoreUnavailable(f"cannot open store {self.path}: {exc}") from exc
             finally:
