@@ -109,9 +109,12 @@ def test_every_metric_the_dashboard_queries_is_exposed_by_policyd_serve(tmp_path
             for path in ("/api/data/tags/ds-a", "/api/data/tags/ds-a", "/api/data/tags/ds-c"):
                 stub.Check(check_request(token, path=path), timeout=10)
         deadline = time.monotonic() + 15
-        while True:  # the indexer's gauges come with its first pass
+        # The indexer's gauges come with its first pass, the decisions' counts with the
+        # serving process's next flush (metrics.FLUSH_SECONDS).
+        wanted = {"policyd_audit_lag_seconds", "policyd_decisions_total"}
+        while True:
             exposed = exposed_names(exposition(address))
-            if "policyd_audit_lag_seconds" in exposed or time.monotonic() > deadline:
+            if wanted <= exposed or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
     exprs = dashboard_exprs()

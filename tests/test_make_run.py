@@ -89,13 +89,18 @@ def test_make_run_serves_the_demo_and_stops_on_ctrl_c(tmp_path: Path) -> None:
         assert refused.status_code == 403
         assert refused.json()["reason"] == "DATA_SOURCE_NOT_GRANTED"
         # Metrics are on in the demo: the hub's two answers, counted at its door.
-        scraped = httpx.get(f"http://{metrics}/metrics").text
-        at_hub = {
-            s.labels["reason"]: s.value
-            for family in text_string_to_metric_families(scraped)
-            for s in family.samples
-            if s.name == "policyd_decisions_total" and s.labels["door"] == "asgi"
-        }
+        deadline = time.monotonic() + 10  # counted at the serving process's next flush
+        while True:
+            scraped = httpx.get(f"http://{metrics}/metrics").text
+            at_hub = {
+                s.labels["reason"]: s.value
+                for family in text_string_to_metric_families(scraped)
+                for s in family.samples
+                if s.name == "policyd_decisions_total" and s.labels["door"] == "asgi"
+            }
+            if len(at_hub) == 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         assert at_hub == {"ALLOWED": 1.0, "DATA_SOURCE_NOT_GRANTED": 1.0}, scraped
 
         # The demo app's page, where a newcomer starts the browser flow.

@@ -15,7 +15,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
-import httpx
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
@@ -32,18 +31,25 @@ from tests.helpers import (
     indexed_records,
     run_server,
 )
+from tests.metrics_support import exposition, with_metrics
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
-def scrape(address: str) -> tuple[str, Samples]:
-    """The exposition text of /metrics and its samples by (name, labels)."""
-    text = httpx.get(f"http://{address}/metrics", timeout=10).text
-    samples: Samples = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            samples[(s.name, frozenset(s.labels.items()))] = s.value
-    return text, samples
+def scrape(address: str, answers: int) -> tuple[str, Samples]:
+    """The exposition text of /metrics and its samples by (name, labels), once the server
+    has counted `answers` decisions: a serving process adds its tallied counts to the
+    shared files every metrics.FLUSH_SECONDS. Never more: the test asserts exact counts."""
+    deadline = time.monotonic() + 10
+    while True:
+        text = exposition(address)
+        samples: Samples = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                samples[(s.name, frozenset(s.labels.items()))] = s.value
+        if total(samples, "policyd_decisions_total") >= answers or time.monotonic() > deadline:
+            return text, samples
+        time.sleep(0.05)
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:
@@ -58,9 +64,8 @@ def total(samples: Samples, name: str, **labels: str) -> float:
 
 @contextmanager
 def metered(home: Home, *args: str) -> Iterator[tuple[ServerProcess, str]]:
-    metrics = f"127.0.0.1:{free_port()}"
-    home.write_config(f'[metrics]\naddress = "{metrics}"\n')
     home.seed()
+    metrics = with_metrics(home)
     with run_server(home, *args) as server:
         yield server, metrics
 
@@ -111,7 +116,7 @@ def test_a_scrape_after_known_traffic_has_the_exact_counts(tmp_path: Path) -> No
             assert envoy_check(channel, "", "/api/user/me").status.code != 0
             sent["envoy", "TOKEN_MISSING"] += 1
 
-        text, samples = scrape(metrics)
+        text, samples = scrape(metrics, sum(sent.values()))
     counted = {
         (dict(labels)["door"], dict(labels)["reason"]): v
         for (name, labels), v in samples.items()
@@ -141,7 +146,7 @@ def test_the_rule_label_is_the_route_rule_id(tmp_path: Path) -> None:
         token = home.token()
         with grpc.insecure_channel(server.address) as channel:
             reply = decision_stub(channel).Check(check_request(token, path="/api/user/me"))
-        _, samples = scrape(metrics)
+        _, samples = scrape(metrics, 1)
     assert reply.allowed and reply.rule_id
     assert (
         value(
@@ -165,22 +170,24 @@ def test_an_audit_refusal_is_counted(tmp_path: Path) -> None:
     )
     home.seed()
     token = home.token()
-    refused = 0
+    refused = answers = 0
     with run_server(home) as server, grpc.insecure_channel(server.address) as channel:
         stub = decision_stub(channel)
         first = stub.Check(check_request(token, path="/api/user/me"))
         assert first.allowed
+        answers += 1
         assert first.decision_id in indexed_records(home.config.audit.path, {first.decision_id})
         with sqlite3.connect(home.config.audit.path) as db:  # the indexer can index no more
             db.execute("DROP TABLE audit")
         deadline = time.monotonic() + 15
         while refused < 3 and time.monotonic() < deadline:
             reply = stub.Check(check_request(token, path="/api/user/me"))
+            answers += 1
             if reply.reason == decision_pb2.AUDIT_UNAVAILABLE:
                 refused += 1
             time.sleep(0.02)
         assert refused == 3
-        _, samples = scrape(metrics)
+        _, samples = scrape(metrics, answers)
     assert value(samples, "policyd_audit_refusals_total") == refused
     assert total(samples, "policyd_decisions_total", reason="AUDIT_UNAVAILABLE") == refused
 
@@ -204,8 +211,8 @@ def test_one_scrape_sums_two_workers(tmp_path: Path) -> None:
                     calls += 1
         folder = Path(_metrics_folder(server.log()))
         workers = [p for p in child_pids(server.process.pid) if b"serve" in cmdline(p)]
+        _, samples = scrape(metrics, calls)
         by_worker = [_decisions_in(folder / f"counter_{pid}.db") for pid in workers]
-        _, samples = scrape(metrics)
     assert total(samples, "policyd_decisions_total", door="grpc", reason="ALLOWED") == calls
     assert total(samples, "policyd_decisions_total") == calls
     assert value(samples, "policyd_decision_duration_seconds_count", door="grpc") == calls

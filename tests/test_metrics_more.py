@@ -83,7 +83,9 @@ def test_every_answered_decision_is_counted_written_then_indexed(tmp_path: Path)
                 stub.Check(check_request(token, path=path), timeout=10)
 
         def settled(s: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> bool:
-            return value(s, "policyd_audit_records_indexed_total") == 8
+            indexed = value(s, "policyd_audit_records_indexed_total")
+            # Written: counted by the serving process, in its files at its next flush.
+            return indexed == 8 and value(s, "policyd_audit_records_written_total") == 8
 
         samples = wait_scraped(address, settled, what="8 records indexed")
         assert value(samples, "policyd_audit_records_written_total") == 8

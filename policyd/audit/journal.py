@@ -238,8 +238,7 @@ class AuditLog:
             self._sync(journal, end)
         m = metrics.current
         if m is not None:  # durable now (counted only once it is)
-            m.audit_records.inc()
-            m.audit_bytes.inc(len(data))
+            m.audit_written(len(data))
         if self._watch is None:
             self._index_inline()
 

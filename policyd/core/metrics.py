@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
+import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -158,26 +160,70 @@ class Metrics:
             "policyd_oauth_sign_in_failures",
             "Failed sign-ins on the authorization server's pages.",
         )
-        # One labelled child per (door, allowed, reason, rule): made once, then a dict get.
+        # The counters of every answer are tallied in this process's memory under one lock
+        # and added to the shared files every FLUSH_SECONDS (`flush`): a counter written to
+        # the files costs about 1 us (a lock, a getpid, a write), and an answer moves five;
+        # the tally costs a fifth of that. The latency histogram is observed directly (its
+        # buckets can only be added to one observation at a time).
+        self._tally_lock = threading.Lock()
+        self._answers: dict[tuple[str, bool, str, str], int] = {}
+        self._hits = 0
+        self._misses = 0
+        self._records = 0
+        self._bytes = 0
+        # Labelled children, made once each, then a dict get.
         self._decision_children: dict[tuple[str, bool, str, str], Counter] = {}
         self._latency_children: dict[str, Histogram] = {}
         self._read_children: dict[str, Counter] = {}
-        self.hits = self.remembered.labels("hit")
-        self.misses = self.remembered.labels("miss")
+        self._hit_child = self.remembered.labels("hit")
+        self._miss_child = self.remembered.labels("miss")
 
-    def decided(self, door: str, allowed: bool, reason: str, rule: str, seconds: float) -> None:
-        """Count one answered decision and its latency (the doors' hot path)."""
+    def decided(
+        self, door: str, allowed: bool, reason: str, rule: str, seconds: float, hit: bool
+    ) -> None:
+        """Count one answered decision (`hit`: a remembered allow's repeat) and observe its
+        latency: the doors' hot path."""
         key = (door, allowed, reason, rule)
-        child = self._decision_children.get(key)
-        if child is None:
-            child = self._decision_children.setdefault(
-                key, self.decisions.labels(door, "true" if allowed else "false", reason, rule)
-            )
-        child.inc()
+        with self._tally_lock:
+            answers = self._answers
+            answers[key] = answers.get(key, 0) + 1
+            if hit:
+                self._hits += 1
+            else:
+                self._misses += 1
         latency = self._latency_children.get(door)
         if latency is None:
             latency = self._latency_children.setdefault(door, self.decision_seconds.labels(door))
         latency.observe(seconds)
+
+    def audit_written(self, size: int) -> None:
+        """Count one audit record of `size` bytes made durable in a journal."""
+        with self._tally_lock:
+            self._records += 1
+            self._bytes += size
+
+    def flush(self) -> None:
+        """Add what was tallied since the last flush to the shared files."""
+        with self._tally_lock:
+            answers, self._answers = self._answers, {}
+            hits, misses, records, size = self._hits, self._misses, self._records, self._bytes
+            self._hits = self._misses = self._records = self._bytes = 0
+        for key, n in answers.items():
+            child = self._decision_children.get(key)
+            if child is None:
+                door, allowed, reason, rule = key
+                child = self._decision_children[key] = self.decisions.labels(
+                    door, "true" if allowed else "false", reason, rule
+                )
+            child.inc(n)
+        if hits:
+            self._hit_child.inc(hits)
+        if misses:
+            self._miss_child.inc(misses)
+        if records:
+            self.audit_records.inc(records)
+        if size:
+            self.audit_bytes.inc(size)
 
     def store_read(self, kind: str) -> None:
         """Count one read of the store on the decision path (`kind`: what the cache missed)."""
@@ -189,6 +235,21 @@ class Metrics:
 
 # This process's metrics; None while they are off.
 current: Metrics | None = None
+
+# How often the tallied counts reach the shared files: a scrape is at most this far behind.
+FLUSH_SECONDS = 0.25
+
+
+def flush() -> None:
+    """Add this process's tallied counts to the shared files now (before it exits)."""
+    if current is not None:
+        current.flush()
+
+
+def _flushing(m: Metrics) -> None:
+    while True:
+        time.sleep(FLUSH_SECONDS)
+        m.flush()
 
 
 def enable(directory: str | None = None) -> Metrics:
@@ -206,6 +267,7 @@ def enable(directory: str | None = None) -> Metrics:
     os.environ[DIR_ENV] = directory
     os.environ[_LIB_ENV] = directory
     current = Metrics()
+    threading.Thread(target=_flushing, args=(current,), name="metrics-flush", daemon=True).start()
     return current
 
 

@@ -159,8 +159,7 @@ class Decider:
         reason = decision.reason.name
         if m is not None:
             seconds = (time.perf_counter_ns() - started_ns) / 1e9
-            m.decided(label, decision.allowed, reason, decision.rule_id, seconds)
-            (m.hits if hit else m.misses).inc()
+            m.decided(label, decision.allowed, reason, decision.rule_id, seconds, hit)
         t = tracing.current
         if t is not None:
             t.decided(

@@ -160,6 +160,7 @@ class Server:
             self.http_door.stop()
         if self.decider.audit is not None:
             self.decider.audit.close()
+        metrics.flush()  # the last answers' counts, before the process goes
 
 
 def serve(config: Config, config_path: str | None = None) -> int:
