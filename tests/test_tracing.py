@@ -17,6 +17,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
@@ -253,6 +254,8 @@ class Traced:
     envoy_grpc: str  # Envoy asking policyd's ext_authz gRPC door
     envoy_http: str  # Envoy asking its HTTP door
     asgi: str  # the echo app behind the ASGI middleware
+    echo_port: int  # the upstream behind both Envoys
+    door_port: int  # policyd's HTTP door
 
     def token(self) -> str:
         return self.home.token()
@@ -290,7 +293,7 @@ def traced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Traced]:
             urls.append(url)
         app = PolicydMiddleware(echo_app(Recorder()), server.address, timeout_seconds=5.0)
         asgi = running.enter_context(serve_asgi(app))
-        yield Traced(found, home, server, urls[0], urls[1], asgi)
+        yield Traced(found, home, server, urls[0], urls[1], asgi, echo.server_address[1], door)
 
 
 def _one_span(found: Collector, trace_id: str) -> Exported:
@@ -322,6 +325,74 @@ def test_envoy_passes_the_clients_traceparent_to_the_decision_span(
     assert span.attributes["policyd.door"] == door
     assert not span.span.events
     _assert_no_token(traced.found, token)
+
+
+def _envoy_tracer(config: dict[str, Any], collector_url: str) -> dict[str, Any]:
+    """The rendered sample with Envoy's own OpenTelemetry tracer on (docs/tracing.md)."""
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    hcm["typed_config"]["tracing"] = {
+        "provider": {
+            "name": "envoy.tracers.opentelemetry",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",
+                "http_service": {
+                    "http_uri": {"uri": collector_url, "cluster": "otel", "timeout": "1s"}
+                },
+                "service_name": "envoy",
+            },
+        }
+    }
+    port = int(collector_url.rsplit(":", 1)[1].split("/")[0])
+    address = {"socket_address": {"address": "127.0.0.1", "port_value": port}}
+    config["static_resources"]["clusters"].append(
+        {
+            "name": "otel",
+            "type": "STATIC",
+            "connect_timeout": "1s",
+            "load_assignment": {
+                "cluster_name": "otel",
+                "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address}}]}],
+            },
+        }
+    )
+    return config
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("door", ["envoy", "envoy_http"])
+def test_with_envoys_own_tracer_the_decision_span_is_a_child_of_envoys(
+    traced: Traced, door: str
+) -> None:
+    """Envoy then calls policyd in a span of its own, in the client's trace, and sends that
+    span's context (gRPC metadata; the HTTP check request's traceparent header): that one is
+    the decision span's parent, not the client's span."""
+    grpc_port = int(traced.server.address.rsplit(":", 1)[1])
+    ports = envoy_config.Ports(
+        listen=free_port(),
+        hub=traced.echo_port,
+        policyd=grpc_port if door == "envoy" else traced.door_port,
+        admin=free_port(),
+    )
+    source = envoy_config.PLAIN if door == "envoy" else envoy_config.HTTP
+    config = _envoy_tracer(envoy_config.render(ports, source=source), traced.found.url)
+    url = f"http://127.0.0.1:{ports.listen}"
+    envoy = start_envoy(traced.home.root, config, f"{url}/api/info")
+    try:
+        trace_id = _new_trace_id(400 + len(door))
+        r = httpx.get(
+            f"{url}/api/data/tags/ds-a",
+            headers={
+                "Authorization": f"Bearer {traced.token()}",
+                "traceparent": traceparent(trace_id),
+            },
+        )
+    finally:
+        _stop(envoy)
+    assert r.status_code == 200, r.text
+    span = _one_span(traced.found, trace_id)
+    assert span.attributes["policyd.decision_id"] == r.json()["x-policyd-decision-id"]
+    assert span.parent_span_id not in ("", PARENT_ID)  # Envoy's span, in the client's trace
+    assert span.attributes["policyd.door"] == door
 
 
 @pytest.mark.slow
