@@ -117,8 +117,11 @@ def test_sampling_follows_the_caller_and_the_ratio_for_new_traces(
     t.decided(traceparent(_new_trace_id(2), flags="00"), "grpc", now, "not", True, "ALLOWED", "r")
     t.decided("", "grpc", now, "new", True, "ALLOWED", "r")
     t.decided("not-a-traceparent", "grpc", now, "bad", True, "ALLOWED", "r")
+    zeros = traceparent("0" * 32, flags="00")  # invalid, not unsampled: a new trace, not traced
+    t.decided(zeros, "grpc", now, "zeros", True, "ALLOWED", "r")
+    t.decided(traceparent(_new_trace_id(3), flags="03"), "grpc", now, "03", True, "ALLOWED", "r")
     tracing.shutdown()
-    assert [s.attributes["policyd.decision_id"] for s in found.spans] == ["sampled"]
+    assert [s.attributes["policyd.decision_id"] for s in found.spans] == ["sampled", "03"]
 
 
 def test_a_failed_decision_is_an_error_span_and_a_bad_traceparent_a_new_trace(
