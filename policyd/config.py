@@ -90,6 +90,19 @@ class MetricsConfig:
 
 
 @dataclass
+class TracingConfig:
+    # OpenTelemetry spans of decisions (docs/tracing.md), sent over OTLP/HTTP; off by default.
+    enabled: bool = False
+    # The collector's OTLP/HTTP traces URL (protobuf).
+    endpoint: str = "http://127.0.0.1:4318/v1/traces"
+    # Requests that come without a trace context: the share traced (0 to 1). Those with one
+    # are traced when their caller sampled them.
+    sample_ratio: float = 1.0
+    # Each export's deadline; also the longest a stopping server waits to send what is queued.
+    timeout_seconds: float = 5.0
+
+
+@dataclass
 class ClusterConfig:
     # This replica's name in the cluster: its lease rows and its audit chain are filed under
     # it. "" = HOSTNAME:PORT of server.address (unique per replica on one host, too).
@@ -190,6 +203,7 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
 
     def validate(self) -> None:
         s = self.server
@@ -271,6 +285,7 @@ class Config:
             raise ConfigError("store.lease_seconds must be between 0.5 and 60")
         if self.log.format not in logs.FORMATS:
             raise ConfigError(f"log.format must be 'plain' or 'json', not {self.log.format!r}")
+        self._validate_tracing()
         a = self.audit
         if a.sync not in ("normal", "full"):
             raise ConfigError(f"audit.sync must be 'normal' or 'full', not {a.sync!r}")
@@ -283,6 +298,19 @@ class Config:
         if not a.retention_interval_seconds > 0:
             raise ConfigError("audit.retention_interval_seconds must be above 0")
         self._validate_oauth()
+
+    def _validate_tracing(self) -> None:
+        tr = self.tracing
+        if not 0 <= tr.sample_ratio <= 1:  # also catches NaN
+            raise ConfigError(
+                f"tracing.sample_ratio must be between 0 and 1, not {tr.sample_ratio}"
+            )
+        if not tr.timeout_seconds > 0:
+            raise ConfigError(f"tracing.timeout_seconds must be above 0, not {tr.timeout_seconds}")
+        if tr.enabled and not tr.endpoint.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"tracing.endpoint must be an http(s) URL (OTLP/HTTP), not {tr.endpoint!r}"
+            )
 
     def _validate_oauth(self) -> None:
         o = self.oauth

@@ -195,6 +195,10 @@ def test_every_key_has_an_env_variable_that_overrides_it(tmp_path: Path) -> None
         "cluster.node": "node-7",
         "log.format": "json",
         "metrics.address": "127.0.0.1:9464",
+        "tracing.enabled": True,
+        "tracing.endpoint": "https://collector.example:4318/v1/traces",
+        "tracing.sample_ratio": 0.25,
+        "tracing.timeout_seconds": 2.5,
         "tokens.issuer": "https://issuer.example",
         "tokens.audience": "audience",
         "tokens.leeway_seconds": 7.5,
@@ -344,6 +348,10 @@ def test_bad_env_value_is_an_error_naming_the_variable(var: str, value: str, kin
         ("[store]\npool_size = 0\n", "store.pool_size"),
         ("[store]\nlease_seconds = 0.1\n", "store.lease_seconds"),
         ("[log]\nformat = 'xml'\n", "log.format"),
+        ("[tracing]\nsample_ratio = 1.5\n", "tracing.sample_ratio"),
+        ("[tracing]\nsample_ratio = -0.1\n", "tracing.sample_ratio"),
+        ("[tracing]\nsample_ratio = nan\n", "tracing.sample_ratio"),
+        ("[tracing]\nenabled = true\nendpoint = '127.0.0.1:4318'\n", "tracing.endpoint"),
     ],
 )
 def test_invalid_value_is_an_error_naming_the_key(tmp_path: Path, text: str, key: str) -> None:
@@ -356,6 +364,7 @@ def test_invalid_value_is_an_error_naming_the_key(tmp_path: Path, text: str, key
         ("[client]\ntimeout_seconds = 0\n", "client.timeout_seconds"),
         ("[client]\ntimeout_seconds = -5\n", "client.timeout_seconds"),
         ("[server]\ngrace_seconds = nan\n", "server.grace_seconds"),
+        ("[tracing]\ntimeout_seconds = 0\n", "tracing.timeout_seconds"),
     ],
 )
 def test_nonsense_timeouts_are_errors_naming_the_key(tmp_path: Path, text: str, key: str) -> None:

@@ -48,6 +48,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 _Check = grpc.aio.UnaryUnaryMultiCallable[decision_pb2.CheckRequest, decision_pb2.CheckResponse]
+Metadata = tuple[tuple[str, str], ...]
 
 log = logging.getLogger("adapters.asgi")
 
@@ -72,6 +73,8 @@ STRIP_HEADERS = frozenset(
     }
 )
 _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
+# A trace context header gRPC metadata can carry.
+_METADATA_VALUE = re.compile(rb"[\x20-\x7e]{1,512}")
 # Characters of a decoded path that stay as they are when no raw_path is given.
 _PATH_SAFE = "/:@!$&'()*+,;=-._~"
 _PRINTABLE_ASCII = "".join(chr(c) for c in range(0x21, 0x7F))
@@ -194,7 +197,8 @@ class PolicydMiddleware:
                 return
             app_receive = _Replay(body, receive)
         auth, denial = await self._decide(
-            check_request(scope, token, method, body, self.forward_headers)
+            check_request(scope, token, method, body, self.forward_headers),
+            trace_context(headers),
         )
         if denial is not None:
             await self._respond(send, denial)
@@ -206,7 +210,8 @@ class PolicydMiddleware:
         try:
             token = bearer_token(headers)
             auth, denial = await self._decide(
-                check_request(scope, token, "GET", b"", self.forward_headers)
+                check_request(scope, token, "GET", b"", self.forward_headers),
+                trace_context(headers),
             )
         except AmbiguousAuthorization:
             auth, denial = None, ambiguous_authorization()
@@ -271,14 +276,14 @@ class PolicydMiddleware:
         return self._check
 
     async def _decide(
-        self, request: decision_pb2.CheckRequest
+        self, request: decision_pb2.CheckRequest, metadata: Metadata | None = None
     ) -> tuple[AuthInfo | None, Denial | None]:
         m = self._metrics
         if m is not None:
             m.checks.inc()
         try:
             call = self._connect()
-            response = await call(request, timeout=self.timeout_seconds)
+            response = await call(request, timeout=self.timeout_seconds, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
             log.warning("policyd Check failed: %s %s", code.name, exc.details() or "")
@@ -364,6 +369,26 @@ def check_request(
     http.headers.update(forwarded)
     http.body = body
     return request
+
+
+def trace_context(headers: list[tuple[bytes, bytes]]) -> Metadata | None:
+    """The request's W3C trace context (`traceparent`, and `tracestate` with it) as gRPC
+    metadata for the Check, so that policyd's decision span (docs/tracing.md) continues the
+    caller's trace; None when it came without one. A value gRPC metadata cannot carry
+    (not visible ASCII, or over 512 bytes) is left out, never a failed Check."""
+    traceparent: bytes | None = None
+    tracestate = b""
+    for name, value in headers:
+        if len(name) == 11 and name.lower() == b"traceparent":
+            # Two are none: which trace the request belongs to cannot be told.
+            traceparent = value if traceparent is None else b""
+        elif len(name) == 10 and name.lower() == b"tracestate":
+            tracestate = tracestate + b"," + value if tracestate else value
+    if traceparent is None or not _METADATA_VALUE.fullmatch(traceparent):
+        return None
+    if _METADATA_VALUE.fullmatch(tracestate):
+        return (("traceparent", traceparent.decode()), ("tracestate", tracestate.decode()))
+    return (("traceparent", traceparent.decode()),)
 
 
 class _Replay:

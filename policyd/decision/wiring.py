@@ -10,6 +10,7 @@ from policyd.audit.journal import AuditLog
 from policyd.audit.records import load_key
 from policyd.audit.target import IndexTarget
 from policyd.config import Config
+from policyd.core import tracing
 from policyd.core.policy import Policy, load_policy
 from policyd.decision.decider import Decider
 from policyd.decision.engine import Engine, EngineSettings
@@ -90,7 +91,16 @@ def open_audit_log(config: Config) -> AuditLog | None:
 
 
 def build_decider(config: Config, store: Store | None = None, *, serving: bool = False) -> Decider:
-    """The engine plus the audit log: what every door calls."""
+    """The engine plus the audit log: what every door calls. `serving` (see build_engine)
+    also turns tracing on in this process when the config says so."""
+    if serving and config.tracing.enabled:
+        t = config.tracing
+        tracing.enable(
+            t.endpoint,
+            sample_ratio=t.sample_ratio,
+            timeout_seconds=t.timeout_seconds,
+            instance=config.node,
+        )
     return Decider(build_engine(config, store, serving=serving), open_audit_log(config))
 
 

@@ -34,7 +34,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from policyd.config import Config, TLSConfig
-from policyd.core import metrics, net
+from policyd.core import metrics, net, tracing
 from policyd.core.errors import ConfigError, PolicydError
 from policyd.core.policy import load_policy
 from policyd.decision.decider import Decider
@@ -240,6 +240,7 @@ def _serve(config: Config, indexer: IndexerProcess | None, cpu: int | None = Non
         log.warning("the supervisor is gone: finishing calls in flight")
     reloading.stop()
     server.stop()  # closes the audit journal: the indexer then finishes it
+    tracing.shutdown()  # sends the spans still queued
     if oauth is not None:
         oauth.stop()
     log.info("stopped")
