@@ -14,6 +14,8 @@ export POLICYD_HUB_PORT=${POLICYD_HUB_PORT:-8000}
 export POLICYD_HUB_DATA_DIR=${POLICYD_HUB_DATA_DIR:-$VAR/hub}
 # Prometheus metrics of policyd (docs/metrics.md): on in the demo, off by default elsewhere.
 export POLICYD_METRICS_ADDRESS=${POLICYD_METRICS_ADDRESS:-127.0.0.1:9464}
+# The hub's own: its middleware's calls to policyd, their failures, the answers it gave.
+export POLICYD_HUB_METRICS_ADDRESS=${POLICYD_HUB_METRICS_ADDRESS:-127.0.0.1:9465}
 
 mkdir -p "$VAR"
 "$BIN/policyd" demo seed --token-file "$VAR/demo-alice.token"
@@ -29,6 +31,7 @@ policyd and the hub are starting (Ctrl-C stops both). In another terminal, try:
   curl -i -H "Authorization: Bearer \$TOKEN" $hub/api/data/tags/edge-historian   # 403
   $BIN/policyd grants add alice demo-app edge-historian --access write
   curl -s http://$POLICYD_METRICS_ADDRESS/metrics | grep '^policyd_decisions_total'
+  curl -s http://$POLICYD_HUB_METRICS_ADDRESS/metrics | grep '^policyd_middleware'
 
 Or click through the whole flow in a browser: open http://127.0.0.1:${POLICYD_CLIENT_PORT:-8090}
 and sign in as alice / alice-demo; take access back at http://127.0.0.1:8080/settings.

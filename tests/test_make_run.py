@@ -44,7 +44,7 @@ def _wait_for_hub(url: str, timeout: float = 60.0) -> None:
 def test_make_run_serves_the_demo_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     address = f"127.0.0.1:{free_port()}"
     hub_port, client_port = free_port(), free_port()
-    metrics = f"127.0.0.1:{free_port()}"
+    metrics, hub_metrics = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("POLICYD_")}
     env.update(
         POLICYD_STORE_PATH=str(tmp_path / "policyd.db"),
@@ -57,6 +57,7 @@ def test_make_run_serves_the_demo_and_stops_on_ctrl_c(tmp_path: Path) -> None:
         POLICYD_HUB_PORT=str(hub_port),
         POLICYD_CLIENT_PORT=str(client_port),
         POLICYD_METRICS_ADDRESS=metrics,
+        POLICYD_HUB_METRICS_ADDRESS=hub_metrics,
     )
     run = subprocess.Popen(
         ["make", "--no-print-directory", "run", f"VAR={tmp_path}"],
@@ -102,6 +103,16 @@ def test_make_run_serves_the_demo_and_stops_on_ctrl_c(tmp_path: Path) -> None:
                 break
             time.sleep(0.05)
         assert at_hub == {"ALLOWED": 1.0, "DATA_SOURCE_NOT_GRANTED": 1.0}, scraped
+        # The hub's own: its middleware asked policyd twice and answered the deny itself.
+        hub_scraped = httpx.get(f"http://{hub_metrics}/metrics").text
+        middleware = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(hub_scraped)
+            for s in family.samples
+            if s.name.startswith("policyd_middleware")
+        }
+        assert middleware[("policyd_middleware_checks_total", ())] == 2, hub_scraped
+        assert middleware[("policyd_middleware_responses_total", (("status", "403"),))] == 1
 
         # The demo app's page, where a newcomer starts the browser flow.
         deadline = time.monotonic() + 30
