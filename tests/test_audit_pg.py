@@ -7,6 +7,7 @@ and its own indexer, and extends its own chain in the shared tables.
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -533,3 +534,33 @@ def test_a_server_on_a_postgres_store_indexes_its_decisions_there_under_its_node
     rows = _rows(pg_url, "SELECT node, id FROM audit_records ORDER BY seq")
     assert sorted(r[1] for r in rows) == sorted(ids)
     assert {r[0] for r in rows} == {"replica-1"}
+
+
+def test_the_indexer_says_when_its_nodes_newest_records_were_deleted(
+    tmp_path: Path, pg_url: str, key: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On PostgreSQL too: the chain's head is read from the node's records (not from its
+    audit_chains row, which only the indexer writes), so deleting the newest records is
+    said and counted (metrics' policyd_audit_verify_failures_total) at the next pass."""
+    node = Node(tmp_path, "here", pg_url, key)
+    node.log.start()  # its records wait for its indexer, as in a server
+    indexer = node.indexer()
+    try:
+        _write(node, 4, "a")
+        assert indexer.run_once() == 4
+        _write(node, 1, "b")
+        assert indexer.run_once() == 1
+        assert indexer.chain_breaks == 0
+        with psycopg.connect(pg_url, autocommit=True) as conn:  # the newest two deleted
+            conn.execute("DELETE FROM audit_records WHERE node = 'here' AND seq >= 4")
+        _write(node, 1, "c")
+        with caplog.at_level(logging.ERROR, logger="policyd.audit.journal"):
+            assert indexer.run_once() == 1
+        assert indexer.chain_breaks == 1
+        assert "ends at record 3, but this indexer left it at record 5" in caplog.text
+        _write(node, 1, "d")  # said once
+        assert indexer.run_once() == 1
+        assert indexer.chain_breaks == 1
+    finally:
+        node.log.close()
+        indexer.close()

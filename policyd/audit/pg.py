@@ -221,7 +221,15 @@ class _PgWriting:
         )
 
     def chain_head(self) -> tuple[int, str]:
-        return self.seq, self.head  # audit_chains' row, locked by this transaction
+        """The newest record of this node's chain in audit_records; with none left (all
+        pruned), the head its audit_chains row (locked by this transaction) carries on from.
+        Read from the records, not the row: the row is the indexer's own, and the check
+        that uses this (Indexer._check_head) looks for newest records deleted or edited."""
+        row = self.conn.execute(
+            "SELECT seq, hash FROM audit_records WHERE node = %s ORDER BY seq DESC LIMIT 1",
+            (self.node,),
+        ).fetchone()
+        return (self.seq, self.head) if row is None else (int(row[0]), str(row[1]))
 
     def append(self, key: bytes, records: list[Line]) -> int:
         if not self.key_id:
