@@ -279,3 +279,56 @@ def test_a_metrics_address_in_use_is_one_line(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "metrics.address" in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+_BROKEN_FILES = """
+import logging, sys, tempfile
+from pathlib import Path
+from policyd.core import metrics
+metrics.enable(tempfile.mkdtemp())
+from prometheus_client import values
+from policyd.decision.wiring import build_decider
+from policyd.doors.service import DecisionServicer
+from policyd.gen.v1 import decision_pb2
+from tests.helpers import Home, check_request
+
+logging.basicConfig(level=logging.ERROR, stream=sys.stdout, format="%(name)s: %(message)s")
+home = Home(Path(tempfile.mkdtemp()))
+home.seed()
+servicer = DecisionServicer(build_decider(home.config, home.store))
+
+def check(path):
+    reply = servicer.Check(check_request(home.token(), path=path), None)
+    if isinstance(reply, bytes):
+        reply = decision_pb2.CheckResponse.FromString(reply)
+    return reply
+
+print("before", check("/api/user/me").allowed)
+values.close_all_multiprocess_files()  # every count written from now on fails
+print("after", [check(p).reason for p in ("/api/user/me", "/api/data/tags/ds-a")])
+metrics.flush()
+print("flushed")
+"""
+
+
+def test_counts_that_cannot_be_written_never_change_an_answer(tmp_path: Path) -> None:
+    """prometheus_client's files closed under a serving process: the decisions are answered
+    as before, the failure is one log line, and flushing carries on (a subprocess: metrics
+    are on for its whole life)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("POLICYD_", "PROMETHEUS"))}
+    out = subprocess.run(
+        [sys.executable, "-c", _BROKEN_FILES],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=Path(__file__).parent.parent,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    allowed = decision_pb2.ALLOWED
+    assert lines[0] == "before True"
+    assert f"after [{allowed}, {allowed}]" in lines, out.stdout
+    assert "flushed" in lines
+    failures = [line for line in lines if line.startswith("policyd.core.metrics: ")]
+    assert len(failures) == 1 and "not written" in failures[0], out.stdout

@@ -74,6 +74,10 @@ def _refuses_connections(address: str) -> bool:
         socket.create_connection((host, int(port)), timeout=1).close()
     except ConnectionRefusedError:
         return True
+    except ConnectionResetError:
+        # Taken into the backlog of a listener that closed before accepting it: the port
+        # is closing; ask again (the caller waits) until it refuses.
+        return False
     return False
 
 

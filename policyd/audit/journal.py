@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import logging
 import mmap
 import os
@@ -592,9 +593,8 @@ class Indexer:
         if records:
             self.records += len(records)
             self.commits += 1
-            m = metrics.current
-            if m is not None:
-                m.audit_indexed.inc(len(records))
+            indexed = len(records)
+            metrics.safely(lambda m: m.audit_indexed.inc(indexed))
         self._known[path.name] = new_mark
         more = len(data) == INDEX_CHUNK_BYTES and zero < 0
         if ended and not more:
@@ -608,6 +608,12 @@ class Indexer:
             self.index.forget(path.name)
             self._known.pop(path.name, None)
         return len(records), more
+
+    def _passed(self, m: metrics.Metrics, started: float) -> None:
+        m.audit_backlog_records.set(self.found)
+        oldest = self.oldest
+        m.audit_lag_seconds.set(0.0 if oldest is None else max(0.0, started - oldest))
+        m.audit_last_pass.set(time.time())
 
     def _check_head(self, found: tuple[int, str]) -> None:
         """The chain must still end where this indexer left it, or further on (another
@@ -626,9 +632,7 @@ class Indexer:
             left[0],
             left[1][:12],
         )
-        m = metrics.current
-        if m is not None:
-            m.audit_verify_failures.inc()
+        metrics.safely(lambda m: m.audit_verify_failures.inc())
 
     def prune(self, *, before: float | None = None, max_bytes: int | None = None) -> int:
         with self._lock:
@@ -651,7 +655,6 @@ class Indexer:
             interval = self.index.pass_interval
         failures = 0
         next_retention = time.monotonic() + retention_every
-        m = metrics.current
         while not stop.is_set():
             if parent is not None and os.getppid() != parent:
                 log.warning("audit indexer: the server is gone; indexing what is left")
@@ -666,13 +669,11 @@ class Indexer:
                 failures += 1
                 if failures == 1 or failures % 100 == 0:
                     log.error("audit indexing failed (%d times): %s", failures, exc)
-            if m is not None:
+            if metrics.current is not None:
                 # What this pass found waiting, and for how long the oldest of it had
                 # waited when the pass began. A failed pass (the index cannot be written)
                 # finds the same records again next time, so the lag keeps growing.
-                m.audit_backlog_records.set(self.found)
-                oldest = self.oldest
-                m.audit_lag_seconds.set(0.0 if oldest is None else max(0.0, started - oldest))
+                metrics.safely(functools.partial(self._passed, started=started))
             max_age, max_bytes = retention
             if (max_age or max_bytes) and time.monotonic() >= next_retention:
                 next_retention = time.monotonic() + retention_every

@@ -57,24 +57,30 @@ def wanted(stream: TextIO | None = None, *, machine: bool | None = None) -> bool
 
 class Bar:
     """The callback behind one bar: starts the bar on its first call (when the total is
-    known), moves it at most every UPDATE_SECONDS."""
+    known), moves it at most every UPDATE_SECONDS. Drawn by click's progress bar, through
+    its public interface (the context manager `click.progressbar` returns, `update`)."""
 
     def __init__(self, label: str, stream: TextIO) -> None:
-        self.base = self.label = label
+        self.label = label
         self.stream = stream
-        self.bar: Any = None  # click's ProgressBar (its class is not public)
+        self.item = ""  # shown beside the label (`note`)
+        self.bar: Any = None  # click's ProgressBar, entered
+        self.pos = 0  # what the bar shows
+        self.done = 0  # what was reported
+        self.length = 0
         self.shown = 0.0
 
     def note(self, text: str) -> None:
         """Show `text` beside the label (e.g. what is being done now), from the next draw."""
-        self.label = f"{self.base}: {text}" if text else self.base
+        self.item = text
         if self.bar is not None:
-            self.bar.label = self.label
+            self.bar.update(0, text)
 
     def __call__(self, done: int, total: int) -> None:
         if self.bar is None:
             if total <= 0:
                 return
+            self.length = total
             self.bar = click.progressbar(
                 length=total,
                 label=self.label,
@@ -82,21 +88,25 @@ class Bar:
                 show_pos=True,
                 show_percent=True,
                 width=30,
-            )
-            self.bar.__enter__()
-        self.bar.length = max(total, 1)
-        self.bar.pos = done
+                item_show_func=lambda item: item or None,
+                update_min_steps=0,  # every update drawn: `__call__` paces them itself
+            ).__enter__()
+        # The bar's length is fixed when it starts: a total that grows later ends it early.
+        self.done = min(done, self.length)
         now = time.monotonic()
-        if done < total and now - self.shown < UPDATE_SECONDS:
+        if self.done < self.length and now - self.shown < UPDATE_SECONDS:
             return  # drawn with a later call, or at the end
         self.shown = now
-        self.bar.make_step(0)  # marks it finished at the total, and times the ETA
-        self.bar.render_progress()
+        self._draw()
+
+    def _draw(self) -> None:
+        self.bar.update(self.done - self.pos, self.item)
+        self.pos = self.done
 
     def end(self) -> None:
         if self.bar is not None:
-            self.bar.make_step(0)
-            self.bar.render_progress()  # where it stopped, if a call was not drawn
+            if self.done != self.pos:
+                self._draw()  # where it stopped, if a call was not drawn
             self.bar.__exit__(None, None, None)
 
 

@@ -115,7 +115,7 @@ class Decider:
                         # the deny keeps its id (never a second record for one answer).
                         denied = entry.decision._replace(decision_id=decision_id)
                         return self._answered(
-                            render, _unrecorded(denied, exc), label, traceparent, started_ns
+                            render, _unrecorded(denied, exc), label, traceparent, started_ns, True
                         )
                 if remembered:
                     answer = door.remembered(entry, decision_id, render)
@@ -139,10 +139,11 @@ class Decider:
         label: str,
         traceparent: str,
         started_ns: int,
+        hit: bool = False,
     ) -> R:
         answer = render(decision)
         if metrics.current is not None or tracing.current is not None:
-            self._observe(decision, decision.decision_id, label, traceparent, started_ns, False)
+            self._observe(decision, decision.decision_id, label, traceparent, started_ns, hit)
         return answer
 
     @staticmethod
@@ -162,15 +163,20 @@ class Decider:
             m.decided(label, decision.allowed, reason, decision.rule_id, seconds, hit)
         t = tracing.current
         if t is not None:
-            t.decided(
-                traceparent,
-                label,
-                started_ns,
-                decision_id,
-                decision.allowed,
-                reason,
-                decision.rule_id,
-            )
+            try:
+                t.decided(
+                    traceparent,
+                    label,
+                    started_ns,
+                    decision_id,
+                    decision.allowed,
+                    reason,
+                    decision.rule_id,
+                )
+            except Exception as exc:  # the answer stands: a span is not worth a failed call
+                _untraced_log.error(
+                    "decision %s not traced: %s", decision_id, exc, decision_id=decision_id
+                )
 
     def answer_input(
         self,
@@ -266,8 +272,14 @@ class _Throttled:
     each (thousands per second under load) would flood the log and cost the door more than
     the decisions do."""
 
-    def __init__(self, every: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        every: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+        more: str = "denied so",
+    ) -> None:
         self.every = every
+        self.more = more
         self.clock = clock
         self._next = 0.0
         self._skipped = 0
@@ -282,18 +294,19 @@ class _Throttled:
             self._next = now + self.every
             skipped, self._skipped = self._skipped, 0
         if skipped:
-            message += " (and %d more denied so since the last such line)"
+            message += f" (and %d more {self.more} since the last such line)"
             args = (*args, skipped)
         log.error(message, *args, extra={"decision_id": decision_id})
 
 
 _unrecorded_log = _Throttled()
+_untraced_log = _Throttled(every=60.0, more="not traced")
 
 
 def _unrecorded(decision: Decision, exc: AuditUnavailable) -> Decision:
     m = metrics.current
     if m is not None:
-        m.audit_refusals.inc()
+        m.audit_refused()
     _unrecorded_log.error(
         "decision %s denied: %s", decision.decision_id, exc, decision_id=decision.decision_id
     )

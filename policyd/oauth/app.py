@@ -107,12 +107,7 @@ class AuthorizationApp:
         self.throttle = LoginThrottle(o.login_max_failures, o.login_window_seconds)
         self.pages = Pages(self.prefix)
         self.asgi = self._build()
-        m = metrics.current
-        if m is not None:  # every series at 0 from the start, so rates and alerts see them
-            for grant_type in GRANT_TYPES:
-                m.tokens_issued.labels(grant_type)
-            for event in ("given", "revoked"):
-                m.consents.labels(event)
+        metrics.safely(_zero_series)  # every series at 0 from the start, for rates and alerts
 
     def scopes(self) -> dict[str, ScopeInfo]:
         """The policy's scopes, as they are now (reloaded when the policy files change)."""
@@ -346,9 +341,7 @@ class AuthorizationApp:
         earlier, _ = self._earlier(user, client_id)
         kept = [name for name in sorted(earlier or ()) if name not in asked]
         self.store.approve(user, client_id, [*(s.name for s in scopes), *kept], grants)
-        m = metrics.current
-        if m is not None:
-            m.consents.labels("given").inc()
+        metrics.safely(lambda m: m.consents.labels("given").inc())
         return Approval(user, tuple(s.name for s in scopes), tuple(chosen))
 
     # -- token, revocation, introspection ---------------------------------------------
@@ -427,9 +420,7 @@ class AuthorizationApp:
         if not verify_password(stored, form.get("password", "")):
             self.throttle.failed(username, address)
             log.info("failed sign-in for user %r from %s", username, address)
-            m = metrics.current
-            if m is not None:
-                m.sign_in_failures.inc()
+            metrics.safely(lambda m: m.sign_in_failures.inc())
             return self._page(
                 request,
                 browser,
@@ -515,9 +506,8 @@ class AuthorizationApp:
             gone = self.store.disconnect(user, client_id)
             families = gone.families
             log.info("user %s disconnected app %s (%d token families)", user, client_id, families)
-            m = metrics.current
-            if m is not None and gone.consent:  # a pair with no consent left had none to lose
-                m.consents.labels("revoked").inc()
+            if gone.consent:  # a pair with no consent left had none to lose
+                metrics.safely(lambda m: m.consents.labels("revoked").inc())
             subject = self._app_label(client_id)
             done = "disconnected"
         else:
@@ -535,3 +525,10 @@ class AuthorizationApp:
             return self.store.get_app(client_id).name
         except NotFound:
             return client_id
+
+
+def _zero_series(m: metrics.Metrics) -> None:
+    for grant_type in GRANT_TYPES:
+        m.tokens_issued.labels(grant_type)
+    for event in ("given", "revoked"):
+        m.consents.labels(event)

@@ -295,9 +295,8 @@ class AuthorizationServer(_AuthorizationServer):  # type: ignore[misc]
             raise InvalidGrantError(
                 "The grant was used twice; the tokens issued from it are revoked."
             )
-        m = metrics.current
-        if m is not None:  # handed out now (a token saved too late, above, never is)
-            m.tokens_issued.labels(grant_type).inc()
+        # Handed out now (a token saved too late, above, never is).
+        metrics.safely(lambda m: m.tokens_issued.labels(grant_type).inc())
 
     def create_oauth2_request(self, request: Any) -> Any:
         return request  # already adapted (requests.py)
@@ -319,9 +318,7 @@ class AuthorizationServer(_AuthorizationServer):  # type: ignore[misc]
 
 
 def _count_reuse() -> None:
-    m = metrics.current
-    if m is not None:
-        m.refresh_reuse.inc()
+    metrics.safely(lambda m: m.refresh_reuse.inc())
 
 
 def refuse_repeated_parameters(request: Any) -> Response | None:

@@ -121,9 +121,7 @@ class Reloader:
                     )
                     return self._record(ReloadResult("loaded", version, trigger))
             self._rejected = version
-            m = metrics.current
-            if m is not None:
-                m.policy_reloads.labels("failure").inc()
+            metrics.safely(lambda m: m.policy_reloads.labels("failure").inc())
             log.error(
                 "policy change rejected (%s); still serving %s:\n  %s",
                 trigger,
@@ -183,9 +181,10 @@ class Reloader:
 def _count_load(replaced: str, version: str, at: float) -> None:
     """Metrics of a good load: the version decided with now, and when it came. At start
     (`replaced` empty) it is no reload."""
-    m = metrics.current
-    if m is None:
-        return
+    metrics.safely(lambda m: _loaded(m, replaced, version, at))
+
+
+def _loaded(m: metrics.Metrics, replaced: str, version: str, at: float) -> None:
     if replaced:
         m.policy_reloads.labels("success").inc()
         m.policy_info.labels(replaced).set(0)

@@ -8,7 +8,6 @@ workers) makes the folder every process counts into (core/metrics.py), serves it
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 from typing import Any
@@ -30,7 +29,10 @@ class MetricsEndpoint:
         self.directory = tempfile.mkdtemp(prefix="policyd-metrics-")
         self._server: Any = None
         try:
-            metrics.enable(self.directory)
+            try:
+                metrics.enable(self.directory)
+            except RuntimeError as exc:
+                raise ConfigError(str(exc)) from None
             from prometheus_client import start_http_server
 
             registry = metrics.collect_registry(self.directory)
@@ -54,8 +56,8 @@ class MetricsEndpoint:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+        metrics.disable()
         shutil.rmtree(self.directory, ignore_errors=True)
-        os.environ.pop(metrics.DIR_ENV, None)
 
 
 def start(config: Config) -> MetricsEndpoint | None:

@@ -233,7 +233,7 @@ class Facts:
                     caches = self._caches = _Caches(generation, self._token_limit)
                     m = metrics.current
                     if m is not None:
-                        m.cache_generations.inc()
+                        m.generation_started()
             if caches.generation != generation:
                 # This view read an older generation than the current caches: it must
                 # neither use nor fill them. Give it private caches.

@@ -109,7 +109,7 @@ class PgFacts(Facts):
                 self._caches = _Caches(generation, self._token_limit)
                 m = metrics.current
                 if m is not None:
-                    m.cache_generations.inc()
+                    m.generation_started()
 
     def close(self) -> None:
         self.end()
