@@ -200,19 +200,24 @@ def test_one_scrape_sums_two_workers(tmp_path: Path) -> None:
         deadline = time.monotonic() + 20
         while len(child_pids(server.process.pid)) < 3 and time.monotonic() < deadline:
             time.sleep(0.1)  # two workers and the audit indexer
-        # Fresh connections (no shared subchannels): the kernel spreads them over both.
-        calls = 0
-        for _ in range(24):
-            options = [("grpc.use_local_subchannel_pool", 1)]
-            with grpc.insecure_channel(server.address, options=options) as channel:
-                stub = decision_stub(channel)
-                for _ in range(5):
-                    assert stub.Check(check_request(token, path="/api/user/me")).allowed
-                    calls += 1
         folder = Path(_metrics_folder(server.log()))
         workers = [p for p in child_pids(server.process.pid) if b"serve" in cmdline(p)]
-        _, samples = scrape(metrics, calls)
-        by_worker = [_decisions_in(folder / f"counter_{pid}.db") for pid in workers]
+        # Fresh connections (no shared subchannels): the kernel spreads them over both
+        # workers once both listen (a worker may still be starting: then more rounds).
+        calls = 0
+        deadline = time.monotonic() + 30
+        while True:
+            for _ in range(8):
+                options = [("grpc.use_local_subchannel_pool", 1)]
+                with grpc.insecure_channel(server.address, options=options) as channel:
+                    stub = decision_stub(channel)
+                    for _ in range(5):
+                        assert stub.Check(check_request(token, path="/api/user/me")).allowed
+                        calls += 1
+            _, samples = scrape(metrics, calls)
+            by_worker = [_decisions_in(folder / f"counter_{pid}.db") for pid in workers]
+            if all(n > 0 for n in by_worker) or time.monotonic() > deadline:
+                break
     assert total(samples, "policyd_decisions_total", door="grpc", reason="ALLOWED") == calls
     assert total(samples, "policyd_decisions_total") == calls
     assert value(samples, "policyd_decision_duration_seconds_count", door="grpc") == calls
