@@ -130,6 +130,32 @@ def test_embedded_allows_keep_one_record_per_answer(pair: Pair) -> None:
     }
 
 
+def test_remembered_allows_are_answered_on_the_loop_the_rest_in_the_pool(
+    tmp_path: Path,
+) -> None:
+    """The loop answers a repeat itself (its own connection confirms the caches after a
+    commit); a deny, a first decision and the first one after a store write go to the pool."""
+    home = Home(tmp_path)
+    home.seed()
+    policyd = EmbeddedPolicyd(home.config_path)
+    app = PolicydMiddleware(echo_app(Recorder()), embedded=policyd)
+    token = home.token()
+
+    with serve_asgi(app) as url, httpx.Client(timeout=10) as client:
+        allowed = f"{url}/api/data/tags/ds-a"
+        denied = f"{url}/api/data/tags/ds-c"
+        for _ in range(50):
+            assert client.get(allowed, headers=bearer(token)).status_code == 200
+        assert (policyd.answered_inline, policyd.answered_in_pool) == (49, 1)
+        for _ in range(10):
+            assert client.get(denied, headers=bearer(token)).status_code == 403
+        assert policyd.answered_in_pool == 11  # denials are never remembered
+        home.store.add_user("carol")  # a write: every cache starts again
+        for _ in range(10):
+            assert client.get(allowed, headers=bearer(token)).status_code == 200
+        assert (policyd.answered_inline, policyd.answered_in_pool) == (58, 12)
+
+
 def test_a_revoked_grant_is_denied_on_the_next_embedded_request(pair: Pair) -> None:
     home = pair.home
     token = home.token()

@@ -94,6 +94,10 @@ class EmbeddedPolicyd:
         self._started = False
         # The audit append waits for the disk (msync): then nothing is decided inline.
         self._inline = not self.embedded.sync_full
+        # Requests answered on the event loop (remembered allows) and in the pool: how
+        # much of the load the fast path takes (counted by check_http, in the loop only).
+        self.answered_inline = 0
+        self.answered_in_pool = 0
 
     # -- life ------------------------------------------------------------------------
 
@@ -159,7 +163,9 @@ class EmbeddedPolicyd:
         if self._inline:
             answer = embedded.recalled(door, render, check, key, policy, started, traceparent)
             if answer is not None:
+                self.answered_inline += 1
                 return answer
+        self.answered_in_pool += 1
         return await asyncio.get_running_loop().run_in_executor(
             self._pool,
             partial(embedded.answer, door, render, check, key, policy, started, traceparent),
