@@ -3,10 +3,10 @@ their own processes) and a `policyd serve`, all on one store (the revocation tes
 file, then a PostgreSQL database of which all three are replicas) and one audit log.
 
 * Revocation: a client thread per hub (HTTP) and one on the server (gRPC) ask in a loop
-  while the test revokes through the real `policyd` command, or through the store calls the
-  settings page makes (Connected apps: a data source unticked, the app disconnected). Every
-  request that started after the revocation returned must be denied, on every process:
-  not one allow.
+  while the test revokes through the real `policyd` command, or on the real Connected apps
+  page of the server's authorization server (a data source unticked, the app
+  disconnected). Every request that started after the revocation returned must be denied,
+  on every process: not one allow.
 * kill -9 of a hub under load: every request it answered has its audit record, once the
   indexers still running (the other hub's, the server's) have indexed its journal.
 """
@@ -19,19 +19,20 @@ import os
 import signal
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import pytest
 
-from policyd.core.model import Access
 from tests.backends import both_backends  # noqa: F401  (the revocation tests run on both)
 from tests.conftest import new_database
 from tests.helpers import (
     Home,
     HubProcess,
     ServerProcess,
+    check_request,
     child_pids,
     cmdline,
     indexed_records,
@@ -39,9 +40,9 @@ from tests.helpers import (
     run_server,
     wait_serving,
 )
+from tests.oauth_support import Browser, Flow, csrf_token, exchange, oauth_home
 from tests.test_revocation import (
     KINDS,
-    WRITE_SCOPES,
     CheckLoop,
     Combo,
     Result,
@@ -55,7 +56,6 @@ pytestmark = pytest.mark.slow
 
 MIN_BEFORE = 20
 MIN_AFTER = 100  # answers each loop must give after a revocation returned
-PAGE_KINDS = ("page-grant", "page-disconnect")
 # The audit watch denies (AUDIT_UNAVAILABLE) when indexing falls this far behind: generous,
 # since the check loops run unpaced beside three indexers on a 2-core machine.
 AUDIT = "timeout_seconds = 60.0\n"
@@ -73,7 +73,7 @@ def _audit(home_root: object) -> str:
 
 
 def _data_sources() -> str:
-    return ",".join(Combo(kind).data_source for kind in (*KINDS, *PAGE_KINDS))
+    return ",".join(Combo(kind).data_source for kind in KINDS)
 
 
 @pytest.fixture(scope="module")
@@ -84,15 +84,6 @@ def cluster(
     root = tmp_path_factory.mktemp("embedded-revocation")
     home = Home(root, extra_config=_audit(root), store_url=url)
     _seed(home)
-    s = home.store
-    for kind in PAGE_KINDS:
-        c = Combo(kind)
-        s.add_app(c.app, c.app, redirect_uris=[], scopes=list(WRITE_SCOPES), confidential=False)
-        s.add_user(c.user)
-        s.add_data_source(c.data_source)
-        s.set_user_access(c.user, c.data_source, Access.WRITE)
-        s.set_consent(c.user, c.app, list(WRITE_SCOPES))
-        s.add_grant(c.user, c.app, c.data_source, Access.WRITE)
     with run_server(home, wait=False) as server:
         with run_hub(home, _data_sources()) as one, run_hub(home, _data_sources()) as two:
             wait_serving(server.address)
@@ -169,13 +160,15 @@ Loop = HubLoop | CheckLoop
 
 
 def _revoke_and_watch(
-    cluster: Cluster, combo: Combo, token: str, revoke: Callable[[], None], reasons: set[str]
+    cluster: Cluster, combo: Combo | str, token: str, revoke: Callable[[], None], reasons: set[str]
 ) -> None:
-    """Ask every process in a loop; revoke; every request started after the revocation
-    returned must be denied, with one of `reasons`."""
-    path = f"/api/data/tags/{combo.data_source}"
+    """Ask every process in a loop for the combo's data source (or this data source);
+    revoke; every request started after the revocation returned must be denied, with one
+    of `reasons`."""
+    data_source = combo if isinstance(combo, str) else combo.data_source
+    path = f"/api/data/tags/{data_source}"
     loops: list[Loop] = [HubLoop(hub.url, path, token) for hub in cluster.hubs]
-    loops.append(CheckLoop(cluster.server.address, combo.request(token)))
+    loops.append(CheckLoop(cluster.server.address, check_request(token, path=path)))
     try:
         for loop in loops:
             loop.start()
@@ -245,31 +238,61 @@ def test_removing_a_users_access_denies_the_next_request_on_every_hub(cluster: C
     _revoke_and_watch(cluster, c, _token(cluster.home, c), revoke, {"USER_ACCESS_MISSING"})
 
 
-def test_unticking_a_data_source_on_the_settings_page_denies_the_next_request(
-    cluster: Cluster,
+def test_the_settings_page_revoking_and_disconnecting_denies_the_next_request(
+    tmp_path_factory: pytest.TempPathFactory, store_url: str
 ) -> None:
-    """The store call the Connected apps page makes for a data source unticked
-    (policyd/oauth/app.py, _settings_change)."""
-    c = Combo("page-grant")
-    store = cluster.home.store
-    revoke = lambda: store.revoke_grant(c.user, c.app, c.data_source)  # noqa: E731
-    _revoke_and_watch(cluster, c, _token(cluster.home, c), revoke, {"DATA_SOURCE_NOT_GRANTED"})
+    """The real Connected apps page of `policyd serve`'s authorization server: alice
+    connects app1 (sign-in, consent, code exchange), then unticks a data source, then
+    disconnects the app; each time the next request is denied on both hubs and the server."""
+    root = tmp_path_factory.mktemp("embedded-page")
+    home, secret = oauth_home(root, store_url=store_url)
+    text = home.config_path.read_text()
+    home.config_path.write_text(text.replace("[audit]\n", "[audit]\n" + AUDIT, 1))
+    base = home.config.tokens.issuer
+    with run_server(home) as server:
+        _wait_until(lambda: _up(base), "the authorization server")
+        browser = Browser(base)
+        try:
+            browser.sign_in()
+            flow = Flow()
+            code = browser.authorize(flow, data_sources=("ds-a", "ds-b"))["code"]
+            token = exchange(base, code, flow, secret=secret).json()["access_token"]
+            with run_hub(home, "ds-a,ds-b,ds-c") as one, run_hub(home, "ds-a,ds-b,ds-c") as two:
+                cluster = Cluster(home, server, [one, two])
+
+                def untick() -> None:
+                    csrf = csrf_token(browser.http.get("/settings").text)
+                    reply = browser.http.post(
+                        "/settings/revoke",
+                        data={"client_id": "app1", "data_source": "ds-b", "csrf_token": csrf},
+                    )
+                    assert reply.status_code == 303, reply.text
+
+                def disconnect() -> None:
+                    csrf = csrf_token(browser.http.get("/settings").text)
+                    reply = browser.http.post(
+                        "/settings/disconnect", data={"client_id": "app1", "csrf_token": csrf}
+                    )
+                    assert reply.status_code == 303, reply.text
+
+                _revoke_and_watch(cluster, "ds-b", token, untick, {"DATA_SOURCE_NOT_GRANTED"})
+                # Disconnecting revokes the pair's access tokens with the consent.
+                _revoke_and_watch(
+                    cluster, "ds-a", token, disconnect, {"TOKEN_REVOKED", "CONSENT_MISSING"}
+                )
+                for hub in (one, two):
+                    assert "Traceback" not in hub.log(), hub.log()
+        finally:
+            browser.close()
+    assert "Traceback" not in server.log(), server.log()
 
 
-def test_disconnecting_an_app_on_the_settings_page_denies_the_next_request(
-    cluster: Cluster,
-) -> None:
-    """The store call of the page's Disconnect (Store.disconnect): the consent, the grants
-    and the pair's token families go in one transaction."""
-    c = Combo("page-disconnect")
-    store = cluster.home.store
-
-    def revoke() -> None:
-        store.disconnect(c.user, c.app)
-
-    _revoke_and_watch(
-        cluster, c, _token(cluster.home, c), revoke, {"CONSENT_MISSING", "TOKEN_REVOKED"}
-    )
+def _up(base: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{base}/.well-known/oauth-authorization-server", timeout=2):
+            return True
+    except OSError:
+        return False
 
 
 # -- kill -9 of a hub under load ----------------------------------------------------------
