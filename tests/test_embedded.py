@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from adapters.asgi import PolicydMiddleware
+from adapters.asgi import AuthInfo, PolicydMiddleware
 from adapters.asgi.stall import LoopStall
 from adapters.embedded import EmbeddedPolicyd
 from tests.asgi_server import serve_asgi
@@ -33,7 +33,15 @@ from tests.helpers import (
     run_hub,
     run_server,
 )
-from tests.test_asgi import JSON, Recorder, bearer, echo_app, snapshot_body
+from tests.test_asgi import (
+    JSON,
+    Recorder,
+    _handshake,
+    _websocket_app,
+    bearer,
+    echo_app,
+    snapshot_body,
+)
 
 
 @dataclass
@@ -173,6 +181,48 @@ def test_a_revoked_grant_is_denied_on_the_next_embedded_request(pair: Pair) -> N
             again = home.cli("grants", "add", "alice", "app1", "ds-b", "--access", "read")
             assert again.returncode == 0, again.stderr
         assert client.get(url, headers=bearer(token)).status_code == 200
+
+
+def test_a_websocket_handshake_is_decided_in_process_without_lifespan(pair: Pair) -> None:
+    """No lifespan ran: the first handshake starts the embedded policyd."""
+    seen: list[object] = []
+    middleware = PolicydMiddleware(
+        _websocket_app(seen), embedded=EmbeddedPolicyd(pair.home.config_path)
+    )
+    auth = [(b"authorization", f"Bearer {pair.home.token()}".encode())]
+
+    async def run() -> tuple[list[Any], list[Any]]:
+        try:
+            return (
+                await _handshake(middleware, "/api/data/tags/ds-a", auth, {}),
+                await _handshake(
+                    middleware, "/api/data/tags/ds-c", auth, {"websocket.http.response": {}}
+                ),
+            )
+        finally:
+            await middleware.aclose()
+
+    allowed, denied = asyncio.run(run())
+    assert allowed == [{"type": "websocket.accept"}]
+    assert isinstance(seen[0], AuthInfo) and seen[0].data_sources == ("ds-a",)
+    assert denied[0]["status"] == 403
+    assert json.loads(denied[1]["body"])["reason"] == "DATA_SOURCE_NOT_GRANTED"
+
+
+def test_the_sync_api_decides_in_the_calling_thread(pair: Pair) -> None:
+    policyd = EmbeddedPolicyd(pair.home.config_path)
+    policyd.start_sync()
+    try:
+        token = pair.home.token()
+        auth, denial = policyd.check_http_sync(token, "GET", "/api/data/tags/ds-a")
+        assert denial is None and auth is not None
+        assert (auth.sub, auth.client_id, auth.data_sources) == ("alice", "app1", ("ds-a",))
+        auth, denial = policyd.check_http_sync(token, "GET", "/api/data/tags/ds-c")
+        assert auth is None and denial is not None
+        assert (denial.status, denial.reason) == (403, "DATA_SOURCE_NOT_GRANTED")
+        assert json.loads(denial.body())["decision_id"] == denial.decision_id
+    finally:
+        policyd.stop_sync()
 
 
 def test_embedded_policy_hot_reload_is_seen(tmp_path: Path) -> None:

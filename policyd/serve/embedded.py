@@ -84,6 +84,7 @@ class Embedded:
     def start(self) -> None:
         if self._decider is not None:
             return
+        self._stopping = threading.Event()  # (a new one: it may have been stopped before)
         config = self.config
         # Journals that ended processes left are indexed before the first answer, as
         # `policyd serve` does; then the indexer follows this process's journal and theirs.
