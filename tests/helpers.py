@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -314,3 +315,65 @@ def child_pids(pid: int) -> list[int]:
         if int(fields[1]) == pid and fields[0] != "Z":
             found.append(int(entry))
     return sorted(found)
+
+
+@dataclass
+class HubProcess:
+    url: str
+    process: subprocess.Popen[str]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+
+@contextmanager
+def run_hub(
+    home: Home, data_sources: str, *, mode: str = "embedded", **settings: str
+) -> Iterator[HubProcess]:
+    """The reference hub (`python -m examples.hub`) as a real process on a free port, in
+    embedded mode on `home`'s config (remote: asking POLICYD_HUB_POLICYD_ADDRESS);
+    `settings`: more POLICYD_HUB_* variables, by their suffix. Stopped with SIGTERM."""
+    port = free_port()
+    env = {
+        **_env(),
+        "PYTHONPATH": str(ROOT),
+        "POLICYD_HUB_PORT": str(port),
+        "POLICYD_HUB_DATA_DIR": str(home.root / f"hub-{port}"),
+        "POLICYD_HUB_DATA_SOURCES": data_sources,
+        "POLICYD_HUB_MODE": mode,
+        "POLICYD_HUB_POLICYD_CONFIG": str(home.config_path),
+        **{f"POLICYD_HUB_{name.upper()}": value for name, value in settings.items()},
+    }
+    log_path = home.root / f"hub-{port}.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "examples.hub"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=home.root,
+            env=env,
+        )
+    hub = HubProcess(f"http://127.0.0.1:{port}", process, log_path)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"{hub.url}/api/info", timeout=2) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the hub did not start: {hub.log()}")
+            time.sleep(0.1)
+        yield hub
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()

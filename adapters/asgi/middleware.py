@@ -15,6 +15,10 @@ sees the request: the app's only source of identity is `scope["auth"]`.
 
 With `metrics`, it also counts its calls to policyd, the calls that failed and the answers
 it gave itself (adapters/asgi/metrics.py, docs/metrics.md).
+
+Embedded mode (`embedded=`, an `InProcess` such as adapters.embedded.EmbeddedPolicyd):
+the same request is decided in this process instead of over gRPC (docs/asgi.md, "Embedded
+mode"); everything else here is the same. This module imports none of it.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import re
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 from urllib.parse import quote, quote_from_bytes
 
 import grpc.aio
@@ -110,6 +114,30 @@ class AuthInfo:
         )
 
 
+Answer = tuple[AuthInfo | None, Denial | None]
+
+
+class InProcess(Protocol):
+    """What decides in this process in embedded mode (adapters.embedded.EmbeddedPolicyd):
+    started at lifespan startup (or by the first request), stopped at lifespan shutdown."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def check_http(
+        self,
+        token: str,
+        method: str,
+        path: str,
+        query: str,
+        headers: dict[str, str],
+        body: bytes,
+        request_id: str,
+        traceparent: str = "",
+    ) -> Answer: ...
+
+
 class _BodyTooLarge(Exception):
     pass
 
@@ -136,6 +164,7 @@ class PolicydMiddleware:
         strip_header_prefixes: Iterable[str] = STRIP_HEADER_PREFIXES,
         strip_headers: Iterable[str] = STRIP_HEADERS,
         metrics: bool | CollectorRegistry = False,
+        embedded: InProcess | None = None,
     ) -> None:
         if not timeout_seconds > 0:
             raise ValueError(f"timeout_seconds must be above 0, not {timeout_seconds}")
@@ -152,6 +181,8 @@ class PolicydMiddleware:
         self._channel: grpc.aio.Channel | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._check: _Check | None = None
+        # Embedded mode: decide in this process (target and the TLS options unused).
+        self.embedded = embedded
         # Its own counters (adapters/asgi/metrics.py): True counts into prometheus_client's
         # default registry, a CollectorRegistry into that one.
         self._metrics: MiddlewareMetrics | None = None
@@ -170,10 +201,13 @@ class PolicydMiddleware:
             await self.app(scope, receive, send)
 
     async def aclose(self) -> None:
-        """Close the channel to policyd (done at lifespan shutdown)."""
+        """Close the channel to policyd, or stop the embedded one (done at lifespan
+        shutdown)."""
         channel, self._channel, self._check, self._loop = self._channel, None, None, None
         if channel is not None:
             await channel.close(None)
+        if self.embedded is not None:
+            await self.embedded.stop()
 
     # -- the doors ----------------------------------------------------------------------
 
@@ -196,10 +230,13 @@ class PolicydMiddleware:
             except _Disconnected:
                 return
             app_receive = _Replay(body, receive)
-        auth, denial = await self._decide(
-            check_request(scope, token, method, body, self.forward_headers),
-            trace_context(headers),
-        )
+        if self.embedded is not None:
+            auth, denial = await self._decide_here(scope, token, method, body)
+        else:
+            auth, denial = await self._decide(
+                check_request(scope, token, method, body, self.forward_headers),
+                trace_context(headers),
+            )
         if denial is not None:
             await self._respond(send, denial)
             return
@@ -209,10 +246,13 @@ class PolicydMiddleware:
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         try:
             token = bearer_token(headers)
-            auth, denial = await self._decide(
-                check_request(scope, token, "GET", b"", self.forward_headers),
-                trace_context(headers),
-            )
+            if self.embedded is not None:
+                auth, denial = await self._decide_here(scope, token, "GET", b"")
+            else:
+                auth, denial = await self._decide(
+                    check_request(scope, token, "GET", b"", self.forward_headers),
+                    trace_context(headers),
+                )
         except AmbiguousAuthorization:
             auth, denial = None, ambiguous_authorization()
         if denial is None:
@@ -243,6 +283,11 @@ class PolicydMiddleware:
         async def lifespan_receive() -> Message:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                if self.embedded is not None:
+                    # Raised into the app's startup: the server reports it and does not
+                    # serve (a hub that cannot decide must not start).
+                    await self.embedded.start()
+                    return message
                 try:
                     self._connect()  # start connecting now, not on the first request
                 except Exception:
@@ -299,6 +344,30 @@ class PolicydMiddleware:
             return AuthInfo.from_response(response), None
         return None, for_reason(response.reason, response.message, response.decision_id)
 
+    async def _decide_here(
+        self, scope: Scope, token: str, method: str, body: bytes
+    ) -> tuple[AuthInfo | None, Denial | None]:
+        """Embedded mode: the same request, decided in this process."""
+        assert self.embedded is not None
+        request_id, forwarded = request_headers(scope, self.forward_headers)
+        context = trace_context(scope["headers"])
+        try:
+            return await self.embedded.check_http(
+                token,
+                method,
+                _raw_path(scope),
+                scope.get("query_string", b"").decode("latin-1"),
+                forwarded,
+                body,
+                request_id or uuid.uuid4().hex,
+                context[0][1] if context else "",
+            )
+        except Exception:
+            log.exception("embedded policyd failed")
+            if self._metrics is not None:
+                self._metrics.failed(CLIENT_ERROR)
+            return None, unavailable_denial("embedded policyd failed")
+
     # -- the request --------------------------------------------------------------------
 
     async def _read_body(self, headers: list[tuple[bytes, bytes]], receive: Receive) -> bytes:
@@ -349,16 +418,7 @@ def check_request(
     scope: Scope, token: str, method: str, body: bytes, forward_headers: frozenset[str]
 ) -> decision_pb2.CheckRequest:
     """The Check request describing this HTTP request or websocket handshake."""
-    forwarded: dict[str, str] = {}
-    request_id = ""
-    for raw_name, raw_value in scope["headers"]:
-        name = raw_name.decode("latin-1").lower()
-        if name == "x-request-id" and not request_id:
-            value = raw_value.decode("latin-1")
-            request_id = value if _REQUEST_ID.fullmatch(value) else ""
-        if name in forward_headers and name not in NEVER_FORWARD:
-            value = raw_value.decode("latin-1")
-            forwarded[name] = f"{forwarded[name]}, {value}" if name in forwarded else value
+    request_id, forwarded = request_headers(scope, forward_headers)
     request = decision_pb2.CheckRequest(
         token=token, request_id=request_id or uuid.uuid4().hex, door=DOOR
     )
@@ -369,6 +429,22 @@ def check_request(
     http.headers.update(forwarded)
     http.body = body
     return request
+
+
+def request_headers(scope: Scope, forward_headers: frozenset[str]) -> tuple[str, dict[str, str]]:
+    """The request's id (its `x-request-id` when valid, else "") and the headers policyd
+    is told about, repeated ones joined with ", " (never those of NEVER_FORWARD)."""
+    forwarded: dict[str, str] = {}
+    request_id = ""
+    for raw_name, raw_value in scope["headers"]:
+        name = raw_name.decode("latin-1").lower()
+        if name == "x-request-id" and not request_id:
+            value = raw_value.decode("latin-1")
+            request_id = value if _REQUEST_ID.fullmatch(value) else ""
+        if name in forward_headers and name not in NEVER_FORWARD:
+            value = raw_value.decode("latin-1")
+            forwarded[name] = f"{forwarded[name]}, {value}" if name in forwarded else value
+    return request_id, forwarded
 
 
 def trace_context(headers: list[tuple[bytes, bytes]]) -> Metadata | None:

@@ -39,9 +39,11 @@ def main() -> int:
     print(
         f"hub: serving on http://{settings.host}:{settings.port}"
         + (
-            f", asking policyd at {settings.policyd_address}"
-            if settings.gateway == "asgi"
-            else ", trusting the gateway's x-policyd-* headers"
+            ", trusting the gateway's x-policyd-* headers"
+            if settings.gateway != "asgi"
+            else f", asking policyd at {settings.policyd_address}"
+            if settings.mode == "remote"
+            else f", deciding in process ({settings.policyd_config or 'policyd config'})"
         ),
         file=sys.stderr,
         flush=True,

@@ -8,11 +8,12 @@ refuses any data source that is not in the decision.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +24,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from adapters.asgi import AuthInfo, PolicydMiddleware
-from adapters.asgi.middleware import ASGIApp
+from adapters.asgi.middleware import ASGIApp, Message, Receive, Scope, Send
+from adapters.asgi.stall import LoopStall, collector
+from adapters.embedded import EmbeddedPolicyd
 from examples.hub.catalogue import Catalogue, DataSource, Tag
 from examples.hub.gateway import TrustedGatewayHeaders
 from examples.hub.series import MAX_POINTS, Point, QueryError, Sample, Series
@@ -370,21 +373,77 @@ async def _hub_error(request: Request, exc: Exception) -> Response:
     return JSONResponse({"error": error, "message": message}, status_code=status)
 
 
-def create_starlette(settings: HubSettings) -> Starlette:
-    """The hub's own app, with no protection: wrap it (create_app does)."""
+class DecisionIdHeader:
+    """Names the decision behind every answer of the app: `x-policyd-decision-id`, the
+    id of its audit record (denials carry it in their body already)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        auth = scope.get("auth") if scope["type"] == "http" else None
+        if not isinstance(auth, AuthInfo):
+            await self.app(scope, receive, send)
+            return
+        header = (b"x-policyd-decision-id", auth.decision_id.encode())
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = dict(message)
+                message["headers"] = [*message.get("headers", ()), header]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+def create_starlette(settings: HubSettings, probe: LoopStall | None = None) -> Starlette:
+    """The hub's own app, with no protection: wrap it (create_app does). `probe`: the
+    loop-stall probe, run while the app runs (lifespan)."""
     hub = Hub(settings, Catalogue(settings.data_sources), HubStore(settings.data_dir / "hub.db"))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if probe is not None:
+            probe.start()
+        try:
+            yield
+        finally:
+            if probe is not None:
+                probe.stop()
+
     return Starlette(
         routes=hub.routes(),
         exception_handlers={HubError: _hub_error, TimeError: _hub_error, QueryError: _hub_error},
+        lifespan=lifespan,
     )
 
 
-def create_app(settings: HubSettings | None = None) -> ASGIApp:
-    """The hub as it runs: behind the PolicydMiddleware, or trusting its gateway's headers."""
+def loop_probe(settings: HubSettings) -> LoopStall | None:
+    """The loop-stall probe the settings ask for (POLICYD_HUB_LOOP_PROBE_MS), read on the
+    metrics port when there is one (__main__.serve_metrics: the default registry)."""
+    if not settings.loop_probe_ms:
+        return None
+    probe = LoopStall(settings.loop_probe_ms / 1000)
+    if settings.metrics_address:
+        from prometheus_client import REGISTRY
+
+        REGISTRY.register(collector(probe))
+    return probe
+
+
+def create_app(settings: HubSettings | None = None, probe: LoopStall | None = None) -> ASGIApp:
+    """The hub as it runs: behind the PolicydMiddleware (asking policyd, or deciding in
+    this process), or trusting its gateway's headers."""
     settings = settings or HubSettings.from_env()
-    app = create_starlette(settings)
+    probe = probe or loop_probe(settings)
+    app = DecisionIdHeader(create_starlette(settings, probe))
     if settings.gateway == "envoy":
         return TrustedGatewayHeaders(app)
+    embedded = None
+    if settings.mode == "embedded":
+        embedded = EmbeddedPolicyd(
+            settings.policyd_config or None, threads=settings.policyd_threads
+        )
     return PolicydMiddleware(
         app,
         settings.policyd_address,
@@ -395,4 +454,5 @@ def create_app(settings: HubSettings | None = None) -> ASGIApp:
         server_name=settings.server_name,
         max_body_bytes=settings.max_body_bytes,
         metrics=bool(settings.metrics_address),  # served by __main__.serve_metrics
+        embedded=embedded,
     )

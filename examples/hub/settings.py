@@ -12,6 +12,9 @@ from policyd.core import net
 from policyd.core.errors import ConfigError
 
 GATEWAYS = ("asgi", "envoy")
+# How the middleware decides: "remote" asks policyd over gRPC, "embedded" decides in the
+# hub's own process (adapters/embedded/, docs/asgi.md "Embedded mode").
+MODES = ("remote", "embedded")
 
 
 class SettingsError(ValueError):
@@ -27,7 +30,15 @@ class HubSettings:
     # "asgi": the PolicydMiddleware protects the hub. "envoy": a gateway in front of the hub
     # has asked policyd already; the hub trusts its x-policyd-* headers (gateway.py).
     gateway: str = "asgi"
+    mode: str = "remote"
     policyd_address: str = "127.0.0.1:50051"
+    # Embedded mode: policyd's TOML file ("": $POLICYD_CONFIG, else ./policyd.toml).
+    policyd_config: str = ""
+    # Embedded mode: threads deciding what may read the store.
+    policyd_threads: int = 4
+    # The event loop's stall probe (adapters/asgi/stall.py): its interval in ms, 0 = off.
+    # Read on the metrics port (policyd_loop_stall_seconds) when that is set.
+    loop_probe_ms: float = 0.0
     timeout_seconds: float = 0.25
     ca_file: str = ""
     cert_file: str = ""
@@ -67,6 +78,10 @@ class HubSettings:
             data_dir=Path(text("DATA_DIR", str(d.data_dir))),
             data_sources=tuple(n.strip() for n in names.split(",") if n.strip()),
             gateway=text("GATEWAY", d.gateway),
+            mode=text("MODE", d.mode),
+            policyd_config=text("POLICYD_CONFIG", env.get("POLICYD_CONFIG", "")),
+            policyd_threads=int(number("POLICYD_THREADS", d.policyd_threads, int)),
+            loop_probe_ms=float(number("LOOP_PROBE_MS", d.loop_probe_ms, float)),
             # Next to policyd started with POLICYD_SERVER_ADDRESS, follow it.
             policyd_address=text(
                 "POLICYD_ADDRESS", env.get("POLICYD_SERVER_ADDRESS", d.policyd_address)
@@ -85,6 +100,12 @@ class HubSettings:
     def validate(self) -> None:
         if self.gateway not in GATEWAYS:
             raise SettingsError(f"POLICYD_HUB_GATEWAY must be one of {', '.join(GATEWAYS)}")
+        if self.mode not in MODES:
+            raise SettingsError(f"POLICYD_HUB_MODE must be one of {', '.join(MODES)}")
+        if self.policyd_threads < 1:
+            raise SettingsError("POLICYD_HUB_POLICYD_THREADS must be at least 1")
+        if self.loop_probe_ms < 0:
+            raise SettingsError("POLICYD_HUB_LOOP_PROBE_MS must be at least 0")
         if not 0 < self.port < 65536:
             raise SettingsError(f"POLICYD_HUB_PORT must be a TCP port, not {self.port}")
         if not self.timeout_seconds > 0:

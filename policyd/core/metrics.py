@@ -59,7 +59,7 @@ LATENCY_BUCKETS = (
 
 # The doors a decision can come through (the `door` label); a Decision API caller names its
 # own door in CheckRequest.door, and a name outside this set is counted as "grpc".
-DOORS = frozenset({"grpc", "asgi", "envoy", "envoy_http", "cli"})
+DOORS = frozenset({"grpc", "asgi", "embedded", "envoy", "envoy_http", "cli"})
 
 
 def door_label(name: str) -> str:

@@ -70,7 +70,7 @@ class CheckInput:
     token: str
     target: HttpTarget | ActionTarget | None
     request_id: str = ""
-    # Which door asked: "grpc", "envoy", "asgi", "cli". For the audit log only.
+    # Which door asked: "grpc", "envoy", "asgi", "embedded", "cli". For the audit log only.
     door: str = "grpc"
 
     def memo_key(self, with_headers: bool = True) -> Hashable:

@@ -98,38 +98,73 @@ class Decider:
         depends on more than its key (say, headers the key leaves out), so every decision is
         rendered in full. `label` names the door in the metrics (core/metrics.DOORS);
         `traceparent` is the W3C trace context the door received, when tracing is on."""
-        entry = self.engine.recall(key, policy)
-        if entry is not None:
-            audit = self.audit
-            line = self._lines.get(entry) if audit is not None else None
-            # An entry this decider has no line for (remembered by one without an audit
-            # log) is decided, and recorded, in full below.
-            if audit is None or line is not None:
-                decision_id = new_id()
-                if audit is not None and line is not None:
-                    latency_us = (time.perf_counter_ns() - started_ns) // 1000
-                    try:
-                        audit.append(line.line(decision_id, time.time(), request_id, latency_us))
-                    except AuditUnavailable as exc:
-                        # With `audit.sync = "full"` the line may be in the journal already:
-                        # the deny keeps its id (never a second record for one answer).
-                        denied = entry.decision._replace(decision_id=decision_id)
-                        return self._answered(
-                            render, _unrecorded(denied, exc), label, traceparent, started_ns, True
-                        )
-                if remembered:
-                    answer = door.remembered(entry, decision_id, render)
-                else:
-                    answer = render(entry.decision._replace(decision_id=decision_id))
-                if metrics.current is not None or tracing.current is not None:
-                    self._observe(entry.decision, decision_id, label, traceparent, started_ns, True)
-                return answer
+        answer = self.recalled(
+            door,
+            render,
+            key,
+            policy,
+            request_id,
+            started_ns,
+            remembered=remembered,
+            label=label,
+            traceparent=traceparent,
+        )
+        if answer is not None:
+            return answer
         decision, entry = self._check(key, policy, request_id, make_input, started_ns)
         if entry is None or not remembered:
             return self._answered(render, decision, label, traceparent, started_ns)
         answer = door.remembered(entry, decision.decision_id, render)
         if metrics.current is not None or tracing.current is not None:
             self._observe(decision, decision.decision_id, label, traceparent, started_ns, False)
+        return answer
+
+    def recalled(
+        self,
+        door: Door[F, R],
+        render: Callable[[Decision], R],
+        key: Hashable,
+        policy: Policy,
+        request_id: str,
+        started_ns: int,
+        *,
+        remembered: bool = True,
+        label: str = "grpc",
+        traceparent: str = "",
+        confirm: bool = False,
+    ) -> R | None:
+        """`answer`'s fast path alone: the answer to a remembered allow (recorded), or None
+        when there is none, and nothing else is done. It reads no store row (but, with
+        `confirm`, the generation after a commit: Facts.recall) and writes one journal
+        line, so a host's event loop may call it inline and send only the rest to a
+        thread (policyd/serve/embedded.py). A door's answers are never None."""
+        entry = self.engine.recall(key, policy, confirm)
+        if entry is None:
+            return None
+        audit = self.audit
+        line = self._lines.get(entry) if audit is not None else None
+        # An entry this decider has no line for (remembered by one without an audit
+        # log) is decided, and recorded, in full by `answer`.
+        if audit is not None and line is None:
+            return None
+        decision_id = new_id()
+        if audit is not None and line is not None:
+            latency_us = (time.perf_counter_ns() - started_ns) // 1000
+            try:
+                audit.append(line.line(decision_id, time.time(), request_id, latency_us))
+            except AuditUnavailable as exc:
+                # With `audit.sync = "full"` the line may be in the journal already:
+                # the deny keeps its id (never a second record for one answer).
+                denied = entry.decision._replace(decision_id=decision_id)
+                return self._answered(
+                    render, _unrecorded(denied, exc), label, traceparent, started_ns, True
+                )
+        if remembered:
+            answer = door.remembered(entry, decision_id, render)
+        else:
+            answer = render(entry.decision._replace(decision_id=decision_id))
+        if metrics.current is not None or tracing.current is not None:
+            self._observe(entry.decision, decision_id, label, traceparent, started_ns, True)
         return answer
 
     def _answered(

@@ -203,12 +203,13 @@ class Engine:
         except StoreUnavailable as exc:
             log.warning("ending a decision's read of the store: %s", exc)
 
-    def recall(self, key: Hashable, policy: Policy) -> Remembered | None:
+    def recall(self, key: Hashable, policy: Policy, confirm: bool = False) -> Remembered | None:
         """The remembered allow for the request `key` stands for under `policy`, while it
         holds as in decide_keyed; else None. The hot path of a door, which answers it
         without building the request or a Decision; a None (not remembered, expired, a
-        write since, or a store that cannot be read) is answered by decide_keyed."""
-        return _holding(self.facts.recall(key), policy)
+        write since, or a store that cannot be read) is answered by decide_keyed.
+        `confirm`: the calling thread never decides (Facts.recall)."""
+        return _holding(self.facts.recall(key, confirm), policy)
 
     def explain(self, request: CheckInput) -> Explanation:
         """Decide, recording the rule, the data sources and every check on the way."""

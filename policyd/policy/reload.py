@@ -196,11 +196,15 @@ def _loaded(m: metrics.Metrics, replaced: str, version: str, at: float) -> None:
 
 
 class Reloading:
-    """The reloader of a serving process, its thread and its SIGHUP handler."""
+    """The reloader of a serving process and its thread; the server turns SIGHUP into
+    request_reload() (an embedded engine has no SIGHUP: its host owns the signals)."""
 
-    def __init__(self, engine: Engine, config: Config) -> None:
-        worker = os.environ.get("POLICYD_WORKER_INDEX")
-        address = config.server.address
+    def __init__(self, engine: Engine, config: Config, name: str = "") -> None:
+        """`name`: what the status file is named after, for a process that serves no
+        address of its own (an embedded engine: serve/embedded.py); else the server's
+        address and worker index."""
+        worker = None if name else os.environ.get("POLICYD_WORKER_INDEX")
+        address = name or config.server.address
         self.reloader = Reloader(
             engine,
             config.policy.dir,

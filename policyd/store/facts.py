@@ -39,6 +39,7 @@ when that fails too.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -242,22 +243,34 @@ class Facts:
         reader.caches = caches
         return View(self, reader, caches, self._row_limit)
 
-    def recall(self, key: Hashable) -> Any:
+    def recall(self, key: Hashable, confirm: bool = False) -> Any:
         """What View.remember() kept under this key, if nothing has been committed to the
         store since this thread last found its caches exact; else None (view() then finds
-        out). No generation read and no View: the fast path of a remembered decision."""
+        out). No generation read and no View: the fast path of a remembered decision.
+
+        `confirm`: for a thread that only recalls and never decides (an event loop that
+        sends every other decision to a pool, serve/embedded.py), whose caches view() would
+        otherwise never confirm: when they are not confirmed, confirm them here (a view:
+        data_version and, when it moved, the generation row), then look."""
         try:
             reader = self._reader()
             caches = reader.caches
-            if caches is not self._caches or caches is None:
+            if caches is self._caches and caches is not None:
+                reader.end()  # never ask inside the snapshot of a view left open
+                version = reader.conn.execute(_DATA_VERSION).fetchone()[0]
+                if version == reader.version:
+                    return caches.decisions.get(key)
+            if not confirm:
                 return None
-            reader.end()  # never ask inside the snapshot of a view left open
-            version = reader.conn.execute(_DATA_VERSION).fetchone()[0]
+            self.view()
         except (sqlite3.Error, StoreUnavailable):
             return None  # view() reports it
-        if version != reader.version:
-            return None
-        return caches.decisions.get(key)
+        try:
+            caches = reader.caches
+            return caches.decisions.get(key) if caches is self._caches and caches else None
+        finally:
+            with contextlib.suppress(StoreUnavailable):
+                self.end()
 
 
 def _labels(text: str) -> dict[str, str]:

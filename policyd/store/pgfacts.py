@@ -136,7 +136,8 @@ class PgFacts(Facts):
         generation = snapshot.begin()
         return View(self, snapshot, _Caches(generation, 16), self._row_limit)
 
-    def recall(self, key: Hashable) -> Any:
+    def recall(self, key: Hashable, confirm: bool = False) -> Any:
+        # No per-thread confirmation here: the lease says whether the caches are exact.
         replica = self.replica
         if replica is None or not replica.fresh():
             return None

@@ -1,0 +1,191 @@
+"""EmbeddedPolicyd: policyd's decisions in the host's process, for asyncio hosts.
+
+What runs where (docs/asgi.md, "Embedded mode"):
+
+* on the event loop, inline: the request's key and a remembered allow (the exact caches'
+  "has anything committed?" check, no row read, and one copy into the audit journal's
+  mapping: no system call), which is most requests of a busy hub;
+* in a small thread pool (`threads`): everything else, which may read the store (a SQLite
+  read, a PostgreSQL round trip) or wait for it, so that the loop never waits on the
+  database; and, with `audit.sync = "full"`, every request (an msync is a disk write);
+* in threads of policyd's own: the audit journal's watch, the policy watcher, a
+  PostgreSQL replica's lease; in a child process: the audit indexer
+  (policyd/serve/embedded.py).
+
+Answers are what the remote middleware makes of policyd's: an `AuthInfo` for an allow,
+else the `Denial` of policyd/doors/denials.py, with the same reason codes and decision ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+
+from adapters.asgi.middleware import Answer, AuthInfo
+from policyd.config import Config
+from policyd.core.model import CheckInput, Decision, HttpTarget
+from policyd.core.reasons import Reason
+from policyd.decision.decider import Door
+from policyd.doors.denials import for_reason
+from policyd.serve.embedded import DOOR, Embedded
+
+
+def auth_of(decision: Decision, decision_id: str | None = None) -> AuthInfo:
+    """The AuthInfo of an allow, as AuthInfo.from_response makes it of policyd's answer."""
+    p = decision.principal
+    return AuthInfo(
+        sub=p.sub if p is not None else "",
+        client_id=p.client_id if p is not None else "",
+        scopes=tuple(p.scopes) if p is not None else (),
+        data_sources=tuple(decision.data_sources),
+        decision_id=decision.decision_id if decision_id is None else decision_id,
+        rule_id=decision.rule_id,
+        action=decision.action,
+    )
+
+
+def render(decision: Decision) -> Answer:
+    """Any decision: an allow's AuthInfo, or the deny's answer (denials.py)."""
+    if decision.allowed and decision.reason is Reason.ALLOWED:
+        return auth_of(decision), None
+    return None, for_reason(decision.reason, decision.message, decision.decision_id)
+
+
+class _AuthDoor(Door[AuthInfo, Answer]):
+    """A remembered allow's AuthInfo, made once; a repeat gets a copy with its own id."""
+
+    def form(self, decision: Decision) -> AuthInfo | None:
+        return auth_of(decision, "")
+
+    def render_form(self, form: AuthInfo, decision_id: str) -> Answer:
+        return (
+            AuthInfo(
+                form.sub,
+                form.client_id,
+                form.scopes,
+                form.data_sources,
+                decision_id,
+                form.rule_id,
+                form.action,
+            ),
+            None,
+        )
+
+
+class EmbeddedPolicyd:
+    """policyd deciding in this process: pass it to PolicydMiddleware(embedded=...), or
+    call `check_http` from any asyncio framework (`check_http_sync` from a thread).
+
+    `config`: policyd's TOML file (None: $POLICYD_CONFIG, else ./policyd.toml) or a
+    Config. `threads`: the pool that decides what may read the store."""
+
+    def __init__(self, config: Config | str | Path | None = None, *, threads: int = 4) -> None:
+        if threads < 1:
+            raise ValueError(f"threads must be at least 1, not {threads}")
+        self.embedded = Embedded(config)
+        self.threads = threads
+        self._pool: ThreadPoolExecutor | None = None
+        self._door = _AuthDoor()
+        self._starting: asyncio.Lock | None = None
+        self._started = False
+        # The audit append waits for the disk (msync): then nothing is decided inline.
+        self._inline = not self.embedded.sync_full
+        # Requests answered on the event loop (remembered allows) and in the pool: how
+        # much of the load the fast path takes (counted by check_http, in the loop only).
+        self.answered_inline = 0
+        self.answered_in_pool = 0
+
+    # -- life ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start it (blocking work in a thread: indexing left journals, the indexer child,
+        a PostgreSQL lease). Idempotent; the first request starts it when no lifespan did."""
+        if self._started:
+            return
+        if self._starting is None:
+            self._starting = asyncio.Lock()
+        async with self._starting:
+            if self._started:
+                return
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="policyd")
+            await asyncio.get_running_loop().run_in_executor(self._pool, self.embedded.start)
+            self._started = True
+
+    async def stop(self) -> None:
+        """Stop it: the journal is closed and the indexer's last pass indexes it."""
+        if self._pool is None:
+            return
+        pool, self._pool = self._pool, None
+        self._started = False
+        await asyncio.get_running_loop().run_in_executor(pool, self.embedded.stop)
+        pool.shutdown(wait=True)
+
+    def start_sync(self) -> None:
+        """start() for a host without an event loop (then use check_http_sync)."""
+        self.embedded.start()
+        self._started = True
+
+    def stop_sync(self) -> None:
+        self._started = False
+        self.embedded.stop()
+
+    # -- deciding --------------------------------------------------------------------
+
+    async def check_http(
+        self,
+        token: str,
+        method: str,
+        path: str,
+        query: str = "",
+        headers: Mapping[str, str] | None = None,
+        body: bytes = b"",
+        request_id: str = "",
+        traceparent: str = "",
+    ) -> Answer:
+        """Decide an HTTP request: (AuthInfo, None) on allow, else (None, Denial).
+
+        `path` as received (still percent-encoded), `query` the raw query string,
+        `headers` those policyd may read (lower-case names), `body` the JSON body of a
+        request whose route reads data sources from it."""
+        started = time.perf_counter_ns()
+        if not self._started:
+            await self.start()
+        embedded = self.embedded
+        fields = headers if type(headers) is dict else dict(headers or {})
+        check = CheckInput(token, HttpTarget(method, path, query, fields, body), request_id, DOOR)
+        key, policy = embedded.key(check)
+        door = self._door
+        if self._inline:
+            answer = embedded.recalled(door, render, check, key, policy, started, traceparent)
+            if answer is not None:
+                self.answered_inline += 1
+                return answer
+        self.answered_in_pool += 1
+        return await asyncio.get_running_loop().run_in_executor(
+            self._pool,
+            partial(embedded.answer, door, render, check, key, policy, started, traceparent),
+        )
+
+    def check_http_sync(
+        self,
+        token: str,
+        method: str,
+        path: str,
+        query: str = "",
+        headers: Mapping[str, str] | None = None,
+        body: bytes = b"",
+        request_id: str = "",
+        traceparent: str = "",
+    ) -> Answer:
+        """check_http in the calling thread (a sync framework's worker thread)."""
+        started = time.perf_counter_ns()
+        check = CheckInput(
+            token, HttpTarget(method, path, query, dict(headers or {}), body), request_id, DOOR
+        )
+        key, policy = self.embedded.key(check)
+        return self.embedded.answer(self._door, render, check, key, policy, started, traceparent)

@@ -1,0 +1,299 @@
+"""Embedded mode: the middleware deciding in the hub's own process (adapters/embedded/).
+
+Real uvicorn, a real `policyd serve` on the same store for the remote side of each
+comparison, real SQLite files and audit indexers; nothing on the decision path is mocked.
+The multi-process suites (revocation across two hub processes and a server, kill -9 of a
+hub under load) are in tests/test_embedded_processes.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from adapters.asgi import AuthInfo, PolicydMiddleware
+from adapters.asgi.stall import LoopStall
+from adapters.embedded import EmbeddedPolicyd
+from tests.asgi_server import serve_asgi
+from tests.helpers import (
+    ROOT,
+    Home,
+    ServerProcess,
+    free_port,
+    indexed_records,
+    run_hub,
+    run_server,
+)
+from tests.test_asgi import (
+    JSON,
+    Recorder,
+    _handshake,
+    _websocket_app,
+    bearer,
+    echo_app,
+    snapshot_body,
+)
+
+
+@dataclass
+class Pair:
+    home: Home
+    server: ServerProcess
+    remote: str  # the echo app behind the remote middleware
+    embedded: str  # the same app behind the embedded one
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
+    root = tmp_path_factory.mktemp("embedded")
+    home = Home(root)
+    home.seed()
+    with run_server(home) as server:
+        remote = PolicydMiddleware(echo_app(Recorder()), server.address, timeout_seconds=5.0)
+        embedded = PolicydMiddleware(
+            echo_app(Recorder()), embedded=EmbeddedPolicyd(home.config_path)
+        )
+        with serve_asgi(remote) as remote_url, serve_asgi(embedded) as embedded_url:
+            yield Pair(home, server, remote_url, embedded_url)
+
+
+def _seen(reply: httpx.Response) -> tuple[int, Any, str]:
+    """What a client and the app see of an answer, the decision id left out."""
+    try:
+        doc = reply.json()
+    except ValueError:
+        doc = reply.text
+    if isinstance(doc, dict):
+        doc.pop("decision_id", None)
+        auth = doc.get("auth")
+        if isinstance(auth, dict):
+            auth.pop("decision_id")
+    return reply.status_code, doc, reply.headers.get("www-authenticate", "")
+
+
+def _decision_id(reply: httpx.Response) -> str:
+    doc = reply.json()
+    found = doc["auth"]["decision_id"] if "auth" in doc else doc["decision_id"]
+    assert isinstance(found, str)
+    return found
+
+
+def test_embedded_answers_as_remote_does(pair: Pair) -> None:
+    home = pair.home
+    token = home.token(scopes=("UserInfo", "DataRead", "DataWrite"))
+    disabled = home.token(client_id="app-off")
+    requests: list[tuple[str, str, dict[str, str], bytes]] = [
+        ("GET", "/api/info", {}, b""),
+        ("GET", "/api/user/me", bearer(token), b""),
+        ("GET", "/api/user/me", {}, b""),
+        ("GET", "/api/user/me", bearer("not-a-jwt"), b""),
+        ("GET", "/api/user/me", bearer(disabled), b""),
+        ("GET", "/api/data/tags/ds-a?name=fic*", bearer(token), b""),
+        ("GET", "/api/data/tags/ds-c", bearer(token), b""),  # not granted
+        ("GET", "/api/data/datasources", bearer(token), b""),
+        ("GET", "/api/data/tags/ds-a%2Fx", bearer(token), b""),  # ambiguous
+        ("GET", "/api/nowhere", bearer(token), b""),
+        ("POST", "/api/data/v2/snapshot", {**bearer(token), **JSON}, snapshot_body("ds-a")),
+        ("POST", "/api/data/v2/snapshot", {**bearer(token), **JSON}, snapshot_body("ds-a", "ds-c")),
+        ("POST", "/api/data/v2/snapshot", {**bearer(token), **JSON}, b"{not json"),
+        ("PUT", "/api/data/v2/snapshot/ds-b", {**bearer(token), **JSON}, b"{}"),  # read only
+    ]
+    ids: set[str] = set()
+    with httpx.Client(timeout=10) as client:
+        for method, path, headers, body in requests:
+            for _ in range(2):  # the second time a remembered allow, where it is one
+                remote = client.request(method, pair.remote + path, headers=headers, content=body)
+                here = client.request(method, pair.embedded + path, headers=headers, content=body)
+                assert _seen(here) == _seen(remote), f"{method} {path}"
+                ids.add(_decision_id(here))
+    assert len(ids) == 2 * len(requests)  # every answer its own decision
+    records = indexed_records(home.root / "audit.db", ids)
+    assert ids <= set(records)
+    assert {records[i].door for i in ids} == {"embedded"}
+
+
+def test_embedded_allows_keep_one_record_per_answer(pair: Pair) -> None:
+    token = pair.home.token()
+    with httpx.Client(timeout=10) as client:
+        replies = [
+            client.get(f"{pair.embedded}/api/data/tags/ds-a", headers=bearer(token))
+            for _ in range(50)
+        ]
+    assert {r.status_code for r in replies} == {200}
+    ids = {r.json()["auth"]["decision_id"] for r in replies}
+    assert len(ids) == 50
+    records = indexed_records(pair.home.root / "audit.db", ids)
+    assert ids <= set(records)
+    assert {(records[i].decision, records[i].reason, records[i].user_id) for i in ids} == {
+        ("allow", "ALLOWED", "alice")
+    }
+
+
+def test_remembered_allows_are_answered_on_the_loop_the_rest_in_the_pool(
+    tmp_path: Path,
+) -> None:
+    """The loop answers a repeat itself (its own connection confirms the caches after a
+    commit); a deny, a first decision and the first one after a store write go to the pool."""
+    home = Home(tmp_path)
+    home.seed()
+    policyd = EmbeddedPolicyd(home.config_path)
+    app = PolicydMiddleware(echo_app(Recorder()), embedded=policyd)
+    token = home.token()
+
+    with serve_asgi(app) as url, httpx.Client(timeout=10) as client:
+        allowed = f"{url}/api/data/tags/ds-a"
+        denied = f"{url}/api/data/tags/ds-c"
+        for _ in range(50):
+            assert client.get(allowed, headers=bearer(token)).status_code == 200
+        assert (policyd.answered_inline, policyd.answered_in_pool) == (49, 1)
+        for _ in range(10):
+            assert client.get(denied, headers=bearer(token)).status_code == 403
+        assert policyd.answered_in_pool == 11  # denials are never remembered
+        home.store.add_user("carol")  # a write: every cache starts again
+        for _ in range(10):
+            assert client.get(allowed, headers=bearer(token)).status_code == 200
+        assert (policyd.answered_inline, policyd.answered_in_pool) == (58, 12)
+
+
+def test_a_revoked_grant_is_denied_on_the_next_embedded_request(pair: Pair) -> None:
+    home = pair.home
+    token = home.token()
+    url = f"{pair.embedded}/api/data/tags/ds-b"
+    with httpx.Client(timeout=10) as client:
+        for _ in range(5):
+            assert client.get(url, headers=bearer(token)).status_code == 200
+        result = home.cli("grants", "revoke", "alice", "app1", "ds-b")
+        assert result.returncode == 0, result.stderr
+        try:
+            reply = client.get(url, headers=bearer(token))
+            assert reply.status_code == 403
+            assert reply.json()["reason"] == "DATA_SOURCE_NOT_GRANTED"
+        finally:
+            again = home.cli("grants", "add", "alice", "app1", "ds-b", "--access", "read")
+            assert again.returncode == 0, again.stderr
+        assert client.get(url, headers=bearer(token)).status_code == 200
+
+
+def test_a_websocket_handshake_is_decided_in_process_without_lifespan(pair: Pair) -> None:
+    """No lifespan ran: the first handshake starts the embedded policyd."""
+    seen: list[object] = []
+    middleware = PolicydMiddleware(
+        _websocket_app(seen), embedded=EmbeddedPolicyd(pair.home.config_path)
+    )
+    auth = [(b"authorization", f"Bearer {pair.home.token()}".encode())]
+
+    async def run() -> tuple[list[Any], list[Any]]:
+        try:
+            return (
+                await _handshake(middleware, "/api/data/tags/ds-a", auth, {}),
+                await _handshake(
+                    middleware, "/api/data/tags/ds-c", auth, {"websocket.http.response": {}}
+                ),
+            )
+        finally:
+            await middleware.aclose()
+
+    allowed, denied = asyncio.run(run())
+    assert allowed == [{"type": "websocket.accept"}]
+    assert isinstance(seen[0], AuthInfo) and seen[0].data_sources == ("ds-a",)
+    assert denied[0]["status"] == 403
+    assert json.loads(denied[1]["body"])["reason"] == "DATA_SOURCE_NOT_GRANTED"
+
+
+def test_the_sync_api_decides_in_the_calling_thread(pair: Pair) -> None:
+    policyd = EmbeddedPolicyd(pair.home.config_path)
+    policyd.start_sync()
+    try:
+        token = pair.home.token()
+        auth, denial = policyd.check_http_sync(token, "GET", "/api/data/tags/ds-a")
+        assert denial is None and auth is not None
+        assert (auth.sub, auth.client_id, auth.data_sources) == ("alice", "app1", ("ds-a",))
+        auth, denial = policyd.check_http_sync(token, "GET", "/api/data/tags/ds-c")
+        assert auth is None and denial is not None
+        assert (denial.status, denial.reason) == (403, "DATA_SOURCE_NOT_GRANTED")
+        assert json.loads(denial.body())["decision_id"] == denial.decision_id
+    finally:
+        policyd.stop_sync()
+
+
+def test_embedded_policy_hot_reload_is_seen(tmp_path: Path) -> None:
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    shutil.copy(ROOT / "policies" / "hub.yaml", policies / "hub.yaml")
+    home = Home(tmp_path, extra_config=f'[policy]\ndir = "{policies}"\nwatch_seconds = 0.1\n')
+    home.seed()
+    app = PolicydMiddleware(echo_app(Recorder()), embedded=EmbeddedPolicyd(home.config_path))
+    with serve_asgi(app) as url, httpx.Client(timeout=10) as client:
+        assert client.get(f"{url}/api/info").status_code == 200
+        text = (policies / "hub.yaml").read_text()
+        (policies / "hub.yaml").write_text(text.replace("path: /api/info\n", "path: /api/about\n"))
+        deadline = time.monotonic() + 15
+        while client.get(f"{url}/api/info").status_code == 200:
+            assert time.monotonic() < deadline, "the policy change was not loaded"
+            time.sleep(0.1)
+        reply = client.get(f"{url}/api/info", headers=bearer(home.token()))
+        assert (reply.status_code, reply.json()["reason"]) == (403, "NO_ROUTE")
+        assert client.get(f"{url}/api/about").status_code == 200
+        status = list(tmp_path.glob("policy-status-embedded-*.json"))
+        assert len(status) == 1 and json.loads(status[0].read_text())["last_reload"]["result"] == (
+            "loaded"
+        )
+    assert not list(tmp_path.glob("policy-status-embedded-*.json"))  # removed at shutdown
+
+
+def test_loop_stall_probe_reports_the_worst_lateness_and_resets() -> None:
+    async def run() -> tuple[float, float, float]:
+        probe = LoopStall(0.001)
+        probe.start()
+        await asyncio.sleep(0.05)
+        probe.take()
+        time.sleep(0.08)  # the loop is held for 80 ms
+        await asyncio.sleep(0.01)
+        held = probe.take()
+        await asyncio.sleep(0.05)
+        calm = probe.take()
+        probe.stop()
+        return held, calm, probe.worst_ever
+
+    held, calm, ever = asyncio.run(run())
+    assert 0.07 <= held < 1.0
+    assert calm < 0.07
+    assert ever == held
+
+
+def test_the_hub_serves_the_loop_stall_on_its_metrics_port(tmp_path: Path) -> None:
+    """The hub in embedded mode, as the benchmark runs it: the stall is on the metrics port,
+    worst since the previous scrape; every answer names its decision."""
+    home = Home(tmp_path)
+    home.seed()
+    metrics_port = free_port()
+    settings = {"metrics_address": f"127.0.0.1:{metrics_port}", "loop_probe_ms": "1"}
+    with run_hub(home, "ds-a,ds-b,ds-c", **settings) as hub:
+        token = home.token()
+        with httpx.Client(timeout=10) as client:
+            for _ in range(100):
+                reply = client.get(f"{hub.url}/api/data/tags/ds-a", headers=bearer(token))
+                assert reply.status_code == 200
+                assert reply.headers["x-policyd-decision-id"]
+            scrape = client.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+        values = {
+            line.split()[0]: float(line.split()[1])
+            for line in scrape.splitlines()
+            if line.startswith("policyd_loop_stall")
+        }
+        assert 0 <= values["policyd_loop_stall_seconds"] < 5
+        assert values["policyd_loop_stall_max_seconds"] >= values["policyd_loop_stall_seconds"]
+        assert values["policyd_loop_stall_probes_total"] > 10
+    # uvicorn ends a graceful SIGTERM shutdown by raising the signal again.
+    assert hub.process.returncode in (0, -15), hub.log()
+    assert "Application shutdown complete" in hub.log(), hub.log()
+    assert "Traceback" not in hub.log(), hub.log()
