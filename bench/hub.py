@@ -12,6 +12,13 @@ Each window: a warm-up, then `duration` seconds timed; only responses completed 
 window count. Around each window it reads the CPU time of the hub and of policyd
 (/proc/PID/stat).
 
+A third hub, *embedded*, decides in its own process (the middleware's embedded mode,
+docs/asgi.md: the same engine, store, audit journal and policy as `policyd serve`, its own
+audit indexer as a child): the issue-18 goal is embedded/unprotected >= 0.9. Every hub runs
+the event loop's stall probe (POLICYD_HUB_LOOP_PROBE_MS=1, the same small cost for all
+three) and the load generator reads the worst stall of each window from the hub's metrics
+port (`policyd_loop_stall_seconds`, reset by each scrape).
+
 Workloads: `tag` (GET /api/data/tags/{dsn}/{tag}: the data source is in the path) and
 `snapshot` (POST /api/data/v2/snapshot with a JSON body naming two data sources, so the
 middleware buffers the body and policyd parses it).
@@ -34,10 +41,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.procs import ROOT, clean_env, cpu_seconds, free_port, stop
+from bench.procs import ROOT, child_pids, clean_env, cpu_seconds, free_port, stop
 from bench.stats import median, percentile
 
 CONNECTIONS = 16
+SIDES = ("protected", "unprotected", "embedded")
+GOAL_EMBEDDED = 0.9  # issue 18: embedded / unprotected throughput, both workloads
 RESPONSE_TIMEOUT = 10.0
 
 
@@ -60,8 +69,9 @@ class Target:
     name: str
     port: int
     hub_pid: int
-    policyd_pid: int  # 0: no policyd involved
+    policyd_pid: int  # 0: no policyd involved (embedded: the hub's own audit indexer)
     request: str  # the raw HTTP/1.1 request, latin-1
+    metrics_port: int = 0  # the hub's metrics port: its loop's worst stall per window
 
 
 @dataclass
@@ -76,6 +86,7 @@ class Window:
     p99_us: float
     hub_cpu_us_per_request: float
     policyd_cpu_us_per_request: float
+    loop_stall_ms: float = float("nan")  # the hub's event loop: its worst stall in the window
 
 
 async def _read_response(reader: asyncio.StreamReader) -> int:
@@ -88,6 +99,20 @@ async def _read_response(reader: asyncio.StreamReader) -> int:
             length = int(line[15:])
     await reader.readexactly(length)
     return status
+
+
+async def _loop_stall(port: int) -> float:
+    """The hub's worst loop stall since the last read (seconds; its metrics port)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        data = await reader.read()
+    finally:
+        writer.close()
+    for line in data.decode().splitlines():
+        if line.startswith("policyd_loop_stall_seconds "):
+            return float(line.split()[1])
+    raise RuntimeError(f"no policyd_loop_stall_seconds on the hub's metrics port {port}")
 
 
 async def _window(target: Target, round_: int, connections: int, d: Durations) -> Window:
@@ -116,6 +141,8 @@ async def _window(target: Target, round_: int, connections: int, d: Durations) -
 
     tasks = [asyncio.create_task(connection()) for _ in range(connections)]
     await asyncio.sleep(d.warmup)
+    if target.metrics_port:
+        await _loop_stall(target.metrics_port)  # the warm-up's: dropped
     hub0 = cpu_seconds(target.hub_pid)
     pd0 = cpu_seconds(target.policyd_pid) if target.policyd_pid else 0.0
     started = time.monotonic()
@@ -125,6 +152,7 @@ async def _window(target: Target, round_: int, connections: int, d: Durations) -
     seconds = time.monotonic() - started
     hub1 = cpu_seconds(target.hub_pid)
     pd1 = cpu_seconds(target.policyd_pid) if target.policyd_pid else 0.0
+    stall = await _loop_stall(target.metrics_port) if target.metrics_port else float("nan")
     await asyncio.gather(*tasks)
     n = len(latencies)
     us = sorted(x * 1e6 for x in latencies)
@@ -139,6 +167,7 @@ async def _window(target: Target, round_: int, connections: int, d: Durations) -
         p99_us=percentile(us, 0.99),
         hub_cpu_us_per_request=(hub1 - hub0) / n * 1e6 if n else float("nan"),
         policyd_cpu_us_per_request=(pd1 - pd0) / n * 1e6 if n else 0.0,
+        loop_stall_ms=stall * 1000,
     )
 
 
@@ -278,10 +307,16 @@ def _process(
 
 @contextmanager
 def _hub(
-    name: str, work: Path, gateway: str, policyd_address: str
-) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
-    port = free_port()
+    name: str, work: Path, gateway: str, policyd_address: str, **extra: str
+) -> Iterator[tuple[int, int, subprocess.Popen[bytes]]]:
+    """A hub process: its port, its metrics port and the process."""
+    port, metrics_port = free_port(), free_port()
     env = clean_env()
+    env.update(
+        POLICYD_HUB_METRICS_ADDRESS=f"127.0.0.1:{metrics_port}",
+        POLICYD_HUB_LOOP_PROBE_MS="1",
+        **extra,
+    )
     env.update(
         POLICYD_HUB_PORT=str(port),
         POLICYD_HUB_DATA_DIR=str(work / name),
@@ -294,7 +329,19 @@ def _hub(
     log = work / f"{name}.log"
     with _process(["-m", "examples.hub"], log, ROOT, env) as process:
         _wait_http(port, process, log)
-        yield port, process
+        yield port, metrics_port, process
+
+
+def _indexer_of(pid: int) -> int:
+    """The audit indexer an embedded hub started (its child)."""
+    for child in child_pids(pid):
+        try:
+            command = Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"audit\0index" in command:
+            return child
+    raise RuntimeError(f"hub {pid} has no audit indexer child")
 
 
 def run(quick: bool, connections: int = CONNECTIONS) -> dict[str, Any]:
@@ -310,9 +357,18 @@ def run(quick: bool, connections: int = CONNECTIONS) -> dict[str, Any]:
         ) as policyd:
             _wait_grpc(address, policyd)
             with (
-                _hub("protected", work, "asgi", address) as (p_port, p_proc),
-                _hub("unprotected", work, "envoy", address) as (u_port, u_proc),
+                _hub("protected", work, "asgi", address) as (p_port, p_metrics, p_proc),
+                _hub("unprotected", work, "envoy", address) as (u_port, u_metrics, u_proc),
+                _hub(
+                    "embedded",
+                    work,
+                    "asgi",
+                    address,
+                    POLICYD_HUB_MODE="embedded",
+                    POLICYD_HUB_POLICYD_CONFIG=str(config_path),
+                ) as (e_port, e_metrics, e_proc),
             ):
+                e_indexer = _indexer_of(e_proc.pid)
                 edge, lab = (_first_tag(ds) for ds in ("edge-historian", "lab-lims"))
                 tag = f"/api/data/tags/edge-historian/{edge}"
                 body = json.dumps({"tags": {"edge-historian": [edge], "lab-lims": [lab]}}).encode()
@@ -333,6 +389,19 @@ def run(quick: bool, connections: int = CONNECTIONS) -> dict[str, Any]:
                                 p_proc.pid,
                                 policyd.pid,
                                 _http_request(method, path, token, payload),
+                                p_metrics,
+                            )
+                        )
+                    )
+                    targets.append(
+                        asdict(
+                            Target(
+                                f"{wl}/embedded",
+                                e_port,
+                                e_proc.pid,
+                                e_indexer,
+                                _http_request(method, path, token, payload),
+                                e_metrics,
                             )
                         )
                     )
@@ -346,6 +415,7 @@ def run(quick: bool, connections: int = CONNECTIONS) -> dict[str, Any]:
                                 _http_request(
                                     method, path, token, payload, _gateway_headers(sources)
                                 ),
+                                u_metrics,
                             )
                         )
                     )
@@ -371,7 +441,7 @@ def _summarize(
     out: dict[str, Any] = {"connections": connections, "durations": asdict(d), "workloads": {}}
     for wl in workloads:
         entry: dict[str, Any] = {}
-        for side in ("protected", "unprotected"):
+        for side in SIDES:
             mine = [w for w in windows if w.target == f"{wl}/{side}"]
             entry[side] = {
                 "requests_per_s": median([w.requests_per_s for w in mine]),
@@ -381,11 +451,17 @@ def _summarize(
                 "hub_cpu_us_per_request": median([w.hub_cpu_us_per_request for w in mine]),
                 "policyd_cpu_us_per_request": median([w.policyd_cpu_us_per_request for w in mine]),
                 "errors": sum(w.errors for w in mine),
+                "loop_stall_ms_by_round": [round(w.loop_stall_ms, 2) for w in mine],
+                "loop_stall_ms_max": max(w.loop_stall_ms for w in mine),
             }
-        p, u = entry["protected"], entry["unprotected"]
+        p, u, e = entry["protected"], entry["unprotected"], entry["embedded"]
         entry["ratio"] = {
             "throughput": p["requests_per_s"] / u["requests_per_s"],
             "hub_cpu_per_request": p["hub_cpu_us_per_request"] / u["hub_cpu_us_per_request"],
+        }
+        entry["embedded_ratio"] = {
+            "throughput": e["requests_per_s"] / u["requests_per_s"],
+            "hub_cpu_per_request": e["hub_cpu_us_per_request"] / u["hub_cpu_us_per_request"],
         }
         out["workloads"][wl] = entry
     return out
@@ -393,11 +469,20 @@ def _summarize(
 
 def report(summary: dict[str, Any]) -> str:
     rows = [
-        ["workload", "hub", "req/s", "p50 ms", "p99 ms", "hub CPU us/req", "policyd CPU us/req"]
+        [
+            "workload",
+            "hub",
+            "req/s",
+            "p50 ms",
+            "p99 ms",
+            "hub CPU us/req",
+            "policyd CPU us/req",
+            "worst loop stall ms",
+        ]
     ]
     ratios: list[str] = []
     for wl, entry in summary["workloads"].items():
-        for side in ("unprotected", "protected"):
+        for side in ("unprotected", "protected", "embedded"):
             e = entry[side]
             rows.append(
                 [
@@ -407,7 +492,8 @@ def report(summary: dict[str, Any]) -> str:
                     f"{e['p50_us'] / 1000:.2f}",
                     f"{e['p99_us'] / 1000:.2f}",
                     f"{e['hub_cpu_us_per_request']:.0f}",
-                    f"{e['policyd_cpu_us_per_request']:.0f}" if side == "protected" else "-",
+                    f"{e['policyd_cpu_us_per_request']:.0f}" if side != "unprotected" else "-",
+                    f"{e['loop_stall_ms_max']:.1f}",
                 ]
             )
             if e["errors"]:
@@ -415,6 +501,13 @@ def report(summary: dict[str, Any]) -> str:
         r = entry["ratio"]
         ratios.append(
             f"{wl}: throughput protected/unprotected = {r['throughput']:.2f};"
+            f" hub CPU per request x{r['hub_cpu_per_request']:.2f}"
+        )
+        r = entry["embedded_ratio"]
+        verdict = "meets" if r["throughput"] >= GOAL_EMBEDDED else "MISSES"
+        ratios.append(
+            f"{wl}: throughput embedded/unprotected = {r['throughput']:.2f}"
+            f" ({verdict} the goal >= {GOAL_EMBEDDED});"
             f" hub CPU per request x{r['hub_cpu_per_request']:.2f}"
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -427,7 +520,8 @@ def report(summary: dict[str, Any]) -> str:
     )
     d = summary["durations"]
     head = (
-        f"Hub (uvicorn, 1 process) with and without the ASGI middleware;"
+        f"Hub (uvicorn, 1 process): unprotected, protected (the ASGI middleware asking"
+        f" policyd over gRPC) and embedded (deciding in the hub's process);"
         f" {summary['connections']} keep-alive connections; medians of {d['rounds']}"
         f" alternating {d['duration']:g} s windows"
     )
