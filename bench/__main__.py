@@ -12,7 +12,8 @@ Benchmarks (docs/benchmarks.md explains each figure):
   cluster     PostgreSQL vs SQLite throughput; revoke latency on 3 replicas, one frozen
               (bench/cluster.py; skipped without PostgreSQL's initdb)
   peer        policyd against the Cerbos PDP on the same CPU, audit off and on
-              (bench/peer.py; fetches a pinned Cerbos binary, skipped when it cannot)
+              (bench/peer.py, bench/cerbos.py; fetches a pinned Cerbos binary, skipped
+              when it cannot)
 
 Results go to var/bench/results.json (--out to change); server logs to logs/ beside it.
 Progress goes to stderr: a bar over the benchmarks on a terminal, else a line per benchmark.

@@ -1,7 +1,7 @@
-"""The peer benchmark's own parts (bench/peer.py): the hand-written encoding of Cerbos's
-CheckResources, read back by protobuf's own parser; the decoding of its answers; the pinned
-binary's checks; and, where the binary is already cached, a real Cerbos round trip. Nothing
-here downloads anything."""
+"""The peer benchmark's own parts (bench/peer.py, bench/cerbos.py): the hand-written
+encoding of Cerbos's CheckResources, read back by protobuf's own parser; the decoding of
+its answers; the pinned binary's checks and the skip without it; and, where the binary is
+already cached, a real Cerbos round trip. Nothing here downloads anything."""
 
 from __future__ import annotations
 
@@ -9,14 +9,17 @@ import base64
 import hashlib
 import io
 import tarfile
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, struct_pb2
 
-from bench import peer
+from bench import cerbos, peer
 from bench.check import DATA_SOURCE, USER
+from bench.loadgen import call_once
 from bench.procs import free_port
 
 F = descriptor_pb2.FieldDescriptorProto
@@ -99,13 +102,13 @@ def test_the_check_resources_request_parses_with_protobufs_own_parser() -> None:
     parsed = messages["CheckResourcesRequest"].FromString(raw)
     assert parsed.request_id == "bench"
     assert parsed.principal.id == USER
-    assert list(parsed.principal.roles) == [peer.ROLE]
+    assert list(parsed.principal.roles) == [cerbos.ROLE]
     attr = parsed.principal.attr
     assert [v.string_value for v in attr["scopes"].list_value.values] == ["UserInfo", "DataRead"]
     assert [v.string_value for v in attr["granted"].list_value.values] == granted
     (entry,) = parsed.resources
-    assert list(entry.actions) == [peer.ACTION]
-    assert (entry.resource.kind, entry.resource.id) == (peer.RESOURCE_KIND, DATA_SOURCE)
+    assert list(entry.actions) == [cerbos.ACTION]
+    assert (entry.resource.kind, entry.resource.id) == (cerbos.RESOURCE_KIND, DATA_SOURCE)
     # and nothing else: protobuf's encoding of the parsed message is the same size
     assert len(parsed.SerializeToString()) == len(raw)
 
@@ -121,7 +124,7 @@ def test_effects_reads_each_resources_actions() -> None:
     denied.resource.id = "ds-x"
     denied.actions["read"] = 2
     denied.actions["write"] = 3
-    assert peer.effects(response.SerializeToString()) == {
+    assert cerbos.effects(response.SerializeToString()) == {
         "ds007": {"read": "EFFECT_ALLOW"},
         "ds-x": {"read": "EFFECT_DENY", "write": "EFFECT_NO_MATCH"},
     }
@@ -138,62 +141,81 @@ def _tarball(members: dict[str, bytes]) -> bytes:
 
 
 def test_a_tarball_is_checked_against_the_pinned_sha512() -> None:
-    data = _tarball({peer.CERBOS_MEMBER: b"#!/bin/sh\n"})
+    data = _tarball({cerbos.MEMBER: b"#!/bin/sh\n"})
     digest = base64.b64encode(hashlib.sha512(data).digest()).decode()
-    peer.verify_integrity(data, digest)
-    with pytest.raises(peer.Unavailable, match="not the pinned one"):
-        peer.verify_integrity(data + b"x", digest)
-    with pytest.raises(peer.Unavailable):
-        peer.verify_integrity(data)  # not the real package
+    cerbos.verify_integrity(data, digest)
+    with pytest.raises(cerbos.Unavailable, match="not the pinned one"):
+        cerbos.verify_integrity(data + b"x", digest)
+    with pytest.raises(cerbos.Unavailable):
+        cerbos.verify_integrity(data)  # not the real package
 
 
 def test_the_binary_is_extracted_executable_and_reused(tmp_path: Path) -> None:
-    binary = peer.extract_binary(
-        _tarball({"package/package.json": b"{}", peer.CERBOS_MEMBER: b"ELF"}),
+    binary = cerbos.extract_binary(
+        _tarball({"package/package.json": b"{}", cerbos.MEMBER: b"ELF"}),
         tmp_path / "cerbos",
     )
     assert binary.read_bytes() == b"ELF"
     assert binary.stat().st_mode & 0o111
-    assert peer.cerbos_binary(tmp_path) == binary  # cached: no download
+    assert cerbos.binary_path(tmp_path) == binary  # cached: no download
 
 
-def test_a_skipped_run_says_why_in_one_line() -> None:
-    assert peer.report({"skipped": "no network"}) == "peer: skipped: no network"
+def test_without_the_network_the_fetch_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def offline(*args: object, **kwargs: object) -> object:
+        raise urllib.error.URLError("no route to host")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(cerbos.Unavailable, match=r"cannot download .*no route to host"):
+        cerbos.binary_path(tmp_path)
+
+
+def test_a_run_without_cerbos_is_skipped_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unavailable() -> Path:
+        raise cerbos.Unavailable("no network")
+
+    monkeypatch.setattr(cerbos, "binary_path", unavailable)
+    summary = peer.run(tmp_path, grants=1, callers=[1], rounds=1, warmup=0.1, duration=0.1)
+    assert summary == {"skipped": "no network"}
+    assert peer.report(summary) == "peer: skipped: no network"
 
 
 def test_the_policy_allows_read_only_with_data_read_and_a_grant() -> None:
-    assert '"DataRead" in request.principal.attr.scopes' in peer.POLICY
-    assert "request.resource.id in request.principal.attr.granted" in peer.POLICY
+    assert '"DataRead" in request.principal.attr.scopes' in cerbos.POLICY
+    assert "request.resource.id in request.principal.attr.granted" in cerbos.POLICY
 
 
-CACHED = peer.CERBOS_CACHE / "cerbos"
+CACHED = cerbos.CACHE / "cerbos"
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(
     not CACHED.is_file(),
-    reason=f"no cached Cerbos binary at {CACHED} (`python -m bench.peer` fetches it)",
+    reason=f"no cached Cerbos binary at {CACHED} (`python -m bench.cerbos` fetches it)",
 )
 @pytest.mark.parametrize("audit", [None, "file"])
 def test_cerbos_allows_a_granted_data_source_and_denies_another(
     tmp_path: Path, audit: str | None
 ) -> None:
     port = free_port()
-    config = peer.cerbos_config(
-        tmp_path, "cerbos", port, free_port(), peer.write_policies(tmp_path), audit
+    config = cerbos.config(
+        tmp_path, "cerbos", port, free_port(), cerbos.write_policies(tmp_path), audit
     )
     granted = [f"ds{n:03d}" for n in range(100)]
-    with peer.cerbos_server(CACHED, config, "cerbos", port, tmp_path) as server:
+    with cerbos.server(CACHED, config, "cerbos", port, tmp_path) as server:
         peer.check_cerbos(server.address, granted)  # raises unless allow and deny
-        without_scope = peer.check_resources_request(
+        without_scope = cerbos.check_resources_request(
             USER,
-            [peer.ROLE],
+            [cerbos.ROLE],
             {"scopes": ["UserInfo"], "granted": granted},
-            peer.RESOURCE_KIND,
+            cerbos.RESOURCE_KIND,
             DATA_SOURCE,
-            peer.ACTION,
+            cerbos.ACTION,
         )
-        answer = peer.effects(peer.call(server.address, peer.CERBOS_METHOD, without_scope))
-    assert answer == {DATA_SOURCE: {peer.ACTION: "EFFECT_DENY"}}
+        answer = cerbos.effects(call_once(server.address, cerbos.METHOD, without_scope))
+    assert answer == {DATA_SOURCE: {cerbos.ACTION: "EFFECT_DENY"}}
     if audit == "file":
         assert '"log.kind":"decision"' in (tmp_path / "cerbos-records.log").read_text()
