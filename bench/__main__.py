@@ -11,6 +11,9 @@ Benchmarks (docs/benchmarks.md explains each figure):
   envoy       Envoy alone, with jwt_authn, with policyd's ext_authz; wrk (bench/envoy.py)
   cluster     PostgreSQL vs SQLite throughput; revoke latency on 3 replicas, one frozen
               (bench/cluster.py; skipped without PostgreSQL's initdb)
+  peer        policyd against the Cerbos PDP on the same CPU, audit off and on
+              (bench/peer.py, bench/cerbos.py; fetches a pinned Cerbos binary, skipped
+              when it cannot)
 
 Results go to var/bench/results.json (--out to change); server logs to logs/ beside it.
 Progress goes to stderr: a bar over the benchmarks on a terminal, else a line per benchmark.
@@ -38,12 +41,23 @@ from bench import cluster as cluster_bench
 from bench import envoy as envoy_bench
 from bench import hub as hub_bench
 from bench import observe as observe_bench
+from bench import peer as peer_bench
 from bench import policy as policy_bench
 from bench.procs import ROOT
 from bench.report import load_table, table
 from policyd.cli.progress import progress
 
-NAMES = ("grpc_stack", "check", "observe", "policy", "audit", "hub", "envoy", "cluster")
+NAMES = (
+    "grpc_stack",
+    "check",
+    "observe",
+    "policy",
+    "audit",
+    "hub",
+    "envoy",
+    "cluster",
+    "peer",
+)
 GOAL_THROUGHPUT_RATIO = 0.9
 
 
@@ -190,6 +204,16 @@ def _run_one(
             duration=d.duration,
         )
         report = cluster_bench.report(summary)
+    elif name == "peer":
+        summary = peer_bench.run(
+            log_dir,
+            grants=grants,
+            callers=CALLERS,
+            rounds=d.rounds,
+            warmup=d.warmup,
+            duration=d.duration,
+        )
+        report = peer_bench.report(summary)
     else:
         summary = check.run(
             log_dir,

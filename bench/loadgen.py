@@ -168,6 +168,13 @@ def _window(
     return window, (first_error[0] if first_error else "")
 
 
+def call_once(address: str, method: str, request: bytes) -> bytes:
+    """One unary call of raw bytes on a new channel (set-up checks, not measuring)."""
+    with grpc.insecure_channel(address) as channel:
+        reply: bytes = channel.unary_unary(method, None, None)(request, timeout=CALL_TIMEOUT)
+    return reply
+
+
 def run(spec: LoadSpec) -> LoadResult:
     """Run the spec in this process (the load generator process)."""
     channels = {t.name: grpc.insecure_channel(t.address) for t in spec.targets}

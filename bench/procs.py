@@ -125,18 +125,29 @@ def stop(process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
 
 @contextmanager
 def server_process(
-    name: str, args: Sequence[str], port: int, log_dir: Path, cwd: Path | None = None
+    name: str,
+    args: Sequence[str],
+    port: int,
+    log_dir: Path,
+    cwd: Path | None = None,
+    *,
+    program: str = sys.executable,
+    cpu: int | None = None,
 ) -> Iterator[ServerProcess]:
-    """Start `python <args>` listening on 127.0.0.1:port; wait until ready; always stop it."""
+    """Start `program <args>` (python by default) listening on 127.0.0.1:port; wait until
+    ready; always stop it. `cpu`: pin the process, and every thread it starts, to that CPU
+    from its first instruction (for a server that cannot pin itself, unlike policyd)."""
     log_path = log_dir / f"{name}.log"
+    pin = None if cpu is None else (lambda: os.sched_setaffinity(0, {cpu}))
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, *args],
+            [program, *args],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=cwd or ROOT,
             env=clean_env(),
+            preexec_fn=pin,
         )
     server = ServerProcess(name, f"127.0.0.1:{port}", process, log_path)
     try:
