@@ -83,7 +83,10 @@ def verify_integrity(data: bytes, sha512_b64: str = SHA512) -> None:
 def extract_binary(tarball: bytes, dest: Path) -> Path:
     """Write the tarball's Cerbos binary to `dest` (executable), atomically."""
     with tarfile.open(fileobj=io.BytesIO(tarball), mode="r:gz") as tar:
-        member = tar.getmember(MEMBER)
+        try:
+            member = tar.getmember(MEMBER)
+        except KeyError:
+            raise Unavailable(f"the tarball has no {MEMBER}") from None
         source = tar.extractfile(member) if member.isfile() else None
         if source is None:
             raise Unavailable(f"{MEMBER} is not a file in the tarball")

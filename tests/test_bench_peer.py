@@ -183,11 +183,6 @@ def test_a_run_without_cerbos_is_skipped_in_one_line(
     assert peer.report(summary) == "peer: skipped: no network"
 
 
-def test_the_policy_allows_read_only_with_data_read_and_a_grant() -> None:
-    assert '"DataRead" in request.principal.attr.scopes' in cerbos.POLICY
-    assert "request.resource.id in request.principal.attr.granted" in cerbos.POLICY
-
-
 CACHED = cerbos.CACHE / "cerbos"
 
 
@@ -219,3 +214,10 @@ def test_cerbos_allows_a_granted_data_source_and_denies_another(
     assert answer == {DATA_SOURCE: {cerbos.ACTION: "EFFECT_DENY"}}
     if audit == "file":
         assert '"log.kind":"decision"' in (tmp_path / "cerbos-records.log").read_text()
+
+
+def test_a_tarball_without_the_binary_is_unavailable_not_a_crash(tmp_path: Path) -> None:
+    data = _tarball({"package/package.json": b"{}"})
+    with pytest.raises(cerbos.Unavailable, match="the tarball has no"):
+        cerbos.extract_binary(data, tmp_path / "cerbos")
+    assert not (tmp_path / "cerbos").exists()

@@ -90,6 +90,7 @@ class Embedded:
         # `policyd serve` does; then the indexer follows this process's journal and theirs.
         cpus = os.sched_getaffinity(0)
         self._indexer = IndexerProcess.start_for(config, self.config_path, cpus)
+        decider: Decider | None = None
         try:
             decider = build_decider(config, serving=True)
             if decider.audit is not None:
@@ -97,6 +98,13 @@ class Embedded:
             self._reloading = Reloading(decider.engine, config, name=f"{DOOR}-{os.getpid()}")
             self._reloading.start()
         except BaseException:
+            # Nothing of a failed start stays behind (a replica's lease would hold every
+            # revoking write up to its lease; a retried start would add another).
+            if self._reloading is not None:
+                self._reloading.stop()
+                self._reloading = None
+            if decider is not None:
+                _close(decider)
             if self._indexer is not None:
                 self._indexer.stop()
             raise
@@ -113,7 +121,10 @@ class Embedded:
     def _keep(self) -> None:
         while not self._stopping.wait(UPKEEP_SECONDS):
             if self._indexer is not None:
-                self._indexer.keep_running()
+                try:
+                    self._indexer.keep_running()
+                except Exception:  # tried again at the next tick (say, fork failed: EAGAIN)
+                    log.exception("the audit indexer could not be restarted")
 
     def stop(self) -> None:
         """Stop watching, close the journal (unlocking it), then stop the indexer, whose
@@ -131,6 +142,9 @@ class Embedded:
         metrics.flush()
         tracing.shutdown()
         if decider is not None:
+            replica = getattr(decider.engine.facts, "replica", None)
+            if replica is not None:  # its lease goes now, not at exit
+                replica.stop()
             decider.engine.facts.store.close()
 
     # -- deciding ---------------------------------------------------------------------
@@ -187,3 +201,13 @@ class Embedded:
             label=DOOR,
             traceparent=traceparent,
         )
+
+
+def _close(decider: Decider) -> None:
+    """Undo build_decider: the audit journal, the replica (PostgreSQL), the store."""
+    if decider.audit is not None:
+        decider.audit.close()
+    replica = getattr(decider.engine.facts, "replica", None)
+    if replica is not None:
+        replica.stop()
+    decider.engine.facts.store.close()

@@ -128,7 +128,7 @@ class _Reader:
     connection's data_version still reads `version`, no other connection has committed
     since, and this one never writes: `caches` are exact."""
 
-    __slots__ = ("caches", "conn", "open", "version")
+    __slots__ = ("caches", "conn", "nowait", "open", "version")
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
@@ -136,6 +136,9 @@ class _Reader:
         self.caches: _Caches | None = None
         # A view's read transaction is open (view() began it; end() or the next view ends it).
         self.open = False
+        # Set on the connection of a thread that only recalls (an event loop): it never
+        # waits for a lock (busy_timeout 0); a busy store sends its request to the pool.
+        self.nowait = False
 
     def end(self) -> None:
         if self.open:
@@ -262,6 +265,9 @@ class Facts:
                     return caches.decisions.get(key)
             if not confirm:
                 return None
+            if not reader.nowait:
+                reader.conn.execute("PRAGMA busy_timeout = 0")
+                reader.nowait = True
             self.view()
         except (sqlite3.Error, StoreUnavailable):
             return None  # view() reports it
