@@ -16,6 +16,11 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check pip==25.3
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@# xds-protos ships an older copy of opentelemetry's protos in the same folder, and in a
+	@# fresh install it may overwrite opentelemetry-proto's (the OTLP exporter then fails to
+	@# import): put opentelemetry-proto's files back, at the version pyproject.toml pins.
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --force-reinstall \
+		"$$(grep -o '"opentelemetry-proto==[^"]*"' pyproject.toml | tr -d '"')"
 	@touch $(STAMP)
 
 run: $(STAMP)

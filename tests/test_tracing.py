@@ -450,3 +450,12 @@ def test_the_middleware_sends_a_trace_context_only_when_there_is_one() -> None:
         ("traceparent", tp.decode()),
     )
     assert trace_context([(b"traceparent", tp), (b"traceparent", tp)]) is None
+
+
+def test_the_otlp_protos_are_opentelemetry_protos_own() -> None:
+    """xds-protos ships an older copy of opentelemetry's protos in the same folder; installed
+    after opentelemetry-proto it overwrites them and the OTLP exporter cannot import
+    (`make setup` reinstalls opentelemetry-proto last: see the Makefile)."""
+    from opentelemetry.proto.common.v1 import common_pb2
+
+    assert hasattr(common_pb2, "InstrumentationScope"), common_pb2.__file__
