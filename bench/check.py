@@ -31,6 +31,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -176,6 +177,33 @@ def bulk_insert(db_path: Path, grants: int) -> dict[str, int]:
     finally:
         conn.close()
     return counts
+
+
+@dataclass
+class Seeded:
+    """A benchmark home (make_home) with `grants` live grants (bulk_insert) and a DataRead
+    token for USER via APP. `store` is left open for in-process work: the caller closes it."""
+
+    audited: Path
+    unaudited: Path
+    config: Config
+    store: SqliteStore
+    counts: dict[str, int]
+    insert_seconds: float
+    token: str
+
+
+def seed(root: Path, grants: int) -> Seeded:
+    audited, unaudited = make_home(root)
+    config = load_config(audited, env={})
+    store = SqliteStore(config.store.path)
+    keyring = KeyRing(store, config.tokens.key_dir)
+    t0 = time.perf_counter()
+    counts = bulk_insert(Path(config.store.path), grants)
+    insert_seconds = time.perf_counter() - t0
+    keyring.ensure_active()
+    token, _ = issue_token(keyring, token_settings(config), sub=USER, client_id=APP, scopes=SCOPES)
+    return Seeded(audited, unaudited, config, store, counts, insert_seconds, token)
 
 
 def check_request(token: str) -> decision_pb2.CheckRequest:
@@ -368,18 +396,15 @@ def run(
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="policyd-bench-") as tmp:
         root = Path(tmp)
-        audited, unaudited = make_home(root)
-        config = load_config(audited, env={})
-        store = SqliteStore(config.store.path)
-        keyring = KeyRing(store, config.tokens.key_dir)
-        t0 = time.perf_counter()
-        counts = bulk_insert(Path(config.store.path), grants)
-        insert_seconds = time.perf_counter() - t0
-        keyring.ensure_active()
-        token, _ = issue_token(
-            keyring, token_settings(config), sub=USER, client_id=APP, scopes=SCOPES
+        seeded = seed(root, grants)
+        audited, unaudited, config, store = (
+            seeded.audited,
+            seeded.unaudited,
+            seeded.config,
+            seeded.store,
         )
-        request = check_request(token)
+        counts, insert_seconds = seeded.counts, seeded.insert_seconds
+        request = check_request(seeded.token)
         raw = request.SerializeToString().hex()
         micro = in_process(config, store, request, counts["users"], micro_calls)
         store.close()

@@ -27,25 +27,18 @@ from bench.check import (
     APP,
     METHOD,
     PATH,
-    SCOPES,
     USER,
     _fetch_response,
     _policyd,
     _ports,
-    bulk_insert,
     check_request,
     client_cpus,
-    make_home,
+    seed,
 )
 from bench.loadgen import LoadSpec, Target, run_in_process
 from bench.procs import ROOT, clean_env, stop
 from bench.report import load_table, summarize
-from policyd.config import load_config
-from policyd.decision.tokens import issue_token
-from policyd.decision.wiring import token_settings
 from policyd.gen.v1 import decision_pb2
-from policyd.store.keys import KeyRing
-from policyd.store.sqlite import SqliteStore
 
 NAMES = ["policyd", "policyd-metrics", "policyd-tracing"]
 RATIOS = [("policyd-metrics", "policyd"), ("policyd-tracing", "policyd")]
@@ -92,17 +85,10 @@ def run(
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="policyd-bench-observe-") as tmp:
         root = Path(tmp)
-        audited, _ = make_home(root)
-        config = load_config(audited, env={})
-        store = SqliteStore(config.store.path)
-        keyring = KeyRing(store, config.tokens.key_dir)
-        counts = bulk_insert(Path(config.store.path), grants)
-        keyring.ensure_active()
-        token, _ = issue_token(
-            keyring, token_settings(config), sub=USER, client_id=APP, scopes=SCOPES
-        )
-        store.close()
-        request = check_request(token)
+        seeded = seed(root, grants)
+        seeded.store.close()
+        audited, counts = seeded.audited, seeded.counts
+        request = check_request(seeded.token)
         base_port, metrics_port, tracing_port, scrape_port, sink_port = _ports(5)
         metered = _variant(audited, "metrics", f'[metrics]\naddress = "127.0.0.1:{scrape_port}"\n')
         traced = _variant(

@@ -54,20 +54,14 @@ from bench.check import (
     _fetch_response,
     _policyd,
     _ports,
-    bulk_insert,
     check_request,
     client_cpus,
-    make_home,
+    seed,
 )
 from bench.loadgen import LoadSpec, Target, call_once, run_in_process
 from bench.observe import _variant
 from bench.report import load_table, summarize
-from policyd.config import load_config
-from policyd.decision.tokens import issue_token
-from policyd.decision.wiring import token_settings
 from policyd.gen.v1 import decision_pb2
-from policyd.store.keys import KeyRing
-from policyd.store.sqlite import SqliteStore
 
 ENVOY_METHOD = "/envoy.service.auth.v3.Authorization/Check"
 NOT_GRANTED = "ds-not-granted"
@@ -157,16 +151,10 @@ def run(
         return {"skipped": str(exc)}
     with tempfile.TemporaryDirectory(prefix="policyd-bench-peer-") as tmp:
         root = Path(tmp)
-        audited, unaudited = make_home(root)
-        config = load_config(audited, env={})
-        store = SqliteStore(config.store.path)
-        keyring = KeyRing(store, config.tokens.key_dir)
-        counts = bulk_insert(Path(config.store.path), grants)
-        keyring.ensure_active()
-        token, _ = issue_token(
-            keyring, token_settings(config), sub=USER, client_id=APP, scopes=SCOPES
-        )
-        store.close()
+        seeded = seed(root, grants)
+        seeded.store.close()
+        audited, unaudited, config = seeded.audited, seeded.unaudited, seeded.config
+        counts, token = seeded.counts, seeded.token
         granted = granted_data_sources(Path(config.store.path))
         if DATA_SOURCE not in granted:
             raise RuntimeError(f"{USER} has not granted {DATA_SOURCE} to {APP} in the store")
