@@ -720,6 +720,15 @@ def _retire_first_key(store: Store, home: Home) -> None:
     ring.retire(first)
 
 
+def _connector(store: Store, *, enabled: bool = True, serves: str = "") -> None:
+    """Register plant-1, disabled unless `enabled`, serving `serves` (if given)."""
+    store.add_connector("plant-1")
+    if not enabled:
+        store.set_connector_enabled("plant-1", False)
+    if serves:
+        store.set_data_source_connector(serves, "plant-1")
+
+
 FACT_CHANGES: dict[str, FactChange] = {
     "grant revoked": FactChange(
         lambda f, _h: f.view().grant("alice", "app1", "ds-a"),
@@ -765,13 +774,13 @@ FACT_CHANGES: dict[str, FactChange] = {
     ),
     "connector added and disabled": FactChange(
         lambda f, _h: f.view().connector_enabled("plant-1"),
-        lambda s, _h: (s.add_connector("plant-1"), s.set_connector_enabled("plant-1", False)),
+        lambda s, _h: _connector(s, enabled=False),
         None,
         False,
     ),
     "data source given to a connector": FactChange(
         lambda f, _h: f.view().served_by("ds-a"),
-        lambda s, _h: (s.add_connector("plant-1"), s.set_data_source_connector("ds-a", "plant-1")),
+        lambda s, _h: _connector(s, serves="ds-a"),
         (None,),
         ("plant-1",),
     ),
