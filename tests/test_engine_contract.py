@@ -309,14 +309,15 @@ def attach_target(*data_sources: str) -> ActionTarget:
 ATTACH_HIST = attach_target("hist-1")
 
 
-def connector_token(connector_id: str) -> Token:
-    """A connector's token from the authorization server's client credentials grant."""
+def connector_token(connector_id: str, sub: str = "") -> Token:
+    """A connector's token as the authorization server's client credentials grant makes it
+    (with `sub`, one it never makes: of another subject than the client)."""
 
     def make(home: Home) -> str:
         token, _ = issue_token(
             home.keyring,
             token_settings(home.config).for_link(),
-            sub=connector_id,
+            sub=sub or connector_id,
             client_id=connector_id,
             scopes=["connector"],
         )
@@ -947,6 +948,14 @@ TABLE = [
         PLANTS,
     ),
     Row("attach-of-nothing", attach_target(), Reason.REQUEST_INVALID, ATTACH, PLANT, PLANTS),
+    Row(
+        "attach-by-a-link-token-of-another-subject",
+        ATTACH_HIST,
+        Reason.TOKEN_CLAIM_INVALID,
+        ATTACH,
+        connector_token("plant-1", sub="alice"),
+        PLANTS,
+    ),
     Row(
         "attach-of-nothing-by-no-connector",
         attach_target(),

@@ -23,7 +23,7 @@ whether the connector holding the token may serve all the named data sources now
 
  1. the token, as above but for the link's audience (tokens.link_audience), so that an
     app's token is TOKEN_AUDIENCE_MISMATCH here and a connector's token is that for every
-    other request;
+    other request; and its sub the same as its client_id (else TOKEN_CLAIM_INVALID);
  2. token id not revoked;
  3. the token's client a registered connector (CONNECTOR_UNKNOWN), then enabled
     (CONNECTOR_DISABLED);
@@ -276,6 +276,10 @@ class Engine:
                 if view is None:
                     view = self.facts.view()
                 verified = self.link_verifier.verify(view, request.token)
+                if verified.principal.sub != verified.principal.client_id:
+                    raise TokenError(
+                        Reason.TOKEN_CLAIM_INVALID, "a connector's token has sub = client_id"
+                    )
                 principal = verified.principal
                 if bounds is not None:
                     bounds.expires = verified.claims["exp"] + self.verifier.settings.leeway_seconds
@@ -416,8 +420,6 @@ class Engine:
         """connector.attach, checks 2 to 4: the data sources the connector may serve."""
         if view.token_revoked(p.jti):
             raise TokenError(Reason.TOKEN_REVOKED, "token has been revoked")
-        if p.sub != p.client_id:
-            raise TokenError(Reason.TOKEN_CLAIM_INVALID, "a connector's token has sub = client_id")
         enabled = view.connector_enabled(p.client_id)
         if enabled is None:
             raise Denied(
