@@ -113,6 +113,8 @@ class ClusterConfig:
 class TokensConfig:
     issuer: str = "http://127.0.0.1:8080"
     audience: str = "policyd-hub"
+    # The audience of connectors' tokens (docs/connectors.md): never the hub's.
+    link_audience: str = "policyd-link"
     leeway_seconds: float = 30.0
     max_token_bytes: int = 8192
     ttl_seconds: int = 3600
@@ -260,6 +262,13 @@ class Config:
             raise ConfigError("tokens.issuer must not be empty")
         if not t.audience:
             raise ConfigError("tokens.audience must not be empty")
+        if not t.link_audience:
+            raise ConfigError("tokens.link_audience must not be empty")
+        if t.link_audience == t.audience:
+            raise ConfigError(
+                "tokens.link_audience must differ from tokens.audience: a connector's token"
+                " must never pass for an app's"
+            )
         if not 0 <= t.leeway_seconds <= 300:
             raise ConfigError("tokens.leeway_seconds must be between 0 and 300")
         _at_least("tokens.max_token_bytes", t.max_token_bytes, 256)

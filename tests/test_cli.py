@@ -19,6 +19,8 @@ import jwt
 import pytest
 
 from policyd.cli import main
+from policyd.decision.tokens import issue_token
+from policyd.decision.wiring import token_settings
 from policyd.store.base import hash_secret
 from policyd.store.facts import Facts
 from tests.backends import both_backends  # noqa: F401  (every test here runs on both)
@@ -228,12 +230,18 @@ def test_datasources_add_and_list_with_labels(policyd: Policyd) -> None:
     assert out == "added data source ds-a\n"
     rows = policyd.ok("datasources", "list", "--json").json_lines()
     assert rows == [
-        {"name": "ds-a", "description": "Historian", "labels": {"site": "north", "tier": "1"}}
+        {
+            "name": "ds-a",
+            "description": "Historian",
+            "labels": {"site": "north", "tier": "1"},
+            "connector": None,
+        }
     ]
     assert policyd.ok("datasources", "list").lines[1].split() == [
         "ds-a",
         "Historian",
         "site=north,tier=1",
+        "-",
     ]
 
 
@@ -532,7 +540,7 @@ LISTINGS = {
         "created_at",
     },
     ("users", "list"): {"user_id", "name", "created_at"},
-    ("datasources", "list"): {"name", "description", "labels"},
+    ("datasources", "list"): {"name", "description", "labels", "connector"},
     ("datasources", "access"): {"user_id", "data_source", "role"},
     ("consents", "list"): {"user_id", "client_id", "scopes", "created_at", "updated_at"},
     ("grants", "list"): {
@@ -599,6 +607,114 @@ def test_check_json_prints_one_object_with_the_decision(on_seeded: Policyd, seed
     denied = policyd("check", "--local", "--json", "--token", seeded.token(), "--path", TAGS_C)
     assert denied.code == 3
     assert denied.json_lines()[0]["reason"] == "DATA_SOURCE_NOT_GRANTED"
+
+
+# -- connectors ----------------------------------------------------------------------------
+
+
+def _connector_token(home: Home, connector_id: str) -> str:
+    token, _ = issue_token(
+        home.keyring,
+        token_settings(home.config).for_link(),
+        sub=connector_id,
+        client_id=connector_id,
+        scopes=["connector"],
+    )
+    return token
+
+
+def _attach(policyd: Policyd, token: str, *data_sources: str) -> Result:
+    sources = [a for d in data_sources for a in ("--data-source", d)]
+    return policyd("check", "--local", "--token", token, "--action", "connector.attach", *sources)
+
+
+def test_connectors_add_prints_the_secret_once_and_stores_only_its_hash(
+    on_seeded: Policyd, seeded: Home
+) -> None:
+    result = on_seeded.ok("connectors", "add", "plant-1", "--name", "Plant One")
+    assert result.lines[0] == "registered connector plant-1"
+    prefix = "client secret (shown once, store it now): "
+    assert result.lines[1].startswith(prefix)
+    secret = result.lines[1][len(prefix) :]
+    assert len(secret) >= 32 and seeded.store.verify_connector_secret("plant-1", secret)
+    assert secret.encode() not in dump_store(seeded.store).encode()
+    as_json = on_seeded.ok("connectors", "add", "plant-2", "--json").json_lines()
+    assert set(as_json[0]) == {"connector_id", "secret"}
+    assert seeded.store.verify_connector_secret("plant-2", str(as_json[0]["secret"]))
+    listed = on_seeded.ok("connectors", "list", "--json").json_lines()
+    assert [(r["connector_id"], r["name"], r["enabled"]) for r in listed] == [
+        ("plant-1", "Plant One", True),
+        ("plant-2", "plant-2", True),
+    ]
+    assert set(listed[0]) == {"connector_id", "name", "enabled", "created_at"}
+    table = on_seeded.ok("connectors", "list").lines
+    assert table[0].split() == ["CONNECTOR_ID", "NAME", "ENABLED"]
+    assert table[1].split() == ["plant-1", "Plant", "One", "yes"]
+    shown = (
+        on_seeded.ok("connectors", "list").out + on_seeded.ok("connectors", "show", "plant-1").out
+    )
+    assert secret not in shown
+    # One namespace with apps: an app may not take a connector's id.
+    taken = on_seeded("apps", "add", "plant-1", "--name", "X", "--scope", "UserInfo")
+    _assert_one_line_error(taken, 1)
+    assert "'plant-1' is already the id of a connector" in taken.err
+
+
+def test_connectors_show_lists_the_data_sources_it_serves(on_seeded: Policyd) -> None:
+    on_seeded.ok("connectors", "add", "plant-1")
+    added = on_seeded.ok("datasources", "add", "hist-1", "--connector", "plant-1").out
+    assert added == "added data source hist-1 served by plant-1\n"
+    assert on_seeded.ok("datasources", "set-connector", "ds-b", "plant-1").out == (
+        "data source ds-b is served by connector plant-1\n"
+    )
+    (shown,) = on_seeded.ok("connectors", "show", "plant-1", "--json").json_lines()
+    assert shown["data_sources"] == ["ds-b", "hist-1"] and shown["enabled"] is True
+    fields = dict(
+        line.split(":", 1) for line in on_seeded.ok("connectors", "show", "plant-1").lines
+    )
+    assert fields["data_sources"].strip() == "ds-b,hist-1"
+    assert fields["created_at"].strip().endswith("Z")
+    rows = {
+        r["name"]: r["connector"]
+        for r in on_seeded.ok("datasources", "list", "--json").json_lines()
+    }
+    assert rows == {"ds-a": None, "ds-b": "plant-1", "ds-c": None, "hist-1": "plant-1"}
+    assert on_seeded.ok("datasources", "set-connector", "ds-b", "--none").out == (
+        "data source ds-b is served by no connector\n"
+    )
+    (shown,) = on_seeded.ok("connectors", "show", "plant-1", "--json").json_lines()
+    assert shown["data_sources"] == ["hist-1"]
+
+
+def test_connectors_disable_set_connector_and_rotate_secret_decide_the_next_attach(
+    on_seeded: Policyd, seeded: Home
+) -> None:
+    on_seeded.ok("connectors", "add", "plant-1")
+    on_seeded.ok("datasources", "add", "hist-1", "--connector", "plant-1")
+    token = _connector_token(seeded, "plant-1")
+    allowed = _attach(on_seeded, token, "hist-1")
+    assert (allowed.code, allowed.lines[0]) == (0, "allow ALLOWED: allowed"), allowed
+    assert on_seeded.ok("connectors", "disable", "plant-1").out == "disabled connector plant-1\n"
+    denied = _attach(on_seeded, token, "hist-1")
+    assert (denied.code, denied.lines[0]) == (
+        3,
+        "deny CONNECTOR_DISABLED: connector 'plant-1' is disabled",
+    )
+    assert (
+        on_seeded.ok("connectors", "show", "plant-1", "--json").json_lines()[0]["enabled"] is False
+    )
+    assert on_seeded.ok("connectors", "enable", "plant-1").out == "enabled connector plant-1\n"
+    assert _attach(on_seeded, token, "hist-1").code == 0
+    # Rotating the secret leaves issued tokens valid (disable stops them).
+    (rotated,) = on_seeded.ok("connectors", "rotate-secret", "plant-1", "--json").json_lines()
+    assert seeded.store.verify_connector_secret("plant-1", str(rotated["secret"]))
+    plain = on_seeded.ok("connectors", "rotate-secret", "plant-1").out
+    assert plain.startswith("new client secret (shown once, store it now): ")
+    assert not seeded.store.verify_connector_secret("plant-1", str(rotated["secret"]))
+    assert _attach(on_seeded, token, "hist-1").code == 0
+    on_seeded.ok("datasources", "set-connector", "hist-1", "--none")
+    taken = _attach(on_seeded, token, "hist-1")
+    assert (taken.code, taken.lines[0].split(":")[0]) == (3, "deny DATA_SOURCE_NOT_OWNED")
 
 
 # -- errors --------------------------------------------------------------------------------
@@ -677,6 +793,16 @@ BAD_INPUT: list[tuple[tuple[str, ...], int, str]] = [
         1,
         "No such file or directory",
     ),
+    (("connectors", "show", "nope"), 1, "policyd: error: no connector 'nope'"),
+    (("connectors", "disable", "nope"), 1, "no connector 'nope'"),
+    (("connectors", "enable", "nope"), 1, "no connector 'nope'"),
+    (("connectors", "rotate-secret", "nope"), 1, "no connector 'nope'"),
+    (("connectors", "add", "app1"), 1, "'app1' is already the id of an app"),
+    (("connectors", "add", "a/b"), 1, "connector id must be"),
+    (("datasources", "add", "ds-x", "--connector", "nope"), 1, "no connector 'nope'"),
+    (("datasources", "set-connector", "ds-nope", "--none"), 1, "no data source 'ds-nope'"),
+    (("datasources", "set-connector", "ds-a", "nope"), 1, "no connector 'nope'"),
+    (("datasources", "set-connector", "ds-a"), 2, "exactly one of CONNECTOR_ID and --none"),
     (("serve", "--address", "nowhere"), 1, "server.address must be HOST:PORT"),
     (("serve", "--workers", "0"), 2, "'--workers'"),
     (("demo", "seed", "--token-file", "."), 2, "'--token-file'"),

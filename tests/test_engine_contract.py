@@ -7,7 +7,8 @@ policyd/decision/engine.py: a request that fails two adjacent checks gets the ea
 Each row runs on a freshly seeded home (tests.helpers.Home.seed) with real tokens signed by
 its real keys, the repo's default policy (policies/) and an engine from
 policyd.decision.wiring.build_engine; nothing is mocked. The meta-tests at the end fail when a
-reason or a pair of adjacent checks has no row.
+reason or a pair of adjacent checks has no row. The built-in action connector.attach, with
+its own order (engine.py), has rows of its own at the end of the table.
 """
 
 from __future__ import annotations
@@ -27,9 +28,17 @@ import jwt
 import pytest
 from jwt.api_jws import PyJWS
 
-from policyd.core.model import Access, ActionTarget, CheckInput, HttpTarget
+from policyd.core.model import (
+    CONNECTOR_ATTACH,
+    CONNECTOR_ATTACH_RULE,
+    Access,
+    ActionTarget,
+    CheckInput,
+    HttpTarget,
+)
 from policyd.core.reasons import Reason
-from policyd.decision.wiring import build_engine
+from policyd.decision.tokens import issue_token
+from policyd.decision.wiring import build_engine, token_settings
 from policyd.store.keys import PrivateKey, generate_private_key
 from tests.backends import both_backends  # noqa: F401  (every test here runs on both)
 from tests.helpers import ROOT, Home
@@ -287,6 +296,51 @@ NORTH_SITE_ONLY = """\
     routes: [tags-search]
     when: data_source.labels["site"] != "north"
 """
+
+# -- connectors ------------------------------------------------------------------------------
+
+ATTACH = CONNECTOR_ATTACH_RULE
+
+
+def attach_target(*data_sources: str) -> ActionTarget:
+    return ActionTarget(CONNECTOR_ATTACH, data_sources)
+
+
+ATTACH_HIST = attach_target("hist-1")
+
+
+def connector_token(connector_id: str, sub: str = "") -> Token:
+    """A connector's token as the authorization server's client credentials grant makes it
+    (with `sub`, one it never makes: of another subject than the client)."""
+
+    def make(home: Home) -> str:
+        token, _ = issue_token(
+            home.keyring,
+            token_settings(home.config).for_link(),
+            sub=sub or connector_id,
+            client_id=connector_id,
+            scopes=["connector"],
+        )
+        return token
+
+    return make
+
+
+PLANT = connector_token("plant-1")
+
+
+def plants(home: Home) -> None:
+    """plant-1 serves hist-1, plant-2 serves hist-2; ds-a, b and c are the hub's."""
+    for n in ("1", "2"):
+        home.store.add_connector(f"plant-{n}")
+        home.store.add_data_source(f"hist-{n}", connector=f"plant-{n}")
+
+
+def plant_1_disabled(home: Home) -> None:
+    home.store.set_connector_enabled("plant-1", False)
+
+
+PLANTS: tuple[Change, ...] = (plants,)
 
 # -- the table -----------------------------------------------------------------------------
 
@@ -832,6 +886,83 @@ TABLE = [
         Reason.INTERNAL_ERROR,
         token=hand_signed(header={"kid": BROKEN_KID}),
         given=(with_a_broken_key_row,),
+    ),
+    # -- the built-in connector.attach (engine.py's second order; docs/connectors.md) -------
+    Row("connector-attaches-what-it-serves", ATTACH_HIST, Reason.ALLOWED, ATTACH, PLANT, PLANTS),
+    Row("attach-with-an-apps-token", ATTACH_HIST, Reason.TOKEN_AUDIENCE_MISMATCH, ATTACH, READ),
+    Row("a-connectors-token-for-an-app-request", ME, Reason.TOKEN_AUDIENCE_MISMATCH, None, PLANT),
+    Row(
+        "attach-by-no-connector",
+        ATTACH_HIST,
+        Reason.CONNECTOR_UNKNOWN,
+        ATTACH,
+        connector_token("ghost-plant"),
+        PLANTS,
+    ),
+    Row(
+        "attach-by-an-apps-id",
+        ATTACH_HIST,
+        Reason.CONNECTOR_UNKNOWN,
+        ATTACH,
+        connector_token("app1"),
+        PLANTS,
+    ),
+    Row(
+        "attach-by-a-disabled-connector-of-another-data-source",
+        attach_target("ds-a"),
+        Reason.CONNECTOR_DISABLED,
+        ATTACH,
+        PLANT,
+        (*PLANTS, plant_1_disabled),
+    ),
+    Row(
+        "attach-by-a-revoked-token-of-a-disabled-connector",
+        ATTACH_HIST,
+        Reason.TOKEN_REVOKED,
+        ATTACH,
+        revoked(PLANT),
+        (*PLANTS, plant_1_disabled),
+    ),
+    Row(
+        "attach-of-the-hubs-data-source",
+        attach_target("hist-1", "ds-a"),
+        Reason.DATA_SOURCE_NOT_OWNED,
+        ATTACH,
+        PLANT,
+        PLANTS,
+    ),
+    Row(
+        "attach-of-another-connectors-data-source",
+        attach_target("hist-2"),
+        Reason.DATA_SOURCE_NOT_OWNED,
+        ATTACH,
+        PLANT,
+        PLANTS,
+    ),
+    Row(
+        "attach-of-an-unknown-data-source",
+        attach_target("nowhere"),
+        Reason.DATA_SOURCE_NOT_OWNED,
+        ATTACH,
+        PLANT,
+        PLANTS,
+    ),
+    Row("attach-of-nothing", attach_target(), Reason.REQUEST_INVALID, ATTACH, PLANT, PLANTS),
+    Row(
+        "attach-by-a-link-token-of-another-subject",
+        ATTACH_HIST,
+        Reason.TOKEN_CLAIM_INVALID,
+        ATTACH,
+        connector_token("plant-1", sub="alice"),
+        PLANTS,
+    ),
+    Row(
+        "attach-of-nothing-by-no-connector",
+        attach_target(),
+        Reason.CONNECTOR_UNKNOWN,
+        ATTACH,
+        connector_token("ghost-plant"),
+        PLANTS,
     ),
 ]
 

@@ -139,6 +139,7 @@ def test_the_authorization_server_counts_tokens_reuse_consents_and_failed_sign_i
     tmp_path: Path,
 ) -> None:
     home, secret = oauth_home(tmp_path)
+    connector_secret = home.store.add_connector("plant-1")
     address = with_metrics(home)
     base = home.config.tokens.issuer
     with run_server(home):
@@ -160,6 +161,13 @@ def test_the_authorization_server_counts_tokens_reuse_consents_and_failed_sign_i
                 data={"client_id": "app1", "csrf_token": csrf_token(page.text)},
             )
             assert reply.status_code == 303
+            connector = httpx.post(
+                base + "/token",
+                data={"grant_type": "client_credentials"},
+                auth=("plant-1", connector_secret),
+                timeout=10,
+            )
+            assert connector.status_code == 200, connector.text
         finally:
             browser.close()
         samples = scrape(address)
@@ -169,6 +177,7 @@ def test_the_authorization_server_counts_tokens_reuse_consents_and_failed_sign_i
     issued = "policyd_oauth_tokens_issued_total"
     assert value(samples, issued, grant_type="authorization_code") == 1
     assert value(samples, issued, grant_type="refresh_token") == 1
+    assert value(samples, issued, grant_type="client_credentials") == 1
     assert value(samples, "policyd_oauth_refresh_token_reuse_total") == 1
 
 

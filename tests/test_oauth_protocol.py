@@ -16,7 +16,7 @@ import jwt
 import pytest
 from authlib.oauth2.rfc8414 import AuthorizationServerMetadata
 
-from policyd.core.model import CheckInput, HttpTarget
+from policyd.core.model import CONNECTOR_ATTACH, ActionTarget, CheckInput, HttpTarget
 from policyd.core.reasons import Reason
 from policyd.decision.tokens import Verifier
 from policyd.decision.wiring import build_engine, token_settings
@@ -524,3 +524,116 @@ def test_cli_consent_revoke_also_refuses_the_apps_refresh_token(
             assert a.revoked(tokens["access_token"])
         finally:
             a.browser.close()
+
+
+# -- client credentials: connectors (RFC 6749 section 4.4, docs/connectors.md) ------------
+
+
+@pytest.fixture(scope="module")
+def plant(server: AS) -> str:
+    """A connector plant-1 serving hist-1 (returns its secret), and plant-off, disabled."""
+    store = server.home.store
+    secret = store.add_connector("plant-1", "Plant One")
+    store.add_data_source("hist-1", connector="plant-1")
+    store.add_connector("plant-off")
+    store.set_connector_enabled("plant-off", False)
+    return secret
+
+
+def _credentials(
+    server: AS, client_id: str, secret: str, *, post: bool = False, **extra: str
+) -> httpx.Response:
+    """A client credentials request: client_secret_basic, or with `post` client_secret_post."""
+    data = {"grant_type": "client_credentials", **extra}
+    if post:
+        data.update(client_id=client_id, client_secret=secret)
+        return httpx.post(server.base + "/token", data=data, timeout=10)
+    return httpx.post(server.base + "/token", data=data, auth=(client_id, secret), timeout=10)
+
+
+def test_metadata_offers_the_client_credentials_grant(server: AS) -> None:
+    meta = httpx.get(server.base + "/.well-known/oauth-authorization-server").json()
+    assert meta["grant_types_supported"] == [
+        "authorization_code",
+        "refresh_token",
+        "client_credentials",
+    ]
+
+
+def test_client_credentials_give_a_connector_a_token_for_the_link_alone(
+    server: AS, plant: str
+) -> None:
+    reply = _credentials(server, "plant-1", plant)
+    assert reply.status_code == 200, reply.text
+    assert reply.headers["cache-control"] == "no-store"
+    body = reply.json()
+    assert set(body) == {"access_token", "token_type", "expires_in", "scope"}
+    assert (body["token_type"], body["expires_in"], body["scope"]) == ("Bearer", 3600, "connector")
+    token = body["access_token"]
+    assert jwt.get_unverified_header(token)["typ"] == "at+jwt"
+    settings = token_settings(server.home.config)
+    assert settings.link_audience == "policyd-link"  # the default
+    with facts_for(server.home.store).view() as view:
+        claims = Verifier(settings.for_link()).verify(view, token).claims
+    assert (claims["sub"], claims["client_id"], claims["aud"]) == (
+        "plant-1",
+        "plant-1",
+        "policyd-link",
+    )
+    assert claims["scope"] == "connector"
+    assert claims["exp"] - claims["iat"] == 3600
+    engine = build_engine(server.home.config, server.home.store)
+    attach = engine.decide(
+        CheckInput(token, ActionTarget(CONNECTOR_ATTACH, ("hist-1",)), door="link")
+    )
+    assert (attach.reason, attach.data_sources) == (Reason.ALLOWED, ("hist-1",))
+    as_app = engine.decide(CheckInput(token, HttpTarget("GET", "/api/user/me")))
+    assert as_app.reason is Reason.TOKEN_AUDIENCE_MISMATCH
+
+
+def test_client_credentials_by_post_may_ask_for_the_connector_scope_only(
+    server: AS, plant: str
+) -> None:
+    reply = _credentials(server, "plant-1", plant, post=True, scope="connector")
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["scope"] == "connector"
+    _error(_credentials(server, "plant-1", plant, scope="DataRead"), 400, "invalid_scope")
+    _error(_credentials(server, "plant-1", plant, scope="connector x"), 400, "invalid_scope")
+
+
+def test_client_credentials_refuse_a_wrong_secret_an_unknown_or_disabled_connector(
+    server: AS, plant: str
+) -> None:
+    _error(_credentials(server, "plant-1", plant + "x"), 401, "invalid_client")
+    _error(_credentials(server, "plant-1", "wrong", post=True), 401, "invalid_client")
+    _error(_credentials(server, "nobody", plant), 401, "invalid_client")
+    # plant-off's secret is unknown here: a disabled connector fails before its secret.
+    _error(_credentials(server, "plant-off", plant), 401, "invalid_client")
+    store = server.home.store
+    secret = store.rotate_connector_secret("plant-off")
+    _error(_credentials(server, "plant-off", secret), 401, "invalid_client")
+    store.set_connector_enabled("plant-off", True)
+    try:
+        assert _credentials(server, "plant-off", secret).status_code == 200
+    finally:
+        store.set_connector_enabled("plant-off", False)
+
+
+def test_apps_may_not_use_client_credentials_nor_connectors_the_other_grants(
+    server: AS, plant: str
+) -> None:
+    _error(_credentials(server, "app1", server.secret), 400, "unauthorized_client")
+    _error(_credentials(server, "pub", "anything"), 401, "invalid_client")
+    _error(refresh(server.base, "plant-1", "any-refresh-token", plant), 401, "invalid_client")
+    flow = Flow(client_id="plant-1")
+    _error(exchange(server.base, "any-code", flow, secret=plant), 401, "invalid_client")
+
+
+def test_connector_secrets_and_tokens_never_reach_the_log(
+    server: AS, plant: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG")
+    token = _credentials(server, "plant-1", plant).json()["access_token"]
+    servers = ("policyd", "authlib", "uvicorn", "starlette")
+    text = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith(servers))
+    assert token not in text and plant not in text

@@ -363,6 +363,16 @@ def test_route_problems(tmp_path: Path, route: str, message: str) -> None:
     assert any(message in m for m in messages), messages
 
 
+def test_a_route_may_not_take_the_built_in_connector_attach_action(tmp_path: Path) -> None:
+    write(
+        tmp_path,
+        HEADER + "routes:\n  - id: r\n    path: /api/x\n    action: connector.attach\n"
+        "    methods: GET\n",
+    )
+    messages = [p.message for p in problems_of(tmp_path)]
+    assert any("action connector.attach is built in" in m for m in messages), messages
+
+
 @pytest.mark.parametrize(
     ("scope", "message"),
     [

@@ -22,9 +22,11 @@ import grpc
 import jwt
 import pytest
 
-from policyd.core.model import Access
+from policyd.core.model import CONNECTOR_ATTACH, Access
 from policyd.core.policy import load_policy
 from policyd.core.reasons import Reason
+from policyd.decision.tokens import issue_token
+from policyd.decision.wiring import token_settings
 from policyd.gen.v1 import decision_pb2
 from policyd.store.keys import SigningKey
 from tests.helpers import (
@@ -742,6 +744,97 @@ def test_condition_that_cannot_be_evaluated_is_condition_error(tmp_path: Path) -
     assert response.rule_id == "tags-search"
     assert "north-site-only could not be evaluated for data source 'ds-a'" in response.message
     assert response.policy_version == load_policy(folder).version != POLICY_VERSION
+
+
+# -- connector.attach (docs/connectors.md) -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def plants(shared_home: Home) -> Home:
+    """Adds to the shared home: connector plant-1 serving hist-1, plant-off (disabled)
+    serving hist-off, and hist-hub served by the hub itself."""
+    store = shared_home.store
+    for connector in ("plant-1", "plant-off"):
+        store.add_connector(connector)
+    store.add_data_source("hist-1", connector="plant-1")
+    store.add_data_source("hist-off", connector="plant-off")
+    store.add_data_source("hist-hub")
+    store.set_connector_enabled("plant-off", False)
+    return shared_home
+
+
+def connector_token(home: Home, connector_id: str) -> str:
+    token, _ = issue_token(
+        home.keyring,
+        token_settings(home.config).for_link(),
+        sub=connector_id,
+        client_id=connector_id,
+        scopes=["connector"],
+    )
+    return token
+
+
+def attach(client: Client, token: str, *data_sources: str) -> decision_pb2.CheckResponse:
+    request = decision_pb2.CheckRequest(token=token, request_id="test", door="link")
+    request.action.action = CONNECTOR_ATTACH
+    request.action.data_sources.extend(data_sources)
+    return client.send(request)
+
+
+@covers(Reason.ALLOWED)
+def test_a_connector_may_attach_the_data_sources_it_serves(plants: Home, client: Client) -> None:
+    response = attach(client, connector_token(plants, "plant-1"), "hist-1")
+    assert_decision(response, Reason.ALLOWED, verified=True)
+    assert (response.principal.sub, response.principal.client_id) == ("plant-1", "plant-1")
+    assert (response.rule_id, response.action) == ("builtin:connector.attach", "connector.attach")
+    assert list(response.data_sources) == ["hist-1"]
+
+
+@covers(Reason.TOKEN_AUDIENCE_MISMATCH)
+def test_audiences_keep_apps_and_connectors_apart(plants: Home, alice: str, client: Client) -> None:
+    # An app's token may not attach, and a connector's token is no app's.
+    assert_decision(attach(client, alice, "hist-1"), Reason.TOKEN_AUDIENCE_MISMATCH, verified=False)
+    token = connector_token(plants, "plant-1")
+    assert_decision(client.http(token), Reason.TOKEN_AUDIENCE_MISMATCH, verified=False)
+    assert_decision(
+        client.action(token, "tags.search", "hist-1"),
+        Reason.TOKEN_AUDIENCE_MISMATCH,
+        verified=False,
+    )
+
+
+@covers(Reason.CONNECTOR_UNKNOWN)
+def test_a_token_of_no_connector_is_connector_unknown(plants: Home, client: Client) -> None:
+    for client_id in ("ghost-plant", "app1"):  # an app's id is no connector's
+        response = attach(client, connector_token(plants, client_id), "hist-1")
+        assert_decision(response, Reason.CONNECTOR_UNKNOWN, verified=True)
+        assert response.rule_id == "builtin:connector.attach"
+
+
+@covers(Reason.CONNECTOR_DISABLED)
+def test_a_disabled_connector_is_connector_disabled(plants: Home, client: Client) -> None:
+    response = attach(client, connector_token(plants, "plant-off"), "hist-off")
+    assert_decision(response, Reason.CONNECTOR_DISABLED, verified=True)
+
+
+@covers(Reason.DATA_SOURCE_NOT_OWNED)
+@pytest.mark.parametrize(
+    "data_sources",
+    [("hist-off",), ("hist-hub",), ("hist-nowhere",), ("hist-1", "hist-hub")],
+    ids=["another connector's", "the hub's", "unknown", "one of two"],
+)
+def test_a_data_source_the_connector_does_not_serve_is_not_owned(
+    plants: Home, client: Client, data_sources: tuple[str, ...]
+) -> None:
+    response = attach(client, connector_token(plants, "plant-1"), *data_sources)
+    assert_decision(response, Reason.DATA_SOURCE_NOT_OWNED, verified=True)
+
+
+@covers(Reason.REQUEST_INVALID)
+def test_an_attach_naming_no_data_source_is_request_invalid(plants: Home, client: Client) -> None:
+    token = connector_token(plants, "plant-1")
+    assert_decision(attach(client, token), Reason.REQUEST_INVALID, verified=True)
+    assert_decision(attach(client, token, ""), Reason.REQUEST_INVALID, verified=True)
 
 
 # -- the meta-test -------------------------------------------------------------------------

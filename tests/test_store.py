@@ -250,6 +250,11 @@ STORE_WRITES: dict[str, Callable[[Home], Any]] = {
     "retire_key": _retire_previous_key,
     "revoke_token": lambda h: h.store.revoke_token("jti-1", time.time() + 60),
     "purge_expired_revocations": _purge_one,
+    "add_connector": lambda h: h.store.add_connector("plant-new"),
+    "set_connector_enabled": lambda h: h.store.set_connector_enabled("plant-1", False),
+    "rotate_connector_secret": lambda h: h.store.rotate_connector_secret("plant-1"),
+    "set_data_source_connector": lambda h: h.store.set_data_source_connector("ds-c", "plant-1"),
+    "take_data_source_from_connector": lambda h: h.store.set_data_source_connector("ds-b", None),
 }
 
 
@@ -257,6 +262,8 @@ STORE_WRITES: dict[str, Callable[[Home], Any]] = {
 def test_every_store_write_bumps_the_generation_seen_by_other_connections(
     seeded: Home, write: str
 ) -> None:
+    seeded.store.add_connector("plant-1")
+    seeded.store.set_data_source_connector("ds-b", "plant-1")
     with open_store(seeded.config, migrate=False) as other:
         before = other.generation()
         STORE_WRITES[write](seeded)
@@ -303,6 +310,12 @@ RAW_WRITES: dict[str, tuple[str, str, str]] = {
         " VALUES ('raw', 'ES256', 'retiring', 'x')",
         "UPDATE signing_keys SET state = 'retired' WHERE kid = 'raw'",
         "DELETE FROM signing_keys WHERE kid = 'raw'",
+    ),
+    "connectors": (
+        "INSERT INTO connectors (connector_id, name, secret_hash, enabled)"
+        " VALUES ('raw', 'Raw', 'x', 1)",
+        "UPDATE connectors SET enabled = 0 WHERE connector_id = 'raw'",
+        "DELETE FROM connectors WHERE connector_id = 'raw'",
     ),
     "revoked_tokens": (
         "INSERT INTO revoked_tokens (jti, expires_at, revoked_at) VALUES ('raw', 0, 0)",
@@ -707,6 +720,15 @@ def _retire_first_key(store: Store, home: Home) -> None:
     ring.retire(first)
 
 
+def _connector(store: Store, *, enabled: bool = True, serves: str = "") -> None:
+    """Register plant-1, disabled unless `enabled`, serving `serves` (if given)."""
+    store.add_connector("plant-1")
+    if not enabled:
+        store.set_connector_enabled("plant-1", False)
+    if serves:
+        store.set_data_source_connector(serves, "plant-1")
+
+
 FACT_CHANGES: dict[str, FactChange] = {
     "grant revoked": FactChange(
         lambda f, _h: f.view().grant("alice", "app1", "ds-a"),
@@ -749,6 +771,18 @@ FACT_CHANGES: dict[str, FactChange] = {
         lambda s, _h: s.revoke_token("jti-x", time.time() + 60),
         False,
         True,
+    ),
+    "connector added and disabled": FactChange(
+        lambda f, _h: f.view().connector_enabled("plant-1"),
+        lambda s, _h: _connector(s, enabled=False),
+        None,
+        False,
+    ),
+    "data source given to a connector": FactChange(
+        lambda f, _h: f.view().served_by("ds-a"),
+        lambda s, _h: _connector(s, serves="ds-a"),
+        (None,),
+        ("plant-1",),
     ),
     "key retired": FactChange(
         lambda f, h: _key_state(f, h.store.list_signing_keys()[0].kid),

@@ -89,8 +89,11 @@ def datasources() -> None:
 @click.argument("name")
 @click.option("--description", default="")
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="Repeatable.")
+@click.option("--connector", metavar="ID", help="The connector that serves it (default: the hub).")
 @pass_ctx
-def datasources_add(obj: Context, name: str, description: str, labels: tuple[str, ...]) -> None:
+def datasources_add(
+    obj: Context, name: str, description: str, labels: tuple[str, ...], connector: str | None
+) -> None:
     """Add a data source."""
     parsed: dict[str, str] = {}
     for label in labels:
@@ -98,8 +101,8 @@ def datasources_add(obj: Context, name: str, description: str, labels: tuple[str
         if not sep or not key:
             raise InvalidInput(f"label must be KEY=VALUE, not {label!r}")
         parsed[key] = value
-    obj.store.add_data_source(name, description, parsed)
-    click.echo(f"added data source {name}")
+    obj.store.add_data_source(name, description, parsed, connector)
+    click.echo(f"added data source {name}" + (f" served by {connector}" if connector else ""))
 
 
 @datasources.command("list")
@@ -107,7 +110,29 @@ def datasources_add(obj: Context, name: str, description: str, labels: tuple[str
 @pass_ctx
 def datasources_list(obj: Context, as_json: bool) -> None:
     """List data sources."""
-    emit(obj.store.list_data_sources(), ["name", "description", "labels"], as_json)
+    emit(obj.store.list_data_sources(), ["name", "description", "labels", "connector"], as_json)
+
+
+@datasources.command("set-connector")
+@click.argument("name")
+@click.argument("connector_id", required=False)
+@click.option("--none", "to_hub", is_flag=True, help="Served by no connector: the hub itself.")
+@pass_ctx
+def datasources_set_connector(
+    obj: Context, name: str, connector_id: str | None, to_hub: bool
+) -> None:
+    """Say which connector serves a data source (or, with --none, that none does).
+
+    The connector that served it before is denied it from its next connector.attach on
+    (DATA_SOURCE_NOT_OWNED).
+    """
+    if bool(connector_id) == to_hub:
+        raise click.UsageError("give exactly one of CONNECTOR_ID and --none")
+    obj.store.set_data_source_connector(name, connector_id)
+    if connector_id:
+        click.echo(f"data source {name} is served by connector {connector_id}")
+    else:
+        click.echo(f"data source {name} is served by no connector")
 
 
 @datasources.command("give-access")

@@ -14,7 +14,19 @@ from collections.abc import Iterable
 import click
 
 from policyd import __version__
-from policyd.cli import access, apps, audit, check, cluster, demo, grants, policy, serve, tokens
+from policyd.cli import (
+    access,
+    apps,
+    audit,
+    check,
+    cluster,
+    connectors,
+    demo,
+    grants,
+    policy,
+    serve,
+    tokens,
+)
 from policyd.cli.context import Context
 from policyd.core.errors import PolicydError
 
@@ -37,6 +49,7 @@ def cli(ctx: click.Context, config_path: str | None) -> None:
 for command in (
     serve.serve,
     apps.apps,
+    connectors.connectors,
     access.users,
     access.datasources,
     grants.consents,

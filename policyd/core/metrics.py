@@ -58,8 +58,9 @@ LATENCY_BUCKETS = (
 )
 
 # The doors a decision can come through (the `door` label); a Decision API caller names its
-# own door in CheckRequest.door, and a name outside this set is counted as "grpc".
-DOORS = frozenset({"grpc", "asgi", "embedded", "envoy", "envoy_http", "cli"})
+# own door in CheckRequest.door, and a name outside this set is counted as "grpc". "link":
+# the hub's side of a connector's link, asking connector.attach (docs/connectors.md).
+DOORS = frozenset({"grpc", "asgi", "embedded", "envoy", "envoy_http", "cli", "link"})
 
 
 def door_label(name: str) -> str:

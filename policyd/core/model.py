@@ -57,6 +57,12 @@ class HttpTarget:
     body: bytes = b""
 
 
+# The built-in action a connector's link asks before it serves data sources to the hub
+# (docs/connectors.md): no policy rule, the engine decides it (Engine._attach).
+CONNECTOR_ATTACH = "connector.attach"
+CONNECTOR_ATTACH_RULE = "builtin:connector.attach"
+
+
 @dataclass(frozen=True, slots=True)
 class ActionTarget:
     """An action the caller already knows, with the data sources it touches."""

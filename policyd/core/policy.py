@@ -28,7 +28,7 @@ import yaml
 from policyd.core.cel import CelError, compile_expression
 from policyd.core.conditions import Condition
 from policyd.core.errors import PolicydError
-from policyd.core.model import Access
+from policyd.core.model import CONNECTOR_ATTACH, Access
 from policyd.core.routes import (
     DataSourceRef,
     RouteRule,
@@ -416,6 +416,9 @@ class _Builder:
                 r.problem(f["path"], f"{what}: path template {path!r} {problem}")
                 path = ""
         action = r.string(f["action"], "action", _ACTION) if "action" in f else ""
+        if action == CONNECTOR_ATTACH:  # decided by the engine; a rule would never be read
+            r.problem(f["action"], f"{what}: action {action} is built in (docs/connectors.md)")
+            action = ""
         public = r.boolean(f["public"], "public") if "public" in f else False
         scopes_all, scopes_any, scope_nodes = self._route_scopes(r, f.get("scopes"), what)
         access: Access | None = None

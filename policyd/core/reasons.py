@@ -43,6 +43,9 @@ class Reason(enum.IntEnum):
     AUDIT_UNAVAILABLE = 29
     CONDITION_DENIED = 30
     CONDITION_ERROR = 31
+    CONNECTOR_UNKNOWN = 32
+    CONNECTOR_DISABLED = 33
+    DATA_SOURCE_NOT_OWNED = 34
 
     @property
     def is_token_problem(self) -> bool:

@@ -18,6 +18,18 @@ order and the first that fails decides the reason code:
 Checks 3 to 5 are one function, liveness.principal_denial, which token introspection asks
 too: RFC 7662 `active` and these decisions cannot disagree.
 
+The built-in action `connector.attach` (docs/connectors.md) has no policy rule; it asks
+whether the connector holding the token may serve all the named data sources now:
+
+ 1. the token, as above but for the link's audience (tokens.link_audience), so that an
+    app's token is TOKEN_AUDIENCE_MISMATCH here and a connector's token is that for every
+    other request; and its sub the same as its client_id (else TOKEN_CLAIM_INVALID);
+ 2. token id not revoked;
+ 3. the token's client a registered connector (CONNECTOR_UNKNOWN), then enabled
+    (CONNECTOR_DISABLED);
+ 4. data sources named (else REQUEST_INVALID), each served by that connector
+    (DATA_SOURCE_NOT_OWNED; an unknown data source is served by no one).
+
 The policy (route table, scopes, compiled conditions, version) is one immutable object in
 one attribute: a decision reads it once, so a reload that swaps it mid-request never mixes
 two versions in one decision. `explain` runs the same code with a trace of every check.
@@ -48,7 +60,15 @@ from typing import Any
 from policyd.core import conditions as cond
 from policyd.core.errors import StoreMoved, StoreUnavailable
 from policyd.core.ids import new_id
-from policyd.core.model import ActionTarget, CheckInput, Decision, HttpTarget, Principal
+from policyd.core.model import (
+    CONNECTOR_ATTACH,
+    CONNECTOR_ATTACH_RULE,
+    ActionTarget,
+    CheckInput,
+    Decision,
+    HttpTarget,
+    Principal,
+)
 from policyd.core.policy import Policy
 from policyd.core.reasons import Denied, Reason
 from policyd.core.routes import (
@@ -61,7 +81,7 @@ from policyd.core.routes import (
     split_path,
 )
 from policyd.decision.liveness import principal_denial
-from policyd.decision.tokens import Verifier
+from policyd.decision.tokens import TokenError, Verifier
 from policyd.store.facts import Facts, View
 
 log = logging.getLogger(__name__)
@@ -144,6 +164,8 @@ class Engine:
     ) -> None:
         self.facts = facts
         self.verifier = verifier
+        # Connectors' tokens (connector.attach): the link's audience, a cache of its own.
+        self.link_verifier = Verifier(verifier.settings.for_link(), cache_tag="link\0")
         # Swapped whole by a reload (reload.py); read once per decision.
         self.policy = policy if isinstance(policy, Policy) else Policy.of_routes(policy)
         self.settings = settings or EngineSettings()
@@ -242,8 +264,38 @@ class Engine:
         policy = policy or self.policy  # one policy for the whole decision, even across a reload
         principal: Principal | None = None
         rule: RouteRule | None = None
+        target = request.target
+        attach = isinstance(target, ActionTarget) and target.action == CONNECTOR_ATTACH
         stage = "route"
         try:
+            if attach:
+                assert isinstance(target, ActionTarget)
+                if trace is not None:
+                    trace.ok("route", f"{CONNECTOR_ATTACH_RULE}: a built-in action")
+                stage = "token"
+                if view is None:
+                    view = self.facts.view()
+                verified = self.link_verifier.verify(view, request.token)
+                if verified.principal.sub != verified.principal.client_id:
+                    raise TokenError(
+                        Reason.TOKEN_CLAIM_INVALID, "a connector's token has sub = client_id"
+                    )
+                principal = verified.principal
+                if bounds is not None:
+                    bounds.expires = verified.claims["exp"] + self.verifier.settings.leeway_seconds
+                stage = "connector"
+                names = self._attach(view, target, principal, trace)
+                return Decision(
+                    True,
+                    Reason.ALLOWED,
+                    "allowed",
+                    decision_id,
+                    principal,
+                    CONNECTOR_ATTACH_RULE,
+                    CONNECTOR_ATTACH,
+                    names,
+                    policy.version,
+                )
             match, problem = self._route(policy.routes, request)
             rule = match.rule if match else None
             if trace is not None:
@@ -319,8 +371,8 @@ class Engine:
             message,
             decision_id,
             principal,
-            rule.id if rule else "",
-            rule.action if rule else "",
+            rule.id if rule else CONNECTOR_ATTACH_RULE if attach else "",
+            rule.action if rule else CONNECTOR_ATTACH if attach else "",
             (),
             policy.version,
         )
@@ -360,6 +412,39 @@ class Engine:
             trace.ok("token id", f"{p.jti} not revoked")
             trace.ok("app", f"{p.client_id} registered and enabled")
             trace.ok("consent", f"covers {' '.join(p.scopes) or 'no scopes'}")
+
+    @staticmethod
+    def _attach(
+        view: View, target: ActionTarget, p: Principal, trace: Trace | None
+    ) -> tuple[str, ...]:
+        """connector.attach, checks 2 to 4: the data sources the connector may serve."""
+        if view.token_revoked(p.jti):
+            raise TokenError(Reason.TOKEN_REVOKED, "token has been revoked")
+        enabled = view.connector_enabled(p.client_id)
+        if enabled is None:
+            raise Denied(
+                Reason.CONNECTOR_UNKNOWN, f"connector {p.client_id[:80]!r} is not registered"
+            )
+        if not enabled:
+            raise Denied(Reason.CONNECTOR_DISABLED, f"connector {p.client_id!r} is disabled")
+        if trace is not None:
+            trace.ok("token id", f"{p.jti} not revoked")
+            trace.ok("connector", f"{p.client_id} registered and enabled")
+        names = tuple(dict.fromkeys(target.data_sources))
+        if trace is not None:
+            trace.data_sources.extend((name, "action") for name in target.data_sources)
+        if not names or not all(names):
+            raise Denied(Reason.REQUEST_INVALID, f"{CONNECTOR_ATTACH} needs the data sources")
+        for name in names:
+            served = view.served_by(name)
+            if served is None or served[0] != p.client_id:
+                raise Denied(
+                    Reason.DATA_SOURCE_NOT_OWNED,
+                    f"data source {name[:80]!r} is not served by connector {p.client_id!r}",
+                )
+            if trace is not None:
+                trace.ok(f"data source {name}", f"served by {p.client_id}")
+        return names
 
     @staticmethod
     def _check_scopes(rule: RouteRule, p: Principal) -> None:

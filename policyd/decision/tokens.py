@@ -10,13 +10,18 @@ its own reason code.
 Verified claims are cached (in the generation-bound caches of facts.py) until the token
 expires, so a repeat check skips the signature; any write to the keys or revocations
 starts new caches, so the cache never outlives a revocation or a key retirement.
+
+Two audiences: apps' tokens are for the hub (`audience`), connectors' tokens for the link
+(`link_audience`, docs/connectors.md). `for_link` gives the settings of the second; each
+audience has its own Verifier, and their cached verifications are kept apart (`cache_tag`),
+so a token verified for one audience is never taken from the cache for the other.
 """
 
 from __future__ import annotations
 
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import jwt
@@ -37,6 +42,13 @@ class TokenSettings:
     leeway_seconds: float = 30.0
     max_token_bytes: int = 8192
     ttl_seconds: int = 3600
+    # The audience of connectors' tokens (client credentials), checked by connector.attach.
+    link_audience: str = "policyd-link"
+
+    def for_link(self) -> TokenSettings:
+        """These settings with the link's audience: what connectors' tokens are issued and
+        verified with."""
+        return replace(self, audience=self.link_audience)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,19 +108,23 @@ def principal_of(claims: dict[str, Any]) -> Principal:
 class Verifier:
     """Verifies access tokens against the signing keys in the store."""
 
-    def __init__(self, settings: TokenSettings) -> None:
+    def __init__(self, settings: TokenSettings, cache_tag: str = "") -> None:
+        """`cache_tag`: what this verifier's cache keys start with; verifiers of different
+        audiences need different tags (the hub's has none: its keys are the tokens)."""
         self.settings = settings
+        self._tag = cache_tag
         self._jwt = jwt.PyJWT()
 
     def verify(self, view: View, token: str) -> VerifiedToken:
         """The verified token, or TokenError. Repeat calls are served from the cache."""
-        cached: VerifiedToken | None = view.cached_token(token)
+        key = self._tag + token if self._tag else token
+        cached: VerifiedToken | None = view.cached_token(key)
         if cached is not None:
             return cached
         claims = self._verify(view, token)
         verified = VerifiedToken(claims, principal_of(claims))
         # Cached until exp (+ leeway): after that, verification fails with TOKEN_EXPIRED.
-        view.cache_token(token, verified, claims["exp"] + self.settings.leeway_seconds)
+        view.cache_token(key, verified, claims["exp"] + self.settings.leeway_seconds)
         return verified
 
     def _verify(self, view: View, token: str) -> dict[str, Any]:

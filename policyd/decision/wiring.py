@@ -30,6 +30,7 @@ def token_settings(config: Config) -> TokenSettings:
     return TokenSettings(
         issuer=t.issuer,
         audience=t.audience,
+        link_audience=t.link_audience,
         leeway_seconds=t.leeway_seconds,
         max_token_bytes=t.max_token_bytes,
         ttl_seconds=t.ttl_seconds,

@@ -6,6 +6,13 @@ refresh tokens are opaque, rotated on every use, and the reuse of a rotated one 
 whole family (RFC 9700 section 4.14.2). Client authentication: client_secret_basic or
 client_secret_post for confidential apps, `none` (with PKCE) for public ones.
 
+The client credentials grant (section 4.4) is for connectors only (docs/connectors.md):
+a registered, enabled connector authenticates with its id and secret (client_secret_basic
+or client_secret_post) and gets an access token for the link's audience
+(tokens.link_audience) with sub = client_id = its id and scope `connector`, and no refresh
+token. Apps may not use it, and connectors no other grant: everywhere else `query_client`
+knows apps alone.
+
 authlib logs issued tokens at DEBUG; its logger is kept at INFO so they never reach a log.
 """
 
@@ -26,7 +33,12 @@ from authlib.oauth2.rfc6749 import (
     InvalidScopeError,
     TokenMixin,
 )
-from authlib.oauth2.rfc6749.grants import AuthorizationCodeGrant, RefreshTokenGrant
+from authlib.oauth2.rfc6749.authenticate_client import ClientAuthentication
+from authlib.oauth2.rfc6749.grants import (
+    AuthorizationCodeGrant,
+    ClientCredentialsGrant,
+    RefreshTokenGrant,
+)
 from starlette.responses import JSONResponse, Response
 
 from policyd.core import metrics
@@ -36,7 +48,7 @@ from policyd.decision.tokens import TokenSettings, issue_token
 from policyd.oauth.rfc7636 import S256CodeChallenge
 from policyd.oauth.scopes import ScopeInfo
 from policyd.oauth.storage import CodeRow, CodeState, OAuthStorage, RefreshRow, new_secret
-from policyd.store.base import App, Store
+from policyd.store.base import App, Connector, Store
 from policyd.store.facts import Facts
 from policyd.store.keys import KeyRing
 
@@ -44,7 +56,11 @@ logging.getLogger("authlib").setLevel(logging.INFO)
 
 SECRET_METHODS = ["client_secret_basic", "client_secret_post"]
 TOKEN_AUTH_METHODS = [*SECRET_METHODS, "none"]
-GRANT_TYPES = ("authorization_code", "refresh_token")
+APP_GRANT_TYPES = ("authorization_code", "refresh_token")
+CLIENT_CREDENTIALS = "client_credentials"  # connectors only
+GRANT_TYPES = (*APP_GRANT_TYPES, CLIENT_CREDENTIALS)
+# The one scope of a connector's token; a client credentials request may ask for it or none.
+CONNECTOR_SCOPE = "connector"
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +106,40 @@ class Client(ClientMixin):  # type: ignore[misc]
         return response_type == "code"
 
     def check_grant_type(self, grant_type: str) -> bool:
-        return grant_type in GRANT_TYPES
+        return grant_type in APP_GRANT_TYPES
+
+
+class ConnectorClient(ClientMixin):  # type: ignore[misc]
+    """A connector at the token endpoint: client credentials with its secret, nothing else."""
+
+    def __init__(self, connector: Connector, store: Store) -> None:
+        self.connector = connector
+        self.client_id = connector.connector_id
+        self._store = store
+
+    def get_client_id(self) -> str:
+        return self.client_id
+
+    def get_default_redirect_uri(self) -> None:
+        return None
+
+    def get_allowed_scope(self, scope: str | None) -> str:
+        return CONNECTOR_SCOPE
+
+    def check_redirect_uri(self, redirect_uri: str) -> bool:
+        return False
+
+    def check_client_secret(self, client_secret: str) -> bool:
+        return self._store.verify_connector_secret(self.client_id, client_secret)
+
+    def check_endpoint_auth_method(self, method: str, endpoint: str) -> bool:
+        return endpoint == "token" and method in SECRET_METHODS
+
+    def check_response_type(self, response_type: str) -> bool:
+        return False
+
+    def check_grant_type(self, grant_type: str) -> bool:
+        return grant_type == CLIENT_CREDENTIALS
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +258,30 @@ class RefreshGrant(RefreshTokenGrant):  # type: ignore[misc]
         pass  # rotated as it was authenticated
 
 
+class ConnectorGrant(ClientCredentialsGrant):  # type: ignore[misc]
+    """RFC 6749 section 4.4 for connectors: their token for the link (docs/connectors.md)."""
+
+    TOKEN_ENDPOINT_AUTH_METHODS = SECRET_METHODS
+    server: AuthorizationServer
+
+    def authenticate_token_endpoint_client(self) -> ConnectorClient | Client:
+        # Connectors and apps (the latter only to answer unauthorized_client, not
+        # invalid_client, to an app that tries this grant with its good secret).
+        client: ConnectorClient | Client = self.server.token_client_auth(
+            self.request, self.TOKEN_ENDPOINT_AUTH_METHODS
+        )
+        return client
+
+    def validate_requested_scope(self) -> None:
+        scope = self.request.payload.scope
+        if scope and set(scope.split()) != {CONNECTOR_SCOPE}:
+            raise InvalidScopeError(f"A connector's token has the scope '{CONNECTOR_SCOPE}' only.")
+
+    def save_token(self, token: dict[str, Any]) -> None:
+        # Nothing to keep: no refresh token, and the token's id is revoked like any other.
+        metrics.safely(lambda m: m.tokens_issued.labels(CLIENT_CREDENTIALS).inc())
+
+
 class AuthorizationServer(_AuthorizationServer):  # type: ignore[misc]
     """authlib's server core bound to the policy store, the key ring and Starlette."""
 
@@ -235,6 +308,8 @@ class AuthorizationServer(_AuthorizationServer):  # type: ignore[misc]
         self.register_token_generator("default", self._generate_token)
         self.register_grant(CodeGrant, [S256CodeChallenge()])
         self.register_grant(RefreshGrant)
+        self.register_grant(ConnectorGrant)
+        self.token_client_auth = ClientAuthentication(self._query_token_client)
 
     def validate_requested_scope(self, scope: str | None) -> None:
         """An unknown scope is invalid_scope (RFC 6749 section 4.1.2.1)."""
@@ -248,15 +323,38 @@ class AuthorizationServer(_AuthorizationServer):  # type: ignore[misc]
             return None
         return Client(app, self.store) if app.enabled else None
 
+    def _query_token_client(self, client_id: str) -> ConnectorClient | Client | None:
+        """The client credentials grant's clients: enabled connectors (a disabled one is
+        invalid_client), else apps."""
+        try:
+            connector = self.store.get_connector(client_id)
+        except NotFound:
+            return self.query_client(client_id)
+        return ConnectorClient(connector, self.store) if connector.enabled else None
+
     def _generate_token(
         self,
         grant_type: str,
-        client: Client,
+        client: Client | ConnectorClient,
         user: Approval,
         scope: str,
         expires_in: int | None = None,
         include_refresh_token: bool = True,
     ) -> dict[str, Any]:
+        if grant_type == CLIENT_CREDENTIALS:
+            token, _claims = issue_token(
+                self.keyring,
+                self.token_settings.for_link(),
+                sub=client.client_id,
+                client_id=client.client_id,
+                scopes=[CONNECTOR_SCOPE],
+            )
+            return {
+                "access_token": token,
+                "token_type": "Bearer",
+                "expires_in": self.token_settings.ttl_seconds,
+                "scope": CONNECTOR_SCOPE,
+            }
         token, _claims = issue_token(
             self.keyring,
             self.token_settings,

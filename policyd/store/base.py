@@ -1,4 +1,5 @@
-"""The policy store: apps, users, data sources, access, consents, grants, keys, revocations.
+"""The policy store: apps, connectors, users, data sources, access, consents, grants, keys,
+revocations.
 
 `Store` holds the administrative reads and writes, in SQL both backends speak: SQLite
 (sqlite.py: one file shared by the processes of one host) and PostgreSQL (postgres.py:
@@ -49,6 +50,25 @@ class App:
             "redirect_uris": list(self.redirect_uris),
             "allowed_scopes": list(self.allowed_scopes),
             "confidential": self.confidential,
+            "enabled": self.enabled,
+            "created_at": self.created_at,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Connector:
+    """A program on a plant's premises that serves some data sources to the hub over its
+    link (docs/connectors.md). Its id shares one namespace with apps' client ids."""
+
+    connector_id: str
+    name: str
+    enabled: bool
+    created_at: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "connector_id": self.connector_id,
+            "name": self.name,
             "enabled": self.enabled,
             "created_at": self.created_at,
         }
@@ -177,6 +197,7 @@ class Store:
         secret = secrets.token_urlsafe(32) if confidential else None
         try:
             with self.write() as conn:
+                _refuse_taken(conn, "connectors", "connector_id", client_id, "a connector")
                 conn.execute(
                     "INSERT INTO apps (client_id, name, redirect_uris, allowed_scopes,"
                     " confidential, secret_hash, enabled, created_at)"
@@ -255,6 +276,94 @@ class Store:
             return False
         return hmac.compare_digest(row[0], hash_secret(secret))
 
+    # -- connectors --------------------------------------------------------------------
+
+    def add_connector(self, connector_id: str, name: str = "") -> str:
+        """Register a connector. Returns its secret (shown once; stored only hashed)."""
+        connector_id = _check_name("connector id", connector_id)
+        secret = secrets.token_urlsafe(32)
+        try:
+            with self.write() as conn:
+                _refuse_taken(conn, "apps", "client_id", connector_id, "an app")
+                conn.execute(
+                    "INSERT INTO connectors (connector_id, name, secret_hash, enabled, created_at)"
+                    " VALUES (?, ?, ?, 1, ?)",
+                    (connector_id, name or connector_id, hash_secret(secret), time.time()),
+                )
+        except self.integrity_errors:
+            raise Conflict(f"connector {connector_id!r} already exists") from None
+        return secret
+
+    def get_connector(self, connector_id: str) -> Connector:
+        with self.read() as conn:
+            row = conn.execute(
+                "SELECT connector_id, name, enabled, created_at FROM connectors"
+                " WHERE connector_id = ?",
+                (connector_id,),
+            ).fetchone()
+        if row is None:
+            raise NotFound(f"no connector {connector_id!r}")
+        return Connector(row[0], row[1], bool(row[2]), row[3])
+
+    def list_connectors(self) -> list[Connector]:
+        with self.read() as conn:
+            rows = conn.execute(
+                "SELECT connector_id, name, enabled, created_at FROM connectors"
+                " ORDER BY connector_id"
+            ).fetchall()
+        return [Connector(r[0], r[1], bool(r[2]), r[3]) for r in rows]
+
+    def set_connector_enabled(self, connector_id: str, enabled: bool) -> None:
+        """Enable or disable a connector; disabled, its next connector.attach is denied
+        (CONNECTOR_DISABLED) and it gets no new token."""
+        with self.write() as conn:
+            cur = conn.execute(
+                "UPDATE connectors SET enabled = ? WHERE connector_id = ?",
+                (int(enabled), connector_id),
+            )
+            if cur.rowcount == 0:
+                raise NotFound(f"no connector {connector_id!r}")
+
+    def rotate_connector_secret(self, connector_id: str) -> str:
+        """Replace a connector's secret (returned, shown once); the old one stops working at
+        once. Tokens already issued stay valid until they expire: disable to stop them."""
+        secret = secrets.token_urlsafe(32)
+        with self.write() as conn:
+            cur = conn.execute(
+                "UPDATE connectors SET secret_hash = ? WHERE connector_id = ?",
+                (hash_secret(secret), connector_id),
+            )
+            if cur.rowcount == 0:
+                raise NotFound(f"no connector {connector_id!r}")
+        return secret
+
+    def verify_connector_secret(self, connector_id: str, secret: str) -> bool:
+        """Whether `secret` is the connector's (compared in constant time). Says nothing of
+        whether it is enabled."""
+        with self.read() as conn:
+            row = conn.execute(
+                "SELECT secret_hash FROM connectors WHERE connector_id = ?", (connector_id,)
+            ).fetchone()
+        # An unknown id still costs one comparison, so timing does not tell ids apart.
+        expected = row[0] if row is not None else _NO_SECRET
+        return hmac.compare_digest(expected, hash_secret(secret)) and row is not None
+
+    def set_data_source_connector(self, name: str, connector_id: str | None) -> None:
+        """Say which connector serves a data source (None: the hub itself). Its previous
+        connector's next connector.attach naming it is denied (DATA_SOURCE_NOT_OWNED)."""
+        with self.write() as conn:
+            if connector_id is not None:
+                found = conn.execute(
+                    "SELECT 1 FROM connectors WHERE connector_id = ?", (connector_id,)
+                ).fetchone()
+                if found is None:
+                    raise NotFound(f"no connector {connector_id!r}")
+            cur = conn.execute(
+                "UPDATE data_sources SET connector = ? WHERE name = ?", (connector_id, name)
+            )
+            if cur.rowcount == 0:
+                raise NotFound(f"no data source {name!r}")
+
     # -- users and data sources -------------------------------------------------------
 
     def add_user(self, user_id: str, name: str = "") -> None:
@@ -276,25 +385,40 @@ class Store:
         return [{"user_id": r[0], "name": r[1], "created_at": r[2]} for r in rows]
 
     def add_data_source(
-        self, name: str, description: str = "", labels: dict[str, str] | None = None
+        self,
+        name: str,
+        description: str = "",
+        labels: dict[str, str] | None = None,
+        connector: str | None = None,
     ) -> None:
+        """Add a data source, served by `connector` (None: by the hub itself)."""
         name = _check_name("data source name", name)
+        if connector is not None:
+            self._require("connectors", "connector_id", connector, "connector")
         try:
             with self.write() as conn:
                 conn.execute(
-                    "INSERT INTO data_sources (name, description, labels, created_at)"
-                    " VALUES (?, ?, ?, ?)",
-                    (name, description, json.dumps(labels or {}), time.time()),
+                    "INSERT INTO data_sources (name, description, labels, created_at, connector)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (name, description, json.dumps(labels or {}), time.time(), connector),
                 )
         except self.integrity_errors:
             raise Conflict(f"data source {name!r} already exists") from None
 
-    def list_data_sources(self) -> list[dict[str, Any]]:
+    def list_data_sources(self, connector: str | None = None) -> list[dict[str, Any]]:
+        """The data sources (those `connector` serves, when given), each with its connector
+        (None: served by the hub itself)."""
+        sql = "SELECT name, description, labels, connector FROM data_sources"
+        args: tuple[str, ...] = ()
+        if connector is not None:
+            sql += " WHERE connector = ?"
+            args = (connector,)
         with self.read() as conn:
-            rows = conn.execute(
-                "SELECT name, description, labels FROM data_sources ORDER BY name"
-            ).fetchall()
-        return [{"name": r[0], "description": r[1], "labels": json.loads(r[2])} for r in rows]
+            rows = conn.execute(sql + " ORDER BY name", args).fetchall()
+        return [
+            {"name": r[0], "description": r[1], "labels": json.loads(r[2]), "connector": r[3]}
+            for r in rows
+        ]
 
     def set_user_access(self, user_id: str, data_source: str, role: Access) -> None:
         """Give a user their own access to a data source (replacing any earlier role)."""
@@ -520,6 +644,16 @@ class Store:
         with self.write() as conn:
             cur = conn.execute("DELETE FROM revoked_tokens WHERE expires_at < ?", (now - leeway,))
             return cur.rowcount
+
+
+_NO_SECRET = hash_secret("")
+
+
+def _refuse_taken(conn: Conn, table: str, column: str, value: str, kind: str) -> None:
+    """(Inside a write transaction.) Apps' client ids and connectors' ids are one namespace:
+    a token's client_id names one principal, whichever kind it is."""
+    if conn.execute(f"SELECT 1 FROM {table} WHERE {column} = ?", (value,)).fetchone():
+        raise Conflict(f"{value!r} is already the id of {kind}: app and connector ids are shared")
 
 
 def _filters(values: dict[str, str | None]) -> tuple[str, tuple[str, ...]]:

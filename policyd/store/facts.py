@@ -24,7 +24,8 @@ SQLite's own included (issue 13; https://sqlite.org/howtocorrupt.html, section 2
 
 The caches hold what decisions ask for again and again: app rows, consents, grants, the
 user's own access, revoked token ids, signing keys, data-source labels (for policy
-conditions) and verified token claims.
+conditions), connectors and which connector serves each data source (connector.attach), and
+verified token claims.
 
 On PostgreSQL (`PgFacts`, pgfacts.py) the same caches are filed under the generation this
 process has applied, which its Replica thread moves as the database notifies it
@@ -75,6 +76,8 @@ _GRANTED_LIST = (
 _REVOKED = "SELECT 1 FROM revoked_tokens WHERE jti = ?"
 _KEY = "SELECT alg, state, public_pem FROM signing_keys WHERE kid = ?"
 _LABELS = "SELECT labels FROM data_sources WHERE name = ?"
+_CONNECTOR = "SELECT enabled FROM connectors WHERE connector_id = ?"
+_SERVED_BY = "SELECT connector FROM data_sources WHERE name = ?"
 
 _ACCESS = {"read": Access.READ, "write": Access.WRITE}
 _MISSING = object()
@@ -395,6 +398,19 @@ class View:
         """A data source's labels ({} when it has none or does not exist). Do not modify."""
         labels = self._one(("labels", name), _LABELS, (name,), lambda r: _labels(r[0]))
         return labels if labels is not None else {}
+
+    def connector_enabled(self, connector_id: str) -> bool | None:
+        """Whether the connector is enabled; None when there is no such connector."""
+        return self._one(  # type: ignore[no-any-return]
+            ("connector", connector_id), _CONNECTOR, (connector_id,), lambda r: bool(r[0])
+        )
+
+    def served_by(self, data_source: str) -> tuple[str | None] | None:
+        """(the connector serving the data source,) with None for the hub itself; None when
+        there is no such data source."""
+        return self._one(  # type: ignore[no-any-return]
+            ("served-by", data_source), _SERVED_BY, (data_source,), lambda r: (r[0],)
+        )
 
     def token_revoked(self, jti: str) -> bool:
         return self._one(("revoked", jti), _REVOKED, (jti,), bool) is not None

@@ -11,10 +11,9 @@ from sqlite_utils.migrations import Migrations
 
 migrations = Migrations("policyd")
 
-# Tables whose rows change decisions. Any write to them bumps `generation.value` (by
-# trigger, so writes from any process or tool count); readers compare the generation to
-# know whether their caches are still exact.
-DECISION_TABLES = (
+# The decision tables of the first migration, which made their generation triggers. Frozen:
+# a table added later gets its triggers in the migration that adds it.
+INITIAL_DECISION_TABLES = (
     "apps",
     "users",
     "data_sources",
@@ -24,6 +23,10 @@ DECISION_TABLES = (
     "signing_keys",
     "revoked_tokens",
 )
+# Tables whose rows change decisions. Any write to them bumps `generation.value` (by
+# trigger, so writes from any process or tool count); readers compare the generation to
+# know whether their caches are still exact.
+DECISION_TABLES = (*INITIAL_DECISION_TABLES, "connectors")
 
 
 @migrations()
@@ -109,12 +112,16 @@ def m001_initial(db: Database) -> None:
     db.execute("CREATE INDEX revoked_tokens_expiry ON revoked_tokens (expires_at)")
     db.execute("CREATE TABLE generation (id INTEGER PRIMARY KEY CHECK (id = 1), value INTEGER)")
     db.execute("INSERT INTO generation (id, value) VALUES (1, 0)")
-    for table in DECISION_TABLES:
-        for event in ("INSERT", "UPDATE", "DELETE"):
-            db.execute(
-                f"CREATE TRIGGER {table}_{event.lower()}_generation AFTER {event} ON {table} "
-                "BEGIN UPDATE generation SET value = value + 1 WHERE id = 1; END"
-            )
+    for table in INITIAL_DECISION_TABLES:
+        _generation_triggers(db, table)
+
+
+def _generation_triggers(db: Database, table: str) -> None:
+    for event in ("INSERT", "UPDATE", "DELETE"):
+        db.execute(
+            f"CREATE TRIGGER {table}_{event.lower()}_generation AFTER {event} ON {table} "
+            "BEGIN UPDATE generation SET value = value + 1 WHERE id = 1; END"
+        )
 
 
 @migrations()
@@ -181,3 +188,26 @@ def m002_oauth(db: Database) -> None:
             expires_at REAL NOT NULL
         ) WITHOUT ROWID"""
     )
+
+
+@migrations()
+def m003_connectors(db: Database) -> None:
+    """Connectors (docs/connectors.md): programs on a plant's premises that serve some data
+    sources to the hub, authorized as principals of their own; and which connector serves
+    each data source (NULL: the hub itself). A decision table: its writes bump the
+    generation, as a write to data_sources always has."""
+    db.execute(
+        """CREATE TABLE connectors (
+            connector_id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            secret_hash TEXT NOT NULL,
+            enabled INTEGER NOT NULL,
+            created_at REAL
+        ) WITHOUT ROWID"""
+    )
+    _generation_triggers(db, "connectors")
+    db.execute(
+        "ALTER TABLE data_sources ADD COLUMN connector TEXT"
+        " REFERENCES connectors(connector_id) ON DELETE SET NULL"
+    )
+    db.execute("CREATE INDEX data_sources_connector ON data_sources (connector)")

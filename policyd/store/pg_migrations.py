@@ -19,7 +19,7 @@ from typing import Any
 
 import psycopg
 
-from policyd.store.migrations import DECISION_TABLES
+from policyd.store.migrations import INITIAL_DECISION_TABLES
 
 # pg_advisory_lock keys: 'pold' + 1 and + 2 (any two numbers no other tool uses).
 MIGRATE_LOCK = 0x706F6C64_0001
@@ -28,6 +28,15 @@ CHANNEL = "policyd_generation"
 
 T = 'TEXT COLLATE "C"'
 REAL = "DOUBLE PRECISION"
+
+
+def _generation_trigger(table: str) -> str:
+    """A decision table's trigger: every statement on it bumps the generation."""
+    return (
+        f"CREATE TRIGGER {table}_generation AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE"
+        f" ON {table} FOR EACH STATEMENT EXECUTE FUNCTION policyd_bump();\n"
+    )
+
 
 M001_INITIAL = f"""
 CREATE TABLE apps (
@@ -104,11 +113,7 @@ BEGIN
     RETURN NULL;
 END
 $$;
-""" + "".join(
-    f"CREATE TRIGGER {table}_generation AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE"
-    f" ON {table} FOR EACH STATEMENT EXECUTE FUNCTION policyd_bump();\n"
-    for table in DECISION_TABLES
-)
+""" + "".join(_generation_trigger(table) for table in INITIAL_DECISION_TABLES)
 
 M002_OAUTH = f"""
 CREATE TABLE oauth_families (
@@ -173,10 +178,25 @@ CREATE TABLE policyd_replicas (
 );
 """
 
+# Connectors (migrations.m003_connectors), a decision table like the first ones.
+M004_CONNECTORS = f"""
+CREATE TABLE connectors (
+    connector_id {T} PRIMARY KEY,
+    name TEXT NOT NULL,
+    secret_hash TEXT NOT NULL,
+    enabled INTEGER NOT NULL,
+    created_at {REAL}
+);
+ALTER TABLE data_sources ADD COLUMN connector {T}
+    REFERENCES connectors(connector_id) ON DELETE SET NULL;
+CREATE INDEX data_sources_connector ON data_sources (connector);
+""" + _generation_trigger("connectors")
+
 MIGRATIONS: tuple[tuple[str, str], ...] = (
     ("m001_initial", M001_INITIAL),
     ("m002_oauth", M002_OAUTH),
     ("m003_replicas", M003_REPLICAS),
+    ("m004_connectors", M004_CONNECTORS),
 )
 
 

@@ -42,6 +42,9 @@ class Reason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     AUDIT_UNAVAILABLE: _ClassVar[Reason]
     CONDITION_DENIED: _ClassVar[Reason]
     CONDITION_ERROR: _ClassVar[Reason]
+    CONNECTOR_UNKNOWN: _ClassVar[Reason]
+    CONNECTOR_DISABLED: _ClassVar[Reason]
+    DATA_SOURCE_NOT_OWNED: _ClassVar[Reason]
 REASON_UNSPECIFIED: Reason
 ALLOWED: Reason
 TOKEN_MISSING: Reason
@@ -74,6 +77,9 @@ INTERNAL_ERROR: Reason
 AUDIT_UNAVAILABLE: Reason
 CONDITION_DENIED: Reason
 CONDITION_ERROR: Reason
+CONNECTOR_UNKNOWN: Reason
+CONNECTOR_DISABLED: Reason
+DATA_SOURCE_NOT_OWNED: Reason
 
 class CheckRequest(_message.Message):
     __slots__ = ("token", "request_id", "http", "action", "door")
