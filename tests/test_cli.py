@@ -448,6 +448,32 @@ def test_demo_seed_creates_the_demo_and_a_working_token_and_is_idempotent(
     assert len(policyd.ok("apps", "list", "--json").lines) == 1
 
 
+def test_demo_seed_registers_the_plant_connector_and_keeps_its_secret_private(
+    policyd: Policyd, home: Home
+) -> None:
+    first = policyd.ok("demo", "seed").lines
+    assert "created connector plant-connector serving plant-mes" in first
+    secret_file = home.root / "var" / "plant-connector.secret"
+    assert "wrote a new secret for connector plant-connector to var/plant-connector.secret" in first
+    assert secret_file.stat().st_mode & 0o777 == 0o600
+    secret = secret_file.read_text().strip()
+    assert home.store.verify_connector_secret("plant-connector", secret)
+    owned = {d["name"]: d["connector"] for d in home.store.list_data_sources()}
+    assert owned == {"edge-historian": None, "plant-mes": "plant-connector", "lab-lims": None}
+    # Seeding again keeps the secret; a lost secret file gets a new secret, the old one dies.
+    assert not any("connector" in line for line in policyd.ok("demo", "seed").lines)
+    assert secret_file.read_text().strip() == secret
+    secret_file.unlink()
+    policyd.ok("demo", "seed")
+    assert secret_file.stat().st_mode & 0o777 == 0o600
+    assert not home.store.verify_connector_secret("plant-connector", secret)
+    assert home.store.verify_connector_secret("plant-connector", secret_file.read_text().strip())
+    # An operator's move of plant-mes away from the connector survives the next seed.
+    policyd.ok("datasources", "set-connector", "plant-mes", "--none")
+    policyd.ok("demo", "seed")
+    assert {d["name"]: d["connector"] for d in home.store.list_data_sources()}["plant-mes"] is None
+
+
 # -- check ---------------------------------------------------------------------------------
 
 

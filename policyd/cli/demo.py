@@ -1,4 +1,5 @@
-"""The demo data that `make run` seeds: one app, two users, three data sources, some grants.
+"""The demo data that `make run` seeds: one app, two users, three data sources, some grants,
+and one connector (`plant-connector`, which serves plant-mes to the hub over the link).
 
 `policyd demo seed` writes it (and a token for alice); tests and benchmarks use the data.
 """
@@ -34,6 +35,9 @@ USER_ACCESS = {
     "bob": {"edge-historian": Access.READ, "plant-mes": Access.READ},
 }
 CONSENTS = {"alice": ["UserInfo", "DataRead", "DataWrite"], "bob": ["UserInfo", "DataRead"]}
+# The on-premises connector of the demo and the data sources it serves (docs/link.md).
+DEMO_CONNECTOR = "plant-connector"
+CONNECTOR_SOURCES = {DEMO_CONNECTOR: ["plant-mes"]}
 GRANTS = {
     "alice": {"edge-historian": Access.WRITE, "lab-lims": Access.READ},
     "bob": {"plant-mes": Access.READ},
@@ -68,6 +72,14 @@ def seed(store: Store, keyring: KeyRing, algorithm: str = "ES256") -> list[str]:
             created.append(f"data source {ds}")
         except Conflict:
             pass
+    for connector_id, served in CONNECTOR_SOURCES.items():
+        try:
+            store.add_connector(connector_id, "Demo plant connector")  # secret: demo_seed
+        except Conflict:
+            continue  # an operator may have moved its data sources since: leave them
+        for ds in served:
+            store.set_data_source_connector(ds, connector_id)
+        created.append(f"connector {connector_id} serving {', '.join(served)}")
     if created:
         for user_id, access in USER_ACCESS.items():
             for ds, role in access.items():
@@ -96,12 +108,25 @@ def demo() -> None:
     show_default=True,
     help="Where to write a fresh demo token for alice.",
 )
+@click.option(
+    "--connector-secret-file",
+    type=click.Path(dir_okay=False),
+    default="var/plant-connector.secret",
+    show_default=True,
+    help="Where the demo connector's secret is kept (mode 0600); made when missing.",
+)
 @pass_ctx
-def demo_seed(obj: Context, token_file: str) -> None:
-    """Create the demo app, users, data sources and grants (idempotent); mint a token."""
+def demo_seed(obj: Context, token_file: str, connector_secret_file: str) -> None:
+    """Create the demo app, users, data sources, grants and connector (idempotent); mint a
+    token."""
     ring = obj.keyring()
     for line in seed(obj.store, ring, obj.config.tokens.algorithm):
         click.echo(f"created {line}")
+    secret_path = Path(connector_secret_file)
+    if not secret_path.exists():
+        # A secret is stored only hashed, so a lost file means a new secret.
+        _write_private(secret_path, obj.store.rotate_connector_secret(DEMO_CONNECTOR))
+        click.echo(f"wrote a new secret for connector {DEMO_CONNECTOR} to {secret_path}")
     token, _ = issue_token(
         ring,
         token_settings(obj.config),
@@ -110,8 +135,14 @@ def demo_seed(obj: Context, token_file: str) -> None:
         scopes=["UserInfo", "DataRead"],
     )
     path = Path(token_file)
+    _write_private(path, token)
+    click.echo(f"wrote a 1-hour access token for alice (demo-app) to {path}")
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write `text` and a newline to `path`, readable by its owner only."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
     with os.fdopen(fd, "w") as fh:
-        fh.write(token + "\n")
-    click.echo(f"wrote a 1-hour access token for alice (demo-app) to {path}")
+        fh.write(text + "\n")
