@@ -48,6 +48,15 @@ def main() -> int:
         file=sys.stderr,
         flush=True,
     )
+    if settings.link_address:
+        scheme = "https" if settings.link_cert_file else "http"
+        print(
+            f"hub: serving the link for connectors on {scheme}://{settings.link_address}"
+            + (" (mutual TLS)" if settings.link_client_ca_file else "")
+            + (" (INSECURE: plain HTTP, development only)" if scheme == "http" else ""),
+            file=sys.stderr,
+            flush=True,
+        )
     uvicorn.run(
         create_app(settings),
         host=settings.host,

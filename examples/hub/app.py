@@ -29,6 +29,7 @@ from adapters.asgi.stall import LoopStall, collector
 from adapters.embedded import EmbeddedPolicyd
 from examples.hub.catalogue import Catalogue, DataSource, Tag
 from examples.hub.gateway import TrustedGatewayHeaders
+from examples.hub.link import HubLink, LinkForward
 from examples.hub.series import MAX_POINTS, Point, QueryError, Sample, Series
 from examples.hub.settings import HubSettings
 from examples.hub.storage import AlreadyRefunded, HubStore, InsufficientFunds, UnknownTransaction
@@ -396,18 +397,24 @@ class DecisionIdHeader:
         await self.app(scope, receive, send_with_id)
 
 
-def create_starlette(settings: HubSettings, probe: LoopStall | None = None) -> Starlette:
+def create_starlette(
+    settings: HubSettings, probe: LoopStall | None = None, link: HubLink | None = None
+) -> Starlette:
     """The hub's own app, with no protection: wrap it (create_app does). `probe`: the
-    loop-stall probe, run while the app runs (lifespan)."""
+    loop-stall probe, `link`: the link's listener, both run while the app runs (lifespan)."""
     hub = Hub(settings, Catalogue(settings.data_sources), HubStore(settings.data_dir / "hub.db"))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if probe is not None:
             probe.start()
+        if link is not None:
+            await link.start()
         try:
             yield
         finally:
+            if link is not None:
+                await link.stop()
             if probe is not None:
                 probe.stop()
 
@@ -436,7 +443,11 @@ def create_app(settings: HubSettings | None = None, probe: LoopStall | None = No
     this process), or trusting its gateway's headers."""
     settings = settings or HubSettings.from_env()
     probe = probe or loop_probe(settings)
-    app = DecisionIdHeader(create_starlette(settings, probe))
+    link = HubLink(settings) if settings.link_address else None
+    app: ASGIApp = create_starlette(settings, probe, link)
+    if link is not None:  # data sources the hub does not hold go down the link
+        app = LinkForward(app, link.hub, frozenset(settings.data_sources))
+    app = DecisionIdHeader(app)
     if settings.gateway == "envoy":
         return TrustedGatewayHeaders(app)
     embedded = None
