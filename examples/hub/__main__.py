@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import uvicorn
@@ -49,6 +50,13 @@ def main() -> int:
         flush=True,
     )
     if settings.link_address:
+        # The link's own lines: connectors connected, refused (with the reason), closed.
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s hub %(levelname)s %(message)s"))
+        link_log = logging.getLogger("adapters.link")
+        link_log.addHandler(handler)
+        link_log.setLevel(logging.INFO)
+        link_log.propagate = False
         scheme = "https" if settings.link_cert_file else "http"
         print(
             f"hub: serving the link for connectors on {scheme}://{settings.link_address}"
