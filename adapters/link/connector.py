@@ -154,6 +154,8 @@ class Connector:
             http_session=self._http,
             reconnection=True,
             reconnection_attempts=0,
+            # Ctrl-C and SIGTERM are ours (main): stop cleanly, no handler of its own.
+            handle_sigint=False,
             reconnection_delay=r.delay_seconds,
             reconnection_delay_max=r.delay_max_seconds,
             randomization_factor=r.randomization_factor,
@@ -216,7 +218,9 @@ class Connector:
                     delays = backoff(r.delay_seconds, r.delay_max_seconds, r.randomization_factor)
                     # Until stopped, or the link ends for good (the hub closed it: no
                     # automatic reconnection then); Socket.IO reconnects by itself otherwise.
-                    await _first(stop.wait(), self.sio.wait())
+                    # Shielded: cancelling a wait on sio.wait() would cancel Engine.IO's
+                    # own read loop, which it awaits.
+                    await _first(stop.wait(), asyncio.shield(self.sio.wait()))
                     if stop.is_set():
                         break
                 with contextlib.suppress(TimeoutError):
@@ -353,7 +357,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ",".join(config.sources),
         config.hub_url,
     )
-    asyncio.run(_main(config))
+    with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C while stopping
+        asyncio.run(_main(config))
     return 0
 
 
