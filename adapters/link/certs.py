@@ -156,6 +156,7 @@ def ensure(folder: str | Path, client_name: str = "connector") -> list[str]:
     files.folder.mkdir(parents=True, exist_ok=True)
     written: list[str] = []
     ca = _load(files, "ca")
+    new_ca = ca is None
     if ca is None:
         key = ec.generate_private_key(ec.SECP256R1())
         ca = (_build("policyd link CA", key, None, key, days=CA_DAYS, usage="ca"), key)
@@ -167,7 +168,7 @@ def ensure(folder: str | Path, client_name: str = "connector") -> list[str]:
         ("client", client_name, "client"),
     ):
         have = _load(files, name)
-        if have is not None and _issued_by(have[0], ca[0]) and not written:
+        if have is not None and _issued_by(have[0], ca[0]) and not new_ca:
             continue
         key = ec.generate_private_key(ec.SECP256R1())
         cert = _build(subject, key, ca[0], ca[1], days=LEAF_DAYS, usage=usage)
