@@ -311,6 +311,7 @@ def test_a_bad_credential_is_refused(
     assert hub.online() == []
 
 
+@pytest.mark.slow
 def test_an_expiring_token_is_renewed_and_rechecked_by_the_hub(
     tmp_path: Path, authorizer: TableAuthorizerForTests, started: list[object]
 ) -> None:
@@ -395,3 +396,26 @@ def test_a_request_for_a_data_source_the_connector_does_not_serve_is_not_replaye
     answer = hub.forward("ds-x")
     assert answer.status == 404 and json.loads(answer.body)["error"] == "not_served"
     assert up.seen == []
+
+
+@pytest.mark.slow
+def test_a_frozen_connector_is_found_dead_by_the_heartbeat(
+    tmp_path: Path, authorizer: TableAuthorizerForTests, started: list[object]
+) -> None:
+    """No TCP reset (the process is stopped, its socket open): Engine.IO's ping timeout
+    finds the dead link and the request in flight fails then, not at the 20 s timeout."""
+    hub = _hub(started, authorizer, timeout_seconds=20, ping_interval=1, ping_timeout=1)
+    up, url = hub.upstream("plant-a")
+    a = _connector(
+        started, tmp_path, hub, "conn-a", {"ds-a": url}, extra='transports = ["websocket"]'
+    )
+    hub.wait_online("conn-a")
+    a.process.send_signal(signal.SIGSTOP)
+    try:
+        began = time.monotonic()
+        with pytest.raises(LinkUnavailable):
+            hub.forward("ds-a")
+        assert time.monotonic() - began < 5
+        assert up.seen == [] and hub.online() == []
+    finally:
+        a.process.send_signal(signal.SIGCONT)
