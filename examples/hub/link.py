@@ -45,6 +45,8 @@ class HubLink:
             authorizer,
             timeout_seconds=settings.link_timeout_seconds,
             recheck_seconds=settings.link_recheck_seconds,
+            ping_interval=settings.link_ping_seconds,
+            ping_timeout=settings.link_ping_timeout_seconds,
             transports=settings.link_transports,
             allow_insecure=settings.link_insecure,
         )

@@ -60,6 +60,10 @@ class HubSettings:
     link_timeout_seconds: float = 10.0
     link_recheck_seconds: float = 0.5
     link_transports: tuple[str, ...] = ("polling", "websocket")
+    # Engine.IO's heartbeat: a ping every link_ping_seconds; a link that does not answer
+    # within link_ping_timeout_seconds more is dead (its requests fail with 503).
+    link_ping_seconds: float = 10.0
+    link_ping_timeout_seconds: float = 5.0
     users: dict[str, str] = field(
         default_factory=lambda: {"alice": "Alice Operator", "bob": "Bob Engineer"}
     )
@@ -116,6 +120,10 @@ class HubSettings:
             link_recheck_seconds=float(
                 number("LINK_RECHECK_SECONDS", d.link_recheck_seconds, float)
             ),
+            link_ping_seconds=float(number("LINK_PING_SECONDS", d.link_ping_seconds, float)),
+            link_ping_timeout_seconds=float(
+                number("LINK_PING_TIMEOUT_SECONDS", d.link_ping_timeout_seconds, float)
+            ),
             link_transports=tuple(
                 t.strip()
                 for t in text("LINK_TRANSPORTS", ",".join(d.link_transports)).split(",")
@@ -169,10 +177,8 @@ class HubSettings:
             path = getattr(self, name)
             if path and not Path(path).is_file():
                 raise SettingsError(f"POLICYD_HUB_{name.upper()}: no such file {path!r}")
-        if not self.link_timeout_seconds > 0 or not self.link_recheck_seconds > 0:
-            raise SettingsError(
-                "POLICYD_HUB_LINK_TIMEOUT_SECONDS and POLICYD_HUB_LINK_RECHECK_SECONDS must be"
-                " above 0"
-            )
+        for name in ("timeout_seconds", "recheck_seconds", "ping_seconds", "ping_timeout_seconds"):
+            if not getattr(self, f"link_{name}") > 0:
+                raise SettingsError(f"POLICYD_HUB_LINK_{name.upper()} must be above 0")
         if not self.link_transports or not set(self.link_transports) <= {"polling", "websocket"}:
             raise SettingsError("POLICYD_HUB_LINK_TRANSPORTS must be polling, websocket or both")
