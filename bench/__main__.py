@@ -8,6 +8,8 @@ Benchmarks (docs/benchmarks.md explains each figure):
   policy      decision cost with 20 vs 2,000 route rules (bench/policy.py)
   audit       audit-log queries over 10M generated records (bench/audit.py)
   hub         the reference hub with and without the ASGI middleware (bench/hub.py)
+  link        a snapshot query over the link (WebSocket, long-polling) vs served locally;
+              hub restart to the connector serving again (bench/link.py)
   envoy       Envoy alone, with jwt_authn, with policyd's ext_authz; wrk (bench/envoy.py)
   cluster     PostgreSQL vs SQLite throughput; revoke latency on 3 replicas, one frozen
               (bench/cluster.py; skipped without PostgreSQL's initdb)
@@ -40,6 +42,7 @@ from bench import check, grpc_stack
 from bench import cluster as cluster_bench
 from bench import envoy as envoy_bench
 from bench import hub as hub_bench
+from bench import link as link_bench
 from bench import observe as observe_bench
 from bench import peer as peer_bench
 from bench import policy as policy_bench
@@ -54,6 +57,7 @@ NAMES = (
     "policy",
     "audit",
     "hub",
+    "link",
     "envoy",
     "cluster",
     "peer",
@@ -187,6 +191,9 @@ def _run_one(
     elif name == "hub":
         summary = hub_bench.run(args.quick)
         report = hub_bench.report(summary)
+    elif name == "link":
+        summary = link_bench.run(args.quick)
+        report = link_bench.report(summary)
     elif name == "envoy":
         summary = envoy_bench.run(args.quick, log_dir)
         report = envoy_bench.report(summary)

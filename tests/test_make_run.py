@@ -53,7 +53,12 @@ def _middleware_counts(address: str) -> dict[tuple[str, tuple[tuple[str, str], .
 
 def test_make_run_serves_the_demo_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     address = f"127.0.0.1:{free_port()}"
-    hub_port, client_port = free_port(), free_port()
+    hub_port, client_port, link_port, plant_port = (
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+    )
     metrics, hub_metrics = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("POLICYD_")}
     env.update(
@@ -68,6 +73,8 @@ def test_make_run_serves_the_demo_and_stops_on_ctrl_c(tmp_path: Path) -> None:
         POLICYD_CLIENT_PORT=str(client_port),
         POLICYD_METRICS_ADDRESS=metrics,
         POLICYD_HUB_METRICS_ADDRESS=hub_metrics,
+        POLICYD_HUB_LINK_ADDRESS=f"127.0.0.1:{link_port}",
+        PLANT_PORT=str(plant_port),
     )
     run = subprocess.Popen(
         ["make", "--no-print-directory", "run", f"VAR={tmp_path}"],
@@ -123,6 +130,27 @@ def test_make_run_serves_the_demo_and_stops_on_ctrl_c(tmp_path: Path) -> None:
             == 2
         ), after
         assert after["policyd_middleware_responses_total", (("status", "403"),)] == 1
+
+        # plant-mes is served at "the plant", by a connector over the link (docs/link.md).
+        assert (tmp_path / "tls" / "server.pem").is_file()
+        granted = _policyd(env, "grants", "add", "alice", "demo-app", "plant-mes")
+        assert granted.returncode == 0, granted.stderr
+        plant = f"{hub}/api/data/tags/plant-mes"
+        if (tmp_path / "plant-connector.secret").is_file():  # policyd knows connectors
+            deadline = time.monotonic() + 20
+            while (served := httpx.get(plant, headers=bearer)).status_code != 200:
+                assert time.monotonic() < deadline, served.text
+                time.sleep(0.1)
+            assert served.json()["data_source"] == "plant-mes"
+            disabled = _policyd(env, "connectors", "disable", "plant-connector")
+            assert disabled.returncode == 0, disabled.stderr
+            gone = httpx.get(plant, headers=bearer)
+            assert gone.status_code == 503, gone.text
+            assert gone.json()["reason"] == "CONNECTOR_DISABLED"
+        else:  # until then no connector runs: the link answers 503 at once
+            offline = httpx.get(plant, headers=bearer)
+            assert offline.status_code == 503, offline.text
+            assert offline.json()["error"] == "connector_unavailable"
     finally:
         os.killpg(run.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
         try:

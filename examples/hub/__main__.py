@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import uvicorn
@@ -48,6 +49,22 @@ def main() -> int:
         file=sys.stderr,
         flush=True,
     )
+    if settings.link_address:
+        # The link's own lines: connectors connected, refused (with the reason), closed.
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s hub %(levelname)s %(message)s"))
+        link_log = logging.getLogger("adapters.link")
+        link_log.addHandler(handler)
+        link_log.setLevel(logging.INFO)
+        link_log.propagate = False
+        scheme = "https" if settings.link_cert_file else "http"
+        print(
+            f"hub: serving the link for connectors on {scheme}://{settings.link_address}"
+            + (" (mutual TLS)" if settings.link_client_ca_file else "")
+            + (" (INSECURE: plain HTTP, development only)" if scheme == "http" else ""),
+            file=sys.stderr,
+            flush=True,
+        )
     uvicorn.run(
         create_app(settings),
         host=settings.host,

@@ -27,8 +27,10 @@ from adapters.asgi import AuthInfo, PolicydMiddleware
 from adapters.asgi.middleware import ASGIApp, Message, Receive, Scope, Send
 from adapters.asgi.stall import LoopStall, collector
 from adapters.embedded import EmbeddedPolicyd
+from adapters.link import Authorizer
 from examples.hub.catalogue import Catalogue, DataSource, Tag
 from examples.hub.gateway import TrustedGatewayHeaders
+from examples.hub.link import HubLink, LinkForward
 from examples.hub.series import MAX_POINTS, Point, QueryError, Sample, Series
 from examples.hub.settings import HubSettings
 from examples.hub.storage import AlreadyRefunded, HubStore, InsufficientFunds, UnknownTransaction
@@ -396,18 +398,24 @@ class DecisionIdHeader:
         await self.app(scope, receive, send_with_id)
 
 
-def create_starlette(settings: HubSettings, probe: LoopStall | None = None) -> Starlette:
+def create_starlette(
+    settings: HubSettings, probe: LoopStall | None = None, link: HubLink | None = None
+) -> Starlette:
     """The hub's own app, with no protection: wrap it (create_app does). `probe`: the
-    loop-stall probe, run while the app runs (lifespan)."""
+    loop-stall probe, `link`: the link's listener, both run while the app runs (lifespan)."""
     hub = Hub(settings, Catalogue(settings.data_sources), HubStore(settings.data_dir / "hub.db"))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if probe is not None:
             probe.start()
+        if link is not None:
+            await link.start()
         try:
             yield
         finally:
+            if link is not None:
+                await link.stop()
             if probe is not None:
                 probe.stop()
 
@@ -431,12 +439,21 @@ def loop_probe(settings: HubSettings) -> LoopStall | None:
     return probe
 
 
-def create_app(settings: HubSettings | None = None, probe: LoopStall | None = None) -> ASGIApp:
+def create_app(
+    settings: HubSettings | None = None,
+    probe: LoopStall | None = None,
+    link_authorizer: Authorizer | None = None,
+) -> ASGIApp:
     """The hub as it runs: behind the PolicydMiddleware (asking policyd, or deciding in
-    this process), or trusting its gateway's headers."""
+    this process), or trusting its gateway's headers. `link_authorizer`: what decides about
+    connectors instead of policyd (bench/link.py measures the transport alone)."""
     settings = settings or HubSettings.from_env()
     probe = probe or loop_probe(settings)
-    app = DecisionIdHeader(create_starlette(settings, probe))
+    link = HubLink(settings, link_authorizer) if settings.link_address else None
+    app: ASGIApp = create_starlette(settings, probe, link)
+    if link is not None:  # data sources the hub does not hold go down the link
+        app = LinkForward(app, link.hub, frozenset(settings.data_sources))
+    app = DecisionIdHeader(app)
     if settings.gateway == "envoy":
         return TrustedGatewayHeaders(app)
     embedded = None

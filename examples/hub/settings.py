@@ -48,6 +48,22 @@ class HubSettings:
     # HOST:PORT of the hub's own /metrics (the middleware's counters), apart from the data
     # API; empty: no metrics, and prometheus_client is never imported.
     metrics_address: str = ""
+    # The link (examples/hub/link.py, docs/link.md): HOST:PORT of the listener connectors
+    # dial (empty: no link); its TLS (required unless link_insecure), mutual TLS with a
+    # client CA; each forwarded request's deadline; how often a live link is re-checked;
+    # the transports it accepts (a test switch: "polling" alone refuses WebSocket).
+    link_address: str = ""
+    link_cert_file: str = ""
+    link_key_file: str = ""
+    link_client_ca_file: str = ""
+    link_insecure: bool = False
+    link_timeout_seconds: float = 10.0
+    link_recheck_seconds: float = 0.5
+    link_transports: tuple[str, ...] = ("polling", "websocket")
+    # Engine.IO's heartbeat: a ping every link_ping_seconds; a link that does not answer
+    # within link_ping_timeout_seconds more is dead (its requests fail with 503).
+    link_ping_seconds: float = 10.0
+    link_ping_timeout_seconds: float = 5.0
     users: dict[str, str] = field(
         default_factory=lambda: {"alice": "Alice Operator", "bob": "Bob Engineer"}
     )
@@ -93,6 +109,26 @@ class HubSettings:
             server_name=text("SERVER_NAME", ""),
             max_body_bytes=int(number("MAX_BODY_BYTES", d.max_body_bytes, int)),
             metrics_address=text("METRICS_ADDRESS", ""),
+            link_address=text("LINK_ADDRESS", ""),
+            link_cert_file=text("LINK_CERT_FILE", ""),
+            link_key_file=text("LINK_KEY_FILE", ""),
+            link_client_ca_file=text("LINK_CLIENT_CA_FILE", ""),
+            link_insecure=text("LINK_INSECURE", "") not in ("", "0", "false", "no"),
+            link_timeout_seconds=float(
+                number("LINK_TIMEOUT_SECONDS", d.link_timeout_seconds, float)
+            ),
+            link_recheck_seconds=float(
+                number("LINK_RECHECK_SECONDS", d.link_recheck_seconds, float)
+            ),
+            link_ping_seconds=float(number("LINK_PING_SECONDS", d.link_ping_seconds, float)),
+            link_ping_timeout_seconds=float(
+                number("LINK_PING_TIMEOUT_SECONDS", d.link_ping_timeout_seconds, float)
+            ),
+            link_transports=tuple(
+                t.strip()
+                for t in text("LINK_TRANSPORTS", ",".join(d.link_transports)).split(",")
+                if t.strip()
+            ),
         )
         settings.validate()
         return settings
@@ -117,3 +153,32 @@ class HubSettings:
                 net.parse("POLICYD_HUB_METRICS_ADDRESS", self.metrics_address)
             except ConfigError as exc:
                 raise SettingsError(str(exc)) from None
+        if self.link_address:
+            self._validate_link()
+
+    def _validate_link(self) -> None:
+        try:
+            net.parse("POLICYD_HUB_LINK_ADDRESS", self.link_address)
+        except ConfigError as exc:
+            raise SettingsError(str(exc)) from None
+        if bool(self.link_cert_file) != bool(self.link_key_file):
+            raise SettingsError(
+                "POLICYD_HUB_LINK_CERT_FILE and POLICYD_HUB_LINK_KEY_FILE go together"
+            )
+        if not self.link_cert_file and not self.link_insecure:
+            raise SettingsError(
+                "the link is served over TLS: set POLICYD_HUB_LINK_CERT_FILE and"
+                " POLICYD_HUB_LINK_KEY_FILE (POLICYD_HUB_LINK_INSECURE=1 serves plain"
+                " HTTP, for development only)"
+            )
+        if self.link_client_ca_file and not self.link_cert_file:
+            raise SettingsError("POLICYD_HUB_LINK_CLIENT_CA_FILE needs the link's TLS files")
+        for name in ("link_cert_file", "link_key_file", "link_client_ca_file"):
+            path = getattr(self, name)
+            if path and not Path(path).is_file():
+                raise SettingsError(f"POLICYD_HUB_{name.upper()}: no such file {path!r}")
+        for name in ("timeout_seconds", "recheck_seconds", "ping_seconds", "ping_timeout_seconds"):
+            if not getattr(self, f"link_{name}") > 0:
+                raise SettingsError(f"POLICYD_HUB_LINK_{name.upper()} must be above 0")
+        if not self.link_transports or not set(self.link_transports) <= {"polling", "websocket"}:
+            raise SettingsError("POLICYD_HUB_LINK_TRANSPORTS must be polling, websocket or both")

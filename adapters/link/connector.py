@@ -1,0 +1,366 @@
+"""`policyd-connector --config FILE`: serve a plant's data sources to the hub over the link.
+
+It dials out to the hub's link listener (no inbound port at the plant), proves who it is
+with an OAuth client-credentials access token (RFC 6749 §4.4) from policyd's
+authorization server, and announces the data sources it serves. For each request the hub
+sends down the link, it replays the HTTP request against that data source's local upstream
+(`[sources.NAME] url`) and returns the answer. Reconnects by itself with capped
+exponential back-off and jitter; refreshes its token before it expires. Logs connected,
+disconnected and refused (with the reason), never a token or a secret.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import random
+import signal
+import ssl
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import httpx
+import socketio
+
+from adapters.link.config import ConfigError, ConnectorConfig, load
+from adapters.link.wire import (
+    NAMESPACE,
+    REQUEST_EVENT,
+    SOCKETIO_PATH,
+    TOKEN_EVENT,
+    LinkRequest,
+    LinkResponse,
+    request_headers,
+    response_headers,
+)
+
+log = logging.getLogger("policyd.connector")
+
+# Refresh the token when this share of its lifetime has passed.
+REFRESH_AT = 0.75
+MAX_MESSAGE_BYTES = 16 << 20
+
+
+class TokenError(Exception):
+    pass
+
+
+def _tls_words(exc: BaseException | str) -> str:
+    """What went wrong, in one line; an untrusted certificate said plainly."""
+    if isinstance(exc, BaseException):
+        text = f"{type(exc).__name__}: {exc}"
+        cause = exc.__cause__ or exc.__context__
+        if cause is not None:
+            text += f" ({type(cause).__name__}: {cause})"
+    else:
+        text = exc
+    if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
+        return "the server's TLS certificate is not trusted (check ca_file)"
+    return text[:300]
+
+
+def ssl_context(config: ConnectorConfig) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=config.ca_file or None)
+    if config.client_cert_file:
+        ctx.load_cert_chain(config.client_cert_file, config.client_key_file)
+    return ctx
+
+
+def backoff(first: float, cap: float, jitter: float) -> Iterator[float]:
+    """Delays: doubling from `first`, capped at `cap`, each moved by up to ±jitter seconds
+    (as Socket.IO's own reconnection does)."""
+    delay = first
+    while True:
+        yield max(0.0, min(delay, cap) + jitter * (2 * random.random() - 1))
+        delay *= 2
+
+
+class TokenSource:
+    """Client-credentials access tokens from policyd's token endpoint (client_secret_basic)."""
+
+    def __init__(self, config: ConnectorConfig, tls: ssl.SSLContext) -> None:
+        self.config = config
+        self._http = httpx.AsyncClient(verify=tls, timeout=10.0)
+        self._token = ""
+        self._refresh_at = 0.0
+        self._lock = asyncio.Lock()
+
+    @property
+    def refresh_at(self) -> float:
+        return self._refresh_at
+
+    async def current(self) -> str:
+        async with self._lock:
+            if not self._token or time.monotonic() >= self._refresh_at:
+                await self._fetch()
+            return self._token
+
+    async def renew(self) -> str:
+        async with self._lock:
+            await self._fetch()
+            return self._token
+
+    async def _fetch(self) -> None:
+        c = self.config
+        # RFC 6749 §2.3.1: both parts form-encoded before Basic.
+        pair = f"{quote(c.client_id, safe='')}:{quote(c.client_secret, safe='')}"
+        auth = "Basic " + base64.b64encode(pair.encode()).decode()
+        try:
+            r = await self._http.post(
+                c.token_url,
+                data={"grant_type": "client_credentials"},
+                headers={"Authorization": auth, "Accept": "application/json"},
+            )
+        except httpx.HTTPError as exc:
+            raise TokenError(f"cannot reach the token endpoint: {_tls_words(exc)}") from None
+        try:
+            doc = r.json()
+        except ValueError:
+            doc = {}
+        if r.status_code != 200 or not isinstance(doc, dict):
+            error = doc.get("error", "") if isinstance(doc, dict) else ""
+            raise TokenError(f"the token endpoint refused: {r.status_code} {error}".rstrip())
+        token, expires_in = doc.get("access_token"), doc.get("expires_in", 300)
+        if not isinstance(token, str) or not token or not isinstance(expires_in, int | float):
+            raise TokenError("the token endpoint's answer has no access_token")
+        self._token = token
+        self._refresh_at = time.monotonic() + max(1.0, float(expires_in) * REFRESH_AT)
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+
+class Connector:
+    def __init__(self, config: ConnectorConfig) -> None:
+        self.config = config
+        self.tls = ssl_context(config)
+        self.tokens = TokenSource(config, self.tls)
+        self.upstreams = {
+            name: httpx.AsyncClient(base_url=url, timeout=config.request_timeout_seconds)
+            for name, url in config.sources.items()
+        }
+        r = config.reconnect
+        # Made in the running loop (the connector is built there); trusted CA, client cert.
+        self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self.tls))
+        self.sio = socketio.AsyncClient(
+            http_session=self._http,
+            reconnection=True,
+            reconnection_attempts=0,
+            # Ctrl-C and SIGTERM are ours (main): stop cleanly, no handler of its own.
+            handle_sigint=False,
+            reconnection_delay=r.delay_seconds,
+            reconnection_delay_max=r.delay_max_seconds,
+            randomization_factor=r.randomization_factor,
+            logger=False,
+            engineio_logger=False,
+            websocket_extra_options={"max_msg_size": MAX_MESSAGE_BYTES},
+        )
+        self.sio.on("connect", self._on_connect, namespace=NAMESPACE)
+        self.sio.on("disconnect", self._on_disconnect, namespace=NAMESPACE)
+        self.sio.on("connect_error", self._on_connect_error, namespace=NAMESPACE)
+        self.sio.on(REQUEST_EVENT, self._on_request, namespace=NAMESPACE)
+
+    # -- the link -----------------------------------------------------------------------
+
+    async def _auth(self) -> dict[str, Any]:
+        """Sent on every connect and reconnect: a current token and the data sources."""
+        try:
+            token = await self.tokens.current()
+        except TokenError as exc:
+            log.error("cannot get an access token: %s", exc)
+            token = ""  # the hub refuses it (TOKEN_MISSING); the back-off goes on
+        return {"token": token, "data_sources": list(self.config.sources)}
+
+    async def _on_connect(self) -> None:
+        log.info(
+            "connected to %s (%s), serving %s",
+            self.config.hub_url,
+            self.sio.transport(),
+            ",".join(self.config.sources),
+        )
+
+    async def _on_disconnect(self, reason: Any = None) -> None:
+        log.warning("disconnected from the hub (%s)", reason or "link lost")
+
+    async def _on_connect_error(self, data: Any) -> None:
+        if isinstance(data, dict) and "message" in data:
+            log.error("refused by the hub: %s", data["message"])
+        else:
+            words = _tls_words(data if isinstance(data, BaseException) else str(data))
+            log.error("cannot connect to the hub: %s", words)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Connect (and stay connected, reconnecting) until `stop` is set."""
+        refresher = asyncio.get_running_loop().create_task(self._refresh(stop))
+        r = self.config.reconnect
+        delays = backoff(r.delay_seconds, r.delay_max_seconds, r.randomization_factor)
+        try:
+            while not stop.is_set():
+                try:
+                    await self.sio.connect(
+                        self.config.hub_url,
+                        auth=self._auth,
+                        transports=list(self.config.transports),
+                        socketio_path=SOCKETIO_PATH,
+                        wait_timeout=10,
+                    )
+                except socketio.exceptions.ConnectionError:
+                    pass  # logged by connect_error
+                else:
+                    delays = backoff(r.delay_seconds, r.delay_max_seconds, r.randomization_factor)
+                    # Until stopped, or the link ends for good (the hub closed it: no
+                    # automatic reconnection then); Socket.IO reconnects by itself otherwise.
+                    # Shielded: cancelling a wait on sio.wait() would cancel Engine.IO's
+                    # own read loop, which it awaits.
+                    await _first(stop.wait(), asyncio.shield(self.sio.wait()))
+                    if stop.is_set():
+                        break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), next(delays))
+        finally:
+            refresher.cancel()
+            with contextlib.suppress(Exception):
+                await self.sio.disconnect()
+            await self.close()
+            log.info("stopped")
+
+    async def _refresh(self, stop: asyncio.Event) -> None:
+        """Renew the token before it expires and hand it to the hub, which re-checks it."""
+        while not stop.is_set():
+            wait = self.tokens.refresh_at - time.monotonic() if self.tokens.refresh_at else 1.0
+            await asyncio.sleep(max(0.5, wait))
+            if not self.tokens.refresh_at or time.monotonic() < self.tokens.refresh_at:
+                continue
+            try:
+                token = await self.tokens.renew()
+            except TokenError as exc:
+                log.error("cannot renew the access token: %s", exc)
+                continue
+            if self.sio.connected:
+                try:
+                    answer = await self.sio.call(
+                        TOKEN_EVENT, {"token": token}, namespace=NAMESPACE, timeout=10
+                    )
+                except Exception as exc:
+                    log.warning("the hub did not take the renewed token: %s", type(exc).__name__)
+                    continue
+                if isinstance(answer, dict) and answer.get("ok"):
+                    log.info("access token renewed")
+                else:
+                    reason = answer.get("reason") if isinstance(answer, dict) else answer
+                    log.error("refused by the hub: %s", reason)
+
+    # -- requests -----------------------------------------------------------------------
+
+    async def _on_request(self, data: Any) -> dict[str, Any]:
+        try:
+            request = LinkRequest.decode(data)
+        except ValueError as exc:
+            return _error(400, "invalid_request", str(exc)).encode()
+        return (await self.serve(request)).encode()
+
+    async def serve(self, request: LinkRequest) -> LinkResponse:
+        """Replay the request against its data source's upstream."""
+        client = self.upstreams.get(request.data_source)
+        if client is None:
+            return _error(
+                404, "not_served", f"this connector does not serve {request.data_source!r}"
+            )
+        if not request.path.startswith("/"):
+            return _error(400, "invalid_request", "the path must start with /")
+        url = request.path + ("?" + request.query if request.query else "")
+        started = time.monotonic()
+        try:
+            r = await client.request(
+                request.method,
+                url,
+                headers=request_headers(request.headers),
+                content=request.body or None,
+            )
+        except httpx.TimeoutException:
+            return _error(504, "upstream_timeout", "the data source's upstream did not answer")
+        except httpx.HTTPError as exc:
+            log.warning("upstream of %s failed: %s", request.data_source, type(exc).__name__)
+            return _error(502, "upstream_unavailable", "the data source's upstream failed")
+        log.debug(
+            "%s %s %s -> %d in %.1f ms",
+            request.data_source,
+            request.method,
+            request.path,
+            r.status_code,
+            (time.monotonic() - started) * 1000,
+        )
+        return LinkResponse(
+            r.status_code, response_headers(list(r.headers.multi_items())), r.content
+        )
+
+    async def close(self) -> None:
+        for client in self.upstreams.values():
+            await client.aclose()
+        await self.tokens.close()
+        await self._http.close()
+
+
+def _error(status: int, error: str, message: str) -> LinkResponse:
+    body = json.dumps({"error": error, "message": message}).encode()
+    return LinkResponse(status, [("content-type", "application/json")], body)
+
+
+async def _first(*aws: Any) -> None:
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def _main(config: ConnectorConfig) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await Connector(config).run(stop)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="policyd-connector",
+        description="Serve a plant's data sources to the hub over the link (docs/link.md).",
+    )
+    parser.add_argument("--config", required=True, help="the connector's TOML file")
+    parser.add_argument("--verbose", action="store_true", help="log every request")
+    args = parser.parse_args(argv)
+    try:
+        config = load(args.config)
+    except ConfigError as exc:
+        print(f"policyd-connector: error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s connector %(levelname)s %(message)s",
+    )
+    for noisy in ("httpx", "httpcore", "aiohttp", "socketio", "engineio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    log.info(
+        "policyd-connector %s for %s, hub %s",
+        config.client_id,
+        ",".join(config.sources),
+        config.hub_url,
+    )
+    with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C while stopping
+        asyncio.run(_main(config))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,363 @@
+"""LinkHub: the hub's end of the link, an ASGI app (a Socket.IO server) any hub can mount or
+serve on its own listener (listener.py), and `forward()`, which sends one request down the
+link of the connector serving its data source.
+
+How a connection lives (docs/link.md has the picture):
+
+1. A connector connects with Socket.IO `auth={"token": <access token>, "data_sources":
+   [...]}`. The hub asks policyd `connector.attach` for those data sources (authorize.py):
+   denied, the connection is refused with the reason name; allowed, the connection serves
+   them, under the token's client_id (the connector id).
+2. While it lives, the same question is asked every `recheck_seconds`: a deny closes it
+   (a disabled connector's idle link is gone within a second).
+3. Before every forwarded request the question is asked for that request's data source
+   alone: a deny closes the link and the request is answered 503.
+4. `forward()` emits `request` to that one connection with an acknowledgement, which
+   carries the answer. Pending requests are kept per connection: when it goes, each is
+   failed at once (503). No answer within `timeout_seconds` is a 504. Nothing is ever
+   sent twice: a request belongs to one connection, and a reconnect is a new connection
+   (a write such as PUT .../snapshot must not be repeated).
+
+Outcomes of `forward()`: a LinkResponse (the upstream's answer, whatever its status), or
+LinkUnavailable (503: no connector online, link lost, connector refused) or LinkTimeout
+(504), each with a JSON body (`LinkError.response()`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import socketio
+
+from adapters.link.authorize import Authorizer
+from adapters.link.wire import (
+    NAMESPACE,
+    REQUEST_EVENT,
+    SOCKETIO_PATH,
+    TOKEN_EVENT,
+    TRANSPORTS,
+    Headers,
+    LinkRequest,
+    LinkResponse,
+)
+
+log = logging.getLogger("adapters.link")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+MAX_DATA_SOURCES = 1000
+MAX_NAME = 200
+
+
+class LinkError(Exception):
+    """A forwarded request that got no answer from a connector."""
+
+    status = 502
+    error = "connector_error"
+
+    def __init__(self, data_source: str, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.data_source = data_source
+        self.message = message
+        self.reason = reason
+
+    def response(self) -> LinkResponse:
+        doc = {"error": self.error, "message": self.message, "data_source": self.data_source}
+        if self.reason:
+            doc["reason"] = self.reason
+        return LinkResponse(
+            self.status, [("content-type", "application/json")], json.dumps(doc).encode()
+        )
+
+
+class LinkUnavailable(LinkError):
+    """503: no connector online for the data source, its link went, or policyd refused it."""
+
+    status = 503
+    error = "connector_unavailable"
+
+
+class LinkTimeout(LinkError):
+    """504: the connector did not answer in time."""
+
+    status = 504
+    error = "connector_timeout"
+
+
+class LinkBadAnswer(LinkError):
+    """502: the connector's answer was not an answer."""
+
+
+@dataclass(eq=False)
+class Connection:
+    """One live link: the connector behind it, what it serves, its pending requests."""
+
+    sid: str
+    connector_id: str
+    token: str
+    data_sources: tuple[str, ...]
+    since: float
+    pending: dict[int, asyncio.Future[Any]] = field(default_factory=dict)
+    watch: asyncio.Task[None] | None = None
+    serving: bool = False
+
+
+class LinkHub:
+    """The hub's link listener (an ASGI app: `await hub(scope, receive, send)`) and
+    `forward()`. Owns its authorizer (closed by `close()`)."""
+
+    def __init__(
+        self,
+        authorizer: Authorizer,
+        *,
+        timeout_seconds: float = 10.0,
+        recheck_seconds: float = 0.5,
+        ping_interval: float = 10.0,
+        ping_timeout: float = 5.0,
+        transports: Sequence[str] = TRANSPORTS,
+        allow_insecure: bool = False,
+        max_message_bytes: int = 16 << 20,
+    ) -> None:
+        if not timeout_seconds > 0 or not recheck_seconds > 0:
+            raise ValueError("timeout_seconds and recheck_seconds must be above 0")
+        if not transports or not set(transports) <= set(TRANSPORTS):
+            raise ValueError(f"transports must be some of {', '.join(TRANSPORTS)}")
+        self.authorizer = authorizer
+        self.timeout_seconds = timeout_seconds
+        self.recheck_seconds = recheck_seconds
+        # Plain HTTP/WS is refused unless this is set (development and tests only).
+        self.allow_insecure = allow_insecure
+        self.sio = socketio.AsyncServer(
+            async_mode="asgi",
+            transports=list(transports),
+            ping_interval=ping_interval,
+            ping_timeout=ping_timeout,
+            max_http_buffer_size=max_message_bytes,
+            logger=False,
+            engineio_logger=False,
+        )
+        self.sio.on("connect", self._on_connect, namespace=NAMESPACE)
+        self.sio.on("disconnect", self._on_disconnect, namespace=NAMESPACE)
+        self.sio.on(TOKEN_EVENT, self._on_token, namespace=NAMESPACE)
+        self.app = socketio.ASGIApp(self.sio, socketio_path=SOCKETIO_PATH)
+        self.connections: dict[str, Connection] = {}
+        self._ids = itertools.count(1)
+
+    # -- the ASGI app -------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        plaintext = scope.get("scheme") not in ("https", "wss")
+        if scope["type"] in ("http", "websocket") and plaintext and not self.allow_insecure:
+            await _refuse_plaintext(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    # -- what is online -----------------------------------------------------------------
+
+    def serving(self, data_source: str) -> Connection | None:
+        """The connection serving `data_source`: the newest, when a connector reconnected
+        before its old link was found dead."""
+        found = [
+            c for c in self.connections.values() if c.serving and data_source in c.data_sources
+        ]
+        return max(found, key=lambda c: c.since) if found else None
+
+    def online(self) -> list[dict[str, Any]]:
+        """The serving links: connector, data sources, transport (polling or websocket)."""
+        return [
+            {
+                "connector_id": c.connector_id,
+                "data_sources": list(c.data_sources),
+                "transport": self.sio.transport(c.sid, namespace=NAMESPACE),
+            }
+            for c in self.connections.values()
+            if c.serving
+        ]
+
+    # -- forwarding ---------------------------------------------------------------------
+
+    async def forward(
+        self,
+        data_source: str,
+        method: str,
+        path: str,
+        query: str,
+        headers: Headers,
+        body: bytes,
+        request_id: str = "",
+    ) -> LinkResponse:
+        """Send one request to the connector serving `data_source`; its answer, or raise
+        LinkUnavailable (503) or LinkTimeout (504). Sent at most once."""
+        request_id = request_id or str(uuid.uuid4())
+        conn = self.serving(data_source)
+        if conn is None:
+            raise LinkUnavailable(
+                data_source, f"no connector is online for data source {data_source!r}"
+            )
+        verdict = await self.authorizer.check(conn.token, [data_source], request_id)
+        if not verdict.allowed:
+            await self._drop(conn, f"policyd refused it for {data_source!r}: {verdict.reason}")
+            raise LinkUnavailable(
+                data_source,
+                f"the connector for data source {data_source!r} was refused by policyd",
+                verdict.reason,
+            )
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[Any] = loop.create_future()
+        key = next(self._ids)
+        conn.pending[key] = answer
+        try:
+            if self.connections.get(conn.sid) is not conn:  # went while policyd was asked
+                raise LinkUnavailable(data_source, "the connector's link was lost")
+
+            def acknowledged(*args: Any) -> None:
+                if not answer.done():
+                    answer.set_result(args[0] if args else None)
+
+            request = LinkRequest(request_id, data_source, method, path, query, headers, body)
+            await self.sio.emit(REQUEST_EVENT, request.encode(), to=conn.sid, callback=acknowledged)
+            try:
+                data = await asyncio.wait_for(answer, self.timeout_seconds)
+            except TimeoutError:
+                raise LinkTimeout(
+                    data_source,
+                    f"the connector for data source {data_source!r} did not answer"
+                    f" within {self.timeout_seconds:g} s",
+                ) from None
+        finally:
+            conn.pending.pop(key, None)
+        try:
+            return LinkResponse.decode(data)
+        except ValueError as exc:
+            raise LinkBadAnswer(data_source, f"the connector's answer was invalid: {exc}") from None
+
+    # -- Socket.IO events ---------------------------------------------------------------
+
+    async def _on_connect(self, sid: str, environ: dict[str, Any], auth: Any) -> None:
+        token, data_sources = _announcement(auth)
+        verdict = await self.authorizer.check(token, data_sources, f"link-attach-{sid}")
+        if not verdict.allowed:
+            log.info("link: refused a connector for %s: %s", ",".join(data_sources), verdict.reason)
+            raise socketio.exceptions.ConnectionRefusedError(verdict.reason)
+        conn = Connection(sid, verdict.connector_id, token, data_sources, time.monotonic())
+        self.connections[sid] = conn
+        # Served from the next turn of the loop on: after the hub's CONNECT answer is queued,
+        # so that no request can overtake it.
+        conn.watch = asyncio.get_running_loop().create_task(self._watch(conn))
+
+    async def _on_disconnect(self, sid: str, reason: Any = None) -> None:
+        conn = self.connections.get(sid)
+        if conn is not None:
+            self._forget(conn, "the connector's link was lost")
+            log.info("link: connector %s disconnected (%s)", conn.connector_id, reason)
+
+    async def _on_token(self, sid: str, data: Any) -> dict[str, Any]:
+        """A refreshed access token: kept if policyd allows it for the same connector and
+        data sources; otherwise the link is closed."""
+        conn = self.connections.get(sid)
+        token = data.get("token") if isinstance(data, dict) else None
+        if conn is None or not isinstance(token, str) or not token:
+            return {"ok": False, "reason": "REQUEST_INVALID"}
+        verdict = await self.authorizer.check(token, conn.data_sources, f"link-token-{sid}")
+        if verdict.allowed and verdict.connector_id == conn.connector_id:
+            conn.token = token
+            return {"ok": True, "reason": verdict.reason}
+        asyncio.get_running_loop().create_task(
+            self._drop(conn, f"its new token was refused: {verdict.reason}")
+        )
+        return {"ok": False, "reason": verdict.reason}
+
+    async def _watch(self, conn: Connection) -> None:
+        """Serve, and re-ask policyd every recheck_seconds while the link lives."""
+        if self.connections.get(conn.sid) is not conn:
+            return
+        conn.serving = True
+        log.info(
+            "link: connector %s connected, serving %s",
+            conn.connector_id,
+            ",".join(conn.data_sources),
+        )
+        while True:
+            await asyncio.sleep(self.recheck_seconds)
+            if self.connections.get(conn.sid) is not conn:
+                return
+            verdict = await self.authorizer.check(
+                conn.token, conn.data_sources, f"link-recheck-{conn.sid}"
+            )
+            if not verdict.allowed:
+                await self._drop(conn, f"policyd refused it: {verdict.reason}")
+                return
+
+    async def _drop(self, conn: Connection, why: str) -> None:
+        """Close a link: no new request reaches it, its pending ones fail now."""
+        if self.connections.get(conn.sid) is not conn:
+            return
+        log.warning("link: closing connector %s's link: %s", conn.connector_id, why)
+        self._forget(conn, f"the connector's link was closed: {why}")
+        await self.sio.disconnect(conn.sid, namespace=NAMESPACE)
+
+    def _forget(self, conn: Connection, why: str) -> None:
+        self.connections.pop(conn.sid, None)
+        conn.serving = False
+        for answer in conn.pending.values():
+            if not answer.done():
+                answer.set_exception(LinkUnavailable(",".join(conn.data_sources), why))
+        conn.pending.clear()
+        if conn.watch is not None and conn.watch is not asyncio.current_task():
+            conn.watch.cancel()
+
+    async def close(self) -> None:
+        """Close every link and the authorizer."""
+        for conn in list(self.connections.values()):
+            self._forget(conn, "the hub is stopping")
+            with contextlib.suppress(Exception):  # best effort while stopping
+                await self.sio.disconnect(conn.sid, namespace=NAMESPACE)
+        with contextlib.suppress(Exception):
+            await self.sio.shutdown()  # Engine.IO's service task
+        await self.authorizer.close()
+
+
+def _announcement(auth: Any) -> tuple[str, tuple[str, ...]]:
+    """The token and data sources a connector sent when connecting (refused if malformed)."""
+    refuse = socketio.exceptions.ConnectionRefusedError
+    if not isinstance(auth, dict):
+        raise refuse("REQUEST_INVALID")
+    token, names = auth.get("token"), auth.get("data_sources")
+    if not isinstance(token, str) or not token:
+        raise refuse("TOKEN_MISSING")
+    if (
+        not isinstance(names, list)
+        or not 0 < len(names) <= MAX_DATA_SOURCES
+        or not all(isinstance(n, str) and 0 < len(n) <= MAX_NAME for n in names)
+    ):
+        raise refuse("REQUEST_INVALID")
+    return token, tuple(dict.fromkeys(names))
+
+
+async def _refuse_plaintext(scope: Scope, receive: Receive, send: Send) -> None:
+    if scope["type"] == "websocket":
+        await send({"type": "websocket.close", "code": 1008})
+        return
+    body = json.dumps(
+        {"error": "tls_required", "message": "the link is served over TLS only"}
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 403,
+            "headers": [(b"content-type", b"application/json")],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,386 @@
+"""`python -m bench.link [--quick]`: the link's cost (docs/link.md), measured in one run.
+
+A snapshot query (POST /api/data/v2/snapshot for one tag of plant-mes) three ways, with the
+same load generator as bench/hub.py (keep-alive connections, back-to-back requests,
+alternating windows so drift on the shared machine hits all alike):
+
+* *local*: the reference hub holds plant-mes itself (behind no middleware, trusting the
+  gateway's headers, as bench/hub.py's unprotected hub);
+* *websocket*: a hub that does not hold plant-mes forwards it over the link (LinkForward,
+  LinkHub) to `policyd-connector`, which replays it against the plant's upstream (the
+  same hub code holding plant-mes) over WebSocket;
+* *polling*: the same over the long-polling fallback (the hub refuses WebSocket:
+  POLICYD_HUB_LINK_TRANSPORTS=polling).
+
+ratio = link / local (throughput; p50). The link's hubs decide about the connector with
+`AllowBenchConnector` instead of policyd: this measures the transport, not the Check the
+real hub asks before every forward (as costly as the middleware's, bench/hub.py).
+
+Then the time from a hub restart (SIGTERM, a new process on the same ports) to the
+connector serving again through it, with the connector's reconnection back-off at
+delay_seconds 0.5, delay_max_seconds 2 (the figure is mostly that back-off).
+
+`python -m bench.link front`: one such linked hub (run by this module, settings from
+POLICYD_HUB_* and BENCH_LINK_TOKEN_PORT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import http.client
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from adapters.link import Verdict
+from adapters.link.listener import Listener
+from bench.hub import Durations, Target, Window, _first_tag, _gateway_headers, _http_request
+from bench.procs import ROOT, clean_env, free_port, stop
+from bench.stats import median
+from examples.hub.app import create_app
+from examples.hub.settings import HubSettings
+
+CONNECTIONS = 8
+SIDES = ("local", "websocket", "polling")
+FULL = Durations(rounds=3, warmup=1.0, duration=4.0)
+QUICK = Durations(rounds=1, warmup=0.3, duration=1.0)
+DATA_SOURCE = "plant-mes"
+CONNECTOR_ID = "bench-connector"
+SECRET = "bench-secret"
+TOKEN = "bench-connector-token"
+
+
+# -- the linked hub (its own process) ---------------------------------------------------------
+
+
+class AllowBenchConnector:
+    """Decides about the connector in the benchmark: the one token, for any data source."""
+
+    async def check(self, token: str, data_sources: Sequence[str], request_id: str = "") -> Verdict:
+        if token == TOKEN:
+            return Verdict(True, "ALLOWED", CONNECTOR_ID)
+        return Verdict(False, "TOKEN_MALFORMED")
+
+    async def close(self) -> None:
+        pass
+
+
+def front_main() -> int:
+    """A hub without plant-mes, its link on POLICYD_HUB_LINK_ADDRESS (plain: loopback), and
+    a token endpoint for the connector on BENCH_LINK_TOKEN_PORT."""
+    settings = HubSettings.from_env()
+
+    async def token(request: Request) -> JSONResponse:
+        return JSONResponse({"access_token": TOKEN, "token_type": "Bearer", "expires_in": 3600})
+
+    async def serve() -> None:
+        tokens = Listener(
+            Starlette(routes=[Route("/token", token, methods=["POST"])]),
+            "127.0.0.1",
+            int(os.environ["BENCH_LINK_TOKEN_PORT"]),
+        )
+        await tokens.start()
+        app = create_app(settings, link_authorizer=AllowBenchConnector())
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=settings.port, log_level="warning", lifespan="on"
+        )
+        try:
+            await uvicorn.Server(config).serve()
+        finally:
+            await tokens.stop()
+
+    asyncio.run(serve())
+    return 0
+
+
+# -- the processes ----------------------------------------------------------------------------
+
+
+def _hub_env(work: Path, port: int, data_sources: str, **extra: str) -> dict[str, str]:
+    env = clean_env()
+    env.update(
+        POLICYD_HUB_PORT=str(port),
+        POLICYD_HUB_DATA_DIR=str(work / "data"),  # one hub.db: the same values everywhere
+        POLICYD_HUB_DATA_SOURCES=data_sources,
+        POLICYD_HUB_GATEWAY="envoy",
+        **extra,
+    )
+    return env
+
+
+def _snapshot_ok(port: int) -> bool:
+    body = json.dumps({"tags": {DATA_SOURCE: [_first_tag(DATA_SOURCE)]}})
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+        conn.request(
+            "POST",
+            "/api/data/v2/snapshot",
+            body,
+            {"Content-Type": "application/json", **_gateway_headers([DATA_SOURCE])},
+        )
+        ok = conn.getresponse().status == 200
+        conn.close()
+        return ok
+    except OSError:
+        return False
+
+
+def _wait(condition: Callable[[], bool], what: str, timeout: float = 30) -> float:
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout:
+            raise TimeoutError(what)
+        time.sleep(0.01)
+    return time.monotonic() - started
+
+
+@dataclass
+class Front:
+    port: int
+    link_port: int
+    token_port: int
+    env: dict[str, str]
+    log: Path
+
+
+def _front(work: Path, name: str, transports: str) -> Front:
+    port, link_port, token_port = free_port(), free_port(), free_port()
+    env = _hub_env(
+        work,
+        port,
+        "edge-historian",
+        POLICYD_HUB_LINK_ADDRESS=f"127.0.0.1:{link_port}",
+        POLICYD_HUB_LINK_INSECURE="1",
+        POLICYD_HUB_LINK_TRANSPORTS=transports,
+        BENCH_LINK_TOKEN_PORT=str(token_port),
+    )
+    return Front(port, link_port, token_port, env, work / f"{name}.log")
+
+
+def _connector_config(work: Path, name: str, front: Front, upstream: int) -> Path:
+    secret = work / "secret"
+    secret.write_text(SECRET)
+    secret.chmod(0o600)
+    path = work / f"{name}.toml"
+    path.write_text(
+        f'hub_url = "http://127.0.0.1:{front.link_port}"\n'
+        f'token_url = "http://127.0.0.1:{front.token_port}/token"\n'
+        f'client_id = "{CONNECTOR_ID}"\nclient_secret_file = "{secret}"\n'
+        "insecure_dev = true\n"
+        "[reconnect]\ndelay_seconds = 0.5\ndelay_max_seconds = 2\nrandomization_factor = 0.1\n"
+        f'[sources.{DATA_SOURCE}]\nurl = "http://127.0.0.1:{upstream}"\n'
+    )
+    return path
+
+
+def _start(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, *args],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env=env,
+        )
+
+
+def run(quick: bool, connections: int = CONNECTIONS) -> dict[str, Any]:
+    d = QUICK if quick else FULL
+    body = json.dumps({"tags": {DATA_SOURCE: [_first_tag(DATA_SOURCE)]}}).encode()
+    request = _http_request(
+        "POST", "/api/data/v2/snapshot", "unused", body, _gateway_headers([DATA_SOURCE])
+    )
+    running: dict[str, subprocess.Popen[bytes]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-link-") as tmp:
+        work = Path(tmp)
+        try:
+            local_port, upstream_port = free_port(), free_port()
+            running["local"] = _start(
+                ["-m", "examples.hub"],
+                work / "local.log",
+                _hub_env(work, local_port, DATA_SOURCE),
+            )
+            running["upstream"] = _start(
+                ["-m", "examples.hub"],
+                work / "upstream.log",
+                _hub_env(work, upstream_port, DATA_SOURCE),
+            )
+            fronts = {
+                "websocket": _front(work, "websocket", "polling,websocket"),
+                "polling": _front(work, "polling", "polling"),
+            }
+            for side, front in fronts.items():
+                running[side] = _start(["-m", "bench.link", "front"], front.log, front.env)
+                config = _connector_config(work, side, front, upstream_port)
+                running[f"{side}-connector"] = _start(
+                    ["-m", "adapters.link.connector", "--config", str(config)],
+                    work / f"{side}-connector.log",
+                    clean_env(),
+                )
+            _wait(lambda: _snapshot_ok(local_port), "the local hub")
+            for side, front in fronts.items():
+                _wait(functools.partial(_snapshot_ok, front.port), f"the {side} link")
+            ports = {"local": local_port, **{s: f.port for s, f in fronts.items()}}
+            targets = [
+                asdict(
+                    Target(
+                        side,
+                        ports[side],
+                        running[side].pid,
+                        running[f"{side}-connector"].pid if side != "local" else 0,
+                        request,
+                    )
+                )
+                for side in SIDES
+            ]
+            spec = {"durations": asdict(d), "connections": connections, "targets": targets}
+            loader = subprocess.run(
+                [sys.executable, "-m", "bench.hub", "load"],
+                input=json.dumps(spec).encode(),
+                capture_output=True,
+                cwd=ROOT,
+                env=clean_env(),
+                timeout=600,
+                check=False,
+            )
+            if loader.returncode != 0:
+                raise RuntimeError(f"load generator failed:\n{loader.stderr.decode()}")
+            windows = [Window(**w) for w in json.loads(loader.stdout)]
+            restart = _restart(running, fronts["websocket"], 1 if quick else 3)
+        finally:
+            for process in running.values():
+                stop(process)
+    return _summarize(windows, connections, d, restart)
+
+
+def _restart(
+    running: dict[str, subprocess.Popen[bytes]], front: Front, times: int
+) -> dict[str, list[float]]:
+    """Stop the websocket side's hub and start a new one on the same ports: seconds until it
+    listens, and until the connector serves through it again."""
+    listening: list[float] = []
+    serving: list[float] = []
+    for _ in range(times):
+        stop(running["websocket"])
+        started = time.monotonic()
+        running["websocket"] = _start(["-m", "bench.link", "front"], front.log, front.env)
+        _wait(lambda: _listening(front.port), "the restarted hub")
+        listening.append(time.monotonic() - started)
+        _wait(lambda: _snapshot_ok(front.port), "the connector serving again")
+        serving.append(time.monotonic() - started)
+    return {"listening_s": listening, "serving_s": serving}
+
+
+def _listening(port: int) -> bool:
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+        conn.request("GET", "/api/info")
+        ok = conn.getresponse().status == 200
+        conn.close()
+        return ok
+    except OSError:
+        return False
+
+
+def _summarize(
+    windows: list[Window], connections: int, d: Durations, restart: dict[str, list[float]]
+) -> dict[str, Any]:
+    out: dict[str, Any] = {"connections": connections, "durations": asdict(d), "sides": {}}
+    for side in SIDES:
+        mine = [w for w in windows if w.target == side]
+        out["sides"][side] = {
+            "requests_per_s": median([w.requests_per_s for w in mine]),
+            "requests_per_s_by_round": [round(w.requests_per_s, 1) for w in mine],
+            "p50_us": median([w.p50_us for w in mine]),
+            "p99_us": median([w.p99_us for w in mine]),
+            "hub_cpu_us_per_request": median([w.hub_cpu_us_per_request for w in mine]),
+            "connector_cpu_us_per_request": median([w.policyd_cpu_us_per_request for w in mine]),
+            "errors": sum(w.errors for w in mine),
+        }
+    local = out["sides"]["local"]
+    out["ratio"] = {
+        side: {
+            "throughput": out["sides"][side]["requests_per_s"] / local["requests_per_s"],
+            "p50": out["sides"][side]["p50_us"] / local["p50_us"],
+        }
+        for side in ("websocket", "polling")
+    }
+    out["restart"] = {
+        **restart,
+        "serving_s_median": median(restart["serving_s"]),
+        "listening_s_median": median(restart["listening_s"]),
+    }
+    return out
+
+
+def report(summary: dict[str, Any]) -> str:
+    rows = [["path", "req/s", "p50 ms", "p99 ms", "hub CPU us/req", "connector CPU us/req"]]
+    for side in SIDES:
+        e = summary["sides"][side]
+        rows.append(
+            [
+                side,
+                f"{e['requests_per_s']:.0f}" + (f" ({e['errors']} errors)" if e["errors"] else ""),
+                f"{e['p50_us'] / 1000:.2f}",
+                f"{e['p99_us'] / 1000:.2f}",
+                f"{e['hub_cpu_us_per_request']:.0f}",
+                f"{e['connector_cpu_us_per_request']:.0f}" if side != "local" else "-",
+            ]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    table = "\n".join(
+        "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    )
+    d = summary["durations"]
+    head = (
+        f"Link: a snapshot query served by the hub itself (local) and over the link to a"
+        f" connector (WebSocket, long-polling); {summary['connections']} keep-alive"
+        f" connections; medians of {d['rounds']} alternating {d['duration']:g} s windows"
+    )
+    ratios = [
+        f"{side}: throughput link/local = {r['throughput']:.2f}; p50 x{r['p50']:.2f}"
+        for side, r in summary["ratio"].items()
+    ]
+    r = summary["restart"]
+    ratios.append(
+        f"hub restart: listening after {r['listening_s_median']:.2f} s, the connector serving"
+        f" through it after {r['serving_s_median']:.2f} s (median of {len(r['serving_s'])})"
+    )
+    return "\n".join([head, table, *ratios])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.link")
+    parser.add_argument("command", nargs="?", choices=["front"], help="(internal) a linked hub")
+    parser.add_argument("--quick", action="store_true", help="short runs (a smoke test)")
+    args = parser.parse_args(argv)
+    if args.command == "front":
+        return front_main()
+    summary = run(args.quick)
+    print(report(summary))
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,140 @@
+"""policyd-connector's configuration, its start and stop, and the local CA (certs.py)."""
+
+from __future__ import annotations
+
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from adapters.link.certs import ensure
+from adapters.link.connector import backoff, main
+from tests.helpers import ROOT, free_port
+from tests.link_support import start_connector, write_config
+
+
+def _config(tmp_path: Path, **changes: str) -> Path:
+    path = write_config(
+        tmp_path,
+        "conn-a",
+        hub_url="https://127.0.0.1:9",
+        token_url="https://127.0.0.1:9/token",
+        secret="s3cret",
+        sources={"ds-a": "http://127.0.0.1:9"},
+        insecure=False,
+    )
+    text = path.read_text()
+    for old, new in changes.items():
+        text = text.replace(old, new)
+    path.write_text(text)
+    return path
+
+
+def _refused(path: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    assert main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("policyd-connector: error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_a_secret_file_others_can_read_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _config(tmp_path)
+    (tmp_path / "conn-a.secret").chmod(0o644)
+    assert "readable by group or others (mode 0644); chmod 600 it" in _refused(path, capsys)
+
+
+def test_plain_http_is_refused_unless_insecure_dev(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _config(tmp_path, **{'https://127.0.0.1:9"': 'http://127.0.0.1:9"'})
+    assert "hub_url must be https://" in _refused(path, capsys)
+    token = _config(tmp_path, **{"https://127.0.0.1:9/token": "http://127.0.0.1:9/token"})
+    assert "token_url must be https://" in _refused(token, capsys)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({'[sources.ds-a]\nurl = "http://127.0.0.1:9"': ""}, "at least one [sources.NAME]"),
+        ({'client_id = "conn-a"': "client_idd = 1"}, "unknown key 'client_idd'"),
+        ({"delay_seconds = 0.2": "delay_seconds = -1"}, "reconnect.delay_seconds"),
+        ({"insecure_dev = false": "insecure_dev = false\ntransports = ['carrier']"}, "transports"),
+        ({"insecure_dev = false": "insecure_dev = false\nca_file = '/nonexistent'"}, "ca_file"),
+        ({'url = "http://127.0.0.1:9"': 'url = "ftp://x"'}, "sources.ds-a.url"),
+        ({"hub_url": "hub_url = [\n"}, "conn-a.toml"),
+    ],
+)
+def test_configuration_errors_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], change: dict[str, str], message: str
+) -> None:
+    assert message in _refused(_config(tmp_path, **change), capsys)
+
+
+def test_a_missing_config_file_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert "cannot read" in _refused(tmp_path / "nope.toml", capsys)
+
+
+def test_the_console_script_is_declared() -> None:
+    text = (ROOT / "pyproject.toml").read_text()
+    assert 'policyd-connector = "adapters.link.connector:main"' in text
+
+
+def test_back_off_doubles_up_to_the_cap_with_jitter() -> None:
+    delays = backoff(1.0, 8.0, 0.5)
+    got = [next(delays) for _ in range(6)]
+    for want, value in zip([1, 2, 4, 8, 8, 8], got, strict=True):
+        assert want - 0.5 <= value <= want + 0.5
+
+
+def test_sigterm_and_ctrl_c_stop_it_cleanly(tmp_path: Path) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        path = write_config(
+            tmp_path,
+            "conn-a",
+            hub_url=f"http://127.0.0.1:{free_port()}",
+            token_url=f"http://127.0.0.1:{free_port()}/token",
+            secret="s3cret",
+            sources={"ds-a": "http://127.0.0.1:9"},
+        )
+        connector = start_connector(path)
+        log = connector.wait_log("cannot connect to the hub")
+        assert connector.stop(sig) == 0
+        log = connector.log()
+        assert "stopped" in log and "Traceback" not in log, log
+        assert "s3cret" not in log
+
+
+def test_the_local_ca_is_made_once_with_private_keys(tmp_path: Path) -> None:
+    folder = tmp_path / "tls"
+    reply = subprocess.run(
+        [sys.executable, "-m", "adapters.link.certs", "--dir", str(folder)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert reply.returncode == 0, reply.stderr
+    assert "wrote ca.pem, ca.key, server.pem, server.key, client.pem, client.key" in reply.stdout
+    for key in ("ca.key", "server.key", "client.key"):
+        assert stat.S_IMODE((folder / key).stat().st_mode) == 0o600
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert ensure(folder) == []  # idempotent: valid files are kept
+    assert before == {p.name: p.read_bytes() for p in folder.iterdir()}
+    server = x509.load_pem_x509_certificate((folder / "server.pem").read_bytes())
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "localhost" in names.get_values_for_type(x509.DNSName)
+    server.verify_directly_issued_by(
+        x509.load_pem_x509_certificate((folder / "ca.pem").read_bytes())
+    )
+    # A damaged server key is made anew; the CA is kept.
+    (folder / "server.key").write_text("garbage")
+    assert ensure(folder) == ["server.pem", "server.key"]
+    assert (folder / "ca.pem").read_bytes() == before["ca.pem"]
