@@ -27,20 +27,20 @@ export POLICYD_HUB_LINK_KEY_FILE=${POLICYD_HUB_LINK_KEY_FILE:-$VAR/tls/server.ke
 PLANT_PORT=${PLANT_PORT:-8600}
 
 mkdir -p "$VAR"
-"$BIN/policyd" demo seed --token-file "$VAR/demo-alice.token"
+"$BIN/policyd" demo seed --token-file "$VAR/demo-alice.token" \
+    --connector-secret-file "$VAR/plant-connector.secret"
 # A local CA and the link listener's certificate (kept while valid).
 "$BIN/python" -m adapters.link.certs --dir "$VAR/tls"
 # The connector's own config (docs/link.md). `policyd demo seed` registers plant-connector
 # owning plant-mes and writes its secret to $VAR/plant-connector.secret (mode 0600). The
-# demo's authorization server is plain HTTP on loopback, hence insecure_dev for its token
-# URL; the link itself is TLS, trusting $VAR/tls/ca.pem.
+# link is TLS, trusting $VAR/tls/ca.pem; the demo's token endpoint is plain HTTP, which the
+# connector takes only on loopback (docs/link.md, "Configuration").
 cat >"$VAR/connector.toml" <<TOML
 hub_url = "https://$POLICYD_HUB_LINK_ADDRESS"
 token_url = "http://${POLICYD_OAUTH_ADDRESS:-127.0.0.1:8080}/token"
 client_id = "plant-connector"
 client_secret_file = "$VAR/plant-connector.secret"
 ca_file = "$VAR/tls/ca.pem"
-insecure_dev = true
 
 [reconnect]
 delay_seconds = 0.5
@@ -84,11 +84,6 @@ start "$BIN/python" -m examples.client
 start env POLICYD_HUB_GATEWAY=envoy POLICYD_HUB_HOST=127.0.0.1 POLICYD_HUB_PORT="$PLANT_PORT" \
     POLICYD_HUB_DATA_SOURCES=plant-mes POLICYD_HUB_DATA_DIR="$VAR/plant" \
     POLICYD_HUB_METRICS_ADDRESS= POLICYD_HUB_LINK_ADDRESS= "$BIN/python" -m examples.hub
-if [[ -f $VAR/plant-connector.secret ]]; then
-    start "$BIN/python" -m adapters.link.connector --config "$VAR/connector.toml"
-else
-    echo "run: no $VAR/plant-connector.secret (policyd demo seed writes it once policyd knows" \
-        "connectors): plant-mes answers 503, no connector online" >&2
-fi
+start "$BIN/python" -m adapters.link.connector --config "$VAR/connector.toml"
 
 supervise

@@ -12,6 +12,7 @@ import pytest
 from cryptography import x509
 
 from adapters.link.certs import ensure
+from adapters.link.config import load
 from adapters.link.connector import backoff, main
 from tests.helpers import ROOT, free_port
 from tests.link_support import start_connector, write_config
@@ -54,8 +55,15 @@ def test_plain_http_is_refused_unless_insecure_dev(
 ) -> None:
     path = _config(tmp_path, **{'https://127.0.0.1:9"': 'http://127.0.0.1:9"'})
     assert "hub_url must be https://" in _refused(path, capsys)
-    token = _config(tmp_path, **{"https://127.0.0.1:9/token": "http://127.0.0.1:9/token"})
+    token = _config(tmp_path, **{"https://127.0.0.1:9/token": "http://auth.example:9/token"})
     assert "token_url must be https://" in _refused(token, capsys)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.8.0.1", "[::1]", "localhost"])
+def test_a_plain_http_token_endpoint_on_this_machine_is_taken(tmp_path: Path, host: str) -> None:
+    """Loopback only: the secret never crosses a network (the hub URL stays https://)."""
+    path = _config(tmp_path, **{"https://127.0.0.1:9/token": f"http://{host}:9/token"})
+    assert load(path).token_url == f"http://{host}:9/token"
 
 
 @pytest.mark.parametrize(

@@ -136,21 +136,18 @@ def test_make_run_serves_the_demo_and_stops_on_ctrl_c(tmp_path: Path) -> None:
         granted = _policyd(env, "grants", "add", "alice", "demo-app", "plant-mes")
         assert granted.returncode == 0, granted.stderr
         plant = f"{hub}/api/data/tags/plant-mes"
-        if (tmp_path / "plant-connector.secret").is_file():  # policyd knows connectors
-            deadline = time.monotonic() + 20
-            while (served := httpx.get(plant, headers=bearer)).status_code != 200:
-                assert time.monotonic() < deadline, served.text
-                time.sleep(0.1)
-            assert served.json()["data_source"] == "plant-mes"
-            disabled = _policyd(env, "connectors", "disable", "plant-connector")
-            assert disabled.returncode == 0, disabled.stderr
-            gone = httpx.get(plant, headers=bearer)
-            assert gone.status_code == 503, gone.text
-            assert gone.json()["reason"] == "CONNECTOR_DISABLED"
-        else:  # until then no connector runs: the link answers 503 at once
-            offline = httpx.get(plant, headers=bearer)
-            assert offline.status_code == 503, offline.text
-            assert offline.json()["error"] == "connector_unavailable"
+        secret = tmp_path / "plant-connector.secret"
+        assert secret.stat().st_mode & 0o777 == 0o600
+        deadline = time.monotonic() + 20  # the connector may still be dialling in
+        while (served := httpx.get(plant, headers=bearer)).status_code != 200:
+            assert time.monotonic() < deadline, served.text
+            time.sleep(0.1)
+        assert served.json()["data_source"] == "plant-mes"
+        disabled = _policyd(env, "connectors", "disable", "plant-connector")
+        assert disabled.returncode == 0, disabled.stderr
+        gone = httpx.get(plant, headers=bearer)
+        assert gone.status_code == 503, gone.text
+        assert gone.json()["reason"] == "CONNECTOR_DISABLED"
     finally:
         os.killpg(run.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
         try:

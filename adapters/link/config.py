@@ -24,6 +24,7 @@ Every error is a ConfigError with a one-line message naming the key.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import stat
 import tomllib
@@ -94,11 +95,25 @@ def _number(doc: dict[str, Any], key: str, default: float, low: float, name: str
     return float(value)
 
 
-def _url(key: str, value: str, insecure_dev: bool) -> str:
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _url(key: str, value: str, insecure_dev: bool, loopback_ok: bool = False) -> str:
+    """An https:// URL; http:// only with insecure_dev, or (`loopback_ok`) to this very
+    machine, where nothing sent crosses a network (as RFC 8252 section 8.3 allows
+    loopback redirects)."""
     parts = urlsplit(value)
     if parts.scheme not in ("https", "wss", "http", "ws") or not parts.hostname:
         raise ConfigError(f"{key} must be an https:// URL, not {value!r}")
     if parts.scheme in ("http", "ws") and not insecure_dev:
+        if loopback_ok and _loopback(parts.hostname):
+            return value
         raise ConfigError(
             f"{key} must be https:// (the link is always encrypted; insecure_dev = true"
             " allows http:// for development)"
@@ -148,7 +163,8 @@ def parse(doc: dict[str, Any]) -> ConnectorConfig:
     if not isinstance(insecure, bool):
         raise ConfigError("insecure_dev must be true or false")
     hub_url = _url("hub_url", _text(doc, "hub_url"), insecure)
-    token_url = _url("token_url", _text(doc, "token_url"), insecure)
+    # The token endpoint may be http:// on the connector's own machine (loopback only).
+    token_url = _url("token_url", _text(doc, "token_url"), insecure, loopback_ok=True)
     client_id = _text(doc, "client_id")
     secret = read_secret(_text(doc, "client_secret_file"))
     ca_file = _file("ca_file", _text(doc, "ca_file", required=False))
