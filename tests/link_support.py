@@ -139,7 +139,11 @@ class Upstream:
                     "body": body.decode(),
                     "headers": dict(request.headers),
                 },
-                headers={"x-upstream": self.name},
+                headers={
+                    "x-upstream": self.name,
+                    "etag": f'"{self.name}"',
+                    "set-cookie": "plant=1",
+                },
             )
 
         return Starlette(

@@ -451,9 +451,12 @@ def test_demo_seed_creates_the_demo_and_a_working_token_and_is_idempotent(
 def test_demo_seed_registers_the_plant_connector_and_keeps_its_secret_private(
     policyd: Policyd, home: Home
 ) -> None:
+    # A secret file left from an earlier store is replaced when the connector is new.
+    secret_file = home.root / "var" / "plant-connector.secret"
+    secret_file.parent.mkdir(exist_ok=True)
+    secret_file.write_text("left-from-an-earlier-store\n")
     first = policyd.ok("demo", "seed").lines
     assert "created connector plant-connector serving plant-mes" in first
-    secret_file = home.root / "var" / "plant-connector.secret"
     assert "wrote a new secret for connector plant-connector to var/plant-connector.secret" in first
     assert secret_file.stat().st_mode & 0o777 == 0o600
     secret = secret_file.read_text().strip()

@@ -115,7 +115,9 @@ def test_requests_reach_the_connector_serving_their_data_source(
     # The app's credential never leaves the hub; the hub's decision headers go along.
     assert "authorization" not in echoed["headers"] and "cookie" not in echoed["headers"]
     assert echoed["headers"]["x-policyd-client-id"] == "demo-app"
-    assert ("x-upstream", "plant-a") in answer.headers
+    # Of the upstream's own headers only those an app may see come back (no set-cookie).
+    assert ("etag", '"plant-a"') in answer.headers
+    assert not {n for n, _ in answer.headers} & {"x-upstream", "set-cookie"}
 
     assert json.loads(hub.forward("ds-b").body)["upstream"] == "plant-b"
     assert [p for _, p in up_a.seen] == ["/api/data/v2/snapshot"]
@@ -263,11 +265,18 @@ def test_a_connector_claiming_a_data_source_it_does_not_own_is_refused(
 ) -> None:
     hub = _hub(started, authorizer)
     _, url = hub.upstream("plant-a")
-    a = _connector(started, tmp_path, hub, "conn-a", {"ds-a": url, "ds-b": url})
-    a.wait_log("refused by the hub: DATA_SOURCE_NOT_OWNED")
+    # Claiming only what it does not own: refused.
+    b = _connector(started, tmp_path, hub, "conn-a", {"ds-b": url})
+    b.wait_log("refused by the hub: DATA_SOURCE_NOT_OWNED")
     assert hub.online() == []
+    b.stop()
+    # Claiming that and its own: it serves its own only (a data source taken from a
+    # connector must not take its others offline when it reconnects).
+    _connector(started, tmp_path, hub, "conn-a", {"ds-a": url, "ds-b": url})
+    assert hub.wait_online("conn-a")["data_sources"] == ["ds-a"]
     with pytest.raises(LinkUnavailable):
         hub.forward("ds-b")
+    assert hub.forward("ds-a").status == 200
 
 
 def test_a_disabled_connector_gets_no_request_and_its_link_closes_within_a_second(

@@ -152,12 +152,14 @@ def test_an_idle_link_of_a_disabled_connector_closes_within_a_second(plant: Plan
 
 def test_a_connector_claiming_a_data_source_it_does_not_own_is_refused(plant: Plant) -> None:
     secret = plant.add_connector("conn-a", "ds-a")
-    connector = plant.connector("conn-a", secret, sources=("ds-a", "ds-b"))
+    connector = plant.connector("conn-a", secret, sources=("ds-b",))
     try:
         connector.wait_log("refused by the hub: DATA_SOURCE_NOT_OWNED")
         assert _get(plant, plant.home.token()).status_code == 503
     finally:
         connector.stop()
+    audit = plant.home.cli("audit", "query", "--reason", "DATA_SOURCE_NOT_OWNED", "--json")
+    assert '"door": "link"' in audit.stdout, audit.stdout
 
 
 def test_a_bad_secret_is_refused(plant: Plant) -> None:

@@ -8,10 +8,18 @@ How a connection lives (docs/link.md has the picture):
    [...]}`. The hub asks policyd `connector.attach` for those data sources (authorize.py):
    denied, the connection is refused with the reason name; allowed, the connection serves
    them, under the token's client_id (the connector id).
+   A connector that announced some data sources it does not serve
+   (DATA_SOURCE_NOT_OWNED) is asked about each, and serves those it may.
 2. While it lives, the same question is asked every `recheck_seconds`: a deny closes it
-   (a disabled connector's idle link is gone within a second).
+   (a disabled connector's idle link is gone within a second); a data source taken from
+   the connector is no longer served by it; the link stays for the others.
 3. Before every forwarded request the question is asked for that request's data source
-   alone: a deny closes the link and the request is answered 503.
+   alone: a deny is answered 503 and closes the link (or, DATA_SOURCE_NOT_OWNED, stops
+   serving that data source over it).
+
+When policyd cannot be asked (POLICYD_UNAVAILABLE: a deadline, a transport error), no
+request is forwarded, but the link stays: a blip at policyd must not fail the other
+requests in flight on it (a write among them would end with its outcome unknown).
 4. `forward()` emits `request` to that one connection with an acknowledgement, which
    carries the answer. Pending requests are kept per connection: when it goes, each is
    failed at once (503). No answer within `timeout_seconds` is a 504. Nothing is ever
@@ -38,7 +46,7 @@ from typing import Any
 
 import socketio
 
-from adapters.link.authorize import Authorizer
+from adapters.link.authorize import UNAVAILABLE, Authorizer, Verdict
 from adapters.link.wire import (
     NAMESPACE,
     REQUEST_EVENT,
@@ -106,9 +114,9 @@ class Connection:
 
     sid: str
     connector_id: str
-    token: str
-    data_sources: tuple[str, ...]
-    since: float
+    token: str = field(repr=False)
+    data_sources: tuple[str, ...] = ()
+    since: float = 0.0
     pending: dict[int, asyncio.Future[Any]] = field(default_factory=dict)
     watch: asyncio.Task[None] | None = None
     serving: bool = False
@@ -154,6 +162,8 @@ class LinkHub:
         self.app = socketio.ASGIApp(self.sio, socketio_path=SOCKETIO_PATH)
         self.connections: dict[str, Connection] = {}
         self._ids = itertools.count(1)
+        # Tasks closing links, kept until done (the loop keeps only weak references).
+        self._closing: set[asyncio.Task[None]] = set()
 
     # -- the ASGI app -------------------------------------------------------------------
 
@@ -170,9 +180,23 @@ class LinkHub:
         """The connection serving `data_source`: the newest, when a connector reconnected
         before its old link was found dead."""
         found = [
-            c for c in self.connections.values() if c.serving and data_source in c.data_sources
+            c
+            for c in list(self.connections.values())
+            if c.serving and data_source in c.data_sources and self._alive(c)
         ]
         return max(found, key=lambda c: c.since) if found else None
+
+    def _alive(self, conn: Connection) -> bool:
+        """Whether `conn` is still registered and still a session of the Socket.IO server.
+        python-socketio calls no disconnect handler for a session that closed while its
+        connect handler ran (a long-polling close while policyd was asked): such a link is
+        forgotten here, the first time anyone looks."""
+        if self.connections.get(conn.sid) is not conn:
+            return False
+        if self.sio.get_environ(conn.sid, namespace=NAMESPACE) is None:
+            self._forget(conn, "the connector's link was lost")
+            return False
+        return True
 
     def online(self) -> list[dict[str, Any]]:
         """The serving links: connector, data sources, transport (polling or websocket)."""
@@ -208,7 +232,14 @@ class LinkHub:
             )
         verdict = await self.authorizer.check(conn.token, [data_source], request_id)
         if not verdict.allowed:
-            await self._drop(conn, f"policyd refused it for {data_source!r}: {verdict.reason}")
+            if verdict.reason == UNAVAILABLE:
+                raise LinkUnavailable(
+                    data_source,
+                    "policyd could not be asked whether the connector may serve"
+                    f" data source {data_source!r}",
+                    verdict.reason,
+                )
+            await self._refused(conn, (data_source,), verdict)
             raise LinkUnavailable(
                 data_source,
                 f"the connector for data source {data_source!r} was refused by policyd",
@@ -219,7 +250,8 @@ class LinkHub:
         key = next(self._ids)
         conn.pending[key] = answer
         try:
-            if self.connections.get(conn.sid) is not conn:  # went while policyd was asked
+            if not self._alive(conn) or data_source not in conn.data_sources:
+                # it went, or was refused by a recheck, while policyd was asked
                 raise LinkUnavailable(data_source, "the connector's link was lost")
 
             def acknowledged(*args: Any) -> None:
@@ -246,16 +278,43 @@ class LinkHub:
     # -- Socket.IO events ---------------------------------------------------------------
 
     async def _on_connect(self, sid: str, environ: dict[str, Any], auth: Any) -> None:
+        # Even a connection that sent no token is put to policyd, so that its refusal
+        # (TOKEN_MISSING, REQUEST_INVALID) is an audit record like every other.
         token, data_sources = _announcement(auth)
-        verdict = await self.authorizer.check(token, data_sources, f"link-attach-{sid}")
-        if not verdict.allowed:
-            log.info("link: refused a connector for %s: %s", ",".join(data_sources), verdict.reason)
+        verdict, serving = await self._may_serve(token, data_sources, f"link-attach-{sid}")
+        if not serving:
+            log.info("link: refused a connector for %s: %s", _names(data_sources), verdict.reason)
             raise socketio.exceptions.ConnectionRefusedError(verdict.reason)
-        conn = Connection(sid, verdict.connector_id, token, data_sources, time.monotonic())
+        if len(serving) < len(data_sources):
+            log.warning(
+                "link: connector %s may not serve %s (DATA_SOURCE_NOT_OWNED)",
+                verdict.connector_id,
+                _names([d for d in data_sources if d not in serving]),
+            )
+        conn = Connection(sid, verdict.connector_id, token, serving, time.monotonic())
         self.connections[sid] = conn
         # Served from the next turn of the loop on: after the hub's CONNECT answer is queued,
         # so that no request can overtake it.
         conn.watch = asyncio.get_running_loop().create_task(self._watch(conn))
+
+    async def _may_serve(
+        self, token: str, data_sources: tuple[str, ...], request_id: str
+    ) -> tuple[Verdict, tuple[str, ...]]:
+        """policyd's verdict on all of `data_sources`, and those the connector may serve:
+        all, none, or (DATA_SOURCE_NOT_OWNED) those policyd allows one by one."""
+        verdict = await self.authorizer.check(token, data_sources, request_id)
+        if verdict.allowed:
+            return verdict, data_sources
+        if verdict.reason != "DATA_SOURCE_NOT_OWNED" or len(data_sources) < 2:
+            return verdict, ()
+        kept: list[str] = []
+        for name in data_sources:
+            one = await self.authorizer.check(token, [name], request_id)
+            if one.allowed:
+                kept.append(name)
+            elif one.reason != "DATA_SOURCE_NOT_OWNED":
+                return one, ()  # disabled, expired, unavailable: not a matter of this name
+        return verdict, tuple(kept)
 
     async def _on_disconnect(self, sid: str, reason: Any = None) -> None:
         conn = self.connections.get(sid)
@@ -265,7 +324,8 @@ class LinkHub:
 
     async def _on_token(self, sid: str, data: Any) -> dict[str, Any]:
         """A refreshed access token: kept if policyd allows it for the same connector and
-        data sources; otherwise the link is closed."""
+        data sources; otherwise the link is closed (unless policyd could not be asked: the
+        old token serves until the connector sends the new one again, or expires)."""
         conn = self.connections.get(sid)
         token = data.get("token") if isinstance(data, dict) else None
         if conn is None or not isinstance(token, str) or not token:
@@ -274,31 +334,59 @@ class LinkHub:
         if verdict.allowed and verdict.connector_id == conn.connector_id:
             conn.token = token
             return {"ok": True, "reason": verdict.reason}
-        asyncio.get_running_loop().create_task(
-            self._drop(conn, f"its new token was refused: {verdict.reason}")
-        )
+        if verdict.reason != UNAVAILABLE:
+            task = asyncio.get_running_loop().create_task(
+                self._drop(conn, f"its new token was refused: {verdict.reason}")
+            )
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
         return {"ok": False, "reason": verdict.reason}
 
     async def _watch(self, conn: Connection) -> None:
         """Serve, and re-ask policyd every recheck_seconds while the link lives."""
-        if self.connections.get(conn.sid) is not conn:
+        if not self._alive(conn):
             return
         conn.serving = True
         log.info(
             "link: connector %s connected, serving %s",
             conn.connector_id,
-            ",".join(conn.data_sources),
+            _names(conn.data_sources),
         )
         while True:
             await asyncio.sleep(self.recheck_seconds)
-            if self.connections.get(conn.sid) is not conn:
+            if not self._alive(conn):
                 return
             verdict = await self.authorizer.check(
                 conn.token, conn.data_sources, f"link-recheck-{conn.sid}"
             )
-            if not verdict.allowed:
-                await self._drop(conn, f"policyd refused it: {verdict.reason}")
+            refused = not verdict.allowed and verdict.reason != UNAVAILABLE
+            if refused and not await self._refused(conn, conn.data_sources, verdict):
                 return
+
+    async def _refused(
+        self, conn: Connection, data_sources: tuple[str, ...], verdict: Verdict
+    ) -> bool:
+        """policyd refused `conn` for `data_sources`: stop serving those it no longer owns
+        (DATA_SOURCE_NOT_OWNED), else close the link. Whether the link stays."""
+        if verdict.reason == "DATA_SOURCE_NOT_OWNED":
+            if len(data_sources) > 1:  # which of them? ask one by one
+                _, kept = await self._may_serve(
+                    conn.token, data_sources, f"link-recheck-{conn.sid}"
+                )
+                gone = set(data_sources) - set(kept)
+            else:
+                gone = set(data_sources)
+            left = tuple(d for d in conn.data_sources if d not in gone)
+            if left and self._alive(conn):
+                log.warning(
+                    "link: connector %s no longer serves %s (DATA_SOURCE_NOT_OWNED)",
+                    conn.connector_id,
+                    _names(sorted(gone)),
+                )
+                conn.data_sources = left
+                return True
+        await self._drop(conn, f"policyd refused it for {_names(data_sources)}: {verdict.reason}")
+        return False
 
     async def _drop(self, conn: Connection, why: str) -> None:
         """Close a link: no new request reaches it, its pending ones fail now."""
@@ -330,20 +418,28 @@ class LinkHub:
 
 
 def _announcement(auth: Any) -> tuple[str, tuple[str, ...]]:
-    """The token and data sources a connector sent when connecting (refused if malformed)."""
-    refuse = socketio.exceptions.ConnectionRefusedError
+    """The token and data sources a connector sent when connecting; what is missing or
+    malformed is left empty, for policyd to refuse (TOKEN_MISSING, REQUEST_INVALID) and
+    audit."""
     if not isinstance(auth, dict):
-        raise refuse("REQUEST_INVALID")
+        return "", ()
     token, names = auth.get("token"), auth.get("data_sources")
-    if not isinstance(token, str) or not token:
-        raise refuse("TOKEN_MISSING")
+    if not isinstance(token, str):
+        token = ""
     if (
         not isinstance(names, list)
         or not 0 < len(names) <= MAX_DATA_SOURCES
         or not all(isinstance(n, str) and 0 < len(n) <= MAX_NAME for n in names)
     ):
-        raise refuse("REQUEST_INVALID")
+        return token, ()
     return token, tuple(dict.fromkeys(names))
+
+
+def _names(names: Sequence[str], shown: int = 5) -> str:
+    """Data-source names for a log line: a few, quoted (they may come from an
+    unauthenticated peer), and how many more."""
+    text = ",".join(repr(n[:MAX_NAME]) for n in names[:shown])
+    return f"{text} and {len(names) - shown} more" if len(names) > shown else text or "nothing"
 
 
 async def _refuse_plaintext(scope: Scope, receive: Receive, send: Send) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import re
 import ssl
 from collections.abc import Awaitable, Callable, Generator, MutableMapping
 from typing import Any
@@ -24,6 +26,21 @@ ASGIApp = Callable[
     ],
     Awaitable[None],
 ]
+
+
+_SID = re.compile(r"\bsid=[^&\s\"]+")
+
+
+class _RedactSessionIds(logging.Filter):
+    """uvicorn logs a WebSocket's path and query string at INFO, and Engine.IO's `sid`
+    there names a live link's session (over long-polling, whoever has it may post into the
+    session): kept out of logs, as a token would be."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "sid=" in message:
+            record.msg, record.args = _SID.sub("sid=[redacted]", message), None
+        return True
 
 
 class _Server(uvicorn.Server):
@@ -68,6 +85,9 @@ class Listener:
         )
         self.tls = bool(certfile)
         self.server = _Server(self.config)
+        redact = logging.getLogger("uvicorn.error")
+        if not any(isinstance(f, _RedactSessionIds) for f in redact.filters):
+            redact.addFilter(_RedactSessionIds())
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:

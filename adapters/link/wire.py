@@ -2,12 +2,19 @@
 
 The hub emits `request` to one connection with a Socket.IO acknowledgement; the connector
 answers in the acknowledgement, so an answer can only ever match a request that was sent
-to that same connection (python-socketio keeps ack ids per connection). Bodies travel as
-binary attachments, never re-encoded.
+to that same connection (python-socketio keeps ack ids per connection).
+
+Bodies travel inside the one text message: as `body` (text) when they are UTF-8, as they
+nearly always are (JSON), else as `body_b64` (base64). Never as Socket.IO binary
+attachments: those are separate frames, and a link closed between an answer's frames made
+python-socketio log a traceback for the orphaned attachment (found by driving `make run`
+while connectors were disabled under load).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,23 +45,54 @@ DECISION_HEADER_PREFIX = "x-policyd-"
 NEVER_FORWARDED = frozenset(
     {"authorization", "cookie", "proxy-authorization", "host", "content-length"}
 )
-# Answer headers that describe one hop only, dropped on the way back.
-HOP_BY_HOP = frozenset(
+# Answer headers the hub passes on to the app; every other one stays at the link. The plant
+# is another trust domain: it may not set cookies on the hub's origin (cookies ignore the
+# port, so that would reach every service on the host), redirect the app elsewhere, or
+# speak for the hub's own decision (x-policyd-*); hop-by-hop headers describe one hop only.
+ANSWER_HEADERS = frozenset(
     {
-        "connection",
-        "keep-alive",
-        "transfer-encoding",
-        "te",
-        "trailer",
-        "upgrade",
-        "content-length",
-        "content-encoding",
-        "date",
-        "server",
+        "content-type",
+        "content-language",
+        "content-disposition",
+        "cache-control",
+        "etag",
+        "last-modified",
+        "expires",
+        "vary",
+        "retry-after",
+        "x-request-id",
     }
 )
+_BAD_IN_VALUES = ("\r", "\n", "\0")
 
 Headers = list[tuple[str, str]]
+
+
+def encode_body(body: bytes) -> dict[str, str]:
+    """`{"body": text}` for a UTF-8 body, else `{"body_b64": base64}`."""
+    try:
+        return {"body": body.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {"body_b64": base64.b64encode(body).decode("ascii")}
+
+
+def decode_body(data: dict[str, Any], what: str) -> bytes:
+    """The body `encode_body` put in `data` (empty when there is none), or ValueError."""
+    text, b64 = data.get("body"), data.get("body_b64")
+    if text is not None and b64 is not None:
+        raise ValueError(f"{what} has both body and body_b64")
+    if b64 is not None:
+        if not isinstance(b64, str):
+            raise ValueError(f"{what}'s body_b64 must be a string")
+        try:
+            return base64.b64decode(b64, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError(f"{what}'s body_b64 is not base64") from None
+    if text is None:
+        return b""
+    if not isinstance(text, str):
+        raise ValueError(f"{what}'s body must be a string")
+    return text.encode("utf-8")
 
 
 def request_headers(headers: Headers) -> Headers:
@@ -70,7 +108,19 @@ def request_headers(headers: Headers) -> Headers:
 
 
 def response_headers(headers: Headers) -> Headers:
-    return [(n.lower(), v) for n, v in headers if n.lower() not in HOP_BY_HOP]
+    """The headers of a connector's answer that the hub passes on: ANSWER_HEADERS only, with
+    values HTTP can carry (latin-1, no CR, LF or NUL)."""
+    kept: Headers = []
+    for name, value in headers:
+        name = name.lower()
+        if name not in ANSWER_HEADERS or any(c in value for c in _BAD_IN_VALUES):
+            continue
+        try:
+            value.encode("latin-1")
+        except UnicodeEncodeError:
+            continue
+        kept.append((name, value))
+    return kept
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +143,7 @@ class LinkRequest:
             "path": self.path,
             "query": self.query,
             "headers": [list(h) for h in self.headers],
-            "body": self.body,
+            **encode_body(self.body),
         }
 
     @classmethod
@@ -101,13 +151,13 @@ class LinkRequest:
         if not isinstance(data, dict):
             raise ValueError("a request must be an object")
         headers = data.get("headers", [])
-        body = data.get("body", b"")
+        body = decode_body(data, "a request")
         fields = (data.get(k) for k in ("request_id", "data_source", "method", "path", "query"))
         request_id, data_source, method, path, query = fields
         if not all(isinstance(v, str) for v in (request_id, data_source, method, path, query)):
             raise ValueError("a request needs request_id, data_source, method, path, query")
-        if not isinstance(body, bytes) or not isinstance(headers, list):
-            raise ValueError("a request's body must be bytes and its headers a list")
+        if not isinstance(headers, list):
+            raise ValueError("a request's headers must be a list")
         pairs: Headers = []
         for h in headers:
             if not (isinstance(h, list) and len(h) == 2 and all(isinstance(x, str) for x in h)):
@@ -130,18 +180,19 @@ class LinkResponse:
         return {
             "status": self.status,
             "headers": [list(h) for h in self.headers],
-            "body": self.body,
+            **encode_body(self.body),
         }
 
     @classmethod
     def decode(cls, data: Any) -> LinkResponse:
         if not isinstance(data, dict):
             raise ValueError("an answer must be an object")
-        status, headers, body = data.get("status"), data.get("headers"), data.get("body")
-        if not isinstance(status, int) or isinstance(status, bool) or not 100 <= status <= 599:
-            raise ValueError("an answer needs an HTTP status")
-        if not isinstance(body, bytes) or not isinstance(headers, list):
-            raise ValueError("an answer's body must be bytes and its headers a list")
+        status, headers = data.get("status"), data.get("headers")
+        body = decode_body(data, "an answer")
+        if not isinstance(status, int) or isinstance(status, bool) or not 200 <= status <= 599:
+            raise ValueError("an answer needs an HTTP status from 200 to 599")
+        if not isinstance(headers, list):
+            raise ValueError("an answer's headers must be a list")
         pairs: Headers = []
         for h in headers:
             if not (isinstance(h, list) and len(h) == 2 and all(isinstance(x, str) for x in h)):

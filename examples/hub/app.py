@@ -452,7 +452,7 @@ def create_app(
     link = HubLink(settings, link_authorizer) if settings.link_address else None
     app: ASGIApp = create_starlette(settings, probe, link)
     if link is not None:  # data sources the hub does not hold go down the link
-        app = LinkForward(app, link.hub, frozenset(settings.data_sources))
+        app = LinkForward(app, link.hub, frozenset(settings.data_sources), settings.max_body_bytes)
     app = DecisionIdHeader(app)
     if settings.gateway == "envoy":
         return TrustedGatewayHeaders(app)

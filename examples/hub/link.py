@@ -75,6 +75,8 @@ def _answer(response: LinkResponse) -> tuple[int, list[tuple[bytes, bytes]], byt
         for name, value in response.headers
         if not name.startswith(DECISION_HEADER_PREFIX)  # the hub names its own decision
     ]
+    if response.status in (204, 304):  # no body, whatever the upstream sent
+        return response.status, headers, b""
     headers.append((b"content-length", str(len(response.body)).encode()))
     return response.status, headers, response.body
 
@@ -94,10 +96,15 @@ def decision_headers(auth: AuthInfo) -> list[tuple[str, str]]:
 class LinkForward:
     """Forwards allowed requests for data sources the hub does not hold to the link."""
 
-    def __init__(self, app: ASGIApp, link: LinkHub, local: frozenset[str]) -> None:
+    def __init__(
+        self, app: ASGIApp, link: LinkHub, local: frozenset[str], max_body_bytes: int = 1 << 20
+    ) -> None:
         self.app = app
         self.link = link
         self.local = local
+        # A request body larger than this is 413 here: one over the link's message limit
+        # would close the link, and every other request in flight on it would fail.
+        self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         auth = scope.get("auth") if scope["type"] == "http" else None
@@ -113,26 +120,39 @@ class LinkForward:
                 400, "invalid_request", "a request may touch one data source served over the link"
             )
         else:
-            body = await _read_body(receive)
-            path = scope.get("raw_path") or scope["path"].encode()
-            headers = [
-                (n.decode("latin-1"), v.decode("latin-1")) for n, v in scope.get("headers", ())
-            ]
-            try:
-                response = await self.link.forward(
-                    auth.data_sources[0],
-                    scope["method"],
-                    path.decode("latin-1"),
-                    scope.get("query_string", b"").decode("latin-1"),
-                    request_headers(headers) + decision_headers(auth),
-                    body,
-                    request_id=auth.decision_id,
-                )
-            except LinkError as exc:
-                response = exc.response()
+            body = await _read_body(receive, self.max_body_bytes)
+            if body is None:  # the client went mid-body: nothing is forwarded, no one to answer
+                return
+            if isinstance(body, bytes):
+                response = await self._forward(scope, auth, body)
+            else:
+                response = body  # 413
         status, out_headers, out_body = _answer(response)
         await send({"type": "http.response.start", "status": status, "headers": out_headers})
         await send({"type": "http.response.body", "body": out_body})
+
+    async def _forward(self, scope: Scope, auth: AuthInfo, body: bytes) -> LinkResponse:
+        path = scope.get("raw_path") or scope["path"].encode()
+        # The hub's decision goes down as its own x-policyd-* headers; any that came in (a
+        # gateway's, in front of this hub) stay here.
+        prefix = DECISION_HEADER_PREFIX.encode()
+        headers = [
+            (n.decode("latin-1"), v.decode("latin-1"))
+            for n, v in scope.get("headers", ())
+            if not n.startswith(prefix)
+        ]
+        try:
+            return await self.link.forward(
+                auth.data_sources[0],
+                scope["method"],
+                path.decode("latin-1"),
+                scope.get("query_string", b"").decode("latin-1"),
+                request_headers(headers) + decision_headers(auth),
+                body,
+                request_id=auth.decision_id,
+            )
+        except LinkError as exc:
+            return exc.response()
 
 
 def _error(status: int, error: str, message: str) -> LinkResponse:
@@ -140,13 +160,21 @@ def _error(status: int, error: str, message: str) -> LinkResponse:
     return LinkResponse(status, [("content-type", "application/json")], body)
 
 
-async def _read_body(receive: Receive) -> bytes:
+async def _read_body(receive: Receive, limit: int) -> bytes | LinkResponse | None:
+    """The whole request body; a 413 answer when it is over `limit` bytes; None when the
+    client went before sending all of it (a truncated write is never forwarded)."""
     chunks: list[bytes] = []
+    size = 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            break
-        chunks.append(message.get("body", b""))
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return _error(
+                413, "request_too_large", f"a request over the link carries at most {limit} bytes"
+            )
+        chunks.append(chunk)
         if not message.get("more_body", False):
-            break
-    return b"".join(chunks)
+            return b"".join(chunks)

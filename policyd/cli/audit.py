@@ -127,7 +127,7 @@ def filter_options(func: F) -> F:
         click.option("--decision", type=click.Choice(["allow", "deny"])),
         click.option("--reason", help="A reason code, e.g. DATA_SOURCE_NOT_GRANTED."),
         click.option("--rule", "rule_id", help="A route rule id."),
-        click.option("--door", help="grpc, envoy, asgi or cli."),
+        click.option("--door", help="grpc, envoy, envoy_http, asgi, embedded, link or cli."),
         click.option("--request-id"),
         click.option("--node", help="Only this replica's decisions (PostgreSQL store)."),
         click.option(

@@ -120,11 +120,14 @@ def demo_seed(obj: Context, token_file: str, connector_secret_file: str) -> None
     """Create the demo app, users, data sources, grants and connector (idempotent); mint a
     token."""
     ring = obj.keyring()
-    for line in seed(obj.store, ring, obj.config.tokens.algorithm):
+    created = seed(obj.store, ring, obj.config.tokens.algorithm)
+    for line in created:
         click.echo(f"created {line}")
     secret_path = Path(connector_secret_file)
-    if not secret_path.exists():
-        # A secret is stored only hashed, so a lost file means a new secret.
+    new_connector = any(line.startswith(f"connector {DEMO_CONNECTOR} ") for line in created)
+    if new_connector or not secret_path.exists():
+        # A secret is stored only hashed, so a lost file means a new secret (and a file
+        # left from an earlier store holds a secret this store never had).
         _write_private(secret_path, obj.store.rotate_connector_secret(DEMO_CONNECTOR))
         click.echo(f"wrote a new secret for connector {DEMO_CONNECTOR} to {secret_path}")
     token, _ = issue_token(
