@@ -8,6 +8,7 @@ Benchmarks (docs/benchmarks.md explains each figure):
   policy      decision cost with 20 vs 2,000 route rules (bench/policy.py)
   audit       audit-log queries over 10M generated records (bench/audit.py)
   hub         the reference hub with and without the ASGI middleware (bench/hub.py)
+  embedded    what embedded decisions add to a hub request, in process (bench/embedded.py)
   envoy       Envoy alone, with jwt_authn, with policyd's ext_authz; wrk (bench/envoy.py)
   cluster     PostgreSQL vs SQLite throughput; revoke latency on 3 replicas, one frozen
               (bench/cluster.py; skipped without PostgreSQL's initdb)
@@ -38,6 +39,7 @@ import grpc
 from bench import audit as audit_bench
 from bench import check, grpc_stack
 from bench import cluster as cluster_bench
+from bench import embedded as embedded_bench
 from bench import envoy as envoy_bench
 from bench import hub as hub_bench
 from bench import observe as observe_bench
@@ -54,6 +56,7 @@ NAMES = (
     "policy",
     "audit",
     "hub",
+    "embedded",
     "envoy",
     "cluster",
     "peer",
@@ -187,6 +190,9 @@ def _run_one(
     elif name == "hub":
         summary = hub_bench.run(args.quick)
         report = hub_bench.report(summary)
+    elif name == "embedded":
+        summary = embedded_bench.run(args.quick)
+        report = embedded_bench.report(summary)
     elif name == "envoy":
         summary = envoy_bench.run(args.quick, log_dir)
         report = envoy_bench.report(summary)
