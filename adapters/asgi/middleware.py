@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import uuid
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, cast
@@ -36,6 +35,7 @@ import grpc.aio
 
 from adapters.asgi.channel import ChannelSettings, open_channel
 from adapters.asgi.metrics import CLIENT_ERROR, MiddlewareMetrics, metrics_in
+from policyd.core.ids import new_request_id
 from policyd.core.reasons import Reason
 from policyd.doors.denials import Denial, ambiguous_authorization, body_too_large, for_reason
 from policyd.doors.denials import unavailable as unavailable_denial
@@ -359,7 +359,7 @@ class PolicydMiddleware:
                 scope.get("query_string", b"").decode("latin-1"),
                 forwarded,
                 body,
-                request_id or uuid.uuid4().hex,
+                request_id or new_request_id(),
                 context[0][1] if context else "",
             )
         except Exception:
@@ -420,7 +420,7 @@ def check_request(
     """The Check request describing this HTTP request or websocket handshake."""
     request_id, forwarded = request_headers(scope, forward_headers)
     request = decision_pb2.CheckRequest(
-        token=token, request_id=request_id or uuid.uuid4().hex, door=DOOR
+        token=token, request_id=request_id or new_request_id(), door=DOOR
     )
     http = request.http
     http.method = method
