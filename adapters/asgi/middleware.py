@@ -76,6 +76,9 @@ STRIP_HEADERS = frozenset(
         "x-client-id",
     }
 )
+# Embedded mode: requests whose reading is kept (_decide_bodiless); all dropped at this many.
+# Each entry holds the request's header bytes (a token and a few headers: about 1-2 KB).
+ASKED_REQUESTS = 1024
 _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
 # A trace context header gRPC metadata can carry.
 _METADATA_VALUE = re.compile(rb"[\x20-\x7e]{1,512}")
@@ -183,6 +186,8 @@ class PolicydMiddleware:
         self._check: _Check | None = None
         # Embedded mode: decide in this process (target and the TLS options unused).
         self.embedded = embedded
+        # Embedded mode: what a bodiless request's bytes made, by those bytes (_decide_bodiless).
+        self._asked: dict[tuple[Any, ...], tuple[str, str, str, dict[str, str]]] = {}
         # Its own counters (adapters/asgi/metrics.py): True counts into prometheus_client's
         # default registry, a CollectorRegistry into that one.
         self._metrics: MiddlewareMetrics | None = None
@@ -213,6 +218,13 @@ class PolicydMiddleware:
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers: list[tuple[bytes, bytes]] = scope["headers"]
+        if self.embedded is not None and scope["method"] not in BODY_METHODS:
+            auth, denial = await self._decide_bodiless(scope, headers)
+            if denial is not None:
+                await self._respond(send, denial)
+                return
+            await self.app(self._app_scope(scope, auth), receive, send)
+            return
         try:
             token = bearer_token(headers)
         except AmbiguousAuthorization:
@@ -348,19 +360,82 @@ class PolicydMiddleware:
         self, scope: Scope, token: str, method: str, body: bytes
     ) -> tuple[AuthInfo | None, Denial | None]:
         """Embedded mode: the same request, decided in this process."""
-        assert self.embedded is not None
         request_id, forwarded = request_headers(scope, self.forward_headers)
         context = trace_context(scope["headers"])
+        return await self._check_here(
+            token,
+            method,
+            _raw_path(scope),
+            scope.get("query_string", b"").decode("latin-1"),
+            forwarded,
+            body,
+            request_id or new_request_id(),
+            context[0][1] if context else "",
+        )
+
+    async def _decide_bodiless(
+        self, scope: Scope, headers: list[tuple[bytes, bytes]]
+    ) -> tuple[AuthInfo | None, Denial | None]:
+        """Embedded mode, a request without a body to read (not POST, PUT or PATCH).
+
+        What a request's bytes make (its token, path, query string and forwarded headers)
+        is kept by those bytes (`_asked`): a keep-alive client sends the same request again
+        and again, and a repeat then skips reading its headers. Only requests with no
+        request id and no trace context are kept (each repeat gets a new request id, as
+        without the memo): ones that carry them differ every time. A server that gives
+        header items as lists (unhashable) or no raw_path is never kept."""
+        method: str = scope["method"]
+        raw_path = scope.get("raw_path")
+        asked_key: tuple[Any, ...] | None = None
+        if raw_path:
+            try:
+                asked_key = (method, raw_path, scope.get("query_string", b""), tuple(headers))
+                asked = self._asked.get(asked_key)
+            except TypeError:
+                asked_key = asked = None
+            if asked is not None:
+                token, path, query, forwarded = asked
+                return await self._check_here(
+                    token, method, path, query, forwarded, b"", new_request_id(), ""
+                )
+        try:
+            token = bearer_token(headers)
+        except AmbiguousAuthorization:
+            return None, ambiguous_authorization()
+        request_id, forwarded = request_headers(scope, self.forward_headers)
+        context = trace_context(headers)
+        path = _raw_path(scope)
+        query = scope.get("query_string", b"").decode("latin-1")
+        if asked_key is not None and not request_id and context is None:
+            if len(self._asked) >= ASKED_REQUESTS:
+                self._asked.clear()
+            self._asked[asked_key] = (token, path, query, forwarded)
+        return await self._check_here(
+            token,
+            method,
+            path,
+            query,
+            forwarded,
+            b"",
+            request_id or new_request_id(),
+            context[0][1] if context else "",
+        )
+
+    async def _check_here(
+        self,
+        token: str,
+        method: str,
+        path: str,
+        query: str,
+        forwarded: dict[str, str],
+        body: bytes,
+        request_id: str,
+        traceparent: str,
+    ) -> tuple[AuthInfo | None, Denial | None]:
+        assert self.embedded is not None
         try:
             return await self.embedded.check_http(
-                token,
-                method,
-                _raw_path(scope),
-                scope.get("query_string", b"").decode("latin-1"),
-                forwarded,
-                body,
-                request_id or new_request_id(),
-                context[0][1] if context else "",
+                token, method, path, query, forwarded, body, request_id, traceparent
             )
         except Exception:
             log.exception("embedded policyd failed")
