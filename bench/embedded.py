@@ -1,16 +1,17 @@
 """`python -m bench.embedded [--quick]`: what embedded decisions add to a hub request, in
 process (no server, no sockets): the ASGI app called directly, CPU time per request.
 
-Two pairs, each measured alternately in the same process (A, B, A, B, ...):
+Three pairs, each measured alternately in the same process (A, B, A, B, ...):
 
 * *empty app*: an ASGI app that answers 200 at once, alone and behind the PolicydMiddleware
   in embedded mode (docs/asgi.md, "Embedded mode"): the middleware's whole per-request path
   for a remembered allow (bearer token, forwarded headers, request id, the request's key,
   the store's data_version check, the decision id, the journal line, AuthInfo, the app's
   copy of the scope);
-* *hub tag read*: the reference hub's app (examples/hub) answering the tag read of the hub
-  benchmark (bench/hub.py), unprotected (trusting a gateway's x-policyd-* headers, sent as a
-  gateway would) and embedded.
+* *hub tag read* and *hub snapshot read*: the reference hub's app (examples/hub) answering
+  the two requests of the hub benchmark (bench/hub.py: a GET of one tag; a POST whose JSON
+  body names two data sources, which the middleware reads and policyd parses), unprotected
+  (trusting a gateway's x-policyd-* headers, sent as a gateway would) and embedded.
 
 The difference of each pair is what embedded decisions cost that request; the hub
 benchmark's budget for it is a tenth of the unprotected hub's CPU per request in uvicorn
@@ -65,8 +66,17 @@ async def _empty_app(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b""})
 
 
-def _scope(path: str, headers: dict[str, str]) -> dict[str, Any]:
-    """An HTTP GET's scope as uvicorn makes it."""
+@dataclass(frozen=True)
+class Side:
+    """One side of a pair: the app, the request's scope, and its body."""
+
+    app: App
+    scope: dict[str, Any]
+    body: bytes = b""
+
+
+def _scope(path: str, headers: dict[str, str], method: str = "GET") -> dict[str, Any]:
+    """An HTTP request's scope as uvicorn makes it."""
     return {
         "type": "http",
         "asgi": {"version": "3.0", "spec_version": "2.3"},
@@ -74,7 +84,7 @@ def _scope(path: str, headers: dict[str, str]) -> dict[str, Any]:
         "server": ("127.0.0.1", 8000),
         "client": ("127.0.0.1", 50000),
         "scheme": "http",
-        "method": "GET",
+        "method": method,
         "root_path": "",
         "path": path,
         "raw_path": path.encode(),
@@ -84,12 +94,13 @@ def _scope(path: str, headers: dict[str, str]) -> dict[str, Any]:
     }
 
 
-async def _time(app: App, scope: dict[str, Any], calls: int) -> float:
+async def _time(side: Side, calls: int) -> float:
     """CPU microseconds per request of `calls` requests (each answered 200)."""
+    app, scope, body = side.app, side.scope, side.body
     statuses: list[int] = []
 
     async def receive() -> Message:
-        return {"type": "http.request", "body": b"", "more_body": False}
+        return {"type": "http.request", "body": body, "more_body": False}
 
     async def send(message: Message) -> None:
         if message["type"] == "http.response.start":
@@ -104,17 +115,18 @@ async def _time(app: App, scope: dict[str, Any], calls: int) -> float:
     return spent / calls * 1e6
 
 
-async def _time_cold(app: App, scope: dict[str, Any], calls: int) -> float:
+async def _time_cold(side: Side, calls: int) -> float:
     """Median CPU microseconds of one request with the CPU caches cold (as
     stats.time_per_call_cold: 8 MB written first, then only the request timed), as in a
     server, where the server's own work between two requests evicts the middleware's."""
+    app, scope, body = side.app, side.scope, side.body
     buf = bytearray(8 << 20)
     lines = len(buf[::64])
     samples: list[float] = []
     statuses: list[int] = []
 
     async def receive() -> Message:
-        return {"type": "http.request", "body": b"", "more_body": False}
+        return {"type": "http.request", "body": body, "more_body": False}
 
     async def send(message: Message) -> None:
         if message["type"] == "http.response.start":
@@ -149,36 +161,49 @@ async def _measure(d: Durations, work: Path) -> dict[str, Any]:
         path = f"/api/data/tags/edge-historian/{_first_tag('edge-historian')}"
         asked = {"Host": "127.0.0.1", "Authorization": f"Bearer {token}"}
         hub = HubSettings(data_dir=work / "hub")
-        pairs: dict[str, tuple[tuple[App, dict[str, Any]], tuple[App, dict[str, Any]]]] = {
+        snapshot = json.dumps(
+            {"tags": {ds: [_first_tag(ds)] for ds in ("edge-historian", "lab-lims")}}
+        ).encode()
+        posted = asked | {"Content-Type": "application/json", "Content-Length": str(len(snapshot))}
+        unprotected = create_app(HubSettings(data_dir=work / "hub", gateway="envoy"))
+        embedded_hub = PolicydMiddleware(create_app_unwrapped(hub), embedded=policyd)
+        snapshot_path = "/api/data/v2/snapshot"
+        pairs: dict[str, tuple[Side, Side]] = {
             "empty app": (
-                (_empty_app, _scope(path, asked)),
-                (PolicydMiddleware(_empty_app, embedded=policyd), _scope(path, asked)),
+                Side(_empty_app, _scope(path, asked)),
+                Side(PolicydMiddleware(_empty_app, embedded=policyd), _scope(path, asked)),
             ),
             "hub tag read": (
-                (
-                    create_app(HubSettings(data_dir=work / "hub", gateway="envoy")),
-                    _scope(path, asked | _gateway_headers(["edge-historian"])),
+                Side(unprotected, _scope(path, asked | _gateway_headers(["edge-historian"]))),
+                Side(embedded_hub, _scope(path, asked)),
+            ),
+            "hub snapshot read": (
+                Side(
+                    unprotected,
+                    _scope(
+                        snapshot_path,
+                        posted | _gateway_headers(["edge-historian", "lab-lims"]),
+                        "POST",
+                    ),
+                    snapshot,
                 ),
-                (
-                    PolicydMiddleware(create_app_unwrapped(hub), embedded=policyd),
-                    _scope(path, asked),
-                ),
+                Side(embedded_hub, _scope(snapshot_path, posted, "POST"), snapshot),
             ),
         }
         out: dict[str, Any] = {}
         for name, (plain, protected) in pairs.items():
-            for app, scope in (plain, protected):
-                await _time(app, scope, 200)  # warm: the allow is remembered from here on
+            for side in (plain, protected):
+                await _time(side, 200)  # warm: the allow is remembered from here on
             inline_before = policyd.answered_inline
             base: list[float] = []
             embedded: list[float] = []
             base_cold: list[float] = []
             embedded_cold: list[float] = []
             for _ in range(d.rounds):
-                base.append(await _time(*plain, d.calls))
-                embedded.append(await _time(*protected, d.calls))
-                base_cold.append(await _time_cold(*plain, d.cold_calls))
-                embedded_cold.append(await _time_cold(*protected, d.cold_calls))
+                base.append(await _time(plain, d.calls))
+                embedded.append(await _time(protected, d.calls))
+                base_cold.append(await _time_cold(plain, d.cold_calls))
+                embedded_cold.append(await _time_cold(protected, d.cold_calls))
             inline = policyd.answered_inline - inline_before
             calls = d.rounds * (d.calls + d.cold_calls)
             out[name] = {
