@@ -301,10 +301,11 @@ def test_the_hub_serves_the_loop_stall_on_its_metrics_port(tmp_path: Path) -> No
 
 
 def test_a_repeated_request_is_read_once_and_each_answer_has_its_own_ids(tmp_path: Path) -> None:
-    """The middleware keeps what a bodiless request's bytes made (its token, path, query and
-    forwarded headers) by those bytes; a repeat is answered the same, with a decision id and
-    a request id of its own. A request carrying its own request id or a trace context is
-    not kept (each one differs); two Authorization headers are refused every time."""
+    """The middleware keeps what a request's bytes made (its token, path, query, forwarded
+    headers, whether its body is read) by those bytes; a repeat is answered the same, with a
+    decision id and a request id of its own, and its body is read and decided every time. A
+    request carrying its own request id or a trace context is not kept (each one differs);
+    two Authorization headers are refused every time."""
     home = Home(tmp_path)
     home.seed()
     answers: list[Any] = []
@@ -319,22 +320,22 @@ def test_a_repeated_request_is_read_once_and_each_answer_has_its_own_ids(tmp_pat
     token = home.token()
     path = b"/api/data/tags/ds-a"
 
-    def scope(*extra: tuple[bytes, bytes]) -> dict[str, Any]:
+    def scope(*extra: tuple[bytes, bytes], method: str = "GET", at: bytes = path) -> dict[str, Any]:
         headers = [(b"host", b"hub"), (b"authorization", f"Bearer {token}".encode()), *extra]
         return {
             "type": "http",
-            "method": "GET",
-            "path": path.decode(),
-            "raw_path": path,
+            "method": method,
+            "path": at.decode(),
+            "raw_path": at,
             "query_string": b"",
             "headers": headers,
         }
 
-    async def ask(s: dict[str, Any]) -> int:
+    async def ask(s: dict[str, Any], body: bytes = b"") -> int:
         statuses: list[int] = []
 
         async def receive() -> Message:
-            return {"type": "http.request", "body": b"", "more_body": False}
+            return {"type": "http.request", "body": body, "more_body": False}
 
         async def send(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -355,6 +356,18 @@ def test_a_repeated_request_is_read_once_and_each_answer_has_its_own_ids(tmp_pat
             assert len(middleware._asked) == 1  # none of those kept
             twice = scope((b"Authorization", b"Bearer other"))
             statuses += [await ask(twice), await ask(twice)]
+            # A body is read and decided on every time, whatever was kept of the headers
+            # (the two bodies have the same length: the headers are the same bytes).
+            post = scope(
+                (b"content-type", b"application/json"),
+                method="POST",
+                at=b"/api/data/v2/snapshot",
+            )
+            granted, not_granted = snapshot_body("ds-a"), snapshot_body("ds-c")
+            assert len(granted) == len(not_granted)
+            statuses += [await ask(post, granted), await ask(post, not_granted)]
+            statuses += [await ask(post, granted), await ask(post, not_granted)]
+            assert len(middleware._asked) == 2
             ids = {a.decision_id for a in answers}
             found = await asyncio.to_thread(indexed_records, home.root / "audit.db", ids)
             records.update(found)
@@ -363,9 +376,11 @@ def test_a_repeated_request_is_read_once_and_each_answer_has_its_own_ids(tmp_pat
             await policyd.stop()
 
     records: dict[str, Any] = {}
-    assert asyncio.run(run()) == [200] * 8 + [400, 400]
-    assert len({(a.sub, a.client_id, a.scopes, a.data_sources, a.rule_id) for a in answers}) == 1
-    assert len({a.decision_id for a in answers}) == 8
+    assert asyncio.run(run()) == [200] * 8 + [400, 400] + [200, 403, 200, 403]
+    reads, posts = answers[:8], answers[8:]
+    assert len({(a.sub, a.client_id, a.scopes, a.data_sources, a.rule_id) for a in reads}) == 1
+    assert [a.data_sources for a in posts] == [("ds-a",), ("ds-a",)]
+    assert len({a.decision_id for a in answers}) == 10
     request_ids = [records[a.decision_id].request_id for a in answers]
     assert request_ids[5:7] == ["mine-1", "mine-2"]
-    assert len(set(request_ids)) == 8  # the repeats' ids made anew each time
+    assert len(set(request_ids)) == 10  # the repeats' ids made anew each time

@@ -28,7 +28,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, cast
 from urllib.parse import quote, quote_from_bytes
 
 import grpc.aio
@@ -76,7 +76,7 @@ STRIP_HEADERS = frozenset(
         "x-client-id",
     }
 )
-# Embedded mode: requests whose reading is kept (_decide_bodiless); all dropped at this many.
+# Embedded mode: requests whose reading is kept (_http_here); all dropped at this many.
 # Each entry holds the request's header bytes (a token and a few headers: about 1-2 KB).
 ASKED_REQUESTS = 1024
 _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
@@ -141,6 +141,16 @@ class InProcess(Protocol):
     ) -> Answer: ...
 
 
+class _Asked(NamedTuple):
+    """What a request's bytes make, for policyd (embedded mode keeps it: _http_here)."""
+
+    token: str
+    path: str  # as received, still percent-encoded
+    query: str
+    forwarded: dict[str, str]  # the headers policyd is told about (never changed)
+    json_body: bool  # a POST, PUT or PATCH with a JSON body: read, and sent to policyd
+
+
 class _BodyTooLarge(Exception):
     pass
 
@@ -186,8 +196,8 @@ class PolicydMiddleware:
         self._check: _Check | None = None
         # Embedded mode: decide in this process (target and the TLS options unused).
         self.embedded = embedded
-        # Embedded mode: what a bodiless request's bytes made, by those bytes (_decide_bodiless).
-        self._asked: dict[tuple[Any, ...], tuple[str, str, str, dict[str, str]]] = {}
+        # Embedded mode: what a request's bytes made, by those bytes (_http_here).
+        self._asked: dict[tuple[Any, ...], _Asked] = {}
         # Its own counters (adapters/asgi/metrics.py): True counts into prometheus_client's
         # default registry, a CollectorRegistry into that one.
         self._metrics: MiddlewareMetrics | None = None
@@ -218,12 +228,8 @@ class PolicydMiddleware:
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers: list[tuple[bytes, bytes]] = scope["headers"]
-        if self.embedded is not None and scope["method"] not in BODY_METHODS:
-            auth, denial = await self._decide_bodiless(scope, headers)
-            if denial is not None:
-                await self._respond(send, denial)
-                return
-            await self.app(self._app_scope(scope, auth), receive, send)
+        if self.embedded is not None:  # the same steps, in this process
+            await self._http_here(scope, receive, send, headers)
             return
         try:
             token = bearer_token(headers)
@@ -242,13 +248,10 @@ class PolicydMiddleware:
             except _Disconnected:
                 return
             app_receive = _Replay(body, receive)
-        if self.embedded is not None:
-            auth, denial = await self._decide_here(scope, token, method, body)
-        else:
-            auth, denial = await self._decide(
-                check_request(scope, token, method, body, self.forward_headers),
-                trace_context(headers),
-            )
+        auth, denial = await self._decide(
+            check_request(scope, token, method, body, self.forward_headers),
+            trace_context(headers),
+        )
         if denial is not None:
             await self._respond(send, denial)
             return
@@ -373,53 +376,76 @@ class PolicydMiddleware:
             context[0][1] if context else "",
         )
 
-    async def _decide_bodiless(
-        self, scope: Scope, headers: list[tuple[bytes, bytes]]
-    ) -> tuple[AuthInfo | None, Denial | None]:
-        """Embedded mode, a request without a body to read (not POST, PUT or PATCH).
+    async def _http_here(
+        self, scope: Scope, receive: Receive, send: Send, headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        """Embedded mode: `_http`, the request decided in this process.
 
-        What a request's bytes make (its token, path, query string and forwarded headers)
-        is kept by those bytes (`_asked`): a keep-alive client sends the same request again
-        and again, and a repeat then skips reading its headers. Only requests with no
-        request id and no trace context are kept (each repeat gets a new request id, as
-        without the memo): ones that carry them differ every time. A server that gives
-        header items as lists (unhashable) or no raw_path is never kept."""
+        What a request's bytes make (its token, path, query string, forwarded headers and
+        whether its body is read) is kept by those bytes (`_asked`): a keep-alive client
+        sends the same request again and again, and a repeat then skips reading its
+        headers (a body is read and decided on every time). Only requests with no request
+        id and no trace context are kept (each repeat gets a new request id, as without
+        the memo): ones that carry them differ every time. A server that gives header
+        items as lists (unhashable) or no raw_path is never kept."""
         method: str = scope["method"]
         raw_path = scope.get("raw_path")
         asked_key: tuple[Any, ...] | None = None
+        asked: _Asked | None = None
         if raw_path:
             try:
                 asked_key = (method, raw_path, scope.get("query_string", b""), tuple(headers))
                 asked = self._asked.get(asked_key)
             except TypeError:
-                asked_key = asked = None
-            if asked is not None:
-                token, path, query, forwarded = asked
-                return await self._check_here(
-                    token, method, path, query, forwarded, b"", new_request_id(), ""
-                )
-        try:
-            token = bearer_token(headers)
-        except AmbiguousAuthorization:
-            return None, ambiguous_authorization()
-        request_id, forwarded = request_headers(scope, self.forward_headers)
-        context = trace_context(headers)
-        path = _raw_path(scope)
-        query = scope.get("query_string", b"").decode("latin-1")
-        if asked_key is not None and not request_id and context is None:
-            if len(self._asked) >= ASKED_REQUESTS:
-                self._asked.clear()
-            self._asked[asked_key] = (token, path, query, forwarded)
-        return await self._check_here(
-            token,
+                asked_key = None
+        if asked is not None:
+            request_id, traceparent = new_request_id(), ""
+        else:
+            try:
+                token = bearer_token(headers)
+            except AmbiguousAuthorization:
+                await self._respond(send, ambiguous_authorization())
+                return
+            request_id, forwarded = request_headers(scope, self.forward_headers)
+            context = trace_context(headers)
+            asked = _Asked(
+                token,
+                _raw_path(scope),
+                scope.get("query_string", b"").decode("latin-1"),
+                forwarded,
+                method in BODY_METHODS and _is_json(headers),
+            )
+            if asked_key is not None and not request_id and context is None:
+                if len(self._asked) >= ASKED_REQUESTS:
+                    self._asked.clear()
+                self._asked[asked_key] = asked
+            request_id = request_id or new_request_id()
+            traceparent = context[0][1] if context else ""
+        body = b""
+        app_receive = receive
+        if asked.json_body:
+            try:
+                body = await self._read_body(headers, receive)
+            except _BodyTooLarge:
+                await self._respond(send, body_too_large(self.max_body_bytes))
+                return
+            except _Disconnected:
+                return
+            app_receive = _Replay(body, receive)
+        auth, denial = await self._check_here(
+            asked.token,
             method,
-            path,
-            query,
-            forwarded,
-            b"",
-            request_id or new_request_id(),
-            context[0][1] if context else "",
+            asked.path,
+            asked.query,
+            asked.forwarded,
+            body,
+            request_id,
+            traceparent,
         )
+        if denial is not None:
+            await self._respond(send, denial)
+            return
+        await self.app(self._app_scope(scope, auth), app_receive, send)
 
     async def _check_here(
         self,
