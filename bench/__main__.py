@@ -10,6 +10,7 @@ Benchmarks (docs/benchmarks.md explains each figure):
   hub         the reference hub with and without the ASGI middleware (bench/hub.py)
   link        a snapshot query over the link (WebSocket, long-polling) vs served locally;
               hub restart to the connector serving again (bench/link.py)
+  embedded    what embedded decisions add to a hub request, in process (bench/embedded.py)
   envoy       Envoy alone, with jwt_authn, with policyd's ext_authz; wrk (bench/envoy.py)
   cluster     PostgreSQL vs SQLite throughput; revoke latency on 3 replicas, one frozen
               (bench/cluster.py; skipped without PostgreSQL's initdb)
@@ -40,6 +41,7 @@ import grpc
 from bench import audit as audit_bench
 from bench import check, grpc_stack
 from bench import cluster as cluster_bench
+from bench import embedded as embedded_bench
 from bench import envoy as envoy_bench
 from bench import hub as hub_bench
 from bench import link as link_bench
@@ -58,6 +60,7 @@ NAMES = (
     "audit",
     "hub",
     "link",
+    "embedded",
     "envoy",
     "cluster",
     "peer",
@@ -194,6 +197,9 @@ def _run_one(
     elif name == "link":
         summary = link_bench.run(args.quick)
         report = link_bench.report(summary)
+    elif name == "embedded":
+        summary = embedded_bench.run(args.quick)
+        report = embedded_bench.report(summary)
     elif name == "envoy":
         summary = envoy_bench.run(args.quick, log_dir)
         report = envoy_bench.report(summary)

@@ -633,3 +633,32 @@ def test_the_status_of_each_reason_is_the_one_docs_reason_codes_gives() -> None:
         assert status is not None, reason.name
         assert status_of(reason) == int(status.group()), reason.name
     assert status_of(999) == 403  # a code from a newer policyd: deny
+
+
+def test_the_apps_scope_drops_identity_headers_in_any_case_and_keeps_the_rest_in_order() -> None:
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        pass
+
+    middleware = PolicydMiddleware(app)
+    headers = [
+        (b"Host", b"hub"),
+        (b"X-Policyd-Sub", b"mallory"),
+        (b"accept", b"*/*"),
+        (b"x-auth-user", b"mallory"),
+        (b"X-Forwarded-User", b"mallory"),
+        (b"x-forwarded-for", b"10.0.0.1"),
+        (b"remote-user", b"mallory"),
+        (b"accept", b"text/plain"),
+    ]
+    scope: Scope = {"type": "http", "headers": headers, "path": "/"}
+    auth = AuthInfo("alice", "app", (), (), "id", "rule", "action")
+    app_scope = middleware._app_scope(scope, auth)
+    assert app_scope["headers"] == [
+        (b"Host", b"hub"),
+        (b"accept", b"*/*"),
+        (b"x-forwarded-for", b"10.0.0.1"),
+        (b"accept", b"text/plain"),
+    ]
+    assert app_scope["auth"] is auth and app_scope["path"] == "/"
+    assert scope["headers"] is headers and len(headers) == 8  # the server's scope untouched
+    assert "auth" not in scope

@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from adapters.asgi import AuthInfo, PolicydMiddleware
+from adapters.asgi.middleware import Message
 from adapters.asgi.stall import LoopStall
 from adapters.embedded import EmbeddedPolicyd
 from tests.asgi_server import serve_asgi
@@ -297,3 +298,89 @@ def test_the_hub_serves_the_loop_stall_on_its_metrics_port(tmp_path: Path) -> No
     assert hub.process.returncode in (0, -15), hub.log()
     assert "Application shutdown complete" in hub.log(), hub.log()
     assert "Traceback" not in hub.log(), hub.log()
+
+
+def test_a_repeated_request_is_read_once_and_each_answer_has_its_own_ids(tmp_path: Path) -> None:
+    """The middleware keeps what a request's bytes made (its token, path, query, forwarded
+    headers, whether its body is read) by those bytes; a repeat is answered the same, with a
+    decision id and a request id of its own, and its body is read and decided every time. A
+    request carrying its own request id or a trace context is not kept (each one differs);
+    two Authorization headers are refused every time."""
+    home = Home(tmp_path)
+    home.seed()
+    answers: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        answers.append(scope["auth"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    policyd = EmbeddedPolicyd(home.config_path)
+    middleware = PolicydMiddleware(app, embedded=policyd)
+    token = home.token()
+    path = b"/api/data/tags/ds-a"
+
+    def scope(*extra: tuple[bytes, bytes], method: str = "GET", at: bytes = path) -> dict[str, Any]:
+        headers = [(b"host", b"hub"), (b"authorization", f"Bearer {token}".encode()), *extra]
+        return {
+            "type": "http",
+            "method": method,
+            "path": at.decode(),
+            "raw_path": at,
+            "query_string": b"",
+            "headers": headers,
+        }
+
+    async def ask(s: dict[str, Any], body: bytes = b"") -> int:
+        statuses: list[int] = []
+
+        async def receive() -> Message:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+
+        await middleware(s, receive, send)
+        return statuses[0]
+
+    async def run() -> list[int]:
+        await policyd.start()
+        try:
+            statuses = [await ask(scope()) for _ in range(5)]
+            assert len(middleware._asked) == 1
+            statuses.append(await ask(scope((b"x-request-id", b"mine-1"))))
+            statuses.append(await ask(scope((b"x-request-id", b"mine-2"))))
+            traceparent = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+            statuses.append(await ask(scope((b"traceparent", traceparent))))
+            assert len(middleware._asked) == 1  # none of those kept
+            twice = scope((b"Authorization", b"Bearer other"))
+            statuses += [await ask(twice), await ask(twice)]
+            # A body is read and decided on every time, whatever was kept of the headers
+            # (the two bodies have the same length: the headers are the same bytes).
+            post = scope(
+                (b"content-type", b"application/json"),
+                method="POST",
+                at=b"/api/data/v2/snapshot",
+            )
+            granted, not_granted = snapshot_body("ds-a"), snapshot_body("ds-c")
+            assert len(granted) == len(not_granted)
+            statuses += [await ask(post, granted), await ask(post, not_granted)]
+            statuses += [await ask(post, granted), await ask(post, not_granted)]
+            assert len(middleware._asked) == 2
+            ids = {a.decision_id for a in answers}
+            found = await asyncio.to_thread(indexed_records, home.root / "audit.db", ids)
+            records.update(found)
+            return statuses
+        finally:
+            await policyd.stop()
+
+    records: dict[str, Any] = {}
+    assert asyncio.run(run()) == [200] * 8 + [400, 400] + [200, 403, 200, 403]
+    reads, posts = answers[:8], answers[8:]
+    assert len({(a.sub, a.client_id, a.scopes, a.data_sources, a.rule_id) for a in reads}) == 1
+    assert [a.data_sources for a in posts] == [("ds-a",), ("ds-a",)]
+    assert len({a.decision_id for a in answers}) == 10
+    request_ids = [records[a.decision_id].request_id for a in answers]
+    assert request_ids[5:7] == ["mine-1", "mine-2"]
+    assert len(set(request_ids)) == 10  # the repeats' ids made anew each time

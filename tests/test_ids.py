@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import re
 import time
 import uuid
 
-from policyd.core.ids import ID_LENGTH, id_time_ms, new_id
+from policyd.core.ids import ID_LENGTH, id_time_ms, new_id, new_request_id
 
 
 def test_ids_are_uuid7_with_the_rfc_9562_variant() -> None:
@@ -37,3 +39,25 @@ def test_ids_of_a_later_millisecond_sort_after_earlier_ones() -> None:
 
 def test_ids_do_not_repeat() -> None:
     assert len({new_id() for _ in range(100_000)}) == 100_000
+
+
+def test_request_ids_are_32_hex_digits_and_do_not_repeat() -> None:
+    made = {new_request_id() for _ in range(100_000)}
+    assert len(made) == 100_000
+    assert all(re.fullmatch(r"[0-9a-f]{32}", request_id) for request_id in made)
+
+
+def test_a_forked_child_makes_ids_of_its_own() -> None:
+    # The module RNG is re-seeded in a forked child (random's at-fork hook): a child's ids
+    # are not its parent's next ones.
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        os.write(write, f"{new_id()} {new_request_id()}".encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read) as pipe:
+        child_id, child_request_id = pipe.read().split()
+    assert child_id[15:] != new_id()[15:]
+    assert child_request_id != new_request_id()

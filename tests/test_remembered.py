@@ -4,6 +4,7 @@ from memory exactly while `decide` would answer the same."""
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -16,7 +17,15 @@ import pytest
 from policyd.audit import journal as journal_module
 from policyd.audit.journal import AuditLog, Indexer
 from policyd.audit.reader import AuditReader, Query
-from policyd.core.model import MAX_PLAIN_KEY, Access, ActionTarget, CheckInput, Decision, HttpTarget
+from policyd.core.model import (
+    MAX_PLAIN_KEY,
+    Access,
+    ActionTarget,
+    CheckInput,
+    Decision,
+    HttpTarget,
+    http_memo_key,
+)
 from policyd.core.policy import load_policy
 from policyd.core.reasons import Reason
 from policyd.decision import decider as decider_module
@@ -363,6 +372,42 @@ def test_a_small_request_is_its_own_key_without_the_request_id() -> None:
     assert key != replace(small, token="u").memo_key()
     # A larger request is keyed by a digest: never equal to a small one's tuple.
     assert key != replace(small, target=replace(target, body=b"x" * 2000)).memo_key()
+
+
+def test_the_key_of_an_http_request_is_made_alike_without_building_it() -> None:
+    # adapters/embedded answers a remembered allow from http_memo_key; a request decided in
+    # its pool is keyed by memo_key: one entry must serve both.
+    headers = {"x-b": "2", "host": "hub", "x-a": "1"}
+    for body in (b"", b'{"tags": {}}', b"x" * 2000):
+        for with_headers in (True, False):
+            for hs in (headers, {}):
+                check = CheckInput("tok", HttpTarget("POST", SNAPSHOT, "q=1", hs, body), "r", "e")
+                made = http_memo_key("e", "tok", "POST", SNAPSHOT, "q=1", hs, body, with_headers)
+                assert made == check.memo_key(with_headers)
+                assert hash(made) == hash(check.memo_key(with_headers))
+
+
+def test_a_recall_leaves_no_read_transaction_open(seeded: Home, engine: Engine) -> None:
+    # The data_version check reuses its cursor (facts._Reader.versions): its statement must
+    # end with the check, or the reader would hold a snapshot between requests (and keep a
+    # checkpoint from truncating the WAL).
+    if seeded.config.store.url:
+        pytest.skip("SQLite's data_version check")
+    inputs = read_ds_a(seeded)
+    _, entry = engine.decide_keyed(KEY, engine.policy, inputs)
+    assert engine.recall(KEY, engine.policy, True) is entry
+    with open_store(seeded.config, migrate=False) as other:
+        other.set_app_enabled("app1", True)  # a write: the WAL has frames to checkpoint
+    assert engine.recall(KEY, engine.policy, True) is None  # (the write moved the store)
+    inputs = read_ds_a(seeded)
+    engine.decide_keyed(KEY, engine.policy, inputs)
+    assert engine.recall(KEY, engine.policy, True) is not None
+    conn = sqlite3.connect(seeded.config.store.path)
+    try:
+        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    finally:
+        conn.close()
+    assert busy == 0
 
 
 def test_over_grpc_a_different_body_or_door_is_not_answered_from_memory(seeded: Home) -> None:

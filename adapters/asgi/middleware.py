@@ -26,16 +26,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import uuid
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, cast
 from urllib.parse import quote, quote_from_bytes
 
 import grpc.aio
 
 from adapters.asgi.channel import ChannelSettings, open_channel
 from adapters.asgi.metrics import CLIENT_ERROR, MiddlewareMetrics, metrics_in
+from policyd.core.ids import new_request_id
 from policyd.core.reasons import Reason
 from policyd.doors.denials import Denial, ambiguous_authorization, body_too_large, for_reason
 from policyd.doors.denials import unavailable as unavailable_denial
@@ -76,6 +76,9 @@ STRIP_HEADERS = frozenset(
         "x-client-id",
     }
 )
+# Embedded mode: requests whose reading is kept (_http_here); all dropped at this many.
+# Each entry holds the request's header bytes (a token and a few headers: about 1-2 KB).
+ASKED_REQUESTS = 1024
 _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
 # A trace context header gRPC metadata can carry.
 _METADATA_VALUE = re.compile(rb"[\x20-\x7e]{1,512}")
@@ -138,6 +141,16 @@ class InProcess(Protocol):
     ) -> Answer: ...
 
 
+class _Asked(NamedTuple):
+    """What a request's bytes make, for policyd (embedded mode keeps it: _http_here)."""
+
+    token: str
+    path: str  # as received, still percent-encoded
+    query: str
+    forwarded: dict[str, str]  # the headers policyd is told about (never changed)
+    json_body: bool  # a POST, PUT or PATCH with a JSON body: read, and sent to policyd
+
+
 class _BodyTooLarge(Exception):
     pass
 
@@ -183,6 +196,8 @@ class PolicydMiddleware:
         self._check: _Check | None = None
         # Embedded mode: decide in this process (target and the TLS options unused).
         self.embedded = embedded
+        # Embedded mode: what a request's bytes made, by those bytes (_http_here).
+        self._asked: dict[tuple[Any, ...], _Asked] = {}
         # Its own counters (adapters/asgi/metrics.py): True counts into prometheus_client's
         # default registry, a CollectorRegistry into that one.
         self._metrics: MiddlewareMetrics | None = None
@@ -213,6 +228,9 @@ class PolicydMiddleware:
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers: list[tuple[bytes, bytes]] = scope["headers"]
+        if self.embedded is not None:  # the same steps, in this process
+            await self._http_here(scope, receive, send, headers)
+            return
         try:
             token = bearer_token(headers)
         except AmbiguousAuthorization:
@@ -230,13 +248,10 @@ class PolicydMiddleware:
             except _Disconnected:
                 return
             app_receive = _Replay(body, receive)
-        if self.embedded is not None:
-            auth, denial = await self._decide_here(scope, token, method, body)
-        else:
-            auth, denial = await self._decide(
-                check_request(scope, token, method, body, self.forward_headers),
-                trace_context(headers),
-            )
+        auth, denial = await self._decide(
+            check_request(scope, token, method, body, self.forward_headers),
+            trace_context(headers),
+        )
         if denial is not None:
             await self._respond(send, denial)
             return
@@ -348,19 +363,105 @@ class PolicydMiddleware:
         self, scope: Scope, token: str, method: str, body: bytes
     ) -> tuple[AuthInfo | None, Denial | None]:
         """Embedded mode: the same request, decided in this process."""
-        assert self.embedded is not None
         request_id, forwarded = request_headers(scope, self.forward_headers)
         context = trace_context(scope["headers"])
-        try:
-            return await self.embedded.check_http(
+        return await self._check_here(
+            token,
+            method,
+            _raw_path(scope),
+            scope.get("query_string", b"").decode("latin-1"),
+            forwarded,
+            body,
+            request_id or new_request_id(),
+            context[0][1] if context else "",
+        )
+
+    async def _http_here(
+        self, scope: Scope, receive: Receive, send: Send, headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        """Embedded mode: `_http`, the request decided in this process.
+
+        What a request's bytes make (its token, path, query string, forwarded headers and
+        whether its body is read) is kept by those bytes (`_asked`): a keep-alive client
+        sends the same request again and again, and a repeat then skips reading its
+        headers (a body is read and decided on every time). Only requests with no request
+        id and no trace context are kept (each repeat gets a new request id, as without
+        the memo): ones that carry them differ every time. A server that gives header
+        items as lists (unhashable) or no raw_path is never kept."""
+        method: str = scope["method"]
+        raw_path = scope.get("raw_path")
+        asked_key: tuple[Any, ...] | None = None
+        asked: _Asked | None = None
+        if raw_path:
+            try:
+                asked_key = (method, raw_path, scope.get("query_string", b""), tuple(headers))
+                asked = self._asked.get(asked_key)
+            except TypeError:
+                asked_key = None
+        if asked is not None:
+            request_id, traceparent = new_request_id(), ""
+        else:
+            try:
+                token = bearer_token(headers)
+            except AmbiguousAuthorization:
+                await self._respond(send, ambiguous_authorization())
+                return
+            request_id, forwarded = request_headers(scope, self.forward_headers)
+            context = trace_context(headers)
+            asked = _Asked(
                 token,
-                method,
                 _raw_path(scope),
                 scope.get("query_string", b"").decode("latin-1"),
                 forwarded,
-                body,
-                request_id or uuid.uuid4().hex,
-                context[0][1] if context else "",
+                method in BODY_METHODS and _is_json(headers),
+            )
+            if asked_key is not None and not request_id and context is None:
+                if len(self._asked) >= ASKED_REQUESTS:
+                    self._asked.clear()
+                self._asked[asked_key] = asked
+            request_id = request_id or new_request_id()
+            traceparent = context[0][1] if context else ""
+        body = b""
+        app_receive = receive
+        if asked.json_body:
+            try:
+                body = await self._read_body(headers, receive)
+            except _BodyTooLarge:
+                await self._respond(send, body_too_large(self.max_body_bytes))
+                return
+            except _Disconnected:
+                return
+            app_receive = _Replay(body, receive)
+        auth, denial = await self._check_here(
+            asked.token,
+            method,
+            asked.path,
+            asked.query,
+            asked.forwarded,
+            body,
+            request_id,
+            traceparent,
+        )
+        if denial is not None:
+            await self._respond(send, denial)
+            return
+        await self.app(self._app_scope(scope, auth), app_receive, send)
+
+    async def _check_here(
+        self,
+        token: str,
+        method: str,
+        path: str,
+        query: str,
+        forwarded: dict[str, str],
+        body: bytes,
+        request_id: str,
+        traceparent: str,
+    ) -> tuple[AuthInfo | None, Denial | None]:
+        assert self.embedded is not None
+        try:
+            return await self.embedded.check_http(
+                token, method, path, query, forwarded, body, request_id, traceparent
             )
         except Exception:
             log.exception("embedded policyd failed")
@@ -397,14 +498,16 @@ class PolicydMiddleware:
     def _app_scope(self, scope: Scope, auth: AuthInfo | None) -> Scope:
         """A copy of scope for the app: identity headers removed, auth set."""
         app_scope = dict(scope)
-        app_scope["headers"] = [
-            (name, value) for name, value in scope["headers"] if not self._spoofable(name.lower())
-        ]
+        # Every request passes here: one loop, no call per header (a third less time).
+        strip, prefixes = self.strip_headers, self.strip_header_prefixes
+        kept = []
+        for header in scope["headers"]:
+            name = header[0].lower()
+            if not (name in strip or name.startswith(prefixes)):
+                kept.append(header)
+        app_scope["headers"] = kept
         app_scope["auth"] = auth
         return app_scope
-
-    def _spoofable(self, name: bytes) -> bool:
-        return name in self.strip_headers or name.startswith(self.strip_header_prefixes)
 
     async def _respond(self, send: Send, denial: Denial) -> None:
         """Answer the request in the app's stead."""
@@ -420,7 +523,7 @@ def check_request(
     """The Check request describing this HTTP request or websocket handshake."""
     request_id, forwarded = request_headers(scope, forward_headers)
     request = decision_pb2.CheckRequest(
-        token=token, request_id=request_id or uuid.uuid4().hex, door=DOOR
+        token=token, request_id=request_id or new_request_id(), door=DOOR
     )
     http = request.http
     http.method = method

@@ -157,14 +157,16 @@ class EmbeddedPolicyd:
             await self.start()
         embedded = self.embedded
         fields = headers if type(headers) is dict else dict(headers or {})
-        check = CheckInput(token, HttpTarget(method, path, query, fields, body), request_id, DOOR)
-        key, policy = embedded.key(check)
+        key, policy = embedded.key_http(token, method, path, query, fields, body)
         door = self._door
         if self._inline:
-            answer = embedded.recalled(door, render, check, key, policy, started, traceparent)
+            # A remembered allow is answered from its key: the request is built only to
+            # be decided (in the pool).
+            answer = embedded.recalled(door, render, request_id, key, policy, started, traceparent)
             if answer is not None:
                 self.answered_inline += 1
                 return answer
+        check = CheckInput(token, HttpTarget(method, path, query, fields, body), request_id, DOOR)
         self.answered_in_pool += 1
         return await asyncio.get_running_loop().run_in_executor(
             self._pool,

@@ -87,22 +87,41 @@ class CheckInput:
         of the token and the body."""
         t = self.target
         if isinstance(t, HttpTarget):
-            headers = tuple(sorted(t.headers.items())) if with_headers else ()
-            what: tuple[Any, ...] = (t.method, t.path, t.query, headers, t.body)
-            size = len(t.method) + len(t.path) + len(t.query) + len(t.body)
-            if headers:
-                size += sum(len(k) + len(v) for k, v in headers)
-        elif isinstance(t, ActionTarget):
-            what = (t.action, t.data_sources)
+            return http_memo_key(
+                self.door, self.token, t.method, t.path, t.query, t.headers, t.body, with_headers
+            )
+        if isinstance(t, ActionTarget):
+            what: tuple[Any, ...] = (t.action, t.data_sources)
             size = len(t.action) + sum(map(len, t.data_sources))
         else:
             what = ()
             size = 0
-        key = (self.door, self.token, type(t).__name__, *what)
-        # pickle of str, bytes and tuples is exact and unambiguous (lengths, types).
-        return small_key(
-            key, size + len(self.token), "input-blake2b", lambda: pickle.dumps(key, protocol=5)
-        )
+        return _input_key((self.door, self.token, type(t).__name__, *what), size + len(self.token))
+
+
+def http_memo_key(
+    door: str,
+    token: str,
+    method: str,
+    path: str,
+    query: str,
+    headers: dict[str, str],
+    body: bytes,
+    with_headers: bool = True,
+) -> Hashable:
+    """CheckInput(token, HttpTarget(method, path, query, headers, body), _, door).memo_key(
+    with_headers), without building the input: a door that answers a remembered allow
+    from its key alone (adapters/embedded) builds the input only when it must decide."""
+    items = tuple(sorted(headers.items())) if with_headers and headers else ()
+    size = len(token) + len(method) + len(path) + len(query) + len(body)
+    if items:
+        size += sum(len(k) + len(v) for k, v in items)
+    return _input_key((door, token, "HttpTarget", method, path, query, items, body), size)
+
+
+def _input_key(key: tuple[Any, ...], size: int) -> Hashable:
+    # pickle of str, bytes and tuples is exact and unambiguous (lengths, types).
+    return small_key(key, size, "input-blake2b", lambda: pickle.dumps(key, protocol=5))
 
 
 @dataclass(frozen=True, slots=True)

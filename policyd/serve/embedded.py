@@ -32,7 +32,7 @@ from typing import TypeVar
 
 from policyd.config import Config, load_config
 from policyd.core import metrics, tracing
-from policyd.core.model import CheckInput, Decision
+from policyd.core.model import CheckInput, Decision, http_memo_key
 from policyd.core.policy import Policy
 from policyd.decision.decider import Decider, Door
 from policyd.decision.wiring import build_decider
@@ -154,11 +154,25 @@ class Embedded:
         policy = self.decider.engine.policy
         return check.memo_key(policy.reads_headers), policy
 
+    def key_http(
+        self,
+        token: str,
+        method: str,
+        path: str,
+        query: str,
+        headers: dict[str, str],
+        body: bytes,
+    ) -> tuple[Hashable, Policy]:
+        """`key` of the HTTP request these make (at this door), without building it."""
+        policy = self.decider.engine.policy
+        key = http_memo_key(DOOR, token, method, path, query, headers, body, policy.reads_headers)
+        return key, policy
+
     def recalled(
         self,
         door: Door[F, R],
         render: Callable[[Decision], R],
-        check: CheckInput,
+        request_id: str,
         key: Hashable,
         policy: Policy,
         started_ns: int,
@@ -172,7 +186,7 @@ class Embedded:
             render,
             key,
             policy,
-            check.request_id,
+            request_id,
             started_ns,
             label=DOOR,
             traceparent=traceparent,
