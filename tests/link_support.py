@@ -72,6 +72,8 @@ class TableAuthorizerForTests:
         return verdict
 
     def _decide(self, token: str, data_sources: Sequence[str]) -> Verdict:
+        if not token:
+            return Verdict(False, "TOKEN_MISSING")
         found = self.tokens.get(token)
         if found is None:
             return Verdict(False, "TOKEN_MALFORMED")

@@ -162,6 +162,9 @@ class LinkHub:
         self.app = socketio.ASGIApp(self.sio, socketio_path=SOCKETIO_PATH)
         self.connections: dict[str, Connection] = {}
         self._ids = itertools.count(1)
+        # Why policyd refused the last link that served a data source (a reason name), until
+        # a link serves it again: the 503 of "no connector online" says so.
+        self._refusals: dict[str, str] = {}
         # Tasks closing links, kept until done (the loop keeps only weak references).
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -227,8 +230,12 @@ class LinkHub:
         request_id = request_id or str(uuid.uuid4())
         conn = self.serving(data_source)
         if conn is None:
+            refused = self._refusals.get(data_source, "")
             raise LinkUnavailable(
-                data_source, f"no connector is online for data source {data_source!r}"
+                data_source,
+                f"no connector is online for data source {data_source!r}"
+                + (f" (policyd refused the last one: {refused})" if refused else ""),
+                refused,
             )
         verdict = await self.authorizer.check(conn.token, [data_source], request_id)
         if not verdict.allowed:
@@ -347,6 +354,8 @@ class LinkHub:
         if not self._alive(conn):
             return
         conn.serving = True
+        for name in conn.data_sources:
+            self._refusals.pop(name, None)
         log.info(
             "link: connector %s connected, serving %s",
             conn.connector_id,
@@ -384,7 +393,11 @@ class LinkHub:
                     _names(sorted(gone)),
                 )
                 conn.data_sources = left
+                for name in gone:
+                    self._refusals[name] = verdict.reason
                 return True
+        for name in conn.data_sources:
+            self._refusals[name] = verdict.reason
         await self._drop(conn, f"policyd refused it for {_names(data_sources)}: {verdict.reason}")
         return False
 
