@@ -264,7 +264,7 @@ def test_after_a_hub_restart_the_connector_reconnects_and_serves_by_itself(
         found = policyd.records(data_source="restart-ds", reason="ALLOWED")
         return {r.request_id for r in found if r.request_id.startswith("link-attach-")}
 
-    eventually(lambda: len(attachments()) == 2, 10, "two attachments in policyd's audit log")
+    eventually(lambda: len(attachments()) >= 2, 10, "two attachments in policyd's audit log")
 
 
 def test_a_write_is_never_sent_twice(
@@ -325,21 +325,24 @@ def test_a_disabled_connector_gets_no_request_and_its_link_closes(
     tmp_path: Path, policyd: Policyd, started: list[object]
 ) -> None:
     secret = policyd.add("off-busy", "off-busy-ds")
-    hub = _hub(started, policyd)
+    # No periodic re-check within the test: the per-forward Check alone must refuse.
+    hub = _hub(started, policyd, recheck_seconds=60)
     up, url = hub.upstream("plant-a")
     a = _connector(started, tmp_path, hub, "off-busy", {"off-busy-ds": url}, secret=secret)
     hub.wait_online("off-busy")
     assert hub.forward("off-busy-ds").status == 200
     _disable(policyd, "off-busy")
     # The very next request after the command returned is refused without reaching the
-    # connector (or no link is left to take it: the 0.5 s re-check may be first).
+    # connector, and its link is closed.
     with pytest.raises(LinkUnavailable) as raised:
-        hub.forward("off-busy-ds")
-    assert raised.value.reason in ("CONNECTOR_DISABLED", "")
+        hub.forward("off-busy-ds", request_id="off-busy-next")
+    assert raised.value.reason == "CONNECTOR_DISABLED"
     assert len(up.seen) == 1
+    assert hub.online() == []
     a.wait_log("refused by the hub: CONNECTOR_DISABLED", timeout=10)
-    refused = policyd.audited(data_source="off-busy-ds", reason="CONNECTOR_DISABLED")
-    assert (refused.decision, refused.client_id) == ("deny", "off-busy")
+    refused = policyd.audited(request_id="off-busy-next")
+    assert (refused.decision, refused.reason) == ("deny", "CONNECTOR_DISABLED")
+    assert (refused.client_id, refused.data_sources) == ("off-busy", ("off-busy-ds",))
 
 
 def test_an_idle_disabled_connector_is_closed_within_a_second(
@@ -414,7 +417,7 @@ def test_unknown_forged_and_expired_tokens_are_refused_and_audited(
         "tok-ghost-ds": (policyd.link_token("tok-ghost"), "CONNECTOR_UNKNOWN"),
         "tok-ds": (forged, "TOKEN_SIGNATURE_INVALID"),
         # an app's token, not a connector's
-        "tok-app-ds": (policyd.home.token(), "TOKEN_AUDIENCE_MISMATCH"),
+        "tok-app-ds": (policyd.home.token(ttl_seconds=600), "TOKEN_AUDIENCE_MISMATCH"),
     }
     for data_source, (token, reason) in cases.items():
         assert _attach(hub, token, [data_source]) == reason
@@ -424,7 +427,6 @@ def test_unknown_forged_and_expired_tokens_are_refused_and_audited(
     assert _attach(hub, expired, ["tok-ds"]) == "TOKEN_EXPIRED"
     assert policyd.audited(data_source="tok-ds", reason="TOKEN_EXPIRED").decision == "deny"
     assert _attach(hub, genuine, ["tok-ds"]) == "connected"
-    assert hub.online() == [] or hub.online()[0]["connector_id"] == "tok-a"
 
 
 @pytest.mark.slow
@@ -609,7 +611,7 @@ def test_the_reference_hub_forwards_an_app_request_and_a_disable_stops_the_next(
         connector = start_connector(config)
         try:
             connector.wait_log("connected to")
-            token = home.token()
+            token = home.token(ttl_seconds=600)  # alice's, outliving the module's short TTL
 
             def get() -> httpx.Response:
                 return httpx.get(
