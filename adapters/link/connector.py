@@ -336,7 +336,15 @@ async def _main(config: ConnectorConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await Connector(config).run(stop)
+    try:
+        await Connector(config).run(stop)
+    finally:
+        # Stopped: a second signal (Ctrl-C to a process group, then its supervisor's
+        # SIGTERM) is ignored. Removing the loop's handlers first unsets its wakeup fd,
+        # which asyncio.run closes next: a signal in between would print a traceback.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -365,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ",".join(config.sources),
         config.hub_url,
     )
-    with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C while stopping
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C before _main took the signals
         asyncio.run(_main(config))
     return 0
 
