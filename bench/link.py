@@ -51,6 +51,10 @@ from bench.hub import (
 )
 from bench.procs import ROOT, clean_env, free_port, stop
 from bench.stats import median
+from policyd.cli import demo
+from policyd.config import load_config
+from policyd.core.model import Access
+from policyd.store.sqlite import SqliteStore
 
 CONNECTIONS = 8
 SIDES = ("local", "websocket", "polling")
@@ -65,11 +69,6 @@ DATA_SOURCE = "plant-mes"
 def _policyd_home(work: Path) -> tuple[Path, str, str, str]:
     """The demo store with the authorization server on: the config, alice's token, the demo
     connector's secret and policyd's token endpoint."""
-    from policyd.cli import demo
-    from policyd.config import load_config
-    from policyd.core.model import Access
-    from policyd.store.sqlite import SqliteStore
-
     oauth_port = free_port()
     issuer = f"http://127.0.0.1:{oauth_port}"
     config_path, token = _seed(
@@ -160,8 +159,6 @@ def _front(work: Path, name: str, transports: str, address: str) -> Front:
 
 
 def _connector_config(work: Path, name: str, front: Front, upstream: int, token_url: str) -> Path:
-    from policyd.cli import demo
-
     secret = work / "secret"
     path = work / f"{name}.toml"
     path.write_text(
