@@ -219,8 +219,9 @@ def _first_tag(data_source: str) -> str:
     return next(iter(make_data_source(data_source).tags))
 
 
-def _seed(home: Path) -> tuple[Path, str]:
-    """A policyd config and demo store under home; a token for alice."""
+def _seed(home: Path, tokens: str = "", extra: str = "") -> tuple[Path, str]:
+    """A policyd config and demo store under home; a token for alice. `tokens`: more lines
+    of the [tokens] section; `extra`: more sections (bench/link.py's authorization server)."""
     from policyd.cli import demo
     from policyd.config import Config, load_config
     from policyd.decision.tokens import issue_token
@@ -230,13 +231,14 @@ def _seed(home: Path) -> tuple[Path, str]:
 
     config_path = home / "policyd.toml"
     text = f'[store]\npath = "{home / "policyd.db"}"\n[tokens]\nkey_dir = "{home / "keys"}"\n'
+    text += tokens
     # Sections of newer policyd versions: the repo's policy files, the audit log in home.
     sections = {f.name for f in dataclasses.fields(Config)}
     if "policy" in sections:
         text += f'[policy]\ndir = "{ROOT / "policies"}"\n'
     if "audit" in sections:
         text += f'[audit]\npath = "{home / "audit.db"}"\nkey_file = "{home / "audit.key"}"\n'
-    config_path.write_text(text)
+    config_path.write_text(text + extra)
     config = load_config(config_path, env={})
     store = SqliteStore(Path(config.store.path))
     ring = KeyRing(store, config.tokens.key_dir)

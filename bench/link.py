@@ -1,141 +1,126 @@
-"""`python -m bench.link [--quick]`: the link's cost (docs/link.md), measured in one run.
+"""`python -m bench.link [--quick]`: the link's cost (docs/link.md), measured in one run,
+with every decision asked of a real `policyd serve`.
 
-A snapshot query (POST /api/data/v2/snapshot for one tag of plant-mes) three ways, with the
-same load generator as bench/hub.py (keep-alive connections, back-to-back requests,
-alternating windows so drift on the shared machine hits all alike):
+A snapshot query (POST /api/data/v2/snapshot for one tag of plant-mes, alice's token) three
+ways, with the same load generator as bench/hub.py (keep-alive connections, back-to-back
+requests, alternating windows so drift on the shared machine hits all alike):
 
-* *local*: the reference hub holds plant-mes itself (behind no middleware, trusting the
-  gateway's headers, as bench/hub.py's unprotected hub);
-* *websocket*: a hub that does not hold plant-mes forwards it over the link (LinkForward,
-  LinkHub) to `policyd-connector`, which replays it against the plant's upstream (the
-  same hub code holding plant-mes) over WebSocket;
+* *local*: the reference hub holds plant-mes itself, behind the PolicydMiddleware asking
+  policyd (bench/hub.py's protected hub);
+* *websocket*: a hub protected the same way that does not hold plant-mes: the middleware
+  asks policyd about the app's request, then LinkForward asks policyd `connector.attach`
+  for the connector (GrpcAuthorizer, as before every forward) and sends the request down
+  the link to `policyd-connector`, which replays it against the plant's upstream (a hub
+  holding plant-mes, trusting the decision headers the hub sends along) over WebSocket;
 * *polling*: the same over the long-polling fallback (the hub refuses WebSocket:
   POLICYD_HUB_LINK_TRANSPORTS=polling).
 
-ratio = link / local (throughput; p50). The link's hubs decide about the connector with
-`AllowBenchConnector` instead of policyd: this measures the transport, not the Check the
-real hub asks before every forward (as costly as the middleware's, bench/hub.py).
+ratio = link / local (throughput; p50): what the link really costs a request, its extra
+Check included. The connector is the demo's `plant-connector` (owning plant-mes), its
+token from policyd's own token endpoint (client credentials).
 
 Then the time from a hub restart (SIGTERM, a new process on the same ports) to the
 connector serving again through it, with the connector's reconnection back-off at
 delay_seconds 0.5, delay_max_seconds 2 (the figure is mostly that back-off).
-
-`python -m bench.link front`: one such linked hub (run by this module, settings from
-POLICYD_HUB_* and BENCH_LINK_TOKEN_PORT).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import functools
 import http.client
 import json
-import os
+import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import uvicorn
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
-
-from adapters.link import Verdict
-from adapters.link.listener import Listener
-from bench.hub import Durations, Target, Window, _first_tag, _gateway_headers, _http_request
+from bench.hub import (
+    Durations,
+    Target,
+    Window,
+    _first_tag,
+    _http_request,
+    _seed,
+    _wait_grpc,
+)
 from bench.procs import ROOT, clean_env, free_port, stop
 from bench.stats import median
-from examples.hub.app import create_app
-from examples.hub.settings import HubSettings
+from policyd.cli import demo
+from policyd.config import load_config
+from policyd.core.model import Access
+from policyd.store.sqlite import SqliteStore
 
 CONNECTIONS = 8
 SIDES = ("local", "websocket", "polling")
 FULL = Durations(rounds=3, warmup=1.0, duration=4.0)
 QUICK = Durations(rounds=1, warmup=0.3, duration=1.0)
 DATA_SOURCE = "plant-mes"
-CONNECTOR_ID = "bench-connector"
-SECRET = "bench-secret"
-TOKEN = "bench-connector-token"
 
 
-# -- the linked hub (its own process) ---------------------------------------------------------
+# -- policyd ---------------------------------------------------------------------------------
 
 
-class AllowBenchConnector:
-    """Decides about the connector in the benchmark: the one token, for any data source."""
-
-    async def check(self, token: str, data_sources: Sequence[str], request_id: str = "") -> Verdict:
-        if token == TOKEN:
-            return Verdict(True, "ALLOWED", CONNECTOR_ID)
-        return Verdict(False, "TOKEN_MALFORMED")
-
-    async def close(self) -> None:
-        pass
-
-
-def front_main() -> int:
-    """A hub without plant-mes, its link on POLICYD_HUB_LINK_ADDRESS (plain: loopback), and
-    a token endpoint for the connector on BENCH_LINK_TOKEN_PORT."""
-    settings = HubSettings.from_env()
-
-    async def token(request: Request) -> JSONResponse:
-        return JSONResponse({"access_token": TOKEN, "token_type": "Bearer", "expires_in": 3600})
-
-    async def serve() -> None:
-        tokens = Listener(
-            Starlette(routes=[Route("/token", token, methods=["POST"])]),
-            "127.0.0.1",
-            int(os.environ["BENCH_LINK_TOKEN_PORT"]),
-        )
-        await tokens.start()
-        app = create_app(settings, link_authorizer=AllowBenchConnector())
-        config = uvicorn.Config(
-            app, host="127.0.0.1", port=settings.port, log_level="warning", lifespan="on"
-        )
-        try:
-            await uvicorn.Server(config).serve()
-        finally:
-            await tokens.stop()
-
-    asyncio.run(serve())
-    return 0
+def _policyd_home(work: Path) -> tuple[Path, str, str, str]:
+    """The demo store with the authorization server on: the config, alice's token, the demo
+    connector's secret and policyd's token endpoint."""
+    oauth_port = free_port()
+    issuer = f"http://127.0.0.1:{oauth_port}"
+    config_path, token = _seed(
+        work,
+        tokens=f'issuer = "{issuer}"\n',
+        extra=(
+            f'[oauth]\nenabled = true\naddress = "127.0.0.1:{oauth_port}"\n'
+            f'session_key_file = "{work / "oauth-session.key"}"\n'
+        ),
+    )
+    config = load_config(config_path, env={})
+    store = SqliteStore(Path(config.store.path))
+    try:
+        # The demo grants plant-mes to bob alone; alice's token reads it here.
+        store.add_grant("alice", demo.DEMO_APP, DATA_SOURCE, Access.READ)
+        secret = store.rotate_connector_secret(demo.DEMO_CONNECTOR)
+    finally:
+        store.close()
+    return config_path, token, secret, f"{issuer}/token"
 
 
 # -- the processes ----------------------------------------------------------------------------
 
 
-def _hub_env(work: Path, port: int, data_sources: str, **extra: str) -> dict[str, str]:
+def _hub_env(work: Path, name: str, port: int, data_sources: str, **extra: str) -> dict[str, str]:
     env = clean_env()
     env.update(
         POLICYD_HUB_PORT=str(port),
         POLICYD_HUB_DATA_DIR=str(work / "data"),  # one hub.db: the same values everywhere
         POLICYD_HUB_DATA_SOURCES=data_sources,
-        POLICYD_HUB_GATEWAY="envoy",
         **extra,
     )
     return env
 
 
-def _snapshot_ok(port: int) -> bool:
-    body = json.dumps({"tags": {DATA_SOURCE: [_first_tag(DATA_SOURCE)]}})
+def _protected(address: str) -> dict[str, str]:
+    """A hub behind the PolicydMiddleware asking policyd at `address` (as bench/hub.py's
+    protected hub: a deadline no loaded 2-core machine reaches)."""
+    return {
+        "POLICYD_HUB_GATEWAY": "asgi",
+        "POLICYD_HUB_MODE": "remote",
+        "POLICYD_HUB_POLICYD_ADDRESS": address,
+        "POLICYD_HUB_TIMEOUT_SECONDS": "5",
+    }
+
+
+def _snapshot_ok(port: int, request: bytes) -> bool:
+    """One snapshot query (alice's token) answered 200."""
     try:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-        conn.request(
-            "POST",
-            "/api/data/v2/snapshot",
-            body,
-            {"Content-Type": "application/json", **_gateway_headers([DATA_SOURCE])},
-        )
-        ok = conn.getresponse().status == 200
-        conn.close()
-        return ok
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+            sock.sendall(request)
+            return sock.recv(64).startswith(b"HTTP/1.1 200")
     except OSError:
         return False
 
@@ -153,34 +138,33 @@ def _wait(condition: Callable[[], bool], what: str, timeout: float = 30) -> floa
 class Front:
     port: int
     link_port: int
-    token_port: int
     env: dict[str, str]
     log: Path
 
 
-def _front(work: Path, name: str, transports: str) -> Front:
-    port, link_port, token_port = free_port(), free_port(), free_port()
+def _front(work: Path, name: str, transports: str, address: str) -> Front:
+    """A protected hub without plant-mes, its link on a plain loopback listener."""
+    port, link_port = free_port(), free_port()
     env = _hub_env(
         work,
+        name,
         port,
         "edge-historian",
         POLICYD_HUB_LINK_ADDRESS=f"127.0.0.1:{link_port}",
         POLICYD_HUB_LINK_INSECURE="1",
         POLICYD_HUB_LINK_TRANSPORTS=transports,
-        BENCH_LINK_TOKEN_PORT=str(token_port),
+        **_protected(address),
     )
-    return Front(port, link_port, token_port, env, work / f"{name}.log")
+    return Front(port, link_port, env, work / f"{name}.log")
 
 
-def _connector_config(work: Path, name: str, front: Front, upstream: int) -> Path:
+def _connector_config(work: Path, name: str, front: Front, upstream: int, token_url: str) -> Path:
     secret = work / "secret"
-    secret.write_text(SECRET)
-    secret.chmod(0o600)
     path = work / f"{name}.toml"
     path.write_text(
         f'hub_url = "http://127.0.0.1:{front.link_port}"\n'
-        f'token_url = "http://127.0.0.1:{front.token_port}/token"\n'
-        f'client_id = "{CONNECTOR_ID}"\nclient_secret_file = "{secret}"\n'
+        f'token_url = "{token_url}"\n'
+        f'client_id = "{demo.DEMO_CONNECTOR}"\nclient_secret_file = "{secret}"\n'
         "insecure_dev = true\n"
         "[reconnect]\ndelay_seconds = 0.5\ndelay_max_seconds = 2\nrandomization_factor = 0.1\n"
         f'[sources.{DATA_SOURCE}]\nurl = "http://127.0.0.1:{upstream}"\n'
@@ -202,40 +186,50 @@ def _start(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[
 
 def run(quick: bool, connections: int = CONNECTIONS) -> dict[str, Any]:
     d = QUICK if quick else FULL
-    body = json.dumps({"tags": {DATA_SOURCE: [_first_tag(DATA_SOURCE)]}}).encode()
-    request = _http_request(
-        "POST", "/api/data/v2/snapshot", "unused", body, _gateway_headers([DATA_SOURCE])
-    )
     running: dict[str, subprocess.Popen[bytes]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-link-") as tmp:
         work = Path(tmp)
         try:
+            config_path, token, secret, token_url = _policyd_home(work)
+            (work / "secret").write_text(secret)
+            (work / "secret").chmod(0o600)
+            body = json.dumps({"tags": {DATA_SOURCE: [_first_tag(DATA_SOURCE)]}}).encode()
+            request = _http_request("POST", "/api/data/v2/snapshot", token, body)
+            raw = request.encode("latin-1")
+            address = f"127.0.0.1:{free_port()}"
+            running["policyd"] = _start(
+                ["-m", "policyd", "--config", str(config_path), "serve", "--address", address],
+                work / "policyd.log",
+                clean_env(),
+            )
+            _wait_grpc(address, running["policyd"])
             local_port, upstream_port = free_port(), free_port()
             running["local"] = _start(
                 ["-m", "examples.hub"],
                 work / "local.log",
-                _hub_env(work, local_port, DATA_SOURCE),
+                _hub_env(work, "local", local_port, DATA_SOURCE, **_protected(address)),
             )
+            # The plant: trusts the decision headers the hub sends down the link.
             running["upstream"] = _start(
                 ["-m", "examples.hub"],
                 work / "upstream.log",
-                _hub_env(work, upstream_port, DATA_SOURCE),
+                _hub_env(work, "upstream", upstream_port, DATA_SOURCE, POLICYD_HUB_GATEWAY="envoy"),
             )
             fronts = {
-                "websocket": _front(work, "websocket", "polling,websocket"),
-                "polling": _front(work, "polling", "polling"),
+                "websocket": _front(work, "websocket", "polling,websocket", address),
+                "polling": _front(work, "polling", "polling", address),
             }
             for side, front in fronts.items():
-                running[side] = _start(["-m", "bench.link", "front"], front.log, front.env)
-                config = _connector_config(work, side, front, upstream_port)
+                running[side] = _start(["-m", "examples.hub"], front.log, front.env)
+                config = _connector_config(work, side, front, upstream_port, token_url)
                 running[f"{side}-connector"] = _start(
                     ["-m", "adapters.link.connector", "--config", str(config)],
                     work / f"{side}-connector.log",
                     clean_env(),
                 )
-            _wait(lambda: _snapshot_ok(local_port), "the local hub")
+            _wait(lambda: _snapshot_ok(local_port, raw), "the local hub")
             for side, front in fronts.items():
-                _wait(functools.partial(_snapshot_ok, front.port), f"the {side} link")
+                _wait(functools.partial(_snapshot_ok, front.port, raw), f"the {side} link")
             ports = {"local": local_port, **{s: f.port for s, f in fronts.items()}}
             targets = [
                 asdict(
@@ -262,15 +256,15 @@ def run(quick: bool, connections: int = CONNECTIONS) -> dict[str, Any]:
             if loader.returncode != 0:
                 raise RuntimeError(f"load generator failed:\n{loader.stderr.decode()}")
             windows = [Window(**w) for w in json.loads(loader.stdout)]
-            restart = _restart(running, fronts["websocket"], 1 if quick else 3)
+            restart = _restart(running, fronts["websocket"], raw, 1 if quick else 3)
         finally:
-            for process in running.values():
+            for process in reversed(running.values()):
                 stop(process)
     return _summarize(windows, connections, d, restart)
 
 
 def _restart(
-    running: dict[str, subprocess.Popen[bytes]], front: Front, times: int
+    running: dict[str, subprocess.Popen[bytes]], front: Front, request: bytes, times: int
 ) -> dict[str, list[float]]:
     """Stop the websocket side's hub and start a new one on the same ports: seconds until it
     listens, and until the connector serves through it again."""
@@ -279,10 +273,10 @@ def _restart(
     for _ in range(times):
         stop(running["websocket"])
         started = time.monotonic()
-        running["websocket"] = _start(["-m", "bench.link", "front"], front.log, front.env)
+        running["websocket"] = _start(["-m", "examples.hub"], front.log, front.env)
         _wait(lambda: _listening(front.port), "the restarted hub")
         listening.append(time.monotonic() - started)
-        _wait(lambda: _snapshot_ok(front.port), "the connector serving again")
+        _wait(lambda: _snapshot_ok(front.port, request), "the connector serving again")
         serving.append(time.monotonic() - started)
     return {"listening_s": listening, "serving_s": serving}
 
@@ -354,7 +348,8 @@ def report(summary: dict[str, Any]) -> str:
     d = summary["durations"]
     head = (
         f"Link: a snapshot query served by the hub itself (local) and over the link to a"
-        f" connector (WebSocket, long-polling); {summary['connections']} keep-alive"
+        f" connector (WebSocket, long-polling), every hub behind the middleware asking"
+        f" policyd, the link asking it too before each forward; {summary['connections']} keep-alive"
         f" connections; medians of {d['rounds']} alternating {d['duration']:g} s windows"
     )
     ratios = [
@@ -371,11 +366,8 @@ def report(summary: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.link")
-    parser.add_argument("command", nargs="?", choices=["front"], help="(internal) a linked hub")
     parser.add_argument("--quick", action="store_true", help="short runs (a smoke test)")
     args = parser.parse_args(argv)
-    if args.command == "front":
-        return front_main()
     summary = run(args.quick)
     print(report(summary))
     print(json.dumps(summary, indent=2))

@@ -1,18 +1,13 @@
-"""Test support for the link: a LinkHub served in a thread (real uvicorn listeners, real
-sockets, TLS where asked), upstreams that record what reached them, and `policyd-connector`
-as a real process.
-
-`TableAuthorizerForTests` stands in for policyd until policyd knows `connector.attach`
-(tests/test_link_e2e.py asks the real one): a table of connectors, their secrets, the data
-sources they own and whether they are enabled, and the tokens a small client-credentials
-token endpoint (`token_app`) issued. The production authorizer is GrpcAuthorizer.
+"""Test support for the link: a real `policyd serve` (Decision API and its authorization
+server's token endpoint) shared by a test module, a LinkHub served in a thread (real
+uvicorn listeners, real sockets, TLS where asked) asking it through GrpcAuthorizer,
+upstreams that record what reached them, and `policyd-connector` as a real process.
+Nothing on the decision path is stood in for.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import itertools
 import json
 import os
 import signal
@@ -20,103 +15,105 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import unquote
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from adapters.link import LinkHub, LinkResponse, Verdict
+from adapters.asgi.channel import ChannelSettings
+from adapters.link import GrpcAuthorizer, LinkHub, LinkResponse
 from adapters.link.listener import Listener
-from tests.helpers import ROOT, free_port
+from policyd.audit.reader import AuditReader, Query
+from policyd.audit.records import AuditRecord
+from policyd.config import load_config
+from policyd.decision.tokens import issue_token
+from policyd.decision.wiring import token_settings
+from tests.helpers import ROOT, Home, ServerProcess, free_port, run_server
+from tests.oauth_support import oauth_home
 
 T = TypeVar("T")
 
 
 @dataclass
-class ConnectorEntry:
-    secret: str
-    data_sources: set[str]
-    enabled: bool = True
+class Policyd:
+    """A real `policyd serve` with its authorization server: connectors and data sources
+    are registered in its store, tokens come from its token endpoint, every
+    `connector.attach` is decided and audited by it."""
 
+    home: Home
+    server: ServerProcess
 
-@dataclass
-class TableAuthorizerForTests:
-    """A stand-in for policyd's `connector.attach` decision, for transport tests only."""
+    @property
+    def address(self) -> str:
+        return self.server.address
 
-    connectors: dict[str, ConnectorEntry] = field(default_factory=dict)
-    # token -> (connector id, expiry on time.time())
-    tokens: dict[str, tuple[str, float]] = field(default_factory=dict)
-    token_lifetime: float = 300.0
-    checks: list[tuple[str, tuple[str, ...], str]] = field(default_factory=list)
-    _serial: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    @property
+    def token_url(self) -> str:
+        return f"{self.home.config.tokens.issuer}/token"
 
-    def add(self, connector_id: str, *data_sources: str, secret: str = "") -> str:
-        secret = secret or f"secret-of-{connector_id}"
-        self.connectors[connector_id] = ConnectorEntry(secret, set(data_sources))
+    def add(self, connector_id: str, *data_sources: str) -> str:
+        """Register a connector serving these (new) data sources; its secret."""
+        secret = self.home.store.add_connector(connector_id)
+        for name in data_sources:
+            self.home.store.add_data_source(name, connector=connector_id)
         return secret
 
-    def issue(self, connector_id: str) -> str:
-        token = f"tok-{connector_id}-{next(self._serial)}"
-        self.tokens[token] = (connector_id, time.time() + self.token_lifetime)
+    def authorizer(self) -> GrpcAuthorizer:
+        return GrpcAuthorizer(ChannelSettings(self.address), timeout_seconds=5.0)
+
+    def link_token(self, connector_id: str, ttl_seconds: int | None = None) -> str:
+        """A connector's token signed by policyd's own key (`ttl_seconds` < 0: expired)."""
+        token, _ = issue_token(
+            self.home.keyring,
+            token_settings(self.home.config).for_link(),
+            sub=connector_id,
+            client_id=connector_id,
+            scopes=("connector",),
+            ttl_seconds=ttl_seconds,
+        )
         return token
 
-    async def check(self, token: str, data_sources: Sequence[str], request_id: str = "") -> Verdict:
-        verdict = self._decide(token, data_sources)
-        self.checks.append((token, tuple(data_sources), verdict.reason))
-        return verdict
+    def records(self, **query: Any) -> list[AuditRecord]:
+        """policyd's audit records of the link door matching `query` (audit.reader.Query's
+        fields), newest first, as its indexer has them now."""
+        reader = AuditReader(self.home.root / "audit.db")
+        try:
+            return [s.record for s in reader.query(Query(door="link", limit=1000, **query))]
+        finally:
+            reader.close()
 
-    def _decide(self, token: str, data_sources: Sequence[str]) -> Verdict:
-        if not token:
-            return Verdict(False, "TOKEN_MISSING")
-        found = self.tokens.get(token)
-        if found is None:
-            return Verdict(False, "TOKEN_MALFORMED")
-        connector_id, expires = found
-        if time.time() >= expires:
-            return Verdict(False, "TOKEN_EXPIRED", connector_id)
-        entry = self.connectors.get(connector_id)
-        if entry is None:
-            return Verdict(False, "CONNECTOR_UNKNOWN", connector_id)
-        if not entry.enabled:
-            return Verdict(False, "CONNECTOR_DISABLED", connector_id)
-        if not set(data_sources) <= entry.data_sources:
-            return Verdict(False, "DATA_SOURCE_NOT_OWNED", connector_id)
-        return Verdict(True, "ALLOWED", connector_id)
+    def audited(self, timeout: float = 10.0, **query: Any) -> AuditRecord:
+        """The newest audit record of the link door matching `query`, once policyd's indexer
+        has it (within its pass interval)."""
+        deadline = time.monotonic() + timeout
+        while not (found := self.records(**query)):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no audit record (door link) for {query}")
+            time.sleep(0.05)
+        return found[0]
 
-    async def close(self) -> None:
-        pass
 
-    def token_app(self) -> Starlette:
-        """POST /token: client credentials (client_secret_basic), as policyd's will be."""
-
-        async def token(request: Request) -> Response:
-            form = await request.form()
-            header = request.headers.get("authorization", "")
-            try:
-                pair = base64.b64decode(header.removeprefix("Basic ")).decode()
-                client_id, secret = (unquote(p) for p in pair.split(":", 1))
-            except ValueError:
-                return JSONResponse({"error": "invalid_client"}, status_code=401)
-            entry = self.connectors.get(client_id)
-            if form.get("grant_type") != "client_credentials":
-                return JSONResponse({"error": "unsupported_grant_type"}, status_code=400)
-            if entry is None or entry.secret != secret:
-                return JSONResponse({"error": "invalid_client"}, status_code=401)
-            return JSONResponse(
-                {
-                    "access_token": self.issue(client_id),
-                    "token_type": "Bearer",
-                    "expires_in": self.token_lifetime,
-                }
-            )
-
-        return Starlette(routes=[Route("/token", token, methods=["POST"])])
+@contextmanager
+def run_policyd(root: Path, ttl_seconds: int) -> Iterator[Policyd]:
+    """policyd serve (Decision API and authorization server) on free ports, tokens living
+    `ttl_seconds` with no leeway (an expired token is expired at once); always stopped."""
+    home, _ = oauth_home(root)
+    text = home.config_path.read_text()
+    home.config_path.write_text(
+        text.replace("[tokens]\n", f"[tokens]\nttl_seconds = {ttl_seconds}\nleeway_seconds = 0\n")
+    )
+    home.config = load_config(home.config_path, env={})
+    try:
+        with run_server(home) as server:
+            yield Policyd(home, server)
+    finally:
+        home.store.close()
 
 
 @dataclass
@@ -154,45 +151,34 @@ class Upstream:
 
 
 class HubThread:
-    """A LinkHub on its own listener (and a token endpoint, and upstreams) in a thread with
-    its own event loop; the test calls into it with `run()`."""
+    """A LinkHub on its own listener (and upstreams) in a thread with its own event loop,
+    asking `policyd`; the test calls into it with `run()`."""
 
     def __init__(
         self,
-        authorizer: TableAuthorizerForTests,
+        policyd: Policyd,
         *,
         tls: tuple[str, str, str] | None = None,  # cert, key, client CA ("" = no mTLS)
         **hub_options: Any,
     ) -> None:
-        self.authorizer = authorizer
+        self.policyd = policyd
         self.tls = tls
         self.hub_options = {"allow_insecure": tls is None, **hub_options}
         self.port = free_port()
-        self.token_port = free_port()
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.hub: LinkHub | None = None
         self.listener: Listener | None = None
         self.others: list[Listener] = []
-        self.run(self._serve_tokens())
         self.start()
 
     @property
     def url(self) -> str:
         return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
-    @property
-    def token_url(self) -> str:
-        return f"http://127.0.0.1:{self.token_port}/token"
-
     def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    async def _serve_tokens(self) -> None:
-        listener = Listener(self.authorizer.token_app(), "127.0.0.1", self.token_port)
-        await listener.start()
-        self.others.append(listener)
 
     def upstream(self, name: str) -> tuple[Upstream, str]:
         up = Upstream(name)
@@ -208,7 +194,8 @@ class HubThread:
 
     def start(self) -> None:
         async def start() -> None:
-            self.hub = LinkHub(self.authorizer, **self.hub_options)
+            # A new authorizer each start: the hub closes its own when it stops.
+            self.hub = LinkHub(self.policyd.authorizer(), **self.hub_options)
             cert, key, client_ca = self.tls or ("", "", "")
             self.listener = Listener(
                 self.hub,
@@ -277,10 +264,12 @@ class HubThread:
         headers: list[tuple[str, str]] | None = None,
         body: bytes = b"",
         timeout: float = 30,
+        request_id: str = "",
     ) -> LinkResponse:
         assert self.hub is not None
         return self.run(
-            self.hub.forward(data_source, method, path, query, headers or [], body), timeout
+            self.hub.forward(data_source, method, path, query, headers or [], body, request_id),
+            timeout,
         )
 
 

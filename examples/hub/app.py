@@ -27,7 +27,6 @@ from adapters.asgi import AuthInfo, PolicydMiddleware
 from adapters.asgi.middleware import ASGIApp, Message, Receive, Scope, Send
 from adapters.asgi.stall import LoopStall, collector
 from adapters.embedded import EmbeddedPolicyd
-from adapters.link import Authorizer
 from examples.hub.catalogue import Catalogue, DataSource, Tag
 from examples.hub.gateway import TrustedGatewayHeaders
 from examples.hub.link import HubLink, LinkForward
@@ -442,14 +441,12 @@ def loop_probe(settings: HubSettings) -> LoopStall | None:
 def create_app(
     settings: HubSettings | None = None,
     probe: LoopStall | None = None,
-    link_authorizer: Authorizer | None = None,
 ) -> ASGIApp:
     """The hub as it runs: behind the PolicydMiddleware (asking policyd, or deciding in
-    this process), or trusting its gateway's headers. `link_authorizer`: what decides about
-    connectors instead of policyd (bench/link.py measures the transport alone)."""
+    this process), or trusting its gateway's headers."""
     settings = settings or HubSettings.from_env()
     probe = probe or loop_probe(settings)
-    link = HubLink(settings, link_authorizer) if settings.link_address else None
+    link = HubLink(settings) if settings.link_address else None
     app: ASGIApp = create_starlette(settings, probe, link)
     if link is not None:  # data sources the hub does not hold go down the link
         app = LinkForward(app, link.hub, frozenset(settings.data_sources), settings.max_body_bytes)

@@ -16,7 +16,7 @@ import json
 from adapters.asgi import AuthInfo
 from adapters.asgi.channel import ChannelSettings
 from adapters.asgi.middleware import ASGIApp, Receive, Scope, Send
-from adapters.link import Authorizer, GrpcAuthorizer, LinkError, LinkHub, LinkResponse
+from adapters.link import GrpcAuthorizer, LinkError, LinkHub, LinkResponse
 from adapters.link.listener import Listener
 from adapters.link.wire import DECISION_HEADER_PREFIX, request_headers
 from examples.hub.settings import HubSettings
@@ -27,11 +27,10 @@ LOCAL_ACTIONS = frozenset({"datasources.list", "service.info", "user.profile"})
 
 
 class HubLink:
-    """A LinkHub on its listener, asking policyd (the middleware's address and TLS options;
-    `authorizer`: another, for a benchmark of the transport alone)."""
+    """A LinkHub on its listener, asking policyd (the middleware's address and TLS options)."""
 
-    def __init__(self, settings: HubSettings, authorizer: Authorizer | None = None) -> None:
-        authorizer = authorizer or GrpcAuthorizer(
+    def __init__(self, settings: HubSettings) -> None:
+        authorizer = GrpcAuthorizer(
             ChannelSettings(
                 settings.policyd_address,
                 settings.ca_file,
