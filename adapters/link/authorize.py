@@ -63,24 +63,29 @@ class GrpcAuthorizer:
         settings.validate()
         self.settings = settings
         self.timeout_seconds = timeout_seconds
-        self._channel: grpc.aio.Channel | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._check: _Check | None = None
+        # One channel per event loop (a grpc.aio channel belongs to the loop it was made
+        # in), each closed by close(): none is left open when the loop changes.
+        self._channels: dict[asyncio.AbstractEventLoop, tuple[grpc.aio.Channel, _Check]] = {}
 
     def _callable(self) -> _Check:
         loop = asyncio.get_running_loop()
-        if self._check is None or self._loop is not loop:
-            self._channel = open_channel(self.settings)
-            self._loop = loop
-            self._check = cast(
+        found = self._channels.get(loop)
+        if found is None:
+            # A closed loop's channel cannot be closed any more (its loop is gone): only
+            # forgotten, for its sockets to go with it.
+            for old in [old for old in self._channels if old.is_closed()]:
+                del self._channels[old]
+            channel = open_channel(self.settings)
+            check = cast(
                 _Check,
-                self._channel.unary_unary(
+                channel.unary_unary(
                     CHECK_METHOD,
                     request_serializer=decision_pb2.CheckRequest.SerializeToString,
                     response_deserializer=decision_pb2.CheckResponse.FromString,
                 ),
             )
-        return self._check
+            found = self._channels[loop] = (channel, check)
+        return found[1]
 
     async def check(self, token: str, data_sources: Sequence[str], request_id: str = "") -> Verdict:
         request = decision_pb2.CheckRequest(
@@ -105,6 +110,11 @@ class GrpcAuthorizer:
         )
 
     async def close(self) -> None:
-        channel, self._channel, self._check, self._loop = self._channel, None, None, None
-        if channel is not None:
-            await channel.close(None)
+        """Close every channel: this loop's awaited, another running loop's in that loop."""
+        here = asyncio.get_running_loop()
+        channels, self._channels = self._channels, {}
+        for loop, (channel, _) in channels.items():
+            if loop is here:
+                await channel.close(None)
+            elif loop.is_running():
+                asyncio.run_coroutine_threadsafe(channel.close(None), loop)

@@ -31,7 +31,13 @@ import httpx
 import socketio
 from yarl import URL
 
-from adapters.link.config import ConfigError, ConnectorConfig, load
+from adapters.link.config import (
+    LINK_MESSAGE_BYTES,
+    ConfigError,
+    ConnectorConfig,
+    load,
+    ssl_context,
+)
 from adapters.link.wire import (
     NAMESPACE,
     REQUEST_EVENT,
@@ -47,7 +53,9 @@ log = logging.getLogger("policyd.connector")
 
 # Refresh the token when this share of its lifetime has passed.
 REFRESH_AT = 0.75
-MAX_MESSAGE_BYTES = 16 << 20
+# Room in a link message for what goes around the body (the answer's headers, JSON).
+MESSAGE_ROOM = 64 << 10
+CHUNK_BYTES = 64 << 10
 
 
 class TokenError(Exception):
@@ -68,11 +76,8 @@ def _tls_words(exc: BaseException | str) -> str:
     return text[:300]
 
 
-def ssl_context(config: ConnectorConfig) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=config.ca_file or None)
-    if config.client_cert_file:
-        ctx.load_cert_chain(config.client_cert_file, config.client_key_file)
-    return ctx
+class AnswerTooLarge(Exception):
+    pass
 
 
 def backoff(first: float, cap: float, jitter: float) -> Iterator[float]:
@@ -169,7 +174,7 @@ class Connector:
             randomization_factor=r.randomization_factor,
             logger=False,
             engineio_logger=False,
-            websocket_extra_options={"max_msg_size": MAX_MESSAGE_BYTES},
+            websocket_extra_options={"max_msg_size": LINK_MESSAGE_BYTES},
         )
         self.sio.on("connect", self._on_connect, namespace=NAMESPACE)
         self.sio.on("disconnect", self._on_disconnect, namespace=NAMESPACE)
@@ -273,7 +278,31 @@ class Connector:
             request = LinkRequest.decode(data)
         except ValueError as exc:
             return _error(400, "invalid_request", str(exc)).encode()
-        return (await self.serve(request)).encode()
+        answer = (await self.serve(request)).encode()
+        # A message over the link's limit would make Engine.IO close the link, failing
+        # every other request in flight on it. The body read was capped; JSON escaping
+        # can still grow a text body up to 6 times (a control character is \u00XX), so a
+        # body that could pass the limit so is measured as it will travel.
+        body = answer.get("body")
+        limit = LINK_MESSAGE_BYTES - MESSAGE_ROOM
+        if isinstance(body, str) and len(body) * 6 > limit and len(json.dumps(answer)) > limit:
+            return self._too_large(request).encode()
+        return answer
+
+    def _too_large(self, request: LinkRequest) -> LinkResponse:
+        log.warning(
+            "upstream of %s answered %s %s with more than max_answer_bytes (%d): 502",
+            request.data_source,
+            request.method,
+            request.path,
+            self.config.max_answer_bytes,
+        )
+        return _error(
+            502,
+            "answer_too_large",
+            f"the data source's answer is larger than the link carries"
+            f" ({self.config.max_answer_bytes} bytes)",
+        )
 
     async def serve(self, request: LinkRequest) -> LinkResponse:
         """Replay the request against its data source's upstream."""
@@ -294,7 +323,9 @@ class Connector:
                 data=request.body or None,
                 allow_redirects=False,
             ) as r:
-                body = await r.read()
+                body = await _read(r, self.config.max_answer_bytes)
+        except AnswerTooLarge:
+            return self._too_large(request)
         except TimeoutError:
             return _error(504, "upstream_timeout", "the data source's upstream did not answer")
         except (aiohttp.ClientError, ValueError) as exc:
@@ -315,6 +346,19 @@ class Connector:
         await self._upstream.close()
         await self.tokens.close()
         await self._http.close()
+
+
+async def _read(r: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The answer's body, read as it streams in; AnswerTooLarge past `limit` bytes (the
+    rest is not read: the upstream connection is closed)."""
+    if r.content_length is not None and r.content_length > limit:
+        raise AnswerTooLarge
+    body = bytearray()
+    async for chunk in r.content.iter_chunked(CHUNK_BYTES):
+        body += chunk
+        if len(body) > limit:
+            raise AnswerTooLarge
+    return bytes(body)
 
 
 def _error(status: int, error: str, message: str) -> LinkResponse:
