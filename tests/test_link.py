@@ -326,7 +326,7 @@ def test_a_connector_claiming_a_data_source_it_does_not_own_is_refused(
     b.stop()
     # Claiming that and its own: it serves its own only (a data source taken from a
     # connector must not take its others offline when it reconnects).
-    _connector(
+    c = _connector(
         started,
         tmp_path,
         hub,
@@ -335,6 +335,8 @@ def test_a_connector_claiming_a_data_source_it_does_not_own_is_refused(
         secret=secret,
     )
     assert hub.wait_online("claim-a")["data_sources"] == ["claim-ds"]
+    # The hub tells the connector which of them it refused.
+    c.wait_log("the hub serves claim-ds; refused claim-hub-ds: DATA_SOURCE_NOT_OWNED")
     with pytest.raises(LinkUnavailable):
         hub.forward("claim-hub-ds")
     assert hub.forward("claim-ds").status == 200
@@ -466,10 +468,15 @@ def test_an_expiring_token_is_renewed_and_rechecked_by_the_hub(
     hub.wait_online("renew-a")
     connected = time.monotonic()
     a.wait_log("access token renewed", timeout=TOKEN_TTL_SECONDS + 3)
-    # The hub asked policyd about the renewed token before taking it.
-    assert any(
-        r.request_id.startswith("link-token-")
-        for r in policyd.records(data_source="renew-ds", reason="ALLOWED")
+    # The hub asked policyd about the renewed token before taking it (in policyd's audit
+    # log once its indexer's next pass has it).
+    eventually(
+        lambda: any(
+            r.request_id.startswith("link-token-")
+            for r in policyd.records(data_source="renew-ds", reason="ALLOWED")
+        ),
+        5,
+        "the renewed token's check in policyd's audit log",
     )
     # Past the first token's expiry (no leeway): the link lives on the renewed one.
     time.sleep(max(0.0, connected + TOKEN_TTL_SECONDS + 0.5 - time.monotonic()))
@@ -820,6 +827,7 @@ def test_taking_one_data_source_from_a_connector_keeps_its_others(
     sources = {"take-ds-1": url, "take-ds-2": url}
     a = _connector(started, tmp_path, hub, "take-a", sources, secret=secret)
     hub.wait_online("take-a")
+    a.wait_log("the hub serves take-ds-1,take-ds-2")
     sid = _sid(hub, "take-ds-2")
     taken = policyd.home.cli("datasources", "set-connector", "take-ds-1", "--none")
     assert taken.returncode == 0, taken.stderr
@@ -830,8 +838,11 @@ def test_taking_one_data_source_from_a_connector_keeps_its_others(
     assert hub.forward("take-ds-2").status == 200
     assert _sid(hub, "take-ds-2") == sid
     assert hub.online()[0]["data_sources"] == ["take-ds-2"]
+    told = "the hub serves take-ds-2; refused take-ds-1: DATA_SOURCE_NOT_OWNED"
+    a.wait_log(told)
     a.stop()
     eventually(lambda: hub.online() == [], 10, "the stopped connector's link went")
-    _connector(started, tmp_path, hub, "take-a", sources, secret=secret)
+    b = _connector(started, tmp_path, hub, "take-a", sources, secret=secret)
     assert hub.wait_online("take-a")["data_sources"] == ["take-ds-2"]
+    b.wait_log(told)
     assert _sid(hub, "take-ds-2") != sid

@@ -39,6 +39,7 @@ from adapters.link.config import (
     ssl_context,
 )
 from adapters.link.wire import (
+    ATTACHED_EVENT,
     NAMESPACE,
     REQUEST_EVENT,
     SOCKETIO_PATH,
@@ -180,6 +181,7 @@ class Connector:
         self.sio.on("disconnect", self._on_disconnect, namespace=NAMESPACE)
         self.sio.on("connect_error", self._on_connect_error, namespace=NAMESPACE)
         self.sio.on(REQUEST_EVENT, self._on_request, namespace=NAMESPACE)
+        self.sio.on(ATTACHED_EVENT, self._on_attached, namespace=NAMESPACE)
 
     # -- the link -----------------------------------------------------------------------
 
@@ -199,6 +201,25 @@ class Connector:
             self.sio.transport(),
             ",".join(self.config.sources),
         )
+
+    async def _on_attached(self, data: Any) -> None:
+        """What the hub serves over this link and what policyd refused it (of the data
+        sources this connector announced: only its own names are logged)."""
+        if not isinstance(data, dict):
+            return
+        ours = self.config.sources
+        serving, refused = data.get("serving"), data.get("refused")
+        served = [n for n in serving if n in ours] if isinstance(serving, list) else []
+        refusals = (
+            [f"{n}: {r}" for n, r in refused.items() if n in ours and isinstance(r, str)]
+            if isinstance(refused, dict)
+            else []
+        )
+        text = f"the hub serves {','.join(served) or 'nothing'}"
+        if refusals:
+            log.warning("%s; refused %s", text, ", ".join(r[:200] for r in refusals))
+        else:
+            log.info("%s", text)
 
     async def _on_disconnect(self, reason: Any = None) -> None:
         log.warning("disconnected from the hub (%s)", reason or "link lost")
