@@ -16,6 +16,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import grpc
+import grpc.aio
 import httpx
 import pytest
 import socketio
@@ -846,3 +848,23 @@ def test_taking_one_data_source_from_a_connector_keeps_its_others(
     assert hub.wait_online("take-a")["data_sources"] == ["take-ds-2"]
     b.wait_log(told)
     assert _sid(hub, "take-ds-2") != sid
+
+
+def test_the_authorizer_closes_a_gone_loops_channel(policyd: Policyd) -> None:
+    """A grpc.aio channel belongs to one event loop: asked from a new loop, the authorizer
+    opens another and closes the one of the loop that is gone; close() closes the rest."""
+    policyd.add("loops-a", "loops-ds")
+    token = policyd.link_token("loops-a")
+    authorizer = policyd.authorizer()
+    channels: list[grpc.aio.Channel] = []
+
+    async def ask() -> Verdict:
+        verdict = await authorizer.check(token, ["loops-ds"])
+        channels.append(authorizer._channels[asyncio.get_running_loop()][0])
+        return verdict
+
+    assert asyncio.run(ask()).allowed
+    assert asyncio.run(ask()).allowed  # policyd answers in the new loop too
+    assert channels[0].get_state() == grpc.ChannelConnectivity.SHUTDOWN
+    asyncio.run(authorizer.close())
+    assert channels[1].get_state() == grpc.ChannelConnectivity.SHUTDOWN

@@ -10,6 +10,7 @@ timeout or unexpected answer is a deny (fail closed).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -64,17 +65,14 @@ class GrpcAuthorizer:
         self.settings = settings
         self.timeout_seconds = timeout_seconds
         # One channel per event loop (a grpc.aio channel belongs to the loop it was made
-        # in), each closed by close(): none is left open when the loop changes.
+        # in): a closed loop's is closed when another loop asks, all by close().
         self._channels: dict[asyncio.AbstractEventLoop, tuple[grpc.aio.Channel, _Check]] = {}
 
-    def _callable(self) -> _Check:
+    async def _callable(self) -> _Check:
         loop = asyncio.get_running_loop()
         found = self._channels.get(loop)
         if found is None:
-            # A closed loop's channel cannot be closed any more (its loop is gone): only
-            # forgotten, for its sockets to go with it.
-            for old in [old for old in self._channels if old.is_closed()]:
-                del self._channels[old]
+            await self._close_orphans()
             channel = open_channel(self.settings)
             check = cast(
                 _Check,
@@ -87,6 +85,14 @@ class GrpcAuthorizer:
             found = self._channels[loop] = (channel, check)
         return found[1]
 
+    async def _close_orphans(self) -> None:
+        """Close the channels of loops that are closed (used once, from a loop since gone):
+        without a grace period closing one awaits nothing of its own loop."""
+        for loop in [loop for loop in self._channels if loop.is_closed()]:
+            channel, _ = self._channels.pop(loop)
+            with contextlib.suppress(Exception):  # its sockets go with it all the same
+                await channel.close(None)
+
     async def check(self, token: str, data_sources: Sequence[str], request_id: str = "") -> Verdict:
         request = decision_pb2.CheckRequest(
             token=token,
@@ -95,7 +101,7 @@ class GrpcAuthorizer:
             door=DOOR,
         )
         try:
-            response = await self._callable()(request, timeout=self.timeout_seconds)
+            response = await (await self._callable())(request, timeout=self.timeout_seconds)
         except Exception as exc:  # deadline, transport, anything: deny
             log.warning("link: cannot ask policyd (%s): deny", type(exc).__name__)
             return Verdict(False, UNAVAILABLE, message="policyd could not be asked")
@@ -110,11 +116,13 @@ class GrpcAuthorizer:
         )
 
     async def close(self) -> None:
-        """Close every channel: this loop's awaited, another running loop's in that loop."""
+        """Close every channel: this loop's and closed loops' here, another running loop's
+        in that loop."""
+        await self._close_orphans()
         here = asyncio.get_running_loop()
         channels, self._channels = self._channels, {}
         for loop, (channel, _) in channels.items():
             if loop is here:
                 await channel.close(None)
-            elif loop.is_running():
+            else:
                 asyncio.run_coroutine_threadsafe(channel.close(None), loop)
