@@ -302,21 +302,22 @@ class Connector:
         answer = (await self.serve(request)).encode()
         # A message over the link's limit would make Engine.IO close the link, failing
         # every other request in flight on it. The body read was capped; JSON escaping
-        # can still grow a text body up to 6 times (a control character is \u00XX), so a
-        # body that could pass the limit so is measured as it will travel.
+        # (ASCII only, as Socket.IO sends it) can still grow a text body up to 12 times
+        # per character (\ud83d\ude00 for one outside the BMP), so a body that could
+        # pass the limit so is measured as it will travel.
         body = answer.get("body")
         limit = LINK_MESSAGE_BYTES - MESSAGE_ROOM
-        if isinstance(body, str) and len(body) * 6 > limit and len(json.dumps(answer)) > limit:
-            return self._too_large(request).encode()
+        if isinstance(body, str) and len(body) * 12 > limit and len(json.dumps(answer)) > limit:
+            return self._too_large(request, "more than the link carries once JSON-escaped").encode()
         return answer
 
-    def _too_large(self, request: LinkRequest) -> LinkResponse:
+    def _too_large(self, request: LinkRequest, why: str = "") -> LinkResponse:
         log.warning(
-            "upstream of %s answered %s %s with more than max_answer_bytes (%d): 502",
+            "upstream of %s answered %s %s with %s: 502",
             request.data_source,
             request.method,
             request.path,
-            self.config.max_answer_bytes,
+            why or f"more than max_answer_bytes ({self.config.max_answer_bytes})",
         )
         return _error(
             502,
