@@ -776,9 +776,11 @@ class _SlowAttach:
 
     def __init__(self, inner: Authorizer) -> None:
         self.inner = inner
+        self.attaching = threading.Event()
 
     async def check(self, token: str, data_sources: Sequence[str], request_id: str = "") -> Verdict:
         if request_id.startswith("link-attach"):
+            self.attaching.set()
             await asyncio.sleep(0.5)
         return await self.inner.check(token, data_sources, request_id)
 
@@ -792,9 +794,8 @@ def test_a_link_closed_while_policyd_was_asked_is_never_served(
     """python-socketio calls no disconnect handler for a session that closed while its
     connect handler ran: the hub must not serve (nor wait on) such a ghost link."""
     policyd.add("ghost-a", "ghost-ds")
-    hub = _hub(
-        started, policyd, timeout_seconds=3, authorizer=lambda: _SlowAttach(policyd.authorizer())
-    )
+    slow = _SlowAttach(policyd.authorizer())
+    hub = _hub(started, policyd, timeout_seconds=3, authorizer=lambda: slow)
     token = policyd.link_token("ghost-a")
 
     async def connect_and_close() -> None:
@@ -804,7 +805,8 @@ def test_a_link_closed_while_policyd_was_asked_is_never_served(
             url = f"{base}&sid={json.loads(opened.text[1:])['sid']}"
             auth = json.dumps({"token": token, "data_sources": ["ghost-ds"]})
             connect = asyncio.ensure_future(client.post(url, content=f"40{auth}"))
-            await asyncio.sleep(0.1)
+            while not slow.attaching.is_set():
+                await asyncio.sleep(0.01)
             await client.post(url, content="1")  # Engine.IO close, while policyd is asked
             await connect
 
