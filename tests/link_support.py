@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from adapters.asgi.channel import ChannelSettings
-from adapters.link import GrpcAuthorizer, LinkHub, LinkResponse
+from adapters.link import Authorizer, GrpcAuthorizer, LinkHub, LinkResponse
 from adapters.link.listener import Listener
 from policyd.audit.reader import AuditReader, Query
 from policyd.audit.records import AuditRecord
@@ -129,6 +129,8 @@ class Upstream:
             self.seen.append((request.method, request.url.path))
             if request.url.path.startswith("/slow"):
                 await asyncio.sleep(float(request.query_params.get("seconds", "5")))
+            if request.url.path.startswith("/big"):
+                return Response(b"x" * int(request.query_params["bytes"]), media_type="text/plain")
             return JSONResponse(
                 {
                     "upstream": self.name,
@@ -159,9 +161,11 @@ class HubThread:
         policyd: Policyd,
         *,
         tls: tuple[str, str, str] | None = None,  # cert, key, client CA ("" = no mTLS)
+        authorizer: Callable[[], Authorizer] | None = None,  # default: policyd's
         **hub_options: Any,
     ) -> None:
         self.policyd = policyd
+        self.authorizer = authorizer or policyd.authorizer
         self.tls = tls
         self.hub_options = {"allow_insecure": tls is None, **hub_options}
         self.port = free_port()
@@ -170,7 +174,7 @@ class HubThread:
         self.thread.start()
         self.hub: LinkHub | None = None
         self.listener: Listener | None = None
-        self.others: list[Listener] = []
+        self.others: list[Listener | Relay] = []
         self.start()
 
     @property
@@ -195,7 +199,7 @@ class HubThread:
     def start(self) -> None:
         async def start() -> None:
             # A new authorizer each start: the hub closes its own when it stops.
-            self.hub = LinkHub(self.policyd.authorizer(), **self.hub_options)
+            self.hub = LinkHub(self.authorizer(), **self.hub_options)
             cert, key, client_ca = self.tls or ("", "", "")
             self.listener = Listener(
                 self.hub,
@@ -271,6 +275,72 @@ class HubThread:
             self.hub.forward(data_source, method, path, query, headers or [], body, request_id),
             timeout,
         )
+
+
+class Relay:
+    """A TCP relay in front of policyd's Decision API, run in the hub's loop: `hold()` stops
+    passing bytes either way (policyd stalls: every call meets its deadline, the hub's
+    POLICYD_UNAVAILABLE), `release()` passes them again on the same connections."""
+
+    def __init__(self, target: str) -> None:
+        self.host, _, port = target.rpartition(":")
+        self.target_port = int(port)
+        self.port = free_port()
+        self._open: asyncio.Event | None = None
+        self._server: asyncio.Server | None = None
+        self.hub: HubThread | None = None
+
+    def start(self, hub: HubThread) -> None:
+        """Listen, in `hub`'s loop (stopped with it)."""
+        self.hub = hub
+
+        async def start() -> None:
+            self._open = asyncio.Event()
+            self._open.set()
+            self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+            hub.others.append(self)
+
+        hub.run(start())
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(self.host, self.target_port)
+        await asyncio.gather(
+            self._pump(reader, up_writer), self._pump(up_reader, writer), return_exceptions=True
+        )
+        for w in (writer, up_writer):
+            w.close()
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        assert self._open is not None
+        while chunk := await reader.read(65536):
+            await self._open.wait()
+            writer.write(chunk)
+            await writer.drain()
+        writer.close()
+
+    def hold(self) -> None:
+        assert self.hub is not None
+        self.hub.run(_call(self._gate().clear))
+
+    def release(self) -> None:
+        assert self.hub is not None
+        self.hub.run(_call(self._gate().set))
+
+    def _gate(self) -> asyncio.Event:
+        assert self._open is not None
+        return self._open
+
+
+async def _call(function: Callable[[], None]) -> None:
+    function()
 
 
 @dataclass

@@ -12,20 +12,32 @@ import json
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
+import grpc
+import grpc.aio
 import httpx
 import pytest
 import socketio
 
-from adapters.link import LinkTimeout, LinkUnavailable
+from adapters.asgi.channel import ChannelSettings
+from adapters.link import (
+    Authorizer,
+    GrpcAuthorizer,
+    LinkResponse,
+    LinkTimeout,
+    LinkUnavailable,
+    Verdict,
+)
 from adapters.link.certs import ensure
 from tests.helpers import free_port, run_hub
 from tests.link_support import (
     ConnectorProcess,
     HubThread,
     Policyd,
+    Relay,
     eventually,
     run_policyd,
     start_connector,
@@ -63,8 +75,8 @@ def started() -> Iterator[list[object]]:
             thing.close()
 
 
-def _hub(started: list[object], policyd: Policyd, **kw: object) -> HubThread:
-    hub = HubThread(policyd, **kw)  # type: ignore[arg-type]
+def _hub(started: list[object], policyd: Policyd, **kw: Any) -> HubThread:
+    hub = HubThread(policyd, **kw)
     started.append(hub)
     return hub
 
@@ -316,7 +328,7 @@ def test_a_connector_claiming_a_data_source_it_does_not_own_is_refused(
     b.stop()
     # Claiming that and its own: it serves its own only (a data source taken from a
     # connector must not take its others offline when it reconnects).
-    _connector(
+    c = _connector(
         started,
         tmp_path,
         hub,
@@ -325,6 +337,8 @@ def test_a_connector_claiming_a_data_source_it_does_not_own_is_refused(
         secret=secret,
     )
     assert hub.wait_online("claim-a")["data_sources"] == ["claim-ds"]
+    # The hub tells the connector which of them it refused.
+    c.wait_log("the hub serves claim-ds; refused claim-hub-ds: DATA_SOURCE_NOT_OWNED")
     with pytest.raises(LinkUnavailable):
         hub.forward("claim-hub-ds")
     assert hub.forward("claim-ds").status == 200
@@ -456,10 +470,15 @@ def test_an_expiring_token_is_renewed_and_rechecked_by_the_hub(
     hub.wait_online("renew-a")
     connected = time.monotonic()
     a.wait_log("access token renewed", timeout=TOKEN_TTL_SECONDS + 3)
-    # The hub asked policyd about the renewed token before taking it.
-    assert any(
-        r.request_id.startswith("link-token-")
-        for r in policyd.records(data_source="renew-ds", reason="ALLOWED")
+    # The hub asked policyd about the renewed token before taking it (in policyd's audit
+    # log once its indexer's next pass has it).
+    eventually(
+        lambda: any(
+            r.request_id.startswith("link-token-")
+            for r in policyd.records(data_source="renew-ds", reason="ALLOWED")
+        ),
+        5,
+        "the renewed token's check in policyd's audit log",
     )
     # Past the first token's expiry (no leeway): the link lives on the renewed one.
     time.sleep(max(0.0, connected + TOKEN_TTL_SECONDS + 0.5 - time.monotonic()))
@@ -665,3 +684,189 @@ def _cli_audit_has(policyd: Policyd, client_id: str, reason: str) -> bool:
         for line in found.stdout.splitlines()
         if line.strip()
     )
+
+
+def _sid(hub: HubThread, data_source: str) -> str:
+    """The Socket.IO session of the link serving `data_source` ("" when none does)."""
+    assert hub.hub is not None
+    link = hub.hub
+
+    async def sid() -> str:
+        conn = link.serving(data_source)
+        return conn.sid if conn is not None else ""
+
+    return hub.run(sid())
+
+
+def test_an_answer_too_large_for_the_link_is_502_and_the_link_stays(
+    tmp_path: Path, policyd: Policyd, started: list[object]
+) -> None:
+    """An answer over the link's 16 MiB message limit would make Engine.IO close the link,
+    failing every request in flight on it: the connector answers 502 past its
+    max_answer_bytes (8 MiB) instead, and the request beside it is served."""
+    secret = policyd.add("big-a", "big-ds")
+    hub = _hub(started, policyd)
+    _, url = hub.upstream("plant-a")
+    a = _connector(started, tmp_path, hub, "big-a", {"big-ds": url}, secret=secret)
+    hub.wait_online("big-a")
+    sid = _sid(hub, "big-ds")
+    answers: dict[str, object] = {}
+
+    def ask(name: str, path: str, query: str) -> None:
+        try:
+            answers[name] = hub.forward("big-ds", path=path, query=query)
+        except BaseException as exc:
+            answers[name] = exc
+
+    askers = [
+        threading.Thread(target=ask, args=("small", "/slow", "seconds=1")),
+        threading.Thread(target=ask, args=("big", "/big", f"bytes={17 << 20}")),
+    ]
+    for asker in askers:
+        asker.start()
+    for asker in askers:
+        asker.join(20)
+    big, small = answers["big"], answers["small"]
+    assert isinstance(big, LinkResponse) and big.status == 502, big
+    assert json.loads(big.body)["error"] == "answer_too_large"
+    assert isinstance(small, LinkResponse) and small.status == 200, small
+    assert _sid(hub, "big-ds") == sid
+    assert hub.forward("big-ds").status == 200
+    assert "disconnected" not in a.log()
+    assert "more than max_answer_bytes (8388608): 502" in a.log()
+
+
+def test_policyd_unreachable_answers_503_and_keeps_the_link(
+    tmp_path: Path, policyd: Policyd, started: list[object]
+) -> None:
+    """policyd stalls (a relay in front of it holds every byte): the forward is 503
+    POLICYD_UNAVAILABLE without closing the link; once policyd answers again, the same link
+    serves."""
+    secret = policyd.add("stall-a", "stall-ds")
+    relay = Relay(policyd.address)
+    hub = _hub(
+        started,
+        policyd,
+        authorizer=lambda: GrpcAuthorizer(ChannelSettings(relay.address), timeout_seconds=0.3),
+    )
+    relay.start(hub)
+    _, url = hub.upstream("plant-a")
+    a = _connector(started, tmp_path, hub, "stall-a", {"stall-ds": url}, secret=secret)
+    hub.wait_online("stall-a")
+    assert hub.forward("stall-ds").status == 200
+    sid = _sid(hub, "stall-ds")
+    relay.hold()
+    try:
+        with pytest.raises(LinkUnavailable) as unavailable:
+            hub.forward("stall-ds")
+        assert unavailable.value.reason == "POLICYD_UNAVAILABLE"
+        assert unavailable.value.response().status == 503
+        assert [c["connector_id"] for c in hub.online()] == ["stall-a"]
+    finally:
+        relay.release()
+    assert hub.forward("stall-ds", request_id="stall-after").status == 200
+    assert _sid(hub, "stall-ds") == sid
+    assert "disconnected" not in a.log() and a.log().count("connected to") == 1
+    assert policyd.audited(request_id="stall-after").decision == "allow"
+
+
+class _SlowAttach:
+    """The real GrpcAuthorizer, its attach check answered 0.5 s late: the decision is still
+    policyd's."""
+
+    def __init__(self, inner: Authorizer) -> None:
+        self.inner = inner
+        self.attaching = threading.Event()
+
+    async def check(self, token: str, data_sources: Sequence[str], request_id: str = "") -> Verdict:
+        if request_id.startswith("link-attach"):
+            self.attaching.set()
+            await asyncio.sleep(0.5)
+        return await self.inner.check(token, data_sources, request_id)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+def test_a_link_closed_while_policyd_was_asked_is_never_served(
+    policyd: Policyd, started: list[object]
+) -> None:
+    """python-socketio calls no disconnect handler for a session that closed while its
+    connect handler ran: the hub must not serve (nor wait on) such a ghost link."""
+    policyd.add("ghost-a", "ghost-ds")
+    slow = _SlowAttach(policyd.authorizer())
+    hub = _hub(started, policyd, timeout_seconds=3, authorizer=lambda: slow)
+    token = policyd.link_token("ghost-a")
+
+    async def connect_and_close() -> None:
+        base = f"{hub.url}/socket.io/?EIO=4&transport=polling"
+        async with httpx.AsyncClient(timeout=10) as client:
+            opened = await client.get(base)
+            url = f"{base}&sid={json.loads(opened.text[1:])['sid']}"
+            auth = json.dumps({"token": token, "data_sources": ["ghost-ds"]})
+            connect = asyncio.ensure_future(client.post(url, content=f"40{auth}"))
+            while not slow.attaching.is_set():
+                await asyncio.sleep(0.01)
+            await client.post(url, content="1")  # Engine.IO close, while policyd is asked
+            await connect
+
+    asyncio.run(connect_and_close())
+    # policyd allowed it (its audit says so), and the hub has had the answer.
+    assert policyd.audited(data_source="ghost-ds", reason="ALLOWED").client_id == "ghost-a"
+    time.sleep(0.1)
+    assert hub.online() == []
+    began = time.monotonic()
+    with pytest.raises(LinkUnavailable):
+        hub.forward("ghost-ds")
+    assert time.monotonic() - began < 1  # not the 3 s timeout
+
+
+def test_taking_one_data_source_from_a_connector_keeps_its_others(
+    tmp_path: Path, policyd: Policyd, started: list[object]
+) -> None:
+    secret = policyd.add("take-a", "take-ds-1", "take-ds-2")
+    # No periodic re-check within the test: the per-forward Check alone must refuse.
+    hub = _hub(started, policyd, recheck_seconds=60)
+    _, url = hub.upstream("plant-a")
+    sources = {"take-ds-1": url, "take-ds-2": url}
+    a = _connector(started, tmp_path, hub, "take-a", sources, secret=secret)
+    hub.wait_online("take-a")
+    a.wait_log("the hub serves take-ds-1,take-ds-2")
+    sid = _sid(hub, "take-ds-2")
+    taken = policyd.home.cli("datasources", "set-connector", "take-ds-1", "--none")
+    assert taken.returncode == 0, taken.stderr
+    with pytest.raises(LinkUnavailable) as refused:
+        hub.forward("take-ds-1")
+    assert refused.value.reason == "DATA_SOURCE_NOT_OWNED"
+    assert refused.value.response().status == 503
+    assert hub.forward("take-ds-2").status == 200
+    assert _sid(hub, "take-ds-2") == sid
+    assert hub.online()[0]["data_sources"] == ["take-ds-2"]
+    told = "the hub serves take-ds-2; refused take-ds-1: DATA_SOURCE_NOT_OWNED"
+    a.wait_log(told)
+    a.stop()
+    eventually(lambda: hub.online() == [], 10, "the stopped connector's link went")
+    b = _connector(started, tmp_path, hub, "take-a", sources, secret=secret)
+    assert hub.wait_online("take-a")["data_sources"] == ["take-ds-2"]
+    b.wait_log(told)
+    assert _sid(hub, "take-ds-2") != sid
+
+
+def test_the_authorizer_closes_a_gone_loops_channel(policyd: Policyd) -> None:
+    """A grpc.aio channel belongs to one event loop: asked from a new loop, the authorizer
+    opens another and closes the one of the loop that is gone; close() closes the rest."""
+    policyd.add("loops-a", "loops-ds")
+    token = policyd.link_token("loops-a")
+    authorizer = policyd.authorizer()
+    channels: list[grpc.aio.Channel] = []
+
+    async def ask() -> Verdict:
+        verdict = await authorizer.check(token, ["loops-ds"])
+        channels.append(authorizer._channels[asyncio.get_running_loop()][0])
+        return verdict
+
+    assert asyncio.run(ask()).allowed
+    assert asyncio.run(ask()).allowed  # policyd answers in the new loop too
+    assert channels[0].get_state() == grpc.ChannelConnectivity.SHUTDOWN
+    asyncio.run(authorizer.close())
+    assert channels[1].get_state() == grpc.ChannelConnectivity.SHUTDOWN

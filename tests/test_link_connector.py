@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
 import signal
 import stat
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
 
 from adapters.link.certs import ensure
 from adapters.link.config import load
-from adapters.link.connector import backoff, main
+from adapters.link.connector import Connector, backoff, main
+from adapters.link.wire import LinkRequest, LinkResponse
 from tests.helpers import ROOT, free_port
 from tests.link_support import start_connector, write_config
 
@@ -76,12 +82,115 @@ def test_a_plain_http_token_endpoint_on_this_machine_is_taken(tmp_path: Path, ho
         ({"insecure_dev = false": "insecure_dev = false\nca_file = '/nonexistent'"}, "ca_file"),
         ({'url = "http://127.0.0.1:9"': 'url = "ftp://x"'}, "sources.ds-a.url"),
         ({"hub_url": "hub_url = [\n"}, "conn-a.toml"),
+        ({"insecure_dev = false": "insecure_dev = false\nmax_answer_bytes = 0"}, "max_answer"),
+        ({"insecure_dev = false": "insecure_dev = false\nmax_answer_bytes = 1e6"}, "max_answer"),
+        (
+            {"insecure_dev = false": "insecure_dev = false\nmax_answer_bytes = 16777216"},
+            "max_answer_bytes must be a whole number from 1 to 11534336",
+        ),
     ],
 )
 def test_configuration_errors_are_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], change: dict[str, str], message: str
 ) -> None:
     assert message in _refused(_config(tmp_path, **change), capsys)
+
+
+def _tls_files(tmp_path: Path) -> tuple[Path, Path]:
+    """A local CA (certs.py) and another, for certificates and keys that do not match."""
+    ensure(tmp_path / "tls")
+    ensure(tmp_path / "other")
+    return tmp_path / "tls", tmp_path / "other"
+
+
+def _unreadable(path: Path) -> Path:
+    path.chmod(0)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        # a file that is not PEM (it was a traceback, exit 1)
+        (lambda tls, other: {"ca_file": tls / "ca.key"}, "ca_file: cannot load"),
+        (lambda tls, other: {"ca_file": tls}, "ca_file: no such file"),
+        (
+            lambda tls, other: {
+                "client_cert_file": tls / "client.pem",
+                "client_key_file": other / "client.key",
+            },
+            "client_cert_file, client_key_file: cannot load",
+        ),
+        (
+            lambda tls, other: {
+                "client_cert_file": tls / "ca.key",
+                "client_key_file": tls / "client.key",
+            },
+            "client_cert_file, client_key_file: cannot load",
+        ),
+        (
+            lambda tls, other: {"ca_file": _unreadable(tls / "ca.pem")},
+            "ca_file: cannot load",
+        ),
+    ],
+    ids=["ca-not-pem", "ca-directory", "key-of-another-cert", "cert-not-pem", "ca-unreadable"],
+)
+def test_tls_files_that_do_not_load_are_one_line(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    files: Callable[[Path, Path], dict[str, Path]],
+    message: str,
+) -> None:
+    tls, other = _tls_files(tmp_path)
+    chosen = files(tls, other)
+    if any(stat.S_IMODE(p.stat().st_mode) == 0 for p in chosen.values()) and os.geteuid() == 0:
+        pytest.skip("root reads a file of mode 000")
+    lines = "".join(f'{key} = "{path}"\n' for key, path in chosen.items())
+    path = _config(tmp_path, **{"insecure_dev = false": f"insecure_dev = false\n{lines}"})
+    assert message in _refused(path, capsys)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: (p.unlink(), p.mkdir(mode=0o700)), "is not a file"),
+        (lambda p: p.write_bytes(b"\xff\xfe s3cret"), "is not UTF-8 text"),
+        (lambda p: p.write_text(""), "is empty"),
+        (lambda p: p.unlink(), "cannot read"),
+        (lambda p: p.chmod(0), "cannot read"),
+    ],
+    ids=["directory", "not-utf8", "empty", "missing", "unreadable"],
+)
+def test_a_secret_file_that_does_not_read_is_one_line(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    make: Callable[[Path], object],
+    message: str,
+) -> None:
+    path = _config(tmp_path)
+    secret = tmp_path / "conn-a.secret"
+    make(secret)
+    if message == "cannot read" and secret.exists() and os.geteuid() == 0:
+        pytest.skip("root reads a file of mode 000")
+    err = _refused(path, capsys)
+    assert "client_secret_file: " in err and message in err
+
+
+def test_a_valid_tls_configuration_loads(tmp_path: Path) -> None:
+    tls, _ = _tls_files(tmp_path)
+    lines = (
+        f'ca_file = "{tls / "ca.pem"}"\nclient_cert_file = "{tls / "client.pem"}"\n'
+        f'client_key_file = "{tls / "client.key"}"\n'
+    )
+    config = load(_config(tmp_path, **{"insecure_dev = false": f"insecure_dev = false\n{lines}"}))
+    assert config.client_cert_file.endswith("client.pem")
+    assert config.max_answer_bytes == 8 << 20
+
+
+def test_the_secret_is_not_in_the_configs_repr(tmp_path: Path) -> None:
+    config = load(_config(tmp_path))
+    assert config.client_secret == "s3cret"
+    assert "s3cret" not in repr(config) and "s3cret" not in str(config)
 
 
 def test_a_missing_config_file_is_one_line(
@@ -146,3 +255,38 @@ def test_the_local_ca_is_made_once_with_private_keys(tmp_path: Path) -> None:
     (folder / "server.key").write_text("garbage")
     assert ensure(folder) == ["server.pem", "server.key"]
     assert (folder / "ca.pem").read_bytes() == before["ca.pem"]
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        (b"\x01" * (2 << 20), 200),  # 12 MiB once JSON-escaped: within the link's limit
+        (b"\x01" * (3 << 20), 502),  # 18 MiB once JSON-escaped: over it
+        ("\U0001f600".encode() * (3 << 19), 502),  # 6 MiB, 18 MiB once escaped
+    ],
+    ids=["escaped-within", "escaped-over", "astral-over"],
+)
+def test_an_answer_json_escaping_grows_past_the_link_limit_is_502(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: bytes, status: int
+) -> None:
+    """Within max_answer_bytes, yet over the link's message limit as it travels (\\u0001
+    is 6 bytes): answered 502, not sent to close the link."""
+    config = load(_config(tmp_path))
+
+    async def answer() -> Any:
+        connector = Connector(config)
+
+        async def serve(request: LinkRequest) -> LinkResponse:
+            return LinkResponse(200, [("content-type", "text/plain")], body)
+
+        monkeypatch.setattr(connector, "serve", serve)
+        try:
+            request = LinkRequest("r1", "ds-a", "GET", "/big", "", [], b"")
+            return await connector._on_request(request.encode())
+        finally:
+            await connector.close()
+
+    got = LinkResponse.decode(asyncio.run(answer()))
+    assert got.status == status
+    if status == 502:
+        assert json.loads(got.body)["error"] == "answer_too_large"

@@ -10,6 +10,7 @@ timeout or unexpected answer is a deny (fail closed).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -63,24 +64,34 @@ class GrpcAuthorizer:
         settings.validate()
         self.settings = settings
         self.timeout_seconds = timeout_seconds
-        self._channel: grpc.aio.Channel | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._check: _Check | None = None
+        # One channel per event loop (a grpc.aio channel belongs to the loop it was made
+        # in): a closed loop's is closed when another loop asks, all by close().
+        self._channels: dict[asyncio.AbstractEventLoop, tuple[grpc.aio.Channel, _Check]] = {}
 
-    def _callable(self) -> _Check:
+    async def _callable(self) -> _Check:
         loop = asyncio.get_running_loop()
-        if self._check is None or self._loop is not loop:
-            self._channel = open_channel(self.settings)
-            self._loop = loop
-            self._check = cast(
+        found = self._channels.get(loop)
+        if found is None:
+            await self._close_orphans()
+            channel = open_channel(self.settings)
+            check = cast(
                 _Check,
-                self._channel.unary_unary(
+                channel.unary_unary(
                     CHECK_METHOD,
                     request_serializer=decision_pb2.CheckRequest.SerializeToString,
                     response_deserializer=decision_pb2.CheckResponse.FromString,
                 ),
             )
-        return self._check
+            found = self._channels[loop] = (channel, check)
+        return found[1]
+
+    async def _close_orphans(self) -> None:
+        """Close the channels of loops that are closed (used once, from a loop since gone):
+        without a grace period closing one awaits nothing of its own loop."""
+        for loop in [loop for loop in self._channels if loop.is_closed()]:
+            channel, _ = self._channels.pop(loop)
+            with contextlib.suppress(Exception):  # its sockets go with it all the same
+                await channel.close(None)
 
     async def check(self, token: str, data_sources: Sequence[str], request_id: str = "") -> Verdict:
         request = decision_pb2.CheckRequest(
@@ -90,7 +101,7 @@ class GrpcAuthorizer:
             door=DOOR,
         )
         try:
-            response = await self._callable()(request, timeout=self.timeout_seconds)
+            response = await (await self._callable())(request, timeout=self.timeout_seconds)
         except Exception as exc:  # deadline, transport, anything: deny
             log.warning("link: cannot ask policyd (%s): deny", type(exc).__name__)
             return Verdict(False, UNAVAILABLE, message="policyd could not be asked")
@@ -105,6 +116,13 @@ class GrpcAuthorizer:
         )
 
     async def close(self) -> None:
-        channel, self._channel, self._check, self._loop = self._channel, None, None, None
-        if channel is not None:
-            await channel.close(None)
+        """Close every channel: this loop's and closed loops' here, another running loop's
+        in that loop."""
+        await self._close_orphans()
+        here = asyncio.get_running_loop()
+        channels, self._channels = self._channels, {}
+        for loop, (channel, _) in channels.items():
+            if loop is here:
+                await channel.close(None)
+            else:
+                asyncio.run_coroutine_threadsafe(channel.close(None), loop)

@@ -9,6 +9,7 @@
     client_key_file = ""
     transports = ["polling", "websocket"]           # Socket.IO: upgrade to WebSocket
     request_timeout_seconds = 10                    # each request to an upstream
+    max_answer_bytes = 8388608                      # an upstream's answer body, at most
     insecure_dev = false                            # allow http:// (development only)
 
     [reconnect]
@@ -19,21 +20,36 @@
     [sources.plant-mes]
     url = "http://127.0.0.1:8600"
 
-Every error is a ConfigError with a one-line message naming the key.
+`max_answer_bytes` (default 8 MiB, at most 11 MiB) keeps every answer below the link's
+message limit (16 MiB, LINK_MESSAGE_BYTES): a larger message would make Engine.IO close
+the link, failing every other request in flight on it. An upstream answer over it is
+answered 502 `answer_too_large` instead.
+
+Every error is a ConfigError with a one-line message naming the key. The TLS context is
+built here too (the CA file, the client certificate and key must load), so that a bad
+file is such a message at start-up, never a traceback.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import ssl
 import stat
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from adapters.link.wire import TRANSPORTS
+
+# The link's message limit: the hub's max_http_buffer_size and the connector's Socket.IO
+# client's max message size.
+LINK_MESSAGE_BYTES = 16 << 20
+DEFAULT_MAX_ANSWER_BYTES = 8 << 20
+# base64 (a body that is not UTF-8) grows a body by 4/3: 11 MiB stays below 16 MiB.
+MAX_ANSWER_BYTES = 11 << 20
 
 
 class ConfigError(ValueError):
@@ -52,13 +68,14 @@ class ConnectorConfig:
     hub_url: str
     token_url: str
     client_id: str
-    client_secret: str
+    client_secret: str = field(repr=False)
     sources: dict[str, str]
     ca_file: str = ""
     client_cert_file: str = ""
     client_key_file: str = ""
     transports: tuple[str, ...] = TRANSPORTS
     request_timeout_seconds: float = 10.0
+    max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES
     insecure_dev: bool = False
     reconnect: Reconnect = Reconnect()
 
@@ -73,6 +90,7 @@ KEYS = {
     "client_key_file",
     "transports",
     "request_timeout_seconds",
+    "max_answer_bytes",
     "insecure_dev",
     "reconnect",
     "sources",
@@ -133,15 +151,54 @@ def read_secret(path: str) -> str:
         st = os.stat(path)
     except OSError as exc:
         raise ConfigError(f"client_secret_file: cannot read {path!r}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"client_secret_file: {path!r} is not a file")
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise ConfigError(
             f"client_secret_file: {path!r} is readable by group or others"
             f" (mode {stat.S_IMODE(st.st_mode):04o}); chmod 600 it"
         )
-    secret = Path(path).read_text().strip()
+    try:
+        secret = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"client_secret_file: cannot read {path!r}: {exc.strerror}") from None
+    except UnicodeError:
+        raise ConfigError(f"client_secret_file: {path!r} is not UTF-8 text") from None
     if not secret:
         raise ConfigError(f"client_secret_file: {path!r} is empty")
     return secret
+
+
+def _tls_error(exc: OSError) -> str:
+    """OpenSSL's reason (`KEY_VALUES_MISMATCH`) in words, or the OS error's."""
+    reason = getattr(exc, "reason", None)
+    if isinstance(reason, str) and reason:
+        return reason.replace("_", " ").lower()
+    if isinstance(exc, ssl.SSLError):
+        return "not PEM"
+    return str(exc.strerror or exc)
+
+
+def ssl_context(config: ConnectorConfig) -> ssl.SSLContext:
+    """The TLS context for the hub and the token endpoint: the trusted CA (default: the
+    system's) and the client certificate for mutual TLS; a file that does not load is a
+    ConfigError naming its key."""
+    try:
+        ctx = ssl.create_default_context(cafile=config.ca_file or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"ca_file: cannot load {config.ca_file!r} as PEM certificates: {_tls_error(exc)}"
+        ) from None
+    if config.client_cert_file:
+        try:
+            ctx.load_cert_chain(config.client_cert_file, config.client_key_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"client_cert_file, client_key_file: cannot load {config.client_cert_file!r}"
+                f" with {config.client_key_file!r} (PEM, a key that matches the"
+                f" certificate): {_tls_error(exc)}"
+            ) from None
+    return ctx
 
 
 def load(path: str | Path) -> ConnectorConfig:
@@ -180,6 +237,11 @@ def parse(doc: dict[str, Any]) -> ConnectorConfig:
     ):
         raise ConfigError(f"transports must be a list of {', '.join(TRANSPORTS)}")
     timeout = _number(doc, "request_timeout_seconds", 10.0, 0.001)
+    max_answer = doc.get("max_answer_bytes", DEFAULT_MAX_ANSWER_BYTES)
+    if isinstance(max_answer, bool) or not isinstance(max_answer, int):
+        max_answer = 0
+    if not 1 <= max_answer <= MAX_ANSWER_BYTES:
+        raise ConfigError(f"max_answer_bytes must be a whole number from 1 to {MAX_ANSWER_BYTES}")
     raw_reconnect = doc.get("reconnect", {})
     if not isinstance(raw_reconnect, dict):
         raise ConfigError("[reconnect] must be a table")
@@ -212,7 +274,7 @@ def parse(doc: dict[str, Any]) -> ConnectorConfig:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(f"sources.{name}.url must be an http:// or https:// URL")
         sources[name] = table["url"].rstrip("/")
-    return ConnectorConfig(
+    config = ConnectorConfig(
         hub_url=hub_url,
         token_url=token_url,
         client_id=client_id,
@@ -223,6 +285,9 @@ def parse(doc: dict[str, Any]) -> ConnectorConfig:
         client_key_file=key,
         transports=tuple(transports),
         request_timeout_seconds=timeout,
+        max_answer_bytes=max_answer,
         insecure_dev=insecure,
         reconnect=reconnect,
     )
+    ssl_context(config)  # every TLS file loads
+    return config

@@ -31,8 +31,15 @@ import httpx
 import socketio
 from yarl import URL
 
-from adapters.link.config import ConfigError, ConnectorConfig, load
+from adapters.link.config import (
+    LINK_MESSAGE_BYTES,
+    ConfigError,
+    ConnectorConfig,
+    load,
+    ssl_context,
+)
 from adapters.link.wire import (
+    ATTACHED_EVENT,
     NAMESPACE,
     REQUEST_EVENT,
     SOCKETIO_PATH,
@@ -47,7 +54,9 @@ log = logging.getLogger("policyd.connector")
 
 # Refresh the token when this share of its lifetime has passed.
 REFRESH_AT = 0.75
-MAX_MESSAGE_BYTES = 16 << 20
+# Room in a link message for what goes around the body (the answer's headers, JSON).
+MESSAGE_ROOM = 64 << 10
+CHUNK_BYTES = 64 << 10
 
 
 class TokenError(Exception):
@@ -68,11 +77,8 @@ def _tls_words(exc: BaseException | str) -> str:
     return text[:300]
 
 
-def ssl_context(config: ConnectorConfig) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=config.ca_file or None)
-    if config.client_cert_file:
-        ctx.load_cert_chain(config.client_cert_file, config.client_key_file)
-    return ctx
+class AnswerTooLarge(Exception):
+    pass
 
 
 def backoff(first: float, cap: float, jitter: float) -> Iterator[float]:
@@ -169,12 +175,13 @@ class Connector:
             randomization_factor=r.randomization_factor,
             logger=False,
             engineio_logger=False,
-            websocket_extra_options={"max_msg_size": MAX_MESSAGE_BYTES},
+            websocket_extra_options={"max_msg_size": LINK_MESSAGE_BYTES},
         )
         self.sio.on("connect", self._on_connect, namespace=NAMESPACE)
         self.sio.on("disconnect", self._on_disconnect, namespace=NAMESPACE)
         self.sio.on("connect_error", self._on_connect_error, namespace=NAMESPACE)
         self.sio.on(REQUEST_EVENT, self._on_request, namespace=NAMESPACE)
+        self.sio.on(ATTACHED_EVENT, self._on_attached, namespace=NAMESPACE)
 
     # -- the link -----------------------------------------------------------------------
 
@@ -194,6 +201,25 @@ class Connector:
             self.sio.transport(),
             ",".join(self.config.sources),
         )
+
+    async def _on_attached(self, data: Any) -> None:
+        """What the hub serves over this link and what policyd refused it (of the data
+        sources this connector announced: only its own names are logged)."""
+        if not isinstance(data, dict):
+            return
+        ours = self.config.sources
+        serving, refused = data.get("serving"), data.get("refused")
+        served = [n for n in serving if n in ours] if isinstance(serving, list) else []
+        refusals = (
+            [f"{n}: {r}" for n, r in refused.items() if n in ours and isinstance(r, str)]
+            if isinstance(refused, dict)
+            else []
+        )
+        text = f"the hub serves {','.join(served) or 'nothing'}"
+        if refusals:
+            log.warning("%s; refused %s", text, ", ".join(r[:200] for r in refusals))
+        else:
+            log.info("%s", text)
 
     async def _on_disconnect(self, reason: Any = None) -> None:
         log.warning("disconnected from the hub (%s)", reason or "link lost")
@@ -273,7 +299,32 @@ class Connector:
             request = LinkRequest.decode(data)
         except ValueError as exc:
             return _error(400, "invalid_request", str(exc)).encode()
-        return (await self.serve(request)).encode()
+        answer = (await self.serve(request)).encode()
+        # A message over the link's limit would make Engine.IO close the link, failing
+        # every other request in flight on it. The body read was capped; JSON escaping
+        # (ASCII only, as Socket.IO sends it) can still grow a text body up to 12 times
+        # per character (\ud83d\ude00 for one outside the BMP), so a body that could
+        # pass the limit so is measured as it will travel.
+        body = answer.get("body")
+        limit = LINK_MESSAGE_BYTES - MESSAGE_ROOM
+        if isinstance(body, str) and len(body) * 12 > limit and len(json.dumps(answer)) > limit:
+            return self._too_large(request, "more than the link carries once JSON-escaped").encode()
+        return answer
+
+    def _too_large(self, request: LinkRequest, why: str = "") -> LinkResponse:
+        log.warning(
+            "upstream of %s answered %s %s with %s: 502",
+            request.data_source,
+            request.method,
+            request.path,
+            why or f"more than max_answer_bytes ({self.config.max_answer_bytes})",
+        )
+        return _error(
+            502,
+            "answer_too_large",
+            f"the data source's answer is larger than the link carries"
+            f" ({self.config.max_answer_bytes} bytes)",
+        )
 
     async def serve(self, request: LinkRequest) -> LinkResponse:
         """Replay the request against its data source's upstream."""
@@ -294,7 +345,9 @@ class Connector:
                 data=request.body or None,
                 allow_redirects=False,
             ) as r:
-                body = await r.read()
+                body = await _read(r, self.config.max_answer_bytes)
+        except AnswerTooLarge:
+            return self._too_large(request)
         except TimeoutError:
             return _error(504, "upstream_timeout", "the data source's upstream did not answer")
         except (aiohttp.ClientError, ValueError) as exc:
@@ -315,6 +368,19 @@ class Connector:
         await self._upstream.close()
         await self.tokens.close()
         await self._http.close()
+
+
+async def _read(r: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The answer's body, read as it streams in; AnswerTooLarge past `limit` bytes (the
+    rest is not read: the upstream connection is closed)."""
+    if r.content_length is not None and r.content_length > limit:
+        raise AnswerTooLarge
+    body = bytearray()
+    async for chunk in r.content.iter_chunked(CHUNK_BYTES):
+        body += chunk
+        if len(body) > limit:
+            raise AnswerTooLarge
+    return bytes(body)
 
 
 def _error(status: int, error: str, message: str) -> LinkResponse:

@@ -9,7 +9,9 @@ How a connection lives (docs/link.md has the picture):
    denied, the connection is refused with the reason name; allowed, the connection serves
    them, under the token's client_id (the connector id).
    A connector that announced some data sources it does not serve
-   (DATA_SOURCE_NOT_OWNED) is asked about each, and serves those it may.
+   (DATA_SOURCE_NOT_OWNED) is asked about each, and serves those it may. Once it serves,
+   the hub tells the connector what it serves and what was refused (the `attached` event,
+   wire.py), and again whenever policyd takes one of its data sources from it.
 2. While it lives, the same question is asked every `recheck_seconds`: a deny closes it
    (a disabled connector's idle link is gone within a second); a data source taken from
    the connector is no longer served by it; the link stays for the others.
@@ -48,6 +50,7 @@ import socketio
 
 from adapters.link.authorize import UNAVAILABLE, Authorizer, Verdict
 from adapters.link.wire import (
+    ATTACHED_EVENT,
     NAMESPACE,
     REQUEST_EVENT,
     SOCKETIO_PATH,
@@ -120,6 +123,8 @@ class Connection:
     pending: dict[int, asyncio.Future[Any]] = field(default_factory=dict)
     watch: asyncio.Task[None] | None = None
     serving: bool = False
+    # Data sources it announced that policyd refused it (name -> reason), told to it.
+    refused: dict[str, str] = field(default_factory=dict)
 
 
 class LinkHub:
@@ -299,6 +304,7 @@ class LinkHub:
                 _names([d for d in data_sources if d not in serving]),
             )
         conn = Connection(sid, verdict.connector_id, token, serving, time.monotonic())
+        conn.refused = {d: verdict.reason for d in data_sources if d not in serving}
         self.connections[sid] = conn
         # Served from the next turn of the loop on: after the hub's CONNECT answer is queued,
         # so that no request can overtake it.
@@ -361,6 +367,7 @@ class LinkHub:
             conn.connector_id,
             _names(conn.data_sources),
         )
+        await self._tell(conn)
         while True:
             await asyncio.sleep(self.recheck_seconds)
             if not self._alive(conn):
@@ -395,11 +402,19 @@ class LinkHub:
                 conn.data_sources = left
                 for name in gone:
                     self._refusals[name] = verdict.reason
+                    conn.refused[name] = verdict.reason
+                await self._tell(conn)
                 return True
         for name in conn.data_sources:
             self._refusals[name] = verdict.reason
         await self._drop(conn, f"policyd refused it for {_names(data_sources)}: {verdict.reason}")
         return False
+
+    async def _tell(self, conn: Connection) -> None:
+        """Tell the connector what it serves and what policyd refused it (its log says)."""
+        doc = {"serving": list(conn.data_sources), "refused": dict(conn.refused)}
+        with contextlib.suppress(Exception):  # a link going meanwhile: nothing to tell
+            await self.sio.emit(ATTACHED_EVENT, doc, to=conn.sid, namespace=NAMESPACE)
 
     async def _drop(self, conn: Connection, why: str) -> None:
         """Close a link: no new request reaches it, its pending ones fail now."""

@@ -23,6 +23,9 @@ NAMESPACE = "/"
 REQUEST_EVENT = "request"
 # connector -> hub: {"token": <a fresh access token>}, acknowledged with {"ok", "reason"}
 TOKEN_EVENT = "token"
+# hub -> connector, when a link starts serving and when policyd takes a data source from
+# it: {"serving": [names], "refused": {name: reason}}
+ATTACHED_EVENT = "attached"
 # Where the Socket.IO endpoint is mounted (Socket.IO's default).
 SOCKETIO_PATH = "socket.io"
 
