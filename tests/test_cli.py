@@ -443,8 +443,12 @@ def test_demo_seed_creates_the_demo_and_a_working_token_and_is_idempotent(
         "check", "--local", "--token", "@var/demo-alice.token", "--path", "/api/data/tags/plant-mes"
     )
     assert (denied.code, denied.lines[0].split(":")[0]) == (3, "deny DATA_SOURCE_NOT_GRANTED")
-    again = policyd.ok("demo", "seed", "--token-file", "other.token").lines
-    assert again == ["wrote a 1-hour access token for alice (demo-app) to other.token"]
+    again = policyd.ok("demo", "seed", "--token-file", "other/alice.token").lines
+    assert again == [
+        # The connector's secret goes beside the token, and that folder had none yet.
+        "wrote a new secret for connector plant-connector to other/plant-connector.secret",
+        "wrote a 1-hour access token for alice (demo-app) to other/alice.token",
+    ]
     assert len(policyd.ok("apps", "list", "--json").lines) == 1
 
 

@@ -38,6 +38,7 @@ CONSENTS = {"alice": ["UserInfo", "DataRead", "DataWrite"], "bob": ["UserInfo", 
 # The on-premises connector of the demo and the data sources it serves (docs/link.md).
 DEMO_CONNECTOR = "plant-connector"
 CONNECTOR_SOURCES = {DEMO_CONNECTOR: ["plant-mes"]}
+SECRET_FILE = f"{DEMO_CONNECTOR}.secret"
 GRANTS = {
     "alice": {"edge-historian": Access.WRITE, "lab-lims": Access.READ},
     "bob": {"plant-mes": Access.READ},
@@ -111,19 +112,20 @@ def demo() -> None:
 @click.option(
     "--connector-secret-file",
     type=click.Path(dir_okay=False),
-    default="var/plant-connector.secret",
-    show_default=True,
-    help="Where the demo connector's secret is kept (mode 0600); made when missing.",
+    default=None,
+    help="Where the demo connector's secret is kept (mode 0600); made when missing."
+    "  [default: plant-connector.secret beside the token file]",
 )
 @pass_ctx
-def demo_seed(obj: Context, token_file: str, connector_secret_file: str) -> None:
+def demo_seed(obj: Context, token_file: str, connector_secret_file: str | None) -> None:
     """Create the demo app, users, data sources, grants and connector (idempotent); mint a
     token."""
     ring = obj.keyring()
     created = seed(obj.store, ring, obj.config.tokens.algorithm)
     for line in created:
         click.echo(f"created {line}")
-    secret_path = Path(connector_secret_file)
+    # Beside the token by default: a seed for another folder never touches this one's.
+    secret_path = Path(connector_secret_file or Path(token_file).parent / SECRET_FILE)
     new_connector = any(line.startswith(f"connector {DEMO_CONNECTOR} ") for line in created)
     if new_connector or not secret_path.exists():
         # A secret is stored only hashed, so a lost file means a new secret (and a file
