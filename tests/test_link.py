@@ -12,7 +12,8 @@ import json
 import signal
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from adapters.link import (
     LinkUnavailable,
     Verdict,
 )
+from adapters.link.authorize import UNAVAILABLE
 from adapters.link.certs import ensure
 from tests.helpers import free_port, run_hub
 from tests.link_support import (
@@ -870,3 +872,92 @@ def test_the_authorizer_closes_a_gone_loops_channel(policyd: Policyd) -> None:
     assert channels[0].get_state() == grpc.ChannelConnectivity.SHUTDOWN
     asyncio.run(authorizer.close())
     assert channels[1].get_state() == grpc.ChannelConnectivity.SHUTDOWN
+
+
+class _Blip:
+    """The real GrpcAuthorizer, with some questions answered POLICYD_UNAVAILABLE while
+    `failing` is set, as a policyd deadline would answer them: `matches(request_id,
+    data_sources)` says which. Every other decision is policyd's."""
+
+    def __init__(self, inner: Authorizer, matches: Callable[[str, Sequence[str]], bool]) -> None:
+        self.inner = inner
+        self.matches = matches
+        self.failing = threading.Event()
+        self.blipped = 0
+
+    async def check(self, token: str, data_sources: Sequence[str], request_id: str = "") -> Verdict:
+        if self.failing.is_set() and self.matches(request_id, data_sources):
+            self.blipped += 1
+            return Verdict(False, UNAVAILABLE, message="policyd could not be asked")
+        return await self.inner.check(token, data_sources, request_id)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+def test_a_blip_while_finding_which_data_source_was_taken_keeps_the_link(
+    tmp_path: Path, policyd: Policyd, started: list[object]
+) -> None:
+    """A data source moved away, and the one-by-one questions that find which meet a
+    policyd blip: the link stays (before, it was closed, failing the others)."""
+    secret = policyd.add("blip-a", "blip-1", "blip-2")
+    blip = _Blip(
+        policyd.authorizer(), lambda rid, names: rid.startswith("link-recheck") and len(names) == 1
+    )
+    hub = _hub(started, policyd, authorizer=lambda: blip)
+    _, url = hub.upstream("plant-a")
+    a = _connector(started, tmp_path, hub, "blip-a", {"blip-1": url, "blip-2": url}, secret=secret)
+    hub.wait_online("blip-a")
+    sid = _sid(hub, "blip-1")
+    blip.failing.set()
+    taken = policyd.home.cli("datasources", "set-connector", "blip-2", "--none")
+    assert taken.returncode == 0, taken.stderr
+    eventually(lambda: blip.blipped >= 2, 5, "two rechecks meeting the blip")
+    assert [c["connector_id"] for c in hub.online()] == ["blip-a"]
+    blip.failing.clear()
+    eventually(lambda: hub.online()[0]["data_sources"] == ["blip-1"], 5, "blip-2 given up")
+    assert hub.forward("blip-1").status == 200
+    assert _sid(hub, "blip-1") == sid and "disconnected" not in a.log()
+
+
+def test_a_renewed_token_after_a_data_source_was_taken_keeps_the_link(
+    tmp_path: Path, policyd: Policyd, started: list[object]
+) -> None:
+    """The token renewal (tokens live 3 s here) is the first to learn a data source was
+    taken (no re-check in between): the link stays for the other, with the new token."""
+    secret = policyd.add("renew-a", "renew-1", "renew-2")
+    hub = _hub(started, policyd, recheck_seconds=60)
+    _, url = hub.upstream("plant-a")
+    a = _connector(
+        started, tmp_path, hub, "renew-a", {"renew-1": url, "renew-2": url}, secret=secret
+    )
+    hub.wait_online("renew-a")
+    sid = _sid(hub, "renew-1")
+    taken = policyd.home.cli("datasources", "set-connector", "renew-2", "--none")
+    assert taken.returncode == 0, taken.stderr
+    a.wait_log("access token renewed", timeout=10)
+    assert hub.online()[0]["data_sources"] == ["renew-1"]
+    assert hub.forward("renew-1").status == 200
+    assert _sid(hub, "renew-1") == sid and "disconnected" not in a.log()
+
+
+def test_a_renewed_token_policyd_could_not_check_is_sent_again_soon(
+    tmp_path: Path, policyd: Policyd, started: list[object]
+) -> None:
+    """The hub could not ask policyd about the renewed token: the connector sends it again
+    within a second, not at its next renewal (by then the old token may have expired)."""
+    secret = policyd.add("resend-a", "resend-ds")
+    blip = _Blip(policyd.authorizer(), lambda rid, names: rid.startswith("link-token"))
+    blip.failing.set()
+    hub = _hub(started, policyd, recheck_seconds=60, authorizer=lambda: blip)
+    _, url = hub.upstream("plant-a")
+    a = _connector(started, tmp_path, hub, "resend-a", {"resend-ds": url}, secret=secret)
+    a.wait_log("refused by the hub: POLICYD_UNAVAILABLE", timeout=10)
+    blip.failing.clear()
+    log = a.wait_log("access token renewed", timeout=10)
+    stamps = [
+        datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+        for line in log.splitlines()
+        if "refused by the hub: POLICYD_UNAVAILABLE" in line or "access token renewed" in line
+    ]
+    assert stamps[-1] - stamps[-2] < timedelta(seconds=1.5), log  # a renewal is 2.25 s apart

@@ -73,6 +73,8 @@ class GrpcAuthorizer:
         found = self._channels.get(loop)
         if found is None:
             await self._close_orphans()
+            found = self._channels.get(loop)  # another caller may have opened it meanwhile
+        if found is None:
             channel = open_channel(self.settings)
             check = cast(
                 _Check,
@@ -124,5 +126,7 @@ class GrpcAuthorizer:
         for loop, (channel, _) in channels.items():
             if loop is here:
                 await channel.close(None)
-            else:
-                asyncio.run_coroutine_threadsafe(channel.close(None), loop)
+            else:  # in its own loop; waited for briefly, a stopping loop may never run it
+                done = asyncio.run_coroutine_threadsafe(channel.close(None), loop)
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(asyncio.wrap_future(done), 1.0)

@@ -31,6 +31,7 @@ import httpx
 import socketio
 from yarl import URL
 
+from adapters.link.authorize import UNAVAILABLE
 from adapters.link.config import (
     LINK_MESSAGE_BYTES,
     ConfigError,
@@ -54,8 +55,8 @@ log = logging.getLogger("policyd.connector")
 
 # Refresh the token when this share of its lifetime has passed.
 REFRESH_AT = 0.75
-# Room in a link message for what goes around the body (the answer's headers, JSON).
-MESSAGE_ROOM = 64 << 10
+# How soon a renewed token is sent to the hub again when policyd could not be asked.
+RETRY_TOKEN_SECONDS = 0.5
 CHUNK_BYTES = 64 << 10
 
 
@@ -209,7 +210,11 @@ class Connector:
             return
         ours = self.config.sources
         serving, refused = data.get("serving"), data.get("refused")
-        served = [n for n in serving if n in ours] if isinstance(serving, list) else []
+        served = (
+            [n for n in serving if isinstance(n, str) and n in ours]
+            if isinstance(serving, list)
+            else []
+        )
         refusals = (
             [f"{n}: {r}" for n, r in refused.items() if n in ours and isinstance(r, str)]
             if isinstance(refused, dict)
@@ -278,19 +283,29 @@ class Connector:
             except TokenError as exc:
                 log.error("cannot renew the access token: %s", exc)
                 continue
-            if self.sio.connected:
-                try:
-                    answer = await self.sio.call(
-                        TOKEN_EVENT, {"token": token}, namespace=NAMESPACE, timeout=10
-                    )
-                except Exception as exc:
-                    log.warning("the hub did not take the renewed token: %s", type(exc).__name__)
-                    continue
-                if isinstance(answer, dict) and answer.get("ok"):
-                    log.info("access token renewed")
-                else:
-                    reason = answer.get("reason") if isinstance(answer, dict) else answer
-                    log.error("refused by the hub: %s", reason)
+            # Handed to the hub until it decides: while policyd cannot be asked (or the
+            # hub does not answer) the old token still serves, so the new one is sent
+            # again every few seconds rather than left until the old one expires.
+            while self.sio.connected and not stop.is_set():
+                if await self._hand_over(token):
+                    break
+                await asyncio.sleep(RETRY_TOKEN_SECONDS)
+
+    async def _hand_over(self, token: str) -> bool:
+        """Send a renewed token to the hub; whether the hub decided (took or refused it)."""
+        try:
+            answer = await self.sio.call(
+                TOKEN_EVENT, {"token": token}, namespace=NAMESPACE, timeout=10
+            )
+        except Exception as exc:
+            log.warning("the hub did not take the renewed token: %s", type(exc).__name__)
+            return False
+        if isinstance(answer, dict) and answer.get("ok"):
+            log.info("access token renewed")
+            return True
+        reason = answer.get("reason") if isinstance(answer, dict) else answer
+        log.error("refused by the hub: %s", reason)
+        return reason != UNAVAILABLE
 
     # -- requests -----------------------------------------------------------------------
 
@@ -299,17 +314,9 @@ class Connector:
             request = LinkRequest.decode(data)
         except ValueError as exc:
             return _error(400, "invalid_request", str(exc)).encode()
-        answer = (await self.serve(request)).encode()
-        # A message over the link's limit would make Engine.IO close the link, failing
-        # every other request in flight on it. The body read was capped; JSON escaping
-        # (ASCII only, as Socket.IO sends it) can still grow a text body up to 12 times
-        # per character (\ud83d\ude00 for one outside the BMP), so a body that could
-        # pass the limit so is measured as it will travel.
-        body = answer.get("body")
-        limit = LINK_MESSAGE_BYTES - MESSAGE_ROOM
-        if isinstance(body, str) and len(body) * 12 > limit and len(json.dumps(answer)) > limit:
-            return self._too_large(request, "more than the link carries once JSON-escaped").encode()
-        return answer
+        # The body read was capped by max_answer_bytes, and a large one travels as base64
+        # (wire.encode_body): the message stays under the link's limit.
+        return (await self.serve(request)).encode()
 
     def _too_large(self, request: LinkRequest, why: str = "") -> LinkResponse:
         log.warning(

@@ -214,8 +214,8 @@ class LinkHub:
                 "data_sources": list(c.data_sources),
                 "transport": self.sio.transport(c.sid, namespace=NAMESPACE),
             }
-            for c in self.connections.values()
-            if c.serving
+            for c in list(self.connections.values())
+            if c.serving and self._alive(c)
         ]
 
     # -- forwarding ---------------------------------------------------------------------
@@ -344,10 +344,16 @@ class LinkHub:
         if conn is None or not isinstance(token, str) or not token:
             return {"ok": False, "reason": "REQUEST_INVALID"}
         verdict = await self.authorizer.check(token, conn.data_sources, f"link-token-{sid}")
+        if (
+            verdict.reason == "DATA_SOURCE_NOT_OWNED"
+            and len(conn.data_sources) > 1
+            and await self._refused(conn, conn.data_sources, verdict)
+        ):  # one data source was taken: the new token for those left
+            verdict = await self.authorizer.check(token, conn.data_sources, f"link-token-{sid}")
         if verdict.allowed and verdict.connector_id == conn.connector_id:
             conn.token = token
             return {"ok": True, "reason": verdict.reason}
-        if verdict.reason != UNAVAILABLE:
+        if verdict.reason != UNAVAILABLE and self._alive(conn):
             task = asyncio.get_running_loop().create_task(
                 self._drop(conn, f"its new token was refused: {verdict.reason}")
             )
@@ -386,9 +392,14 @@ class LinkHub:
         (DATA_SOURCE_NOT_OWNED), else close the link. Whether the link stays."""
         if verdict.reason == "DATA_SOURCE_NOT_OWNED":
             if len(data_sources) > 1:  # which of them? ask one by one
-                _, kept = await self._may_serve(
+                each, kept = await self._may_serve(
                     conn.token, data_sources, f"link-recheck-{conn.sid}"
                 )
+                if each.reason == UNAVAILABLE:
+                    return True  # not known which: nothing is forwarded unchecked; ask again
+                if each.reason != "DATA_SOURCE_NOT_OWNED":
+                    verdict = each  # disabled, expired...: about the connector, not a name
+                    kept = ()
                 gone = set(data_sources) - set(kept)
             else:
                 gone = set(data_sources)
@@ -406,7 +417,11 @@ class LinkHub:
                 await self._tell(conn)
                 return True
         for name in conn.data_sources:
-            self._refusals[name] = verdict.reason
+            if not any(
+                other is not conn and name in other.data_sources
+                for other in self.connections.values()
+            ):  # another link serving it speaks for it now
+                self._refusals[name] = verdict.reason
         await self._drop(conn, f"policyd refused it for {_names(data_sources)}: {verdict.reason}")
         return False
 
@@ -436,10 +451,13 @@ class LinkHub:
 
     async def close(self) -> None:
         """Close every link and the authorizer."""
+        watches = [c.watch for c in self.connections.values() if c.watch is not None]
         for conn in list(self.connections.values()):
             self._forget(conn, "the hub is stopping")
             with contextlib.suppress(Exception):  # best effort while stopping
                 await self.sio.disconnect(conn.sid, namespace=NAMESPACE)
+        # The watches (cancelled by _forget) and any link still closing end first.
+        await asyncio.gather(*watches, *self._closing, return_exceptions=True)
         with contextlib.suppress(Exception):
             await self.sio.shutdown()  # Engine.IO's service task
         await self.authorizer.close()

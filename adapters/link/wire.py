@@ -4,8 +4,8 @@ The hub emits `request` to one connection with a Socket.IO acknowledgement; the 
 answers in the acknowledgement, so an answer can only ever match a request that was sent
 to that same connection (python-socketio keeps ack ids per connection).
 
-Bodies travel inside the one text message: as `body` (text) when they are UTF-8, as they
-nearly always are (JSON), else as `body_b64` (base64). Never as Socket.IO binary
+Bodies travel inside the one text message: as `body` (text) when they are small and UTF-8,
+as they nearly always are (JSON), else as `body_b64` (base64). Never as Socket.IO binary
 attachments: those are separate frames, and a link closed between an answer's frames made
 python-socketio log a traceback for the orphaned attachment (found by driving `make run`
 while connectors were disabled under load).
@@ -71,12 +71,21 @@ _BAD_IN_VALUES = ("\r", "\n", "\0")
 Headers = list[tuple[str, str]]
 
 
+# Bodies up to this size may travel as text. Socket.IO sends JSON escaped to ASCII, which
+# can grow text up to 12 times (a character outside the BMP becomes two \\uXXXX escapes), so
+# a larger body travels as base64, which is exactly 4/3 of its bytes: what fits the link's
+# message limit is then known from the body's size alone (adapters/link/config.py).
+TEXT_BODY_BYTES = 256 << 10
+
+
 def encode_body(body: bytes) -> dict[str, str]:
-    """`{"body": text}` for a UTF-8 body, else `{"body_b64": base64}`."""
-    try:
-        return {"body": body.decode("utf-8")}
-    except UnicodeDecodeError:
-        return {"body_b64": base64.b64encode(body).decode("ascii")}
+    """`{"body": text}` for a small UTF-8 body, else `{"body_b64": base64}`."""
+    if len(body) <= TEXT_BODY_BYTES:
+        try:
+            return {"body": body.decode("utf-8")}
+        except UnicodeDecodeError:
+            pass
+    return {"body_b64": base64.b64encode(body).decode("ascii")}
 
 
 def decode_body(data: dict[str, Any], what: str) -> bytes:

@@ -15,6 +15,9 @@ GATEWAYS = ("asgi", "envoy")
 # How the middleware decides: "remote" asks policyd over gRPC, "embedded" decides in the
 # hub's own process (adapters/embedded/, docs/asgi.md "Embedded mode").
 MODES = ("remote", "embedded")
+# The largest request body the hub takes (POLICYD_HUB_MAX_BODY_BYTES): forwarded over the
+# link as base64 (4/3), it stays below the link's 16 MiB message limit.
+MAX_LINK_BODY_BYTES = 11 << 20
 
 
 class SettingsError(ValueError):
@@ -146,8 +149,12 @@ class HubSettings:
             raise SettingsError(f"POLICYD_HUB_PORT must be a TCP port, not {self.port}")
         if not self.timeout_seconds > 0:
             raise SettingsError("POLICYD_HUB_TIMEOUT_SECONDS must be above 0")
-        if self.max_body_bytes < 1:
-            raise SettingsError("POLICYD_HUB_MAX_BODY_BYTES must be at least 1")
+        if not 1 <= self.max_body_bytes <= MAX_LINK_BODY_BYTES:
+            # A body forwarded over the link travels as base64 (4/3 of its bytes) inside a
+            # message of at most 16 MiB; a larger one would close the link.
+            raise SettingsError(
+                f"POLICYD_HUB_MAX_BODY_BYTES must be from 1 to {MAX_LINK_BODY_BYTES}"
+            )
         if self.metrics_address:
             try:
                 net.parse("POLICYD_HUB_METRICS_ADDRESS", self.metrics_address)

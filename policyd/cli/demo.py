@@ -6,7 +6,9 @@ and one connector (`plant-connector`, which serves plant-mes to the hub over the
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from pathlib import Path
 
 import click
@@ -145,9 +147,18 @@ def demo_seed(obj: Context, token_file: str, connector_secret_file: str | None) 
 
 
 def _write_private(path: Path, text: str) -> None:
-    """Write `text` and a newline to `path`, readable by its owner only."""
+    """Write `text` and a newline to `path`, readable by its owner only: whole or not at
+    all (a new file renamed over the old one, so a crash never leaves an empty secret that
+    the next seed would keep), never through a symlink planted at a temporary name."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
-    os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text + "\n")
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
