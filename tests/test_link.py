@@ -925,24 +925,24 @@ def test_a_renewed_token_after_a_data_source_was_taken_keeps_the_link(
 ) -> None:
     """The token renewal (tokens live 3 s here) is the first to learn a data source was
     taken (no re-check in between): the link stays for the other, with the new token."""
-    secret = policyd.add("renew-a", "renew-1", "renew-2")
+    secret = policyd.add("retake-a", "retake-1", "retake-2")
     hub = _hub(started, policyd, recheck_seconds=60)
     _, url = hub.upstream("plant-a")
     a = _connector(
-        started, tmp_path, hub, "renew-a", {"renew-1": url, "renew-2": url}, secret=secret
+        started, tmp_path, hub, "retake-a", {"retake-1": url, "retake-2": url}, secret=secret
     )
-    hub.wait_online("renew-a")
-    sid = _sid(hub, "renew-1")
+    hub.wait_online("retake-a")
+    sid = _sid(hub, "retake-1")
     renewed = a.log().count("access token renewed")
-    taken = policyd.home.cli("datasources", "set-connector", "renew-2", "--none")
+    taken = policyd.home.cli("datasources", "set-connector", "retake-2", "--none")
     assert taken.returncode == 0, taken.stderr
     # The first renewal after the command (one may have come while it ran, on a busy machine).
     eventually(
         lambda: a.log().count("access token renewed") >= renewed + 2, 10, "a renewal after it"
     )
-    assert hub.online()[0]["data_sources"] == ["renew-1"]
-    assert hub.forward("renew-1").status == 200
-    assert _sid(hub, "renew-1") == sid and "disconnected" not in a.log()
+    assert hub.online()[0]["data_sources"] == ["retake-1"]
+    assert hub.forward("retake-1").status == 200
+    assert _sid(hub, "retake-1") == sid and "disconnected" not in a.log()
 
 
 def test_a_renewed_token_policyd_could_not_check_is_sent_again_soon(
