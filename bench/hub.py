@@ -422,19 +422,25 @@ def run(quick: bool, connections: int = CONNECTIONS) -> dict[str, Any]:
                         )
                     )
                 spec = {"targets": targets, "connections": connections, "durations": asdict(d)}
-                loader = subprocess.run(
-                    [sys.executable, "-m", "bench.hub", "load"],
-                    input=json.dumps(spec).encode(),
-                    capture_output=True,
-                    cwd=ROOT,
-                    env=clean_env(),
-                    timeout=600,
-                    check=False,
-                )
-                if loader.returncode != 0:
-                    raise RuntimeError(f"load generator failed:\n{loader.stderr.decode()}")
-                windows = [Window(**w) for w in json.loads(loader.stdout)]
+                windows = run_load(spec)
     return _summarize(windows, list(workloads), connections, d)
+
+
+def run_load(spec: dict[str, Any]) -> list[Window]:
+    """Run this module's load generator (`python -m bench.hub load`) over `spec` in a
+    process of its own; its windows."""
+    loader = subprocess.run(
+        [sys.executable, "-m", "bench.hub", "load"],
+        input=json.dumps(spec).encode(),
+        capture_output=True,
+        cwd=ROOT,
+        env=clean_env(),
+        timeout=600,
+        check=False,
+    )
+    if loader.returncode != 0:
+        raise RuntimeError(f"load generator failed:\n{loader.stderr.decode()}")
+    return [Window(**w) for w in json.loads(loader.stdout)]
 
 
 def _summarize(

@@ -48,6 +48,7 @@ from bench.hub import (
     _http_request,
     _seed,
     _wait_grpc,
+    run_load,
 )
 from bench.procs import ROOT, clean_env, free_port, stop
 from bench.stats import median
@@ -244,18 +245,7 @@ def run(quick: bool, connections: int = CONNECTIONS) -> dict[str, Any]:
                 for side in SIDES
             ]
             spec = {"durations": asdict(d), "connections": connections, "targets": targets}
-            loader = subprocess.run(
-                [sys.executable, "-m", "bench.hub", "load"],
-                input=json.dumps(spec).encode(),
-                capture_output=True,
-                cwd=ROOT,
-                env=clean_env(),
-                timeout=600,
-                check=False,
-            )
-            if loader.returncode != 0:
-                raise RuntimeError(f"load generator failed:\n{loader.stderr.decode()}")
-            windows = [Window(**w) for w in json.loads(loader.stdout)]
+            windows = run_load(spec)
             restart = _restart(running, fronts["websocket"], raw, 1 if quick else 3)
         finally:
             for process in reversed(running.values()):

@@ -240,14 +240,10 @@ class PolicydMiddleware:
         body = b""
         app_receive = receive
         if method in BODY_METHODS and _is_json(headers):
-            try:
-                body = await self._read_body(headers, receive)
-            except _BodyTooLarge:
-                await self._respond(send, body_too_large(self.max_body_bytes))
+            read = await self._body(headers, receive, send)
+            if read is None:
                 return
-            except _Disconnected:
-                return
-            app_receive = _Replay(body, receive)
+            body, app_receive = read
         auth, denial = await self._decide(
             check_request(scope, token, method, body, self.forward_headers),
             trace_context(headers),
@@ -424,14 +420,10 @@ class PolicydMiddleware:
         body = b""
         app_receive = receive
         if asked.json_body:
-            try:
-                body = await self._read_body(headers, receive)
-            except _BodyTooLarge:
-                await self._respond(send, body_too_large(self.max_body_bytes))
+            read = await self._body(headers, receive, send)
+            if read is None:
                 return
-            except _Disconnected:
-                return
-            app_receive = _Replay(body, receive)
+            body, app_receive = read
         auth, denial = await self._check_here(
             asked.token,
             method,
@@ -470,6 +462,20 @@ class PolicydMiddleware:
             return None, unavailable_denial("embedded policyd failed")
 
     # -- the request --------------------------------------------------------------------
+
+    async def _body(
+        self, headers: list[tuple[bytes, bytes]], receive: Receive, send: Send
+    ) -> tuple[bytes, Receive] | None:
+        """The JSON body, read whole, and a receive that replays it to the app; None when
+        the request was answered here (413) or its client went."""
+        try:
+            body = await self._read_body(headers, receive)
+        except _BodyTooLarge:
+            await self._respond(send, body_too_large(self.max_body_bytes))
+            return None
+        except _Disconnected:
+            return None
+        return body, _Replay(body, receive)
 
     async def _read_body(self, headers: list[tuple[bytes, bytes]], receive: Receive) -> bytes:
         """The whole body, refusing more than max_body_bytes (Content-Length first)."""
