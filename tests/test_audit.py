@@ -1105,3 +1105,80 @@ def test_processes_starting_together_all_get_the_one_whole_audit_key(tmp_path: P
     assert keys == {path.read_bytes().hex()} and len(path.read_bytes()) == 32
     assert path.stat().st_mode & 0o777 == 0o600
     assert sorted(p.name for p in path.parent.iterdir()) == ["audit.key"]  # no temp left
+
+
+def _following(indexer: Indexer, stop: threading.Event) -> threading.Thread:
+    thread = threading.Thread(target=indexer.run, args=(stop,), daemon=True)
+    thread.start()
+    return thread
+
+
+def _indexed_count(log_path: Path) -> int:
+    with sqlite3.connect(log_path) as conn:
+        return int(conn.execute("SELECT count(*) FROM audit").fetchone()[0])
+
+
+def _wait_for(what: str, done: Any, timeout: float = 10.0) -> float:
+    """Seconds until done() held (AssertionError naming `what` after `timeout`)."""
+    started = time.monotonic()
+    while not done():
+        assert time.monotonic() - started < timeout, f"not within {timeout} s: {what}"
+        time.sleep(0.01)
+    return time.monotonic() - started
+
+
+def test_indexers_following_one_folder_take_turns_and_the_next_leads_when_one_exits(
+    log_path: Path, key: bytes
+) -> None:
+    """Of two indexers following one journal folder, one leads (a pass every 20 ms), the
+    other makes a pass a second; when the leader exits, the other leads at once."""
+    audit = AuditLog(log_path, key)
+    audit.start()  # the two indexers below index, not the writer
+    first, second = Indexer(log_path, key), Indexer(log_path, key)
+    stop_first, stop_second = threading.Event(), threading.Event()
+    threads = [_following(first, stop_first)]
+    _wait_for("the first indexer leads", lambda: first.leading)
+    threads.append(_following(second, stop_second))
+    try:
+        time.sleep(1.5)
+        assert first.leading and not second.leading
+        assert second.passes <= 3  # at 0, 1 and (on a slow machine) 2 s
+        assert first.passes >= 15  # about 75 at one pass every 20 ms
+        stop_first.set()
+        threads[0].join(timeout=10)
+        _wait_for("the second indexer leads", lambda: second.leading, timeout=1.0)
+        for i in range(5):
+            audit.record(_record(request_id=f"after-{i}"))
+        # Indexed by the new leader's passes, not a follower's once a second.
+        assert _wait_for("the records after", lambda: _indexed_count(log_path) == 5) < 0.5
+    finally:
+        stop_first.set()
+        stop_second.set()
+        for t in threads:
+            t.join(timeout=10)
+        audit.close()
+    assert not second.leading  # given up when it stopped
+
+
+def test_a_leader_that_hangs_is_covered_by_a_followers_passes(log_path: Path, key: bytes) -> None:
+    """A process that holds the lead but never indexes (stopped, hung) delays records by
+    at most a follower's pass interval, well within the writers' audit timeout."""
+    audit = AuditLog(log_path, key)
+    audit.start()
+    hung = os.open(journal_dir(log_path) / journal_module.LEAD_FILE, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(hung, fcntl.LOCK_EX)
+    follower = Indexer(log_path, key)
+    stop = threading.Event()
+    thread = _following(follower, stop)
+    try:
+        time.sleep(0.2)
+        for i in range(5):
+            audit.record(_record(request_id=f"r{i}"))
+        waited = _wait_for("a follower's pass", lambda: _indexed_count(log_path) == 5)
+        assert waited <= journal_module.FOLLOWER_PASS_SECONDS + 1.0
+        assert not follower.leading
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        os.close(hung)
+        audit.close()

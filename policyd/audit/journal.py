@@ -78,6 +78,12 @@ INDEX_CHUNK_BYTES = 1 << 20
 # journal every 20 ms cost more than the SQL of a small pass.
 FIRST_READ_BYTES = 64 << 10
 WATCH_INTERVAL_SECONDS = 0.1
+# Indexers that follow one journal folder (a server's, each embedded host's) take turns by
+# a lock file in it: the one holding LEAD_FILE makes a pass every pass_interval; the others
+# make one every FOLLOWER_PASS_SECONDS, which covers a leader that hangs without exiting,
+# and take the lead as soon as it is free (a leader that exits frees it at once).
+LEAD_FILE = ".indexer.lock"
+FOLLOWER_PASS_SECONDS = 1.0
 # How old an unlocked `.new-*` file must be before the indexer deletes it.
 UNFINISHED_SECONDS = 60.0
 _MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
@@ -475,6 +481,9 @@ class Indexer:
         self._known: dict[str, int] = {}  # journal -> mark, as last seen
         self._lock = threading.Lock()  # one pass at a time on the one connection
         self._next_sweep = 0.0  # when to look for journals cut short again
+        self.passes = 0  # passes made by run()
+        self._lead_fd: int | None = None  # LEAD_FILE, open (and locked once leading)
+        self.leading = False
 
     def close(self) -> None:
         with self._lock:
@@ -649,47 +658,90 @@ class Indexer:
     ) -> None:
         """Index until `stop` is set (or the process `parent` is gone), then once more.
 
-        `retention` is (max age in seconds, max bytes); applied every retention_every s.
-        `interval`: between passes (default: the index's pass_interval)."""
+        `retention` is (max age in seconds, max bytes); applied every retention_every s,
+        by the leader. `interval`: between passes (default: the index's pass_interval).
+        Of the indexers following one folder, the one holding LEAD_FILE makes a pass every
+        interval, the others every FOLLOWER_PASS_SECONDS (docs/audit.md, "Indexers")."""
         if interval is None:
             interval = self.index.pass_interval
         failures = 0
         next_retention = time.monotonic() + retention_every
-        while not stop.is_set():
-            if parent is not None and os.getppid() != parent:
-                log.warning("audit indexer: the server is gone; indexing what is left")
-                break
-            started = time.time()
-            try:
-                self.run_once()
-                if failures:
-                    log.info("audit indexing works again")
-                failures = 0
-            except self.errors as exc:
-                failures += 1
-                if failures == 1 or failures % 100 == 0:
-                    log.error("audit indexing failed (%d times): %s", failures, exc)
-            if metrics.current is not None:
-                # What this pass found waiting, and for how long the oldest of it had
-                # waited when the pass began. A failed pass (the index cannot be written)
-                # finds the same records again next time, so the lag keeps growing.
-                metrics.safely(functools.partial(self._passed, started=started))
-            max_age, max_bytes = retention
-            if (max_age or max_bytes) and time.monotonic() >= next_retention:
-                next_retention = time.monotonic() + retention_every
-                try:
-                    removed = self.prune(
-                        before=time.time() - max_age if max_age else None,
-                        max_bytes=max_bytes or None,
-                    )
-                    if removed:
-                        log.info("audit retention pruned %d records", removed)
-                except self.errors as exc:
-                    log.warning("audit retention failed: %s", exc)
-            # Every pass, even a busy one, is followed by a pause: records gather meanwhile,
-            # and one transaction carries them all (under load, about interval x rate).
-            stop.wait(interval if failures == 0 else min(2.0, interval * 2**failures))
+        next_pass = 0.0  # a follower's next pass
+        try:
+            while not stop.is_set():
+                if parent is not None and os.getppid() != parent:
+                    log.warning("audit indexer: the server is gone; indexing what is left")
+                    break
+                leading = self._lead()
+                if not leading and time.monotonic() < next_pass:
+                    stop.wait(interval)
+                    continue
+                next_pass = time.monotonic() + FOLLOWER_PASS_SECONDS
+                failures = self._pass(failures)
+                max_age, max_bytes = retention
+                if leading and (max_age or max_bytes) and time.monotonic() >= next_retention:
+                    next_retention = time.monotonic() + retention_every
+                    self._retain(max_age, max_bytes)
+                # Every pass, even a busy one, is followed by a pause: records gather
+                # meanwhile, and one transaction carries them all (about interval x rate).
+                stop.wait(interval if failures == 0 else min(2.0, interval * 2**failures))
+        finally:
+            self._unlead()  # a follower may lead from now on
         try:
             self.run_once()
         except self.errors as exc:
             log.error("audit indexing failed at exit; records stay in their journals: %s", exc)
+
+    def _pass(self, failures: int) -> int:
+        """One pass of run(); how many passes in a row have failed since."""
+        self.passes += 1
+        started = time.time()
+        try:
+            self.run_once()
+            if failures:
+                log.info("audit indexing works again")
+            failures = 0
+        except self.errors as exc:
+            failures += 1
+            if failures == 1 or failures % 100 == 0:
+                log.error("audit indexing failed (%d times): %s", failures, exc)
+        if metrics.current is not None:
+            # What this pass found waiting, and for how long the oldest of it had waited
+            # when the pass began. A failed pass (the index cannot be written) finds the
+            # same records again next time, so the lag keeps growing.
+            metrics.safely(functools.partial(self._passed, started=started))
+        return failures
+
+    def _retain(self, max_age: float | None, max_bytes: int | None) -> None:
+        try:
+            removed = self.prune(
+                before=time.time() - max_age if max_age else None,
+                max_bytes=max_bytes or None,
+            )
+            if removed:
+                log.info("audit retention pruned %d records", removed)
+        except self.errors as exc:
+            log.warning("audit retention failed: %s", exc)
+
+    def _lead(self) -> bool:
+        """Whether this indexer holds its folder's LEAD_FILE (taking it when it is free)."""
+        if self.leading:
+            return True
+        try:
+            if self._lead_fd is None:
+                self._lead_fd = os.open(
+                    self.journal_dir / LEAD_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+                )
+            fcntl.flock(self._lead_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        except OSError as exc:  # (say, no folder yet): then a follower's passes
+            log.debug("audit indexer cannot take the lead: %s", exc)
+            return False
+        self.leading = True
+        return True
+
+    def _unlead(self) -> None:
+        fd, self._lead_fd, self.leading = self._lead_fd, None, False
+        if fd is not None:
+            os.close(fd)  # the flock goes with its only descriptor
