@@ -14,7 +14,10 @@ window count. Around each window it reads the CPU time of the hub and of policyd
 
 A third hub, *embedded*, decides in its own process (the middleware's embedded mode,
 docs/asgi.md: the same engine, store, audit journal and policy as `policyd serve`, its own
-audit indexer as a child): the issue-18 goal is embedded/unprotected >= 0.9. Every hub runs
+audit indexer as a child): the issue-18 goal is embedded/unprotected >= 0.9. Its "policyd
+CPU" is the audit indexers' (the one that leads the shared journal folder indexes its
+records: docs/audit.md, "Indexers"); the protected hub's is policyd serve's and the
+indexers'. Every hub runs
 the event loop's stall probe (POLICYD_HUB_LOOP_PROBE_MS=1, the same small cost for all
 three) and the load generator reads the worst stall of each window from the hub's metrics
 port (`policyd_loop_stall_seconds`, reset by each scrape).
@@ -69,9 +72,13 @@ class Target:
     name: str
     port: int
     hub_pid: int
-    policyd_pid: int  # 0: no policyd involved (embedded: the hub's own audit indexer)
+    # policyd's processes whose CPU this target's requests cost (none: 0 and ()): the
+    # server and the audit indexers following its journals (docs/audit.md, "Indexers":
+    # one of them, the leader, indexes every journal of the folder).
+    policyd_pid: int
     request: str  # the raw HTTP/1.1 request, latin-1
     metrics_port: int = 0  # the hub's metrics port: its loop's worst stall per window
+    also_pids: tuple[int, ...] = ()  # more of policyd's processes (as policyd_pid)
 
 
 @dataclass
@@ -144,14 +151,15 @@ async def _window(target: Target, round_: int, connections: int, d: Durations) -
     if target.metrics_port:
         await _loop_stall(target.metrics_port)  # the warm-up's: dropped
     hub0 = cpu_seconds(target.hub_pid)
-    pd0 = cpu_seconds(target.policyd_pid) if target.policyd_pid else 0.0
+    pd_pids = [pid for pid in (target.policyd_pid, *target.also_pids) if pid]
+    pd0 = sum(map(cpu_seconds, pd_pids))
     started = time.monotonic()
     counting = True
     stop_at = started + d.duration
     await asyncio.sleep(d.duration)
     seconds = time.monotonic() - started
     hub1 = cpu_seconds(target.hub_pid)
-    pd1 = cpu_seconds(target.policyd_pid) if target.policyd_pid else 0.0
+    pd1 = sum(map(cpu_seconds, pd_pids))
     stall = await _loop_stall(target.metrics_port) if target.metrics_port else float("nan")
     await asyncio.gather(*tasks)
     n = len(latencies)
@@ -370,7 +378,10 @@ def run(quick: bool, connections: int = CONNECTIONS) -> dict[str, Any]:
                     POLICYD_HUB_POLICYD_CONFIG=str(config_path),
                 ) as (e_port, e_metrics, e_proc),
             ):
-                e_indexer = _indexer_of(e_proc.pid)
+                # Every indexer follows the one journal folder; whichever leads indexes the
+                # records of both policyd's and the embedded hub's windows.
+                e_indexer, pd_indexer = _indexer_of(e_proc.pid), _indexer_of(policyd.pid)
+                indexers = (e_indexer, pd_indexer)
                 edge, lab = (_first_tag(ds) for ds in ("edge-historian", "lab-lims"))
                 tag = f"/api/data/tags/edge-historian/{edge}"
                 body = json.dumps({"tags": {"edge-historian": [edge], "lab-lims": [lab]}}).encode()
@@ -392,6 +403,7 @@ def run(quick: bool, connections: int = CONNECTIONS) -> dict[str, Any]:
                                 policyd.pid,
                                 _http_request(method, path, token, payload),
                                 p_metrics,
+                                indexers,
                             )
                         )
                     )
@@ -404,6 +416,7 @@ def run(quick: bool, connections: int = CONNECTIONS) -> dict[str, Any]:
                                 e_indexer,
                                 _http_request(method, path, token, payload),
                                 e_metrics,
+                                (pd_indexer,),
                             )
                         )
                     )

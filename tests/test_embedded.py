@@ -384,3 +384,86 @@ def test_a_repeated_request_is_read_once_and_each_answer_has_its_own_ids(tmp_pat
     request_ids = [records[a.decision_id].request_id for a in answers]
     assert request_ids[5:7] == ["mine-1", "mine-2"]
     assert len(set(request_ids)) == 10  # the repeats' ids made anew each time
+
+
+def test_a_loop_iteration_asks_the_store_once_for_the_requests_it_decides(
+    tmp_path: Path,
+) -> None:
+    """Remembered allows decided in one loop iteration share one data_version check (they
+    had all arrived before it was asked: docs/asgi.md, "One store check per loop
+    iteration"). A second request of the same task without a pause, and every request
+    under a task factory (an eager one runs a request where it was read), is checked
+    alone."""
+    home = Home(tmp_path)
+    home.seed()
+    policyd = EmbeddedPolicyd(home.config_path)
+    token = home.token()
+    statements: list[str] = []
+
+    async def check() -> int:
+        _, denial = await policyd.check_http(token, "GET", "/api/data/tags/ds-a")
+        return 200 if denial is None else denial.status
+
+    def asked() -> int:
+        count = statements.count("PRAGMA data_version")
+        statements.clear()
+        return count
+
+    async def run() -> dict[str, Any]:
+        await policyd.start()
+        try:
+            assert [await check(), await check()] == [200, 200]  # remembered from here on
+            # The loop thread's own decision-time connection (Facts: one per thread).
+            reader = policyd.embedded.decider.engine.facts._reader()
+            reader.conn.set_trace_callback(statements.append)
+            await asyncio.sleep(0)  # a new iteration
+            asked()
+            seen: dict[str, Any] = {}
+            seen["together"] = await asyncio.gather(*(check() for _ in range(16)))
+            seen["together asked"] = asked()
+            seen["one task"] = [await check() for _ in range(16)]
+            seen["one task asked"] = asked()
+            loop = asyncio.get_running_loop()
+            loop.set_task_factory(lambda loop, coro, **kw: asyncio.Task(coro, loop=loop, **kw))
+            try:
+                seen["factory"] = await asyncio.gather(*(check() for _ in range(16)))
+                seen["factory asked"] = asked()
+            finally:
+                loop.set_task_factory(None)
+            reader.conn.set_trace_callback(None)
+            return seen
+        finally:
+            await policyd.stop()
+
+    seen = asyncio.run(run())
+    assert seen["together"] == seen["one task"] == seen["factory"] == [200] * 16
+    assert seen["together asked"] == 1
+    assert seen["one task asked"] == 16
+    assert seen["factory asked"] == 16
+    assert policyd.answered_in_pool == 1  # the first decision only
+
+
+def test_a_write_between_two_requests_of_one_task_is_seen_by_the_second(tmp_path: Path) -> None:
+    """An in-process client (no socket: the next request is sent in the same iteration)
+    that revokes and asks again without a pause is denied: the same task is never trusted
+    with its own batch."""
+    home = Home(tmp_path)
+    home.seed()
+    policyd = EmbeddedPolicyd(home.config_path)
+    token = home.token()
+
+    async def check() -> str:
+        _, denial = await policyd.check_http(token, "GET", "/api/data/tags/ds-a")
+        return "ALLOWED" if denial is None else denial.reason
+
+    async def run() -> list[str]:
+        await policyd.start()
+        try:
+            answers = [await check(), await check()]
+            home.store.revoke_grant("alice", "app1", "ds-a")  # on the loop, no pause
+            answers.append(await check())
+            return answers
+        finally:
+            await policyd.stop()
+
+    assert asyncio.run(run()) == ["ALLOWED", "ALLOWED", "DATA_SOURCE_NOT_GRANTED"]

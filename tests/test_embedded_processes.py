@@ -2,7 +2,9 @@
 their own processes) and a `policyd serve`, all on one store (the revocation tests: a SQLite
 file, then a PostgreSQL database of which all three are replicas) and one audit log.
 
-* Revocation: a client thread per hub (HTTP) and one on the server (gRPC) ask in a loop
+* Revocation: HUB_CONNECTIONS client threads per hub (HTTP: so that one loop iteration
+  of a hub decides several requests, which share its store check) and one on the server
+  (gRPC) ask in a loop
   while the test revokes through the real `policyd` command, or on the real Connected apps
   page of the server's authorization server (a data source unticked, the app
   disconnected). Every request that started after the revocation returned must be denied,
@@ -56,6 +58,9 @@ pytestmark = pytest.mark.slow
 
 MIN_BEFORE = 20
 MIN_AFTER = 100  # answers each loop must give after a revocation returned
+# Client connections per hub in the revocation tests: concurrent requests that one loop
+# iteration decides together (adapters/embedded: one store check per iteration).
+HUB_CONNECTIONS = 3
 # The audit watch denies (AUDIT_UNAVAILABLE) when indexing falls this far behind: generous,
 # since the check loops run unpaced beside three indexers on a 2-core machine.
 AUDIT = "timeout_seconds = 60.0\n"
@@ -167,7 +172,9 @@ def _revoke_and_watch(
     of `reasons`."""
     data_source = combo if isinstance(combo, str) else combo.data_source
     path = f"/api/data/tags/{data_source}"
-    loops: list[Loop] = [HubLoop(hub.url, path, token) for hub in cluster.hubs]
+    loops: list[Loop] = [
+        HubLoop(hub.url, path, token) for hub in cluster.hubs for _ in range(HUB_CONNECTIONS)
+    ]
     loops.append(CheckLoop(cluster.server.address, check_request(token, path=path)))
     try:
         for loop in loops:

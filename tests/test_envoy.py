@@ -590,17 +590,21 @@ def test_a_remembered_allow_still_removes_identity_headers_the_client_sent(
 
 
 def test_a_doors_remembered_form_goes_with_its_entry(tmp_path: Path) -> None:
-    """The engine's caches hold no door bytes: a door keeps its form beside the entry,
-    weakly, so a store write (new caches) frees it."""
+    """A door keeps its form in the entry (Remembered.kept, under the door), so a store
+    write (new caches) frees it with the entry."""
     home = Home(tmp_path)
     home.seed()
     decider = build_decider(home.config, home.store)
     door = servicer.AuthorizationServicer(decider)
     request = _envoy_request(home.token())
     door.Check(request, None)  # type: ignore[arg-type]
-    assert len(door._door._forms) == 1
+    door.Check(request, None)  # type: ignore[arg-type]  # a repeat: from the form
+    (entry,) = decider.engine.facts._caches.decisions.values()
+    assert door._door in entry.kept and decider in entry.kept  # the form and the audit line
     home.store.add_data_source("ds-new")  # a write: the remembered entries are dropped
     door.Check(request, None)  # type: ignore[arg-type]
+    (fresh,) = decider.engine.facts._caches.decisions.values()
+    assert fresh is not entry and door._door in fresh.kept
     gc.collect()
-    assert len(door._door._forms) == 1  # the new entry's form only
+    assert sys.getrefcount(entry) == 2  # this function's name and the call's argument
     decider.audit.close()  # type: ignore[union-attr]

@@ -3,8 +3,9 @@
 What runs where (docs/asgi.md, "Embedded mode"):
 
 * on the event loop, inline: the request's key and a remembered allow (the exact caches'
-  "has anything committed?" check, no row read, and one copy into the audit journal's
-  mapping: no system call), which is most requests of a busy hub;
+  "has anything committed?" check, asked once per loop iteration: `_Batch`; no row read;
+  and one copy into the audit journal's mapping: no system call), which is most requests
+  of a busy hub;
 * in a small thread pool (`threads`): everything else, which may read the store (a SQLite
   read, a PostgreSQL round trip) or wait for it, so that the loop never waits on the
   database; and, with `audit.sync = "full"`, every request (an msync is a disk write);
@@ -24,6 +25,7 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from adapters.asgi.middleware import Answer, AuthInfo
 from policyd.config import Config
@@ -76,6 +78,25 @@ class _AuthDoor(Door[AuthInfo, Answer]):
         )
 
 
+class _Batch:
+    """The requests one event-loop iteration decides inline: they share one store check
+    (Facts.recall's `batch`; docs/asgi.md, "One store check per loop iteration").
+
+    Why that is exact: an asyncio server reads its sockets in the loop, and a request read
+    after the batch's check is queued on the loop after `end`, which the check queued. So
+    every request of the batch had arrived before the check was asked. Two exceptions
+    start a batch of their own: a second request of the same task without a pause (an
+    in-process client, which can send it right after a store write in the same iteration),
+    and a loop with a task factory (an eager one runs a request inside the callback that
+    read it): each of those is checked alone."""
+
+    __slots__ = ("loop", "task")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, task: int) -> None:
+        self.loop = loop
+        self.task = task  # id() of the task that last used it (holding no reference)
+
+
 class EmbeddedPolicyd:
     """policyd deciding in this process: pass it to PolicydMiddleware(embedded=...), or
     call `check_http` from any asyncio framework (`check_http_sync` from a thread).
@@ -98,6 +119,8 @@ class EmbeddedPolicyd:
         # much of the load the fast path takes (counted by check_http, in the loop only).
         self.answered_inline = 0
         self.answered_in_pool = 0
+        # The batch of the loop iteration deciding now (_Batch), if one has begun.
+        self._batch: _Batch | None = None
 
     # -- life ------------------------------------------------------------------------
 
@@ -146,23 +169,35 @@ class EmbeddedPolicyd:
         body: bytes = b"",
         request_id: str = "",
         traceparent: str = "",
+        memo: list[Any] | None = None,
     ) -> Answer:
         """Decide an HTTP request: (AuthInfo, None) on allow, else (None, Denial).
 
         `path` as received (still percent-encoded), `query` the raw query string,
         `headers` those policyd may read (lower-case names), `body` the JSON body of a
-        request whose route reads data sources from it."""
+        request whose route reads data sources from it.
+
+        `memo`: a list the caller keeps with these token, method, path, query and headers
+        (never changed) for as long as it sends them again: a bodyless request's key is
+        kept in it, under the policy it was made for."""
         started = time.perf_counter_ns()
         if not self._started:
             await self.start()
         embedded = self.embedded
         fields = headers if type(headers) is dict else dict(headers or {})
-        key, policy = embedded.key_http(token, method, path, query, fields, body)
+        if memo and not body and memo[0] is embedded.decider.engine.policy:
+            policy, key = memo
+        else:
+            key, policy = embedded.key_http(token, method, path, query, fields, body)
+            if memo is not None and not body:
+                memo[:] = policy, key
         door = self._door
         if self._inline:
             # A remembered allow is answered from its key: the request is built only to
             # be decided (in the pool).
-            answer = embedded.recalled(door, render, request_id, key, policy, started, traceparent)
+            answer = embedded.recalled(
+                door, render, request_id, key, policy, started, traceparent, self._batch_now()
+            )
             if answer is not None:
                 self.answered_inline += 1
                 return answer
@@ -172,6 +207,28 @@ class EmbeddedPolicyd:
             self._pool,
             partial(embedded.answer, door, render, check, key, policy, started, traceparent),
         )
+
+    def _batch_now(self) -> _Batch | None:
+        """The batch this request joins (_Batch), or None: it is checked alone."""
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task(loop)
+        if task is None:
+            return None
+        batch = self._batch  # one attribute: read whole, whichever loop's thread wrote it
+        if batch is not None and batch.loop is loop:
+            if batch.task == id(task):
+                return None  # the same task again, without a pause: checked alone
+            batch.task = id(task)
+            return batch
+        if loop.get_task_factory() is not None:
+            return None
+        batch = self._batch = _Batch(loop, id(task))
+        loop.call_soon(self._end_batch, batch)
+        return batch
+
+    def _end_batch(self, batch: _Batch) -> None:
+        if self._batch is batch:
+            self._batch = None
 
     def check_http_sync(
         self,

@@ -18,7 +18,6 @@ import threading
 import time
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
-from weakref import WeakKeyDictionary
 
 from policyd.audit.journal import AuditLog, LineTemplate
 from policyd.audit.records import AuditUnavailable, record_for
@@ -42,11 +41,6 @@ class Door(Generic[F, R]):
     rendered in full); `render_form` answers a repeat with this answer's decision id. Any
     other decision the door renders itself (the `render` given to `Decider.answer`)."""
 
-    def __init__(self) -> None:
-        # One form per live entry (_UNFORMED: none to keep): it goes when the engine's caches
-        # drop the entry. One get per answer: `in` and then [] would cost four times more.
-        self._forms: WeakKeyDictionary[Remembered, F | _Unformed] = WeakKeyDictionary()
-
     def form(self, decision: Decision) -> F | None:
         raise NotImplementedError
 
@@ -54,10 +48,11 @@ class Door(Generic[F, R]):
         raise NotImplementedError
 
     def remembered(self, entry: Remembered, decision_id: str, render: Callable[[Decision], R]) -> R:
-        form = self._forms.get(entry)
+        # One form per entry (_UNFORMED: none to keep), kept in it. One get per answer.
+        form = entry.kept.get(self)
         if form is None:
             made = self.form(entry.decision)
-            form = self._forms[entry] = _UNFORMED if made is None else made
+            form = entry.kept[self] = _UNFORMED if made is None else made
         if isinstance(form, _Unformed):
             return render(entry.decision._replace(decision_id=decision_id))
         return self.render_form(form, decision_id)
@@ -74,8 +69,6 @@ class Decider:
     def __init__(self, engine: Engine, audit: AuditLog | None) -> None:
         self.engine = engine
         self.audit = audit
-        # Each remembered allow's audit line, made from its first record (LineTemplate).
-        self._lines: WeakKeyDictionary[Remembered, LineTemplate] = WeakKeyDictionary()
 
     def answer(
         self,
@@ -132,17 +125,19 @@ class Decider:
         label: str = "grpc",
         traceparent: str = "",
         confirm: bool = False,
+        batch: object = None,
     ) -> R | None:
         """`answer`'s fast path alone: the answer to a remembered allow (recorded), or None
         when there is none, and nothing else is done. It reads no store row (but, with
         `confirm`, the generation after a commit: Facts.recall) and writes one journal
         line, so a host's event loop may call it inline and send only the rest to a
         thread (policyd/serve/embedded.py). A door's answers are never None."""
-        entry = self.engine.recall(key, policy, confirm)
+        entry = self.engine.recall(key, policy, confirm, batch)
         if entry is None:
             return None
         audit = self.audit
-        line = self._lines.get(entry) if audit is not None else None
+        # Each remembered allow's audit line (LineTemplate), made from its first record.
+        line = entry.kept.get(self) if audit is not None else None
         # An entry this decider has no line for (remembered by one without an audit
         # log) is decided, and recorded, in full by `answer`.
         if audit is not None and line is None:
@@ -286,7 +281,7 @@ class Decider:
             return decision, entry
         latency_us = (time.perf_counter_ns() - started_ns) // 1000
         try:
-            template = self._lines.get(entry) if entry is not None else None
+            template = entry.kept.get(self) if entry is not None else None
             if template is not None:
                 self.audit.append(
                     template.line(decision.decision_id, time.time(), request_id, latency_us)
@@ -295,7 +290,7 @@ class Decider:
                 record = record_for(request(), decision, latency_us)
                 self.audit.record(record)
                 if entry is not None:
-                    self._lines[entry] = LineTemplate.of(record)
+                    entry.kept[self] = LineTemplate.of(record)
         except AuditUnavailable as exc:
             return _unrecorded(decision, exc), None
         return decision, entry

@@ -117,18 +117,20 @@ class Trace:
         self.checks.append(Check(name, True, detail))
 
 
-@dataclass(slots=True, eq=False, weakref_slot=True)
+@dataclass(slots=True, eq=False)
 class Remembered:
     """An allow decision for one request, valid while `policy` is the engine's policy and
     until `expires` (time.time()), in the store generation whose caches hold it.
 
-    Compared and hashed by identity, and weakly referable: what others build once from it
-    (the decider's audit line, a door's encoded answer) they keep in their own weak maps,
-    never in it, so the engine's caches hold no transport bytes and those forms go with it."""
+    Compared and hashed by identity. What others build once from it (the decider's audit
+    line, a door's encoded answer) they keep in `kept`, under themselves as the key: it
+    goes when the caches drop the entry, and finding it is one dict lookup (a weak map's
+    cost three times that, on every remembered answer)."""
 
     decision: Decision  # its decision_id is ""; each answer gets a new one
     policy: Policy
     expires: float
+    kept: dict[object, Any] = field(default_factory=dict)
 
 
 def _holding(entry: Remembered | None, policy: Policy) -> Remembered | None:
@@ -225,13 +227,15 @@ class Engine:
         except StoreUnavailable as exc:
             log.warning("ending a decision's read of the store: %s", exc)
 
-    def recall(self, key: Hashable, policy: Policy, confirm: bool = False) -> Remembered | None:
+    def recall(
+        self, key: Hashable, policy: Policy, confirm: bool = False, batch: object = None
+    ) -> Remembered | None:
         """The remembered allow for the request `key` stands for under `policy`, while it
         holds as in decide_keyed; else None. The hot path of a door, which answers it
         without building the request or a Decision; a None (not remembered, expired, a
         write since, or a store that cannot be read) is answered by decide_keyed.
         `confirm`: the calling thread never decides (Facts.recall)."""
-        return _holding(self.facts.recall(key, confirm), policy)
+        return _holding(self.facts.recall(key, confirm, batch), policy)
 
     def explain(self, request: CheckInput) -> Explanation:
         """Decide, recording the rule, the data sources and every check on the way."""

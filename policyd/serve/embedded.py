@@ -177,6 +177,7 @@ class Embedded:
         policy: Policy,
         started_ns: int,
         traceparent: str = "",
+        batch: object = None,
     ) -> R | None:
         """A remembered allow's answer (recorded), or None: then `answer` in a thread.
         For the thread that never decides (the event loop): after a store commit it
@@ -191,6 +192,7 @@ class Embedded:
             label=DOOR,
             traceparent=traceparent,
             confirm=True,
+            batch=batch,
         )
 
     def answer(

@@ -131,7 +131,7 @@ class _Reader:
     connection's data_version still reads `version`, no other connection has committed
     since, and this one never writes: `caches` are exact."""
 
-    __slots__ = ("caches", "conn", "nowait", "open", "version", "versions")
+    __slots__ = ("batch", "caches", "conn", "nowait", "open", "version", "versions")
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
@@ -146,6 +146,8 @@ class _Reader:
         # Set on the connection of a thread that only recalls (an event loop): it never
         # waits for a lock (busy_timeout 0); a busy store sends its request to the pool.
         self.nowait = False
+        # The batch (Facts.recall) under which `version` was last asked and found current.
+        self.batch: object = None
 
     def end(self) -> None:
         if self.open:
@@ -253,7 +255,7 @@ class Facts:
         reader.caches = caches
         return View(self, reader, caches, self._row_limit)
 
-    def recall(self, key: Hashable, confirm: bool = False) -> Any:
+    def recall(self, key: Hashable, confirm: bool = False, batch: object = None) -> Any:
         """What View.remember() kept under this key, if nothing has been committed to the
         store since this thread last found its caches exact; else None (view() then finds
         out). No generation read and no View: the fast path of a remembered decision.
@@ -261,15 +263,25 @@ class Facts:
         `confirm`: for a thread that only recalls and never decides (an event loop that
         sends every other decision to a pool, serve/embedded.py), whose caches view() would
         otherwise never confirm: when they are not confirmed, confirm them here (a view:
-        data_version and, when it moved, the generation row), then look."""
+        data_version and, when it moved, the generation row), then look.
+
+        `batch`: the caller's token for a batch of requests that had all arrived before
+        the first of them was recalled (an event loop's iteration: adapters/embedded,
+        docs/asgi.md "One store check per loop iteration"). The first recall of a batch
+        asks data_version as without it; the others of the same batch trust that answer,
+        which was given after they arrived. Caches another thread has replaced since are
+        never trusted."""
         try:
             reader = self._reader()
             caches = reader.caches
             if caches is self._caches and caches is not None:
+                if batch is not None and reader.batch is batch:
+                    return caches.decisions.get(key)
                 if reader.open:
                     reader.end()  # never ask inside the snapshot of a view left open
                 version = reader.versions.execute(_DATA_VERSION).fetchone()[0]
                 if version == reader.version:
+                    reader.batch = batch
                     return caches.decisions.get(key)
             if not confirm:
                 return None
@@ -281,7 +293,10 @@ class Facts:
             return None  # view() reports it
         try:
             caches = reader.caches
-            return caches.decisions.get(key) if caches is self._caches and caches else None
+            if caches is self._caches and caches:
+                reader.batch = batch  # confirmed by the view, after the batch arrived
+                return caches.decisions.get(key)
+            return None
         finally:
             with contextlib.suppress(StoreUnavailable):
                 self.end()

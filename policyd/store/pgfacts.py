@@ -136,7 +136,7 @@ class PgFacts(Facts):
         generation = snapshot.begin()
         return View(self, snapshot, _Caches(generation, 16), self._row_limit)
 
-    def recall(self, key: Hashable, confirm: bool = False) -> Any:
+    def recall(self, key: Hashable, confirm: bool = False, batch: object = None) -> Any:
         # No per-thread confirmation here: the lease says whether the caches are exact.
         replica = self.replica
         if replica is None or not replica.fresh():
