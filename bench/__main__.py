@@ -291,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{' [quick: short runs, not for comparison]' if args.quick else ''}\n"
     )
     print("\n\n".join(reports))
-    print(f"\n({results['seconds']:.0f} s; medians of {d.rounds} alternating rounds; {args.out})")
+    # (Each benchmark's report says how many rounds its medians are of.)
+    print(f"\n({results['seconds']:.0f} s; {args.out})")
     return 0
 
 

@@ -207,6 +207,7 @@ async def _measure(d: Durations, work: Path) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for name, (plain, protected) in pairs.items():
             n, cold_n = d.calls // share.get(name, 1), d.cold_calls // share.get(name, 1)
+            n -= n % WAVE  # (_time runs whole waves)
             for side in (plain, protected):
                 await _time(side, 200)  # warm: the allow is remembered from here on
             inline_before = policyd.answered_inline

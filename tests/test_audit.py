@@ -24,6 +24,7 @@ import grpc
 import pytest
 
 from policyd.audit import journal as journal_module
+from policyd.audit.index import SqliteIndex
 from policyd.audit.journal import JOURNAL_SUFFIX, AuditLog, Indexer, LineTemplate
 from policyd.audit.reader import AuditReader, Query, prune, verify
 from policyd.audit.records import (
@@ -1181,4 +1182,33 @@ def test_a_leader_that_hangs_is_covered_by_a_followers_passes(log_path: Path, ke
         stop.set()
         thread.join(timeout=10)
         os.close(hung)
+        audit.close()
+
+
+def test_a_leader_whose_passes_fail_gives_the_lead_up(log_path: Path, key: bytes) -> None:
+    """Three failed passes in a row and the leader steps aside: a follower that can write
+    the index leads and indexes what the leader could not."""
+
+    class Unwritable(SqliteIndex):
+        def writing(self) -> Any:
+            raise sqlite3.OperationalError("disk I/O error")
+
+    audit = AuditLog(log_path, key)
+    audit.start()
+    for i in range(5):
+        audit.record(_record(request_id=f"r{i}"))
+    failing = Indexer(log_path, key, index=Unwritable(log_path))
+    healthy = Indexer(log_path, key)
+    stop = threading.Event()
+    threads = [_following(failing, stop)]
+    try:
+        _wait_for("the failing indexer leads", lambda: failing.leading)
+        threads.append(_following(healthy, stop))
+        _wait_for("the healthy indexer leads", lambda: healthy.leading, timeout=5.0)
+        assert not failing.leading
+        _wait_for("the records", lambda: _indexed_count(log_path) == 5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=10)
         audit.close()

@@ -389,10 +389,11 @@ def test_a_repeated_request_is_read_once_and_each_answer_has_its_own_ids(tmp_pat
 def test_a_loop_iteration_asks_the_store_once_for_the_requests_it_decides(
     tmp_path: Path,
 ) -> None:
-    """Remembered allows decided in one loop iteration share one data_version check (they
-    had all arrived before it was asked: docs/asgi.md, "One store check per loop
-    iteration"). A second request of the same task without a pause, and every request
-    under a task factory (an eager one runs a request where it was read), is checked
+    """With per_iteration (the middleware's default), remembered allows decided in one loop
+    iteration share one data_version check (they had all arrived before it was asked:
+    docs/asgi.md, "One store check per loop iteration"). A second request of the same task
+    without a pause, every request under a task factory (an eager one runs a request where
+    it was read), and every request of a caller that did not ask for it, is checked
     alone."""
     home = Home(tmp_path)
     home.seed()
@@ -400,8 +401,10 @@ def test_a_loop_iteration_asks_the_store_once_for_the_requests_it_decides(
     token = home.token()
     statements: list[str] = []
 
-    async def check() -> int:
-        _, denial = await policyd.check_http(token, "GET", "/api/data/tags/ds-a")
+    async def check(per_iteration: bool = True) -> int:
+        _, denial = await policyd.check_http(
+            token, "GET", "/api/data/tags/ds-a", per_iteration=per_iteration
+        )
         return 200 if denial is None else denial.status
 
     def asked() -> int:
@@ -430,6 +433,8 @@ def test_a_loop_iteration_asks_the_store_once_for_the_requests_it_decides(
                 seen["factory asked"] = asked()
             finally:
                 loop.set_task_factory(None)
+            seen["not asked for"] = await asyncio.gather(*(check(False) for _ in range(16)))
+            seen["not asked for asked"] = asked()
             reader.conn.set_trace_callback(None)
             return seen
         finally:
@@ -437,33 +442,52 @@ def test_a_loop_iteration_asks_the_store_once_for_the_requests_it_decides(
 
     seen = asyncio.run(run())
     assert seen["together"] == seen["one task"] == seen["factory"] == [200] * 16
+    assert seen["not asked for"] == [200] * 16
     assert seen["together asked"] == 1
     assert seen["one task asked"] == 16
     assert seen["factory asked"] == 16
+    assert seen["not asked for asked"] == 16
     assert policyd.answered_in_pool == 1  # the first decision only
 
 
-def test_a_write_between_two_requests_of_one_task_is_seen_by_the_second(tmp_path: Path) -> None:
-    """An in-process client (no socket: the next request is sent in the same iteration)
-    that revokes and asks again without a pause is denied: the same task is never trusted
-    with its own batch."""
+def test_a_write_in_the_same_iteration_is_seen_by_the_next_request(tmp_path: Path) -> None:
+    """A write on the loop, then a request without a pause (an in-process client), in one
+    iteration whose batch began before the write: the request is denied, whether the same
+    task or another one wrote (this process's commits end a batch's trust) and whether the
+    task's own earlier request joined the batch."""
     home = Home(tmp_path)
     home.seed()
     policyd = EmbeddedPolicyd(home.config_path)
     token = home.token()
 
-    async def check() -> str:
-        _, denial = await policyd.check_http(token, "GET", "/api/data/tags/ds-a")
+    async def check(path: str) -> str:
+        _, denial = await policyd.check_http(token, "GET", path, per_iteration=True)
         return "ALLOWED" if denial is None else denial.reason
+
+    async def revoke_and_check(data_source: str) -> str:
+        home.store.revoke_grant("alice", "app1", data_source)  # on the loop, no pause
+        return await check(f"/api/data/tags/{data_source}")
 
     async def run() -> list[str]:
         await policyd.start()
         try:
-            answers = [await check(), await check()]
-            home.store.revoke_grant("alice", "app1", "ds-a")  # on the loop, no pause
-            answers.append(await check())
+            answers = [await check("/api/data/tags/ds-a"), await check("/api/data/tags/ds-b")]
+            await asyncio.sleep(0)  # a new iteration: the next check begins a batch
+            # The same task: its request began the batch, its next one follows the write.
+            answers.append(await check("/api/data/tags/ds-a"))
+            answers.append(await revoke_and_check("ds-a"))
+            await asyncio.sleep(0)
+            # Another task: the first one's request begins the batch, the second writes.
+            answers += await asyncio.gather(check("/api/data/tags/ds-b"), revoke_and_check("ds-b"))
             return answers
         finally:
             await policyd.stop()
 
-    assert asyncio.run(run()) == ["ALLOWED", "ALLOWED", "DATA_SOURCE_NOT_GRANTED"]
+    assert asyncio.run(run()) == [
+        "ALLOWED",
+        "ALLOWED",
+        "ALLOWED",
+        "DATA_SOURCE_NOT_GRANTED",
+        "ALLOWED",
+        "DATA_SOURCE_NOT_GRANTED",
+    ]

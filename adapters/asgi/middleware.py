@@ -139,6 +139,7 @@ class InProcess(Protocol):
         request_id: str,
         traceparent: str = "",
         memo: list[Any] | None = None,
+        per_iteration: bool = False,
     ) -> Answer: ...
 
 
@@ -181,6 +182,7 @@ class PolicydMiddleware:
         strip_headers: Iterable[str] = STRIP_HEADERS,
         metrics: bool | CollectorRegistry = False,
         embedded: InProcess | None = None,
+        per_iteration: bool = True,
     ) -> None:
         if not timeout_seconds > 0:
             raise ValueError(f"timeout_seconds must be above 0, not {timeout_seconds}")
@@ -199,6 +201,10 @@ class PolicydMiddleware:
         self._check: _Check | None = None
         # Embedded mode: decide in this process (target and the TLS options unused).
         self.embedded = embedded
+        # Embedded mode: the server starts each request as a task of its own after reading
+        # it (every ASGI server does), so one store check serves a loop iteration's
+        # remembered allows (EmbeddedPolicyd.check_http; docs/asgi.md). False: one each.
+        self.per_iteration = per_iteration
         # Embedded mode: what a request's bytes made, by those bytes (_http_here).
         self._asked: dict[tuple[Any, ...], _Asked] = {}
         # Its own counters (adapters/asgi/metrics.py): True counts into prometheus_client's
@@ -442,6 +448,7 @@ class PolicydMiddleware:
                 request_id,
                 traceparent,
                 asked.memo,
+                self.per_iteration,
             )
         except Exception:
             auth, denial = None, self._failed_here()

@@ -82,19 +82,28 @@ class _Batch:
     """The requests one event-loop iteration decides inline: they share one store check
     (Facts.recall's `batch`; docs/asgi.md, "One store check per loop iteration").
 
-    Why that is exact: an asyncio server reads its sockets in the loop, and a request read
-    after the batch's check is queued on the loop after `end`, which the check queued. So
-    every request of the batch had arrived before the check was asked. Two exceptions
-    start a batch of their own: a second request of the same task without a pause (an
-    in-process client, which can send it right after a store write in the same iteration),
-    and a loop with a task factory (an eager one runs a request inside the callback that
-    read it): each of those is checked alone."""
+    Only for callers that start each request as a task of its own, created after its bytes
+    were read (an ASGI server calling the app: `check_http(per_iteration=True)`, as the
+    middleware does). Why that is exact: such a task is queued on the loop after its
+    request was read, and the check queues the batch's `end` when it is asked, so a
+    request read after the check is queued after `end` and starts a batch of its own: every
+    request of a batch had arrived before its check. Checked alone, as the argument does
+    not hold for them: a second request of the same task without a pause (an in-process
+    client), any request while the loop has a task factory (an eager one runs a task inside
+    the callback that read its request) and loops other than asyncio's and uvloop's (whose
+    ready queue is first in, first out). A write this process made since the check
+    (sqlite.commits) makes the next recall ask again."""
 
     __slots__ = ("loop", "task")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, task: int) -> None:
         self.loop = loop
         self.task = task  # id() of the task that last used it (holding no reference)
+
+
+def _fifo(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether the loop runs its ready callbacks first in, first out (asyncio's, uvloop's)."""
+    return isinstance(loop, asyncio.BaseEventLoop) or type(loop).__module__.startswith("uvloop")
 
 
 class EmbeddedPolicyd:
@@ -145,6 +154,7 @@ class EmbeddedPolicyd:
             return
         pool, self._pool = self._pool, None
         self._started = False
+        self._batch = None  # (it holds its loop)
         await asyncio.get_running_loop().run_in_executor(pool, self.embedded.stop)
         pool.shutdown(wait=True)
 
@@ -170,6 +180,7 @@ class EmbeddedPolicyd:
         request_id: str = "",
         traceparent: str = "",
         memo: list[Any] | None = None,
+        per_iteration: bool = False,
     ) -> Answer:
         """Decide an HTTP request: (AuthInfo, None) on allow, else (None, Denial).
 
@@ -179,7 +190,13 @@ class EmbeddedPolicyd:
 
         `memo`: a list the caller keeps with these token, method, path, query and headers
         (never changed) for as long as it sends them again: a bodyless request's key is
-        kept in it, under the policy it was made for."""
+        kept in it, under the policy it was made for.
+
+        `per_iteration`: the caller runs each request in a task of its own, created after
+        the request was read (an ASGI server does): then the remembered allows one loop
+        iteration answers share one store check (_Batch; docs/asgi.md, "One store check per
+        loop iteration"). Not for a task that reads requests in a loop (aiohttp's per
+        connection), nor eager tasks."""
         started = time.perf_counter_ns()
         if not self._started:
             await self.start()
@@ -195,8 +212,9 @@ class EmbeddedPolicyd:
         if self._inline:
             # A remembered allow is answered from its key: the request is built only to
             # be decided (in the pool).
+            batch = self._batch_now() if per_iteration else None
             answer = embedded.recalled(
-                door, render, request_id, key, policy, started, traceparent, self._batch_now()
+                door, render, request_id, key, policy, started, traceparent, batch
             )
             if answer is not None:
                 self.answered_inline += 1
@@ -220,7 +238,7 @@ class EmbeddedPolicyd:
                 return None  # the same task again, without a pause: checked alone
             batch.task = id(task)
             return batch
-        if loop.get_task_factory() is not None:
+        if loop.get_task_factory() is not None or not _fifo(loop):
             return None
         batch = self._batch = _Batch(loop, id(task))
         loop.call_soon(self._end_batch, batch)

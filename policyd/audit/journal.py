@@ -84,6 +84,10 @@ WATCH_INTERVAL_SECONDS = 0.1
 # and take the lead as soon as it is free (a leader that exits frees it at once).
 LEAD_FILE = ".indexer.lock"
 FOLLOWER_PASS_SECONDS = 1.0
+# A leader whose passes fail this many times in a row gives the lead up for LEAD_PAUSE_SECONDS
+# (another indexer may do better: a connection of its own, another host's disk).
+LEAD_FAILURES = 3
+LEAD_PAUSE_SECONDS = 5.0
 # How old an unlocked `.new-*` file must be before the indexer deletes it.
 UNFINISHED_SECONDS = 60.0
 _MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
@@ -484,6 +488,7 @@ class Indexer:
         self.passes = 0  # passes made by run()
         self._lead_fd: int | None = None  # LEAD_FILE, open (and locked once leading)
         self.leading = False
+        self._lead_after = 0.0  # (monotonic) not before, after giving the lead up
 
     def close(self) -> None:
         with self._lock:
@@ -658,8 +663,8 @@ class Indexer:
     ) -> None:
         """Index until `stop` is set (or the process `parent` is gone), then once more.
 
-        `retention` is (max age in seconds, max bytes); applied every retention_every s,
-        by the leader. `interval`: between passes (default: the index's pass_interval).
+        `retention` is (max age in seconds, max bytes); applied every retention_every s.
+        `interval`: between passes (default: the index's pass_interval).
         Of the indexers following one folder, the one holding LEAD_FILE makes a pass every
         interval, the others every FOLLOWER_PASS_SECONDS (docs/audit.md, "Indexers")."""
         if interval is None:
@@ -678,8 +683,13 @@ class Indexer:
                     continue
                 next_pass = time.monotonic() + FOLLOWER_PASS_SECONDS
                 failures = self._pass(failures)
+                if leading and failures >= LEAD_FAILURES:
+                    log.warning("audit indexer: %d passes failed, giving up the lead", failures)
+                    self._unlead()
+                    self._lead_after = time.monotonic() + LEAD_PAUSE_SECONDS
+                # Each indexer applies its own settings (a leader's config may have none).
                 max_age, max_bytes = retention
-                if leading and (max_age or max_bytes) and time.monotonic() >= next_retention:
+                if (max_age or max_bytes) and time.monotonic() >= next_retention:
                     next_retention = time.monotonic() + retention_every
                     self._retain(max_age, max_bytes)
                 # Every pass, even a busy one, is followed by a pause: records gather
@@ -727,10 +737,12 @@ class Indexer:
         """Whether this indexer holds its folder's LEAD_FILE (taking it when it is free)."""
         if self.leading:
             return True
+        if time.monotonic() < self._lead_after:
+            return False
         try:
             if self._lead_fd is None:
                 self._lead_fd = os.open(
-                    self.journal_dir / LEAD_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+                    self.journal_dir / LEAD_FILE, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600
                 )
             fcntl.flock(self._lead_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -54,6 +54,7 @@ from cachetools import TLRUCache
 from policyd.core import metrics
 from policyd.core.errors import StoreUnavailable
 from policyd.core.model import Access
+from policyd.store import sqlite as sqlite_store
 from policyd.store.base import Store
 from policyd.store.sqlite import SqliteStore, connect
 
@@ -131,7 +132,16 @@ class _Reader:
     connection's data_version still reads `version`, no other connection has committed
     since, and this one never writes: `caches` are exact."""
 
-    __slots__ = ("batch", "caches", "conn", "nowait", "open", "version", "versions")
+    __slots__ = (
+        "batch",
+        "batch_commits",
+        "caches",
+        "conn",
+        "nowait",
+        "open",
+        "version",
+        "versions",
+    )
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
@@ -146,8 +156,10 @@ class _Reader:
         # Set on the connection of a thread that only recalls (an event loop): it never
         # waits for a lock (busy_timeout 0); a busy store sends its request to the pool.
         self.nowait = False
-        # The batch (Facts.recall) under which `version` was last asked and found current.
+        # The batch (Facts.recall) under which `version` was last asked and found current,
+        # and this process's commits (sqlite.commits) when it was asked.
         self.batch: object = None
+        self.batch_commits = -1
 
     def end(self) -> None:
         if self.open:
@@ -269,32 +281,40 @@ class Facts:
         the first of them was recalled (an event loop's iteration: adapters/embedded,
         docs/asgi.md "One store check per loop iteration"). The first recall of a batch
         asks data_version as without it; the others of the same batch trust that answer,
-        which was given after they arrived. Caches another thread has replaced since are
-        never trusted."""
+        which was given after they arrived, unless this process has committed since (a
+        write on the loop itself, which no pause separates from the next request) or
+        another thread has replaced the caches."""
         try:
             reader = self._reader()
             caches = reader.caches
             if caches is self._caches and caches is not None:
-                if batch is not None and reader.batch is batch:
+                if (
+                    batch is not None
+                    and reader.batch is batch
+                    and reader.batch_commits == sqlite_store.commits
+                ):
                     return caches.decisions.get(key)
                 if reader.open:
                     reader.end()  # never ask inside the snapshot of a view left open
+                commits = sqlite_store.commits  # (read before the check it stands for)
                 version = reader.versions.execute(_DATA_VERSION).fetchone()[0]
                 if version == reader.version:
-                    reader.batch = batch
+                    reader.batch, reader.batch_commits = batch, commits
                     return caches.decisions.get(key)
             if not confirm:
                 return None
             if not reader.nowait:
                 reader.conn.execute("PRAGMA busy_timeout = 0")
                 reader.nowait = True
+            commits = sqlite_store.commits
             self.view()
         except (sqlite3.Error, StoreUnavailable):
             return None  # view() reports it
         try:
             caches = reader.caches
             if caches is self._caches and caches:
-                reader.batch = batch  # confirmed by the view, after the batch arrived
+                # Confirmed by the view, after the batch arrived.
+                reader.batch, reader.batch_commits = batch, commits
                 return caches.decisions.get(key)
             return None
         finally:

@@ -46,11 +46,21 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         yield conn
 
 
+# Commits this process made through any store or audit connection (bumped after each):
+# what tells a batch of recalls on an event loop (Facts.recall) that a write was made in
+# this process since its check, even on the loop itself, without a pause between.
+commits = 0
+_commits_lock = threading.Lock()
+
+
 @contextmanager
 def _commit_or_rollback(conn: sqlite3.Connection) -> Iterator[None]:
+    global commits
     try:
         yield
         conn.execute("COMMIT")
+        with _commits_lock:  # (a += from two threads could lose one)
+            commits += 1
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
