@@ -347,7 +347,7 @@ class LinkHub:
         if (
             verdict.reason == "DATA_SOURCE_NOT_OWNED"
             and len(conn.data_sources) > 1
-            and await self._refused(conn, conn.data_sources, verdict)
+            and await self._refused(conn, conn.data_sources, verdict, token)
         ):  # one data source was taken: the new token for those left
             verdict = await self.authorizer.check(token, conn.data_sources, f"link-token-{sid}")
         if verdict.allowed and verdict.connector_id == conn.connector_id:
@@ -386,14 +386,21 @@ class LinkHub:
                 return
 
     async def _refused(
-        self, conn: Connection, data_sources: tuple[str, ...], verdict: Verdict
+        self,
+        conn: Connection,
+        data_sources: tuple[str, ...],
+        verdict: Verdict,
+        token: str = "",
     ) -> bool:
         """policyd refused `conn` for `data_sources`: stop serving those it no longer owns
-        (DATA_SOURCE_NOT_OWNED), else close the link. Whether the link stays."""
+        (DATA_SOURCE_NOT_OWNED), else close the link. Whether the link stays. `token`: the
+        one policyd refused (a renewed one; default the link's), which is the one asked
+        about each data source: the link's may be about to expire, which is why it was
+        renewed, and an expired one would close the link."""
         if verdict.reason == "DATA_SOURCE_NOT_OWNED":
             if len(data_sources) > 1:  # which of them? ask one by one
                 each, kept = await self._may_serve(
-                    conn.token, data_sources, f"link-recheck-{conn.sid}"
+                    token or conn.token, data_sources, f"link-recheck-{conn.sid}"
                 )
                 if each.reason == UNAVAILABLE:
                     return True  # not known which: nothing is forwarded unchecked; ask again
