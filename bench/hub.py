@@ -6,11 +6,15 @@ Three processes besides this one: `policyd serve` on a demo store, and two copie
 PolicydMiddleware, and *unprotected*, trusting x-policyd-* headers as it would behind Envoy.
 The unprotected hub is sent the headers a gateway would add, so both do the same work except
 asking policyd. A fourth process, the load generator (`python -m bench.hub load`), keeps
-`connections` HTTP/1.1 keep-alive connections busy with back-to-back requests, alternating
-protected and unprotected windows (A, B, A, B, ...) so drift on the shared machine hits both.
-Each window: a warm-up, then `duration` seconds timed; only responses completed inside the
-window count. Around each window it reads the CPU time of the hub and of policyd
-(/proc/PID/stat).
+`connections` HTTP/1.1 keep-alive connections busy with back-to-back requests, one window per
+hub in each round, in an order rotated from round to round, so drift on the shared machine
+hits every hub alike. Each window: a warm-up, then `duration` seconds timed; only responses
+completed inside the window count. Around each window it reads the CPU time of the hub and
+of policyd (/proc/PID/stat). The rounds are shared among sets of fresh processes (FULL: a
+set for each round): one process can be faster or slower than its identical twin for its
+whole life. The hubs are pinned to one CPU, the rest (load generator, policyd serve, the
+audit indexers) to the others, as bench/check.py pins its servers. A hub's req/s and CPU
+per request are over all its windows; the ratios are of those, with each round's shown.
 
 A third hub, *embedded*, decides in its own process (the middleware's embedded mode,
 docs/asgi.md: the same engine, store, audit journal and policy as `policyd serve`, its own
@@ -44,7 +48,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.procs import ROOT, child_pids, clean_env, cpu_seconds, free_port, stop
+from bench.check import client_cpus, server_cpu
+from bench.procs import ROOT, child_pids, clean_env, cpu_seconds, free_port, pin_threads, stop
 from bench.stats import median, percentile
 
 CONNECTIONS = 16
@@ -58,10 +63,15 @@ class Durations:
     rounds: int
     warmup: float
     duration: float
+    processes: int = 1  # sets of fresh processes the rounds are shared among
 
 
-# Five rounds: the median of three moved the tag read's ratio by 0.05 from run to run.
-FULL = Durations(rounds=5, warmup=1.0, duration=4.0)
+# The hub's speed on the shared VM swings by a third from one half second to the next (the
+# host's load), and one hub process can run 5-10 % faster or slower than its identical twin
+# for its whole life (memory layout, hash seeds: an unprotected hub against another,
+# docs/benchmarks.md). So: twenty short windows a hub in rotated order, each round in a set
+# of fresh processes of its own, as pyperf spreads a benchmark over many processes.
+FULL = Durations(rounds=20, warmup=0.5, duration=2.0, processes=20)
 QUICK = Durations(rounds=1, warmup=0.3, duration=1.0)
 
 
@@ -184,15 +194,33 @@ async def _load(spec: dict[str, Any]) -> list[Window]:
     d = Durations(**spec["durations"])
     targets = [Target(**t) for t in spec["targets"]]
     windows: list[Window] = []
-    for round_ in range(d.rounds):
-        for target in targets:
+    first = spec.get("first_round", 0)
+    for round_ in range(first, first + d.rounds):
+        for target in _round_order(targets, round_) if spec.get("rotate") else targets:
             windows.append(await _window(target, round_, spec["connections"], d))
     return windows
 
 
+def _round_order(targets: list[Target], round_: int) -> list[Target]:
+    """The targets in round `round_`: workload after workload (the part of a name before
+    "/"), each workload's targets rotated by one place a round, so that none always comes
+    first, or always right after the same one."""
+    workloads: dict[str, list[Target]] = {}
+    for target in targets:
+        workloads.setdefault(target.name.split("/")[0], []).append(target)
+    ordered: list[Target] = []
+    for group in workloads.values():
+        shift = round_ % len(group)
+        ordered += group[shift:] + group[:shift]
+    return ordered
+
+
 def load_main() -> int:
-    """`python -m bench.hub load`: LoadSpec JSON on stdin, windows JSON on stdout."""
+    """`python -m bench.hub load`: LoadSpec JSON on stdin, windows JSON on stdout. The
+    spec's `cpus`, when given, are the CPUs the load generator runs on."""
     spec = json.load(sys.stdin)
+    if spec.get("cpus"):
+        os.sched_setaffinity(0, set(spec["cpus"]))
     windows = asyncio.run(_load(spec))
     json.dump([asdict(w) for w in windows], sys.stdout)
     return 0
@@ -356,88 +384,128 @@ def _indexer_of(pid: int) -> int:
 
 
 def run(quick: bool, connections: int = CONNECTIONS) -> dict[str, Any]:
-    """Run the benchmark; returns medians per workload and hub, and the ratios."""
+    """Run the benchmark; returns the figures per workload and hub, and the ratios."""
     d = QUICK if quick else FULL
+    windows: list[Window] = []
+    workloads: list[str] = []
+    cpu: int | None = None
     with tempfile.TemporaryDirectory(prefix="bench-hub-") as tmp:
         work = Path(tmp)
         config_path, token = _seed(work)
-        address = f"127.0.0.1:{free_port()}"
-        policyd_args = ["-m", "policyd", "--config", str(config_path), "serve"]
-        with _process(
-            [*policyd_args, "--address", address], work / "policyd.log", work, clean_env()
-        ) as policyd:
-            _wait_grpc(address, policyd)
-            with (
-                _hub("protected", work, "asgi", address) as (p_port, p_metrics, p_proc),
-                _hub("unprotected", work, "envoy", address) as (u_port, u_metrics, u_proc),
-                _hub(
-                    "embedded",
-                    work,
-                    "asgi",
-                    address,
-                    POLICYD_HUB_MODE="embedded",
-                    POLICYD_HUB_POLICYD_CONFIG=str(config_path),
-                ) as (e_port, e_metrics, e_proc),
-            ):
-                # Every indexer follows the one journal folder; whichever leads indexes the
-                # records of both policyd's and the embedded hub's windows.
-                e_indexer, pd_indexer = _indexer_of(e_proc.pid), _indexer_of(policyd.pid)
-                indexers = (e_indexer, pd_indexer)
-                edge, lab = (_first_tag(ds) for ds in ("edge-historian", "lab-lims"))
-                tag = f"/api/data/tags/edge-historian/{edge}"
-                body = json.dumps({"tags": {"edge-historian": [edge], "lab-lims": [lab]}}).encode()
-                workloads = {
-                    "tag": (("GET", tag, b""), ["edge-historian"]),
-                    "snapshot": (
-                        ("POST", "/api/data/v2/snapshot", body),
-                        ["edge-historian", "lab-lims"],
-                    ),
-                }
-                targets: list[dict[str, Any]] = []
-                for wl, ((method, path, payload), sources) in workloads.items():
-                    targets.append(
-                        asdict(
-                            Target(
-                                f"{wl}/protected",
-                                p_port,
-                                p_proc.pid,
-                                policyd.pid,
-                                _http_request(method, path, token, payload),
-                                p_metrics,
-                                indexers,
-                            )
+        # Each set of processes gets its share of the rounds (docs/benchmarks.md: one
+        # process can be a few per cent faster or slower than its twin for its whole life).
+        per_set = max(1, d.rounds // d.processes)
+        for first in range(0, d.rounds, per_set):
+            rounds = min(per_set, d.rounds - first)
+            more, workloads, cpu = _run_once(
+                work, config_path, token, connections, d, first, rounds
+            )
+            windows += more
+    return _summarize(windows, workloads, connections, d, cpu)
+
+
+def _run_once(
+    work: Path,
+    config_path: Path,
+    token: str,
+    connections: int,
+    d: Durations,
+    first_round: int,
+    rounds: int,
+) -> tuple[list[Window], list[str], int | None]:
+    """Start policyd serve and the three hubs, run rounds first_round.. of the load, stop
+    them: the windows, the workloads and the CPU the hubs ran on."""
+    address = f"127.0.0.1:{free_port()}"
+    policyd_args = ["-m", "policyd", "--config", str(config_path), "serve"]
+    with _process(
+        [*policyd_args, "--address", address], work / "policyd.log", work, clean_env()
+    ) as policyd:
+        _wait_grpc(address, policyd)
+        with (
+            _hub("protected", work, "asgi", address) as (p_port, p_metrics, p_proc),
+            _hub("unprotected", work, "envoy", address) as (u_port, u_metrics, u_proc),
+            _hub(
+                "embedded",
+                work,
+                "asgi",
+                address,
+                POLICYD_HUB_MODE="embedded",
+                POLICYD_HUB_POLICYD_CONFIG=str(config_path),
+            ) as (e_port, e_metrics, e_proc),
+        ):
+            # Every indexer follows the one journal folder; whichever leads indexes the
+            # records of both policyd's and the embedded hub's windows.
+            e_indexer, pd_indexer = _indexer_of(e_proc.pid), _indexer_of(policyd.pid)
+            indexers = (e_indexer, pd_indexer)
+            edge, lab = (_first_tag(ds) for ds in ("edge-historian", "lab-lims"))
+            tag = f"/api/data/tags/edge-historian/{edge}"
+            body = json.dumps({"tags": {"edge-historian": [edge], "lab-lims": [lab]}}).encode()
+            workloads = {
+                "tag": (("GET", tag, b""), ["edge-historian"]),
+                "snapshot": (
+                    ("POST", "/api/data/v2/snapshot", body),
+                    ["edge-historian", "lab-lims"],
+                ),
+            }
+            targets: list[dict[str, Any]] = []
+            for wl, ((method, path, payload), sources) in workloads.items():
+                targets.append(
+                    asdict(
+                        Target(
+                            f"{wl}/protected",
+                            p_port,
+                            p_proc.pid,
+                            policyd.pid,
+                            _http_request(method, path, token, payload),
+                            p_metrics,
+                            indexers,
                         )
                     )
-                    targets.append(
-                        asdict(
-                            Target(
-                                f"{wl}/embedded",
-                                e_port,
-                                e_proc.pid,
-                                e_indexer,
-                                _http_request(method, path, token, payload),
-                                e_metrics,
-                                (pd_indexer,),
-                            )
+                )
+                targets.append(
+                    asdict(
+                        Target(
+                            f"{wl}/embedded",
+                            e_port,
+                            e_proc.pid,
+                            e_indexer,
+                            _http_request(method, path, token, payload),
+                            e_metrics,
+                            (pd_indexer,),
                         )
                     )
-                    targets.append(
-                        asdict(
-                            Target(
-                                f"{wl}/unprotected",
-                                u_port,
-                                u_proc.pid,
-                                0,
-                                _http_request(
-                                    method, path, token, payload, _gateway_headers(sources)
-                                ),
-                                u_metrics,
-                            )
+                )
+                targets.append(
+                    asdict(
+                        Target(
+                            f"{wl}/unprotected",
+                            u_port,
+                            u_proc.pid,
+                            0,
+                            _http_request(method, path, token, payload, _gateway_headers(sources)),
+                            u_metrics,
                         )
                     )
-                spec = {"targets": targets, "connections": connections, "durations": asdict(d)}
-                windows = run_load(spec)
-    return _summarize(windows, list(workloads), connections, d)
+                )
+            # Every hub on one CPU, everything else on the others (bench/check.py's
+            # server_cpu and client_cpus): docs/benchmarks.md, "Hub with and without
+            # the ASGI middleware", says why.
+            cpu, clients = server_cpu(), client_cpus()
+            if cpu is not None and clients:
+                for hub in (p_proc, u_proc, e_proc):
+                    pin_threads(hub.pid, {cpu})
+                for pid in (policyd.pid, *indexers):
+                    pin_threads(pid, set(clients))
+            spec = {
+                "targets": targets,
+                "connections": connections,
+                "durations": asdict(dataclasses.replace(d, rounds=rounds)),
+                "first_round": first_round,
+                "rotate": True,
+                "cpus": clients,
+            }
+            windows = run_load(spec)
+    return windows, list(workloads), cpu
 
 
 def run_load(spec: dict[str, Any]) -> list[Window]:
@@ -458,35 +526,61 @@ def run_load(spec: dict[str, Any]) -> list[Window]:
 
 
 def _summarize(
-    windows: list[Window], workloads: list[str], connections: int, d: Durations
+    windows: list[Window],
+    workloads: list[str],
+    connections: int,
+    d: Durations,
+    hub_cpu: int | None = None,
 ) -> dict[str, Any]:
-    out: dict[str, Any] = {"connections": connections, "durations": asdict(d), "workloads": {}}
+    """Per workload and hub: requests/s and CPU per request over all its windows (their
+    requests over their seconds: every window weighs by its length), the medians of the
+    windows' latencies; and the ratios to the unprotected hub, with each round's."""
+    out: dict[str, Any] = {
+        "connections": connections,
+        "durations": asdict(d),
+        "hub_cpu": hub_cpu,
+        "workloads": {},
+    }
     for wl in workloads:
         entry: dict[str, Any] = {}
         for side in SIDES:
             mine = [w for w in windows if w.target == f"{wl}/{side}"]
+            requests = sum(w.requests for w in mine)
             entry[side] = {
-                "requests_per_s": median([w.requests_per_s for w in mine]),
+                "requests_per_s": requests / sum(w.seconds for w in mine),
                 "requests_per_s_by_round": [round(w.requests_per_s, 1) for w in mine],
                 "p50_us": median([w.p50_us for w in mine]),
                 "p99_us": median([w.p99_us for w in mine]),
-                "hub_cpu_us_per_request": median([w.hub_cpu_us_per_request for w in mine]),
-                "policyd_cpu_us_per_request": median([w.policyd_cpu_us_per_request for w in mine]),
+                "hub_cpu_us_per_request": _per_request(mine, "hub_cpu_us_per_request"),
+                "policyd_cpu_us_per_request": _per_request(mine, "policyd_cpu_us_per_request"),
                 "errors": sum(w.errors for w in mine),
                 "loop_stall_ms_by_round": [round(w.loop_stall_ms, 2) for w in mine],
                 "loop_stall_ms_max": max(w.loop_stall_ms for w in mine),
             }
-        p, u, e = entry["protected"], entry["unprotected"], entry["embedded"]
-        entry["ratio"] = {
-            "throughput": p["requests_per_s"] / u["requests_per_s"],
-            "hub_cpu_per_request": p["hub_cpu_us_per_request"] / u["hub_cpu_us_per_request"],
-        }
-        entry["embedded_ratio"] = {
-            "throughput": e["requests_per_s"] / u["requests_per_s"],
-            "hub_cpu_per_request": e["hub_cpu_us_per_request"] / u["hub_cpu_us_per_request"],
-        }
+        u = entry["unprotected"]
+        for side, name in (("protected", "ratio"), ("embedded", "embedded_ratio")):
+            e = entry[side]
+            by_round = [
+                a / b if b else float("nan")
+                for a, b in zip(
+                    e["requests_per_s_by_round"], u["requests_per_s_by_round"], strict=True
+                )
+            ]
+            entry[name] = {
+                "throughput": e["requests_per_s"] / u["requests_per_s"],
+                "throughput_by_round": [round(r, 3) for r in by_round],
+                "hub_cpu_per_request": e["hub_cpu_us_per_request"] / u["hub_cpu_us_per_request"],
+            }
         out["workloads"][wl] = entry
     return out
+
+
+def _per_request(windows: list[Window], field: str) -> float:
+    """A per-request figure of windows, over all their requests."""
+    requests = sum(w.requests for w in windows)
+    if not requests:
+        return float("nan")
+    return float(sum(getattr(w, field) * w.requests for w in windows)) / requests
 
 
 def report(summary: dict[str, Any]) -> str:
@@ -527,10 +621,12 @@ def report(summary: dict[str, Any]) -> str:
         )
         r = entry["embedded_ratio"]
         verdict = "meets" if r["throughput"] >= GOAL_EMBEDDED else "MISSES"
+        rounds = sorted(r["throughput_by_round"])
         ratios.append(
             f"{wl}: throughput embedded/unprotected = {r['throughput']:.2f}"
             f" ({verdict} the goal >= {GOAL_EMBEDDED});"
-            f" hub CPU per request x{r['hub_cpu_per_request']:.2f}"
+            f" hub CPU per request x{r['hub_cpu_per_request']:.2f};"
+            f" by round {rounds[0]:.2f}-{rounds[-1]:.2f}, median {median(rounds):.2f}"
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     table = "\n".join(
@@ -541,11 +637,19 @@ def report(summary: dict[str, Any]) -> str:
         for row in rows
     )
     d = summary["durations"]
+    cpu = summary.get("hub_cpu")
+    pinned = (
+        f"; every hub pinned to CPU {cpu}, the load generator, policyd serve and the audit"
+        " indexers to the others"
+        if cpu is not None
+        else ""
+    )
     head = (
         f"Hub (uvicorn, 1 process): unprotected, protected (the ASGI middleware asking"
         f" policyd over gRPC) and embedded (deciding in the hub's process);"
-        f" {summary['connections']} keep-alive connections; medians of {d['rounds']}"
-        f" alternating {d['duration']:g} s windows"
+        f" {summary['connections']} keep-alive connections; {d['rounds']} rounds of"
+        f" {d['duration']:g} s windows, in rotated order (req/s and CPU over all windows,"
+        f" latencies their medians){pinned}"
     )
     return "\n".join([head, table, *ratios])
 

@@ -45,6 +45,14 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
+def pin_threads(pid: int, cpus: set[int]) -> None:
+    """Pin every thread a process has now to `cpus`; threads it starts later inherit the
+    mask of the thread that starts them (a server's pools are started by pinned threads)."""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with suppress(ProcessLookupError):  # a thread that has just ended
+            os.sched_setaffinity(int(task), cpus)
+
+
 def child_pids(pid: int) -> list[int]:
     """The live child processes of `pid` (PostgreSQL's backends, policyd's indexer)."""
     found: list[int] = []

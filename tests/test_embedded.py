@@ -12,7 +12,7 @@ import asyncio
 import json
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,8 @@ from adapters.asgi import AuthInfo, PolicydMiddleware
 from adapters.asgi.middleware import Message
 from adapters.asgi.stall import LoopStall
 from adapters.embedded import EmbeddedPolicyd
+from adapters.embedded.engine import MEMO_BODY_BYTES
+from policyd.core.policy import Policy
 from tests.asgi_server import serve_asgi
 from tests.helpers import (
     ROOT,
@@ -384,6 +386,81 @@ def test_a_repeated_request_is_read_once_and_each_answer_has_its_own_ids(tmp_pat
     request_ids = [records[a.decision_id].request_id for a in answers]
     assert request_ids[5:7] == ["mine-1", "mine-2"]
     assert len(set(request_ids)) == 10  # the repeats' ids made anew each time
+
+
+def test_a_repeated_body_reuses_its_key_and_a_different_body_is_decided_on_its_own(
+    tmp_path: Path,
+) -> None:
+    """The key of a request with a body is kept with that body (up to MEMO_BODY_BYTES): the
+    same body again is not encoded again; any other body, even with the same headers and
+    length, is decided on its own (here a data source alice was not granted: 403), and a
+    larger body is never kept."""
+    home = Home(tmp_path)
+    home.seed()
+    policyd = EmbeddedPolicyd(home.config_path)
+    keyed: list[bytes] = []
+    key_http = policyd.embedded.key_http
+
+    def counting(
+        token: str, method: str, path: str, query: str, headers: dict[str, str], body: bytes
+    ) -> tuple[Hashable, Policy]:
+        keyed.append(body)
+        return key_http(token, method, path, query, headers, body)
+
+    policyd.embedded.key_http = counting  # type: ignore[method-assign]
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    middleware = PolicydMiddleware(app, embedded=policyd)
+    headers = [
+        (b"host", b"hub"),
+        (b"authorization", f"Bearer {home.token()}".encode()),
+        (b"content-type", b"application/json"),
+    ]
+    post = {
+        "type": "http",
+        "method": "POST",
+        "path": "/api/data/v2/snapshot",
+        "raw_path": b"/api/data/v2/snapshot",
+        "query_string": b"",
+        "headers": headers,
+    }
+
+    async def ask(body: bytes) -> int:
+        statuses: list[int] = []
+
+        async def receive() -> Message:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+
+        await middleware(dict(post), receive, send)
+        return statuses[0]
+
+    granted, not_granted = snapshot_body("ds-a"), snapshot_body("ds-c")
+    assert len(granted) == len(not_granted)
+    large = json.dumps({"tags": {"ds-a": ["T1"] * 1000}}).encode()
+    assert len(large) > MEMO_BODY_BYTES
+
+    async def run() -> list[int]:
+        await policyd.start()
+        try:
+            statuses = [await ask(granted) for _ in range(3)]
+            assert keyed == [granted]
+            statuses += [await ask(not_granted), await ask(not_granted)]
+            assert keyed == [granted, not_granted]
+            statuses.append(await ask(granted))
+            statuses += [await ask(large), await ask(large)]
+            assert keyed == [granted, not_granted, granted, large, large]
+            return statuses
+        finally:
+            await policyd.stop()
+
+    assert asyncio.run(run()) == [200, 200, 200, 403, 403, 200, 200, 200]
 
 
 def test_a_loop_iteration_asks_the_store_once_for_the_requests_it_decides(

@@ -77,7 +77,8 @@ STRIP_HEADERS = frozenset(
     }
 )
 # Embedded mode: requests whose reading is kept (_http_here); all dropped at this many.
-# Each entry holds the request's header bytes (a token and a few headers: about 1-2 KB).
+# Each entry holds the request's header bytes (a token and a few headers: about 1-2 KB)
+# and the key of its last body, with that body when small (adapters/embedded: 4 KiB).
 ASKED_REQUESTS = 1024
 _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
 # A trace context header gRPC metadata can carry.
@@ -389,7 +390,8 @@ class PolicydMiddleware:
         What a request's bytes make (its token, path, query string, forwarded headers and
         whether its body is read) is kept by those bytes (`_asked`): a keep-alive client
         sends the same request again and again, and a repeat then skips reading its
-        headers (a body is read and decided on every time). Only requests with no request
+        headers (a body is read and decided on every time; the embedded policyd keeps the
+        request's key with the body it was made for, in `memo`). Only requests with no request
         id and no trace context are kept (each repeat gets a new request id, as without
         the memo): ones that carry them differ every time. A server that gives header
         items as lists (unhashable) or no raw_path is never kept."""

@@ -35,6 +35,11 @@ from policyd.decision.decider import Door
 from policyd.doors.denials import for_reason
 from policyd.serve.embedded import DOOR, Embedded
 
+# The largest body whose request key a caller's `memo` keeps (check_http): a client that
+# polls sends the same small body again and again (the middleware keeps up to
+# ASKED_REQUESTS memos: at most 4 MiB of bodies).
+MEMO_BODY_BYTES = 4096
+
 
 def auth_of(decision: Decision, decision_id: str | None = None) -> AuthInfo:
     """The AuthInfo of an allow, as AuthInfo.from_response makes it of policyd's answer."""
@@ -189,8 +194,9 @@ class EmbeddedPolicyd:
         request whose route reads data sources from it.
 
         `memo`: a list the caller keeps with these token, method, path, query and headers
-        (never changed) for as long as it sends them again: a bodyless request's key is
-        kept in it, under the policy it was made for.
+        (never changed) for as long as it sends them again: the request's key is kept in
+        it with the policy it was made for and the body (up to MEMO_BODY_BYTES), and used
+        again for the same body under the same policy.
 
         `per_iteration`: the caller runs each request in a task of its own, created after
         the request was read (an ASGI server does): then the remembered allows one loop
@@ -202,12 +208,12 @@ class EmbeddedPolicyd:
             await self.start()
         embedded = self.embedded
         fields = headers if type(headers) is dict else dict(headers or {})
-        if memo and not body and memo[0] is embedded.decider.engine.policy:
-            policy, key = memo
+        if memo and memo[0] is embedded.decider.engine.policy and memo[1] == body:
+            policy, _, key = memo
         else:
             key, policy = embedded.key_http(token, method, path, query, fields, body)
-            if memo is not None and not body:
-                memo[:] = policy, key
+            if memo is not None and len(body) <= MEMO_BODY_BYTES:
+                memo[:] = policy, body, key
         door = self._door
         if self._inline:
             # A remembered allow is answered from its key: the request is built only to
