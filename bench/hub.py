@@ -488,8 +488,8 @@ def _run_once(
                     )
                 )
             # Every hub on one CPU, everything else on the others (bench/check.py's
-            # server_cpu and client_cpus): docs/benchmarks.md, "Hub with and without
-            # the ASGI middleware", says why.
+            # server_cpu and client_cpus): docs/benchmarks.md, "2026-12-06, evening",
+            # says why.
             cpu, clients = server_cpu(), client_cpus()
             if cpu is not None and clients:
                 for hub in (p_proc, u_proc, e_proc):
