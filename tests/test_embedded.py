@@ -302,6 +302,21 @@ def test_the_hub_serves_the_loop_stall_on_its_metrics_port(tmp_path: Path) -> No
     assert "Traceback" not in hub.log(), hub.log()
 
 
+async def answered(middleware: PolicydMiddleware, scope: dict[str, Any], body: bytes) -> int:
+    """The status the middleware (or its app) answers this request with, its body sent whole."""
+    statuses: list[int] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    await middleware(scope, receive, send)
+    return statuses[0]
+
+
 def test_a_repeated_request_is_read_once_and_each_answer_has_its_own_ids(tmp_path: Path) -> None:
     """The middleware keeps what a request's bytes made (its token, path, query, forwarded
     headers, whether its body is read) by those bytes; a repeat is answered the same, with a
@@ -334,17 +349,7 @@ def test_a_repeated_request_is_read_once_and_each_answer_has_its_own_ids(tmp_pat
         }
 
     async def ask(s: dict[str, Any], body: bytes = b"") -> int:
-        statuses: list[int] = []
-
-        async def receive() -> Message:
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        async def send(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                statuses.append(message["status"])
-
-        await middleware(s, receive, send)
-        return statuses[0]
+        return await answered(middleware, s, body)
 
     async def run() -> list[int]:
         await policyd.start()
@@ -429,17 +434,7 @@ def test_a_repeated_body_reuses_its_key_and_a_different_body_is_decided_on_its_o
     }
 
     async def ask(body: bytes) -> int:
-        statuses: list[int] = []
-
-        async def receive() -> Message:
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        async def send(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                statuses.append(message["status"])
-
-        await middleware(dict(post), receive, send)
-        return statuses[0]
+        return await answered(middleware, dict(post), body)
 
     granted, not_granted = snapshot_body("ds-a"), snapshot_body("ds-c")
     assert len(granted) == len(not_granted)
