@@ -208,12 +208,15 @@ class EmbeddedPolicyd:
             await self.start()
         embedded = self.embedded
         fields = headers if type(headers) is dict else dict(headers or {})
-        if memo and memo[0] is embedded.decider.engine.policy and memo[1] == body:
-            policy, _, key = memo
+        # (policy, body, key), read and replaced whole: a memo shared by threads never
+        # pairs one body with another's key.
+        kept = memo[0] if memo else None
+        if kept is not None and kept[0] is embedded.decider.engine.policy and kept[1] == body:
+            policy, key = kept[0], kept[2]
         else:
             key, policy = embedded.key_http(token, method, path, query, fields, body)
             if memo is not None and len(body) <= MEMO_BODY_BYTES:
-                memo[:] = policy, body, key
+                memo[:] = [(policy, body, key)]
         door = self._door
         if self._inline:
             # A remembered allow is answered from its key: the request is built only to
