@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 import grpc.aio
 import httpx
+import jwt
 import pytest
 import socketio
 
@@ -34,6 +35,9 @@ from adapters.link import (
 )
 from adapters.link.authorize import UNAVAILABLE
 from adapters.link.certs import ensure
+from adapters.link.config import load as load_connector_config
+from adapters.link.config import ssl_context as connector_ssl_context
+from adapters.link.connector import REFRESH_AT, TokenSource
 from tests.helpers import free_port, run_hub
 from tests.link_support import (
     ConnectorProcess,
@@ -47,7 +51,7 @@ from tests.link_support import (
 )
 
 # Short-lived connector tokens (no leeway): renewal happens within a test.
-TOKEN_TTL_SECONDS = 3
+TOKEN_TTL_SECONDS = 4
 
 
 @pytest.fixture(scope="module")
@@ -488,6 +492,43 @@ def test_an_expiring_token_is_renewed_and_rechecked_by_the_hub(
     assert not policyd.records(data_source="renew-ds", reason="TOKEN_EXPIRED")
 
 
+def test_the_connector_times_renewal_within_the_token_s_true_life(
+    tmp_path: Path, policyd: Policyd
+) -> None:
+    """A token's `exp` is whole seconds from a truncated `iat`: one of 4 s asked for at
+    12.9 lives until 16, not 16.9. The token endpoint's expires_in says what is left, and
+    the connector counts it from before it asked, so its renewal (at three quarters) always
+    comes before expiry, with a quarter of the true life left for the hub to take it."""
+    secret = policyd.add("timing-a", "timing-ds")
+    config = load_connector_config(
+        write_config(
+            tmp_path,
+            "timing-a",
+            hub_url="http://127.0.0.1:9",
+            token_url=policyd.token_url,
+            secret=secret,
+            sources={"timing-ds": "http://127.0.0.1:9"},  # not used: no link is made
+        )
+    )
+
+    async def fetch() -> tuple[float, dict[str, Any]]:
+        tokens = TokenSource(config, connector_ssl_context(config))
+        try:
+            asked = time.time()
+            token = await tokens.renew()
+            # refresh_at is on the monotonic clock: as wall-clock seconds after `asked`.
+            renew_in = tokens.refresh_at - time.monotonic() + time.time() - asked
+            return renew_in, {"at": asked, **jwt.decode(token, options={"verify_signature": False})}
+        finally:
+            await tokens.close()
+
+    for _ in range(5):  # any fraction of a second: each is checked
+        renew_in, claims = asyncio.run(fetch())
+        life = claims["exp"] - claims["at"]  # at least this much, from the request
+        assert 0 < renew_in <= REFRESH_AT * life + 0.01, (renew_in, life)
+        time.sleep(0.23)
+
+
 def test_tls_and_mutual_tls(
     tmp_path: Path, policyd: Policyd, tls: tuple[Path, Path], started: list[object]
 ) -> None:
@@ -923,7 +964,7 @@ def test_a_blip_while_finding_which_data_source_was_taken_keeps_the_link(
 def test_a_renewed_token_after_a_data_source_was_taken_keeps_the_link(
     tmp_path: Path, policyd: Policyd, started: list[object]
 ) -> None:
-    """The token renewal (tokens live 3 s here) is the first to learn a data source was
+    """The token renewal (tokens live 4 s here) is the first to learn a data source was
     taken (no re-check in between): the link stays for the other, with the new token."""
     secret = policyd.add("retake-a", "retake-1", "retake-2")
     hub = _hub(started, policyd, recheck_seconds=60)
@@ -964,4 +1005,4 @@ def test_a_renewed_token_policyd_could_not_check_is_sent_again_soon(
         for line in log.splitlines()
         if "refused by the hub: POLICYD_UNAVAILABLE" in line or "access token renewed" in line
     ]
-    assert stamps[-1] - stamps[-2] < timedelta(seconds=1.5), log  # a renewal is 2.25 s apart
+    assert stamps[-1] - stamps[-2] < timedelta(seconds=1.5), log  # renewals: 2.25 s or more

@@ -99,6 +99,7 @@ class TokenSource:
         self._http = httpx.AsyncClient(verify=tls, timeout=10.0)
         self._token = ""
         self._refresh_at = 0.0
+        self._expires_at = 0.0
         self._lock = asyncio.Lock()
 
     @property
@@ -106,9 +107,17 @@ class TokenSource:
         return self._refresh_at
 
     async def current(self) -> str:
+        """A token to present: a new one once the current one is due for renewal, or the
+        current one while it lives if the token endpoint refuses or cannot be reached (the
+        hub asks policyd about it either way, which says why it is refused if it is)."""
         async with self._lock:
             if not self._token or time.monotonic() >= self._refresh_at:
-                await self._fetch()
+                try:
+                    await self._fetch()
+                except TokenError as exc:
+                    if time.monotonic() >= self._expires_at:
+                        raise
+                    log.warning("cannot get a new access token (%s); the current one lives", exc)
             return self._token
 
     async def renew(self) -> str:
@@ -121,6 +130,9 @@ class TokenSource:
         # RFC 6749 §2.3.1: both parts form-encoded before Basic.
         pair = f"{quote(c.client_id, safe='')}:{quote(c.client_secret, safe='')}"
         auth = "Basic " + base64.b64encode(pair.encode()).decode()
+        # The token's lifetime is counted from before it was asked for: it cannot have
+        # started earlier, so renewal is never timed late by the round trip.
+        asked = time.monotonic()
         try:
             r = await self._http.post(
                 c.token_url,
@@ -140,7 +152,8 @@ class TokenSource:
         if not isinstance(token, str) or not token or not isinstance(expires_in, int | float):
             raise TokenError("the token endpoint's answer has no access_token")
         self._token = token
-        self._refresh_at = time.monotonic() + max(1.0, float(expires_in) * REFRESH_AT)
+        self._refresh_at = asked + max(0.5, float(expires_in) * REFRESH_AT)
+        self._expires_at = asked + float(expires_in)
 
     async def close(self) -> None:
         await self._http.aclose()

@@ -341,31 +341,34 @@ class AuthorizationServer(_AuthorizationServer):  # type: ignore[misc]
         expires_in: int | None = None,
         include_refresh_token: bool = True,
     ) -> dict[str, Any]:
+        now = time.time()
         if grant_type == CLIENT_CREDENTIALS:
-            token, _claims = issue_token(
+            token, claims = issue_token(
                 self.keyring,
                 self.token_settings.for_link(),
                 sub=client.client_id,
                 client_id=client.client_id,
                 scopes=[CONNECTOR_SCOPE],
+                now=now,
             )
             return {
                 "access_token": token,
                 "token_type": "Bearer",
-                "expires_in": self.token_settings.ttl_seconds,
+                "expires_in": _expires_in(claims, now),
                 "scope": CONNECTOR_SCOPE,
             }
-        token, _claims = issue_token(
+        token, claims = issue_token(
             self.keyring,
             self.token_settings,
             sub=user.user_id,
             client_id=client.client_id,
             scopes=scope.split(),
+            now=now,
         )
         result: dict[str, Any] = {
             "access_token": token,
             "token_type": "Bearer",
-            "expires_in": self.token_settings.ttl_seconds,
+            "expires_in": _expires_in(claims, now),
             "scope": scope,
         }
         if include_refresh_token:
@@ -413,6 +416,14 @@ class AuthorizationServer(_AuthorizationServer):  # type: ignore[misc]
 
     def send_signal(self, name: str, *args: Any, **kwargs: Any) -> None:
         pass
+
+
+def _expires_in(claims: dict[str, Any], now: float) -> int:
+    """The whole seconds the token has left (RFC 6749 section 5.1), rounded down: `exp` is
+    whole seconds from a truncated `iat`, so a token of `ttl_seconds` issued at 12.9 lives
+    until 12 + ttl. A client timing its renewal from `expires_in` never finds the token
+    already expired; as Google's and Hydra's, a one-hour token usually says 3599."""
+    return max(0, int(claims["exp"] - now))
 
 
 def _count_reuse() -> None:
