@@ -16,6 +16,7 @@ from policyd.pgserver import PgServer
 from policyd.store.facts import Facts
 from policyd.store.open import facts_for
 from policyd.store.pgfacts import PgFacts
+from policyd.store.postgres import PostgresStore
 from policyd.store.replica import Replica
 from tests.helpers import Home, ServerProcess, decision_stub, free_port, run_server
 
@@ -97,7 +98,16 @@ def new_database(request: pytest.FixtureRequest, backend: str) -> str:
     server: PgServer = request.getfixturevalue("pg_server")
     name = f"t{next(_databases)}_{os.getpid()}"
     url = server.create_database(name)
-    request.addfinalizer(lambda: server.drop_database(name))
+
+    def drop() -> None:
+        # A store still open on it (one a test did not close) is closed first: its pools'
+        # threads stop now, not in whatever later test the garbage collector meets them.
+        for store in list(PostgresStore.opened):
+            if store.url == url:
+                store.close()
+        server.drop_database(name)
+
+    request.addfinalizer(drop)
     return url
 
 

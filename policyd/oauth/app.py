@@ -76,6 +76,7 @@ class AuthorizationApp:
     def __init__(self, config: Config, store: Store | None = None) -> None:
         dummy_hash()  # before the first sign-in, so that it does not take twice as long
         self.config = config
+        self._owns_store = store is None
         self.store = store or open_store(config)
         self.issuer = config.tokens.issuer
         self.base_url = origin(self.issuer)
@@ -108,6 +109,13 @@ class AuthorizationApp:
         self.pages = Pages(self.prefix)
         self.asgi = self._build()
         metrics.safely(_zero_series)  # every series at 0 from the start, for rates and alerts
+
+    def close(self) -> None:
+        """Close this thread's decision-time reads, and the store if this app opened it
+        (a PostgreSQL store's pools: their threads and connections)."""
+        self.facts.close()
+        if self._owns_store:
+            self.store.close()
 
     def scopes(self) -> dict[str, ScopeInfo]:
         """The policy's scopes, as they are now (reloaded when the policy files change)."""

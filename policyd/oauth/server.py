@@ -43,14 +43,14 @@ class RunningAuthorizationServer:
         self.address = config.oauth.address
         self.socket = bind(self.address)
         try:
-            app = AuthorizationApp(config).asgi
+            self.app = AuthorizationApp(config)
         except BaseException:
             self.socket.close()
             raise
         o = config.oauth
         self.uvicorn = uvicorn.Server(
             uvicorn.Config(
-                app,
+                self.app.asgi,
                 log_level="warning",
                 access_log=False,  # paths and forms stay out of logs
                 lifespan="off",
@@ -76,6 +76,8 @@ class RunningAuthorizationServer:
         self.uvicorn.should_exit = True
         self.thread.join(timeout)
         self.socket.close()
+        if not self.thread.is_alive():  # else requests still run on the store: left open
+            self.app.close()
 
 
 def start_authorization_server(config: Config) -> RunningAuthorizationServer | None:

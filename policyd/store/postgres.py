@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
-from typing import Any
+from typing import Any, ClassVar
 
 import psycopg
 import psycopg_pool
@@ -78,6 +79,10 @@ class PostgresStore(Store):
     backend = "postgresql"
     errors = (psycopg.Error, psycopg_pool.PoolTimeout)
     integrity_errors = (psycopg.errors.IntegrityError,)
+    # The stores of this process not yet closed: a pool left to the garbage collector
+    # stops its threads there, waiting up to 5 s for each, in whatever thread collects
+    # it. Whoever drops a database closes its stores first (the tests do).
+    opened: ClassVar[weakref.WeakSet[PostgresStore]] = weakref.WeakSet()
 
     def __init__(
         self,
@@ -96,8 +101,13 @@ class PostgresStore(Store):
         # Administrative reads and writes: the CLI, the settings page, the maintenance.
         self._admin = self._pool("admin", ADMIN_POOL_SIZE, check=True)
         self._reads: psycopg_pool.ConnectionPool[Any] | None = None
+        PostgresStore.opened.add(self)
         if migrate:
-            self.migrate()
+            try:
+                self.migrate()
+            except BaseException:
+                self.close()
+                raise
 
     def _pool(self, name: str, size: int, *, check: bool) -> psycopg_pool.ConnectionPool[Any]:
         return psycopg_pool.ConnectionPool(
@@ -125,6 +135,7 @@ class PostgresStore(Store):
         return self._reads
 
     def close(self) -> None:
+        PostgresStore.opened.discard(self)
         self._admin.close()
         if self._reads is not None:
             self._reads.close()
