@@ -549,8 +549,15 @@ def test_a_write_in_the_same_iteration_is_seen_by_the_next_request(tmp_path: Pat
             answers.append(await check("/api/data/tags/ds-a"))
             answers.append(await revoke_and_check("ds-a"))
             await asyncio.sleep(0)
-            # Another task: the first one's request begins the batch, the second writes.
+            # The write forgot every remembered allow: ds-b's is remembered again, else the
+            # next check would be decided in the pool, racing the other task's write.
+            answers.append(await check("/api/data/tags/ds-b"))
+            await asyncio.sleep(0)
+            # Another task: the first one's request begins the batch (answered inline, from
+            # memory), the second writes.
+            in_pool = policyd.answered_in_pool
             answers += await asyncio.gather(check("/api/data/tags/ds-b"), revoke_and_check("ds-b"))
+            assert policyd.answered_in_pool == in_pool + 1  # the second request's alone
             return answers
         finally:
             await policyd.stop()
@@ -560,6 +567,7 @@ def test_a_write_in_the_same_iteration_is_seen_by_the_next_request(tmp_path: Pat
         "ALLOWED",
         "ALLOWED",
         "DATA_SOURCE_NOT_GRANTED",
+        "ALLOWED",
         "ALLOWED",
         "DATA_SOURCE_NOT_GRANTED",
     ]
