@@ -422,7 +422,7 @@ def _expires_in(claims: dict[str, Any], now: float) -> int:
     """The whole seconds the token has left (RFC 6749 section 5.1), rounded down: `exp` is
     whole seconds from a truncated `iat`, so a token of `ttl_seconds` issued at 12.9 lives
     until 12 + ttl. A client timing its renewal from `expires_in` never finds the token
-    already expired; as Google's and Hydra's, a one-hour token usually says 3599."""
+    already expired; as Google's, a one-hour token usually says 3599."""
     return max(0, int(claims["exp"] - now))
 
 
