@@ -390,7 +390,11 @@ def prune(
     with transaction(conn):
         cut: int | None = None
         if before is not None:
-            cut = conn.execute("SELECT max(seq) FROM audit WHERE ts < ?", (before,)).fetchone()[0]
+            # By the ts index: max(seq) alone walks the table from its newest record back
+            # to the first one old enough, which is all of it when none is.
+            cut = conn.execute(
+                "SELECT max(seq) FROM audit INDEXED BY audit_ts WHERE ts < ?", (before,)
+            ).fetchone()[0]
         if max_bytes is not None:
             used = _used_bytes(conn)
             total = conn.execute("SELECT count(*), min(seq), max(seq) FROM audit").fetchone()
